@@ -1,0 +1,13 @@
+"""Defaults and option names, defined once and imported by the core and every framework shell."""
+
+from __future__ import annotations
+
+FORMS = ("probs", "logits", "log_probs")
+REDUCTIONS = ("mean", "sum", "none")
+
+FORM = "probs"
+AXIS = -1
+REDUCTION = "mean"
+TEMPERATURE = 1.0
+JS_BETA = 0.5
+SKEW_ALPHA = 0.1

@@ -1,0 +1,160 @@
+"""The numerically delicate primitives, and the only place where zero support is handled.
+
+Every divergence in kldiv is a few lines over these functions. They share one rule: a zero
+probability is represented exactly (``0`` in probability space, ``-inf`` in log space), never
+clipped, and no epsilon is added. Each function uses the *double-where* pattern: the unsafe
+positions are replaced by harmless values *before* the unsafe operation (so the backward pass
+never evaluates ``0 * inf`` or ``0 / 0``), and the exact answer is put back *after* it. A single
+``where`` around ``log`` is not enough: its value is right but its gradient is NaN, because
+autograd still differentiates the branch that was not selected.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import ModuleType
+from typing import Any
+
+from . import _namespace as ns
+
+__all__ = ["safe_log", "log_softmax", "log_mix", "kl_terms", "kl_rows"]
+
+INF = math.inf
+
+
+def safe_log(xp: ModuleType, x: Any) -> Any:
+    """``log(x)`` with ``log(0) = -inf`` and a zero (not NaN) gradient at ``x = 0``.
+
+    Negative ``x`` still gives NaN: a negative probability is an error, not a zero.
+    """
+    zero = x == 0
+    return xp.where(zero, -INF, xp.log(xp.where(zero, 1.0, x)))
+
+
+def log_softmax(xp: ModuleType, x: Any, axis: int) -> Any:
+    """Stable log-softmax along ``axis``; ``-inf`` logits give ``-inf`` with zero gradient.
+
+    Uses the framework's fused kernel where one exists (PyTorch, JAX); otherwise the max-shifted
+    Array API composition below, which is exact for logits up to the dtype's range (±1e30 in
+    float32 included), since only differences from the row maximum are exponentiated.
+    """
+    native = ns.native_log_softmax(xp)
+    if native is not None:
+        return native(x, axis)
+    m = xp.max(x, axis=axis, keepdims=True)
+    # A row whose max is -inf (all categories masked) would give -inf - -inf = NaN below; shift
+    # by 0 instead so the row stays -inf - log(0) and the caller's mask decides what it means.
+    m = ns.stop_gradient(xp, xp.where(xp.isfinite(m), m, 0.0))
+    shifted = x - m
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
+
+
+def log_mix(xp: ModuleType, la: Any, lb: Any, wa: float, wb: float) -> Any:
+    """``log(wa·exp(la) + wb·exp(lb))`` for fixed weights ``wa, wb ≥ 0``, without NaN.
+
+    The log-probabilities of the mixture ``wa·A + wb·B``. Where both components have zero
+    probability the result is ``-inf`` with zero gradient (``logaddexp`` would give a NaN
+    gradient there: ``exp(-inf - -inf)``).
+    """
+    if wa == 0.0:
+        return lb + math.log(wb)
+    if wb == 0.0:
+        return la + math.log(wa)
+    la = la + math.log(wa)
+    lb = lb + math.log(wb)
+    m = xp.maximum(la, lb)
+    dead = m == -INF
+    m = ns.stop_gradient(xp, xp.where(dead, 0.0, m))
+    total = xp.exp(xp.where(dead, 0.0, la) - m) + xp.exp(xp.where(dead, 0.0, lb) - m)
+    return xp.where(dead, -INF, m + xp.log(total))
+
+
+def kl_terms(xp: ModuleType, lp: Any, lq: Any, p: Any | None = None) -> Any:
+    """Elementwise ``p·(log p − log q)``, the summand of KL(P‖Q), from log-probabilities.
+
+    ``p`` may be passed when it is known exactly (the ``"probs"`` form) so that ``exp(lp)`` is
+    not recomputed. Exact zero support:
+
+    * ``p = 0`` (``lp = -inf``): the term is ``0`` whatever ``q`` is, and its gradient with
+      respect to both ``p`` and ``q`` is ``0`` (the convention of ``torch.nn.functional.kl_div``);
+    * ``p > 0`` and ``q = 0``: the term is ``+inf``, even when ``exp(lp)`` underflows;
+    * otherwise ``p·(lp − lq)``, with gradients ``lp − lq + 1`` for ``p`` (through ``lp``) and
+      ``−p`` for ``log q``.
+
+    NaN inputs propagate to NaN outputs.
+    """
+    p_zero = lp == -INF
+    q_zero = lq == -INF
+    live = ~(p_zero | q_zero)
+    lp_s = xp.where(live, lp, 0.0)
+    lq_s = xp.where(live, lq, 0.0)
+    p_s = xp.exp(lp_s) if p is None else xp.where(live, p, 0.0)
+    # Each where keeps one array operand so the result keeps the input dtype (two Python
+    # scalars would make NumPy return float64).
+    terms = xp.where(live, p_s * (lp_s - lq_s), 0.0)
+    return xp.where(q_zero & ~p_zero, INF, terms)
+
+
+def kl_rows(xp: ModuleType, lp: Any, lq: Any, p: Any | None, axis: int) -> Any:
+    """``Σ_axis kl_terms(lp, lq, p)``: per-distribution KL with the semantics of :func:`kl_terms`.
+
+    On PyTorch this runs as one autograd function with an analytic backward: the forward works
+    in place on temporaries and only ``lp``, ``lq`` (and ``p``) are saved, which the
+    log-softmax before it saves anyway. Composed from ``where`` calls, autograd would keep
+    every mask and intermediate alive, costing twice the time and 1.6x the memory of the
+    plain PyTorch formula on ``[4096, 32000]`` logits. Values and gradients equal the
+    composition's (the tests compare them on every zero-support case).
+    """
+    if ns.backend_name(xp) == "torch":
+        fn = _torch_kl_rows()
+        ax = axis % lp.ndim
+        if p is None:
+            return fn.apply(lp, lq, ax)
+        return fn.apply(lp, lq, ax, p)
+    return xp.sum(kl_terms(xp, lp, lq, p), axis=axis)
+
+
+@functools.cache
+def _torch_kl_rows() -> Any:
+    import torch
+
+    class KLRows(torch.autograd.Function):
+        """Row sums of p·(log p − log q); p is exp(lp) unless given (the "probs" form)."""
+
+        @staticmethod
+        def forward(ctx: Any, lp: Any, lq: Any, axis: int, p: Any = None) -> Any:
+            lp, lq = torch.broadcast_tensors(lp, lq)
+            diff = lp - lq
+            # Where p = 0 the product below is 0·(±inf or NaN) = NaN; the exact term there is
+            # 0, or +inf when p > 0 underflowed to 0 while q = 0 (diff = +inf).
+            q_zero = diff == INF
+            prob = torch.exp(lp) if p is None else p
+            terms = diff.mul_(prob)
+            p_zero = prob == 0
+            terms.masked_fill_(p_zero, 0.0).masked_fill_(q_zero.logical_and_(p_zero), INF)
+            ctx.axis = axis
+            ctx.save_for_backward(lp, lq, p)
+            return terms.sum(axis)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            lp, lq, p = ctx.saved_tensors
+            g = grad.unsqueeze(ctx.axis)
+            given = p is not None
+            need_lp, need_lq = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            need_p = given and ctx.needs_input_grad[3]
+            grad_lp = grad_lq = grad_p = None
+            if need_lq:  # -p·g: already 0 where p = 0
+                grad_lq = (p * g).neg_() if given else torch.exp(lp).mul_(g).neg_()
+            if need_lp or need_p:
+                # lp - lq is -inf or NaN only where p = 0, and those entries are zeroed.
+                diff = (lp - lq).masked_fill_(lp == -INF, 0.0)
+                if given:
+                    grad_p = diff.mul_(g) if need_p else None
+                    grad_lp = p * g if need_lp else None
+                else:
+                    grad_lp = diff.add_(1.0).mul_(torch.exp(lp)).mul_(g)
+            return grad_lp, grad_lq, None, grad_p
+
+    return KLRows

@@ -1,0 +1,190 @@
+"""Array namespaces, dtype policy and the few per-backend primitives the Array API lacks.
+
+kldiv is written once against the Array API standard. This module finds the caller's namespace
+without importing any framework (frameworks are detected through ``sys.modules``, as
+array-api-compat does), decides the computation dtype, and supplies the two operations the
+standard does not have: ``stop_gradient`` and a fast native ``log_softmax`` where a framework
+offers a stable one.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+from array_api_compat import is_jax_array, is_numpy_array, is_torch_array
+
+__all__ = [
+    "namespace",
+    "backend_name",
+    "compute_dtype",
+    "is_half",
+    "stop_gradient",
+    "native_log_softmax",
+    "is_traced",
+    "to_host_bool",
+]
+
+
+def _is_array(x: Any) -> bool:
+    return is_torch_array(x) or is_jax_array(x) or is_numpy_array(x) or (
+        hasattr(x, "__array_namespace__")
+    )
+
+
+def _single_namespace(x: Any) -> ModuleType:
+    # Resolve the common frameworks directly: array_namespace's cached class lookup makes
+    # torch.compile emit warnings while tracing, and these helpers are plain isinstance checks.
+    if is_torch_array(x):
+        import array_api_compat.torch as xp_torch
+
+        return xp_torch
+    if is_jax_array(x):
+        return sys.modules["jax.numpy"]
+    if is_numpy_array(x):
+        import array_api_compat.numpy as xp_numpy
+
+        return xp_numpy
+    return array_api_compat.array_namespace(x)
+
+
+def backend_name(xp: ModuleType) -> str:
+    """Short name of the framework behind a namespace: 'torch', 'jax', 'numpy' or the module."""
+    name = xp.__name__
+    if "torch" in name:
+        return "torch"
+    if name.startswith("jax"):
+        return "jax"
+    if "numpy" in name:
+        return "numpy"
+    return name
+
+
+def namespace(*args: Any, names: tuple[str, ...] | None = None) -> tuple[ModuleType, list[Any]]:
+    """Return ``(xp, arrays)``: the one namespace shared by the array arguments.
+
+    ``None`` entries are passed through. Python scalars, lists and tuples are converted with the
+    namespace of the array arguments (NumPy if there are none). Arrays from two different
+    frameworks raise ``TypeError`` naming both, because silently converting one would copy
+    across devices or break autograd.
+    """
+    names = names or tuple(f"argument {i}" for i in range(len(args)))
+    found: dict[str, tuple[ModuleType, str]] = {}
+    for name, a in zip(names, args):
+        if a is None or not _is_array(a):
+            continue
+        xp = _single_namespace(a)
+        found.setdefault(backend_name(xp), (xp, name))
+    if len(found) > 1:
+        desc = ", ".join(f"`{n}` is a {b} array" for b, (_, n) in found.items())
+        raise TypeError(
+            f"Expected all array arguments to come from one framework, got {desc}. "
+            "Convert them explicitly (kldiv never moves data between frameworks for you)."
+        )
+    if found:
+        xp = next(iter(found.values()))[0]
+    else:
+        import array_api_compat.numpy as xp
+    out = []
+    for a in args:
+        if a is None or _is_array(a):
+            out.append(a)
+        elif isinstance(a, bool | int | float | list | tuple):
+            out.append(xp.asarray(a))
+        else:
+            raise TypeError(
+                f"Expected an array (NumPy, PyTorch or JAX), a Python number or a list, "
+                f"got {type(a).__name__}."
+            )
+    return xp, out
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1].strip("'>")
+
+
+def is_half(dtype: Any) -> bool:
+    return _dtype_name(dtype) in ("float16", "bfloat16")
+
+
+def compute_dtype(xp: ModuleType, *named: tuple[str, Any]) -> Any:
+    """The dtype all arithmetic runs in: float32 for half inputs, else the promoted float dtype.
+
+    Integer, boolean and complex inputs raise ``TypeError``: a KL of integer "probabilities" is
+    almost always a bug (labels passed where a distribution was meant).
+    """
+    dtypes = []
+    for name, a in named:
+        if a is None:
+            continue
+        dt = a.dtype
+        if not xp.isdtype(dt, "real floating"):
+            raise TypeError(
+                f"Expected `{name}` to have a real floating dtype (float16, bfloat16, float32, "
+                f"float64), got {_dtype_name(dt)}. Cast explicitly, e.g. to float32; integer "
+                "class labels are not a distribution."
+            )
+        dtypes.append(xp.float32 if is_half(dt) else dt)
+    return xp.result_type(*dtypes) if dtypes else xp.float32
+
+
+def stop_gradient(xp: ModuleType, x: Any) -> Any:
+    """Block gradients through ``x`` (the Array API has no autograd, so this is per backend)."""
+    b = backend_name(xp)
+    if b == "torch":
+        return x.detach()
+    if b == "jax":
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+def native_log_softmax(xp: ModuleType) -> Any | None:
+    """The framework's own fused log-softmax, or ``None`` where the generic one must be used.
+
+    PyTorch's and JAX's are numerically stable (max-shifted), map ``-inf`` logits to ``-inf``
+    with zero gradient, and are several times faster than the composition of Array API calls
+    in PyTorch eager mode, where every intermediate is a separate ``[N, V]`` allocation.
+    """
+    b = backend_name(xp)
+    if b == "torch":
+        import torch
+
+        return lambda x, axis: torch.log_softmax(x, dim=axis)
+    if b == "jax":
+        import jax
+
+        return lambda x, axis: jax.nn.log_softmax(x, axis=axis)
+    return None
+
+
+def is_traced(x: Any) -> bool:
+    """True when ``x`` has no concrete value: a JAX tracer or a tensor inside torch.compile."""
+    if is_jax_array(x):
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if is_torch_array(x):
+        import torch
+
+        return bool(torch.compiler.is_compiling())
+    return False
+
+
+def to_host_bool(x: Any) -> np.ndarray:
+    """A small boolean array brought to the host, for the opt-in value checks only."""
+    if is_torch_array(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def finfo_eps(xp: ModuleType, dtype: Any) -> float:
+    return float(xp.finfo(dtype).eps)
+
+
+NEG_INF = -math.inf
