@@ -50,24 +50,28 @@ def log_softmax(xp: ModuleType, x: Any, axis: int) -> Any:
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
 
 
-def log_mix(xp: ModuleType, la: Any, lb: Any, wa: float, wb: float) -> Any:
-    """``log(wa·exp(la) + wb·exp(lb))`` for fixed weights ``wa, wb ≥ 0``, without NaN.
+def log_mix(xp: ModuleType, la: Any, lb: Any, w: float) -> Any:
+    """``log(w·exp(la) + (1−w)·exp(lb))``: the log-probabilities of the mixture w·A + (1−w)·B.
 
-    The log-probabilities of the mixture ``wa·A + wb·B``. Where both components have zero
-    probability the result is ``-inf`` with zero gradient (``logaddexp`` would give a NaN
-    gradient there: ``exp(-inf - -inf)``).
+    Written as ``hi + log1p(w_lo·expm1(lo − hi))`` so that it returns ``la`` *exactly* when
+    ``la == lb`` (a mixture of a distribution with itself is itself; the textbook logaddexp
+    form rounds, and a KL against it comes out slightly negative). The larger component is
+    chosen with ``where``, not ``maximum``, because at ties ``maximum`` splits the gradient
+    evenly between both arguments, which is wrong unless ``w = 1/2``. Where both components
+    are zero the result is ``-inf`` with zero gradient (``logaddexp`` gives NaN there).
     """
-    if wa == 0.0:
-        return lb + math.log(wb)
-    if wb == 0.0:
-        return la + math.log(wa)
-    la = la + math.log(wa)
-    lb = lb + math.log(wb)
-    m = xp.maximum(la, lb)
-    dead = m == -INF
-    m = ns.stop_gradient(xp, xp.where(dead, 0.0, m))
-    total = xp.exp(xp.where(dead, 0.0, la) - m) + xp.exp(xp.where(dead, 0.0, lb) - m)
-    return xp.where(dead, -INF, m + xp.log(total))
+    if w == 0.0:
+        return lb
+    if w == 1.0:
+        return la
+    a_hi = la >= lb
+    dead = a_hi & (la == -INF)
+    hi = xp.where(dead, 0.0, xp.where(a_hi, la, lb))
+    lo = xp.where(dead, 0.0, xp.where(a_hi, lb, la))
+    e = xp.expm1(lo - hi)
+    # The weights multiply an array inside where: where(c, 0.9, 0.1) would be float64 in NumPy
+    # and float32 in PyTorch whatever the inputs.
+    return xp.where(dead, -INF, hi + xp.log1p(xp.where(a_hi, (1.0 - w) * e, w * e)))
 
 
 def kl_terms(xp: ModuleType, lp: Any, lq: Any, p: Any | None = None) -> Any:

@@ -122,13 +122,16 @@ def compute_dtype(xp: ModuleType, *named: tuple[str, Any]) -> Any:
         if a is None:
             continue
         dt = a.dtype
+        if is_half(dt):  # checked by name: NumPy's isdtype rejects ml_dtypes' bfloat16
+            dtypes.append(xp.float32)
+            continue
         if not xp.isdtype(dt, "real floating"):
             raise TypeError(
                 f"Expected `{name}` to have a real floating dtype (float16, bfloat16, float32, "
                 f"float64), got {_dtype_name(dt)}. Cast explicitly, e.g. to float32; integer "
                 "class labels are not a distribution."
             )
-        dtypes.append(xp.float32 if is_half(dt) else dt)
+        dtypes.append(dt)
     return xp.result_type(*dtypes) if dtypes else xp.float32
 
 

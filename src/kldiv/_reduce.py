@@ -6,6 +6,8 @@ import math
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 __all__ = ["reduce"]
 
 
@@ -35,11 +37,13 @@ def reduce(
             values = xp.broadcast_to(values, batch)
         return values
     total = xp.sum(values)
-    if reduction == "sum":
-        return total
-    if num_items is not None:
-        return total / num_items
-    if mask is None:
-        return total / max(math.prod(batch), 1)
-    count = xp.sum(xp.astype(xp.broadcast_to(mask, batch), values.dtype))
-    return total / xp.maximum(count, 1.0)
+    if reduction == "mean":
+        if num_items is not None:
+            total = total / num_items
+        elif mask is None:
+            total = total / max(math.prod(batch), 1)
+        else:
+            count = xp.sum(xp.astype(xp.broadcast_to(mask, batch), values.dtype))
+            total = total / xp.maximum(count, 1.0)
+    # NumPy reductions and 0-d arithmetic return scalars; every backend returns a 0-d array.
+    return xp.asarray(total) if isinstance(total, np.generic) else total

@@ -162,7 +162,7 @@ def _kl_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int) -> Array:
 def _js_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int, beta: float) -> Array:
     # beta·KL(P‖M) = Σ (beta·p)·log((beta·p)/(beta·m)): folding beta into both log arguments
     # makes the beta = 0 endpoint an exact zero-probability term (0, not 0·inf = NaN).
-    lm = _math.log_mix(xp, P.lp, Q.lp, beta, 1.0 - beta)
+    lm = _math.log_mix(xp, P.lp, Q.lp, beta)
     parts = []
     for w, S in ((beta, P), (1.0 - beta, Q)):
         if w > 0.0:
@@ -173,7 +173,7 @@ def _js_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int, beta: float) -> Arra
 
 
 def _skew_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int, alpha: float) -> Array:
-    lm = _math.log_mix(xp, P.lp, Q.lp, alpha, 1.0 - alpha)
+    lm = _math.log_mix(xp, P.lp, Q.lp, alpha)
     return _math.kl_rows(xp, P.lp, lm, P.p, axis)
 
 
