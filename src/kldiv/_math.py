@@ -145,20 +145,27 @@ def _torch_kl_rows() -> Any:
         def backward(ctx: Any, grad: Any) -> Any:
             lp, lq, p = ctx.saved_tensors
             g = grad.unsqueeze(ctx.axis)
+            # In place on fresh temporaries saves [N, V] allocations; under create_graph
+            # (double backward) the same formulas run out of place so autograd can record them.
+            ip = not torch.is_grad_enabled()
+            mul = torch.Tensor.mul_ if ip else torch.mul
+            fill = torch.Tensor.masked_fill_ if ip else torch.masked_fill
             given = p is not None
             need_lp, need_lq = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             need_p = given and ctx.needs_input_grad[3]
             grad_lp = grad_lq = grad_p = None
             if need_lq:  # -p·g: already 0 where p = 0
-                grad_lq = (p * g).neg_() if given else torch.exp(lp).mul_(g).neg_()
+                grad_lq = mul(p * g if given else mul(torch.exp(lp), g), -1.0)
             if need_lp or need_p:
-                # lp - lq is -inf or NaN only where p = 0, and those entries are zeroed.
-                diff = (lp - lq).masked_fill_(lp == -INF, 0.0)
+                # Where p = 0 or q = 0, lp - lq is ±inf or NaN; zero it (as the where-composition
+                # does) so that a row dropped after the fact (cotangent 0) gets 0, not inf·0.
+                dead = (lp == -INF) | (lq == -INF)
+                diff = fill(lp - lq, dead, 0.0)
                 if given:
-                    grad_p = diff.mul_(g) if need_p else None
+                    grad_p = mul(diff, g) if need_p else None
                     grad_lp = p * g if need_lp else None
                 else:
-                    grad_lp = diff.add_(1.0).mul_(torch.exp(lp)).mul_(g)
+                    grad_lp = mul(fill(mul(diff + 1.0, torch.exp(lp)), dead, 0.0), g)
             return grad_lp, grad_lq, None, grad_p
 
     return KLRows

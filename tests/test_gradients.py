@@ -1,0 +1,199 @@
+"""Gradients: float64 gradcheck, finiteness at zero support for both arguments, exact values."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.test_util import check_grads
+from test_divergences import FORM_PAIRS, KINDS, PARAMS, encode, pair
+
+import kldiv
+from kldiv import _math
+
+INF = math.inf
+
+
+def positive_pair(rng, shape):
+    """Strictly positive probabilities, so that finite differences stay inside the domain."""
+    p, q = pair(rng, shape, p_zeros=0.0)
+    return 0.5 * p + 0.5 / shape[-1], 0.5 * q + 0.5 / shape[-1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("forms", FORM_PAIRS, ids="-".join)
+def test_torch_gradcheck_float64(rng, kind, forms):
+    p, q = positive_pair(rng, (3, 5))
+    a = torch.tensor(encode(p, forms[0], rng), requires_grad=True)
+    b = torch.tensor(encode(q, forms[1], rng), requires_grad=True)
+    params = PARAMS.get(kind, {})
+    # tv's |p - q| is not differentiable where p = q; random inputs never tie.
+    fn = lambda x, y: kldiv.divergence(x, y, kind, form=forms, reduction="none", **params)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, b))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("forms", [("logits", "logits"), ("probs", "probs")], ids="-".join)
+def test_jax_check_grads_float64(rng, kind, forms):
+    p, q = positive_pair(rng, (3, 5))
+    a, b = jnp.asarray(encode(p, forms[0], rng)), jnp.asarray(encode(q, forms[1], rng))
+    params = PARAMS.get(kind, {})
+    fn = lambda x, y: kldiv.divergence(x, y, kind, form=forms, **params)  # noqa: E731
+    check_grads(fn, (a, b), order=2, modes=["rev", "fwd"], eps=1e-6)
+
+
+def test_torch_gradgradcheck_through_the_custom_backward(rng):
+    p, q = positive_pair(rng, (2, 4))
+    for forms in [("logits", "logits"), ("probs", "probs")]:
+        a = torch.tensor(encode(p, forms[0], rng), requires_grad=True)
+        b = torch.tensor(encode(q, forms[1], rng), requires_grad=True)
+        fn = lambda x, y, f=forms: kldiv.kl_div(x, y, form=f, reduction="none")  # noqa: E731
+        assert torch.autograd.gradgradcheck(fn, (a, b))
+
+
+def zero_support_cases():
+    """(name, p, q, form): inputs with zeros whose divergence value is finite for KL(P‖Q)."""
+    yield "probs-p-zero", [[0.0, 0.6, 0.4], [0.5, 0.5, 0.0]], [[0.2, 0.3, 0.5], [0.1, 0.9, 0.0]], "probs"
+    yield "probs-both-zero", [[0.0, 1.0, 0.0]], [[0.0, 0.5, 0.5]], "probs"
+    yield "logits-neg-inf", [[-INF, 1.0, 2.0], [0.0, -INF, -INF]], [[0.5, -INF, 1.0], [1.0, 2.0, -INF]], "logits"
+    yield "log-probs-neg-inf", [[-INF, math.log(0.25), math.log(0.75)]], [[-INF, math.log(0.5), math.log(0.5)]], "log_probs"
+
+
+@pytest.mark.parametrize("case", list(zero_support_cases()), ids=lambda c: c[0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_finite_wherever_value_is_finite(ad, case, kind):
+    _, p, q, form = case
+    params = PARAMS.get(kind, {})
+    P, Q = ad.asarray(np.array(p)), ad.asarray(np.array(q))
+    for a, b in ((P, Q), (Q, P)):  # both directions; only those with a finite value count
+        value = ad.to_numpy(kldiv.divergence(a, b, kind, form=form, **params))
+        if not np.isfinite(value):
+            continue
+        ga, gb = ad.grad(lambda x, y: kldiv.divergence(x, y, kind, form=form, **params), a, b)
+        assert np.isfinite(ga).all() and np.isfinite(gb).all(), (kind, ga, gb)
+
+
+@pytest.mark.parametrize("kind", ["js", "tv", "skew_kl", "skew_reverse_kl"])
+def test_bounded_divergences_have_finite_gradients_for_disjoint_supports(ad, kind):
+    # These stay finite when the supports differ (skew: the mixture keeps m ≥ alpha·p > 0).
+    params = PARAMS.get(kind, {})
+    P, Q = ad.asarray(np.array([[0.7, 0.3, 0.0]])), ad.asarray(np.array([[0.0, 0.0, 1.0]]))
+    assert np.isfinite(ad.to_numpy(kldiv.divergence(P, Q, kind, **params)))
+    ga, gb = ad.grad(lambda x, y: kldiv.divergence(x, y, kind, **params), P, Q)
+    assert np.isfinite(ga).all() and np.isfinite(gb).all()
+
+
+def test_gradient_values_at_zero_probability(ad):
+    # KL(P‖Q) = Σ p·log(p/q): ∂/∂p_j = log(p_j/q_j) + 1, ∂/∂q_j = -p_j/q_j; at p_j = 0 both
+    # are taken as 0 (the term is absent), as torch.nn.functional.kl_div does.
+    p = np.array([[0.0, 0.25, 0.75]])
+    q = np.array([[0.5, 0.125, 0.375]])
+    gp, gq = ad.grad(lambda x, y: kldiv.kl_div(x, y, reduction="sum"), ad.asarray(p), ad.asarray(q))
+    np.testing.assert_allclose(gp, [[0.0, math.log(2) + 1, math.log(2) + 1]], rtol=1e-14)
+    np.testing.assert_allclose(gq, [[0.0, -2.0, -2.0]], rtol=1e-14)
+
+
+def test_gradient_with_respect_to_neg_inf_logit_is_zero(ad):
+    a = np.array([[-INF, 0.0, 1.0]])
+    b = np.array([[0.3, -0.2, 0.1]])
+    ga, gb = ad.grad(lambda x, y: kldiv.kl_div(x, y, form="logits"), ad.asarray(a), ad.asarray(b))
+    assert ga[0, 0] == 0.0
+    # ∂KL/∂b = softmax(b) - softmax(a) (hand derivation for logits of the second argument).
+    sa = np.exp(a - a.max()) / np.exp(a - a.max()).sum()
+    sb = np.exp(b - b.max()) / np.exp(b - b.max()).sum()
+    np.testing.assert_allclose(gb, sb - sa, rtol=1e-12)
+
+
+def test_masked_garbage_rows_get_exactly_zero_gradient(ad):
+    p = np.array([[0.5, 0.5], [np.nan, np.inf], [0.2, 0.8]])
+    q = np.array([[0.25, 0.75], [-1.0, 0.0], [0.9, 0.1]])
+    mask = np.array([True, False, True])
+    for kind in KINDS:
+        for form in ("probs", "logits", "log_probs"):
+            fn = lambda x, y, k=kind, f=form: kldiv.divergence(  # noqa: E731
+                x, y, k, form=f, mask=ad.asarray(mask)
+            )
+            assert np.isfinite(ad.to_numpy(fn(ad.asarray(p), ad.asarray(q)))) or form == "log_probs"
+            gp, gq = ad.grad(fn, ad.asarray(p), ad.asarray(q))
+            assert (gp[1] == 0).all() and (gq[1] == 0).all(), (kind, form)
+
+
+def edge_log_probs():
+    """Rows of (lp, lq) pairs covering every zero-support combination, plus an underflow."""
+    lp = np.array([[-INF, -INF, -1.0, -0.5, -800.0, -2.0]])
+    lq = np.array([[-INF, -1.5, -INF, -0.7, -1.0, -2.0]])
+    return lp, lq
+
+
+@pytest.mark.parametrize("given_p", [False, True])
+def test_torch_custom_backward_equals_the_generic_composition(rng, given_p):
+    """_math.kl_rows on torch (analytic backward) against sum(kl_terms) differentiated by autograd."""
+    lp_edge, lq_edge = edge_log_probs()
+    with np.errstate(divide="ignore"):
+        lp_rand = np.log(pair(rng, (4, 6), p_zeros=0.3)[0])
+    lq_rand = np.log(pair(rng, (4, 6), p_zeros=0.0)[1])
+    for lp_np, lq_np in ((lp_edge, lq_edge), (lp_rand, lq_rand)):
+        results = []
+        for impl in ("custom", "generic"):
+            lp = torch.tensor(lp_np, requires_grad=True)
+            lq = torch.tensor(lq_np, requires_grad=True)
+            p = torch.exp(lp) if given_p else None
+            if impl == "custom":
+                rows = _math.kl_rows(torch, lp, lq, p, -1)
+            else:
+                rows = torch.sum(_math.kl_terms(torch, lp, lq, p), dim=-1)
+            terms_finite = torch.isfinite(rows)
+            weights = torch.linspace(0.5, 1.5, rows.numel(), dtype=torch.float64).reshape(rows.shape)
+            torch.where(terms_finite, rows * weights, 0.0).sum().backward()
+            results.append((rows.detach().numpy(), lp.grad.numpy(), lq.grad.numpy()))
+        (v1, gp1, gq1), (v2, gp2, gq2) = results
+        np.testing.assert_array_equal(v1, v2)
+        # Rows with a finite value must agree exactly; rows at +inf (dropped above) only need
+        # gradients free of NaN (the analytic -p for log q there is as valid as the 0 of where).
+        fin = np.isfinite(v1)
+        np.testing.assert_allclose(gp1[fin], gp2[fin], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(gq1[fin], gq2[fin], rtol=1e-12, atol=1e-15)
+        for g in (gp1, gq1, gp2, gq2):
+            assert np.isfinite(g).all()
+
+
+def test_torch_custom_rows_edge_values():
+    lp, lq = edge_log_probs()
+    terms = _math.kl_terms(np, lp, lq)
+    # Hand derivation per column: p=0 → 0 (twice); p>0=q → inf; finite; exp(-800) > 0 = ... q>0
+    # so the term underflows to 0 in float64; identical → 0.
+    expected = [0.0, 0.0, INF, math.exp(-0.5) * 0.2, 0.0, 0.0]
+    np.testing.assert_allclose(terms[0], expected, rtol=1e-15)
+    rows = _math.kl_rows(torch, torch.tensor(lp), torch.tensor(lq), None, -1)
+    assert rows.item() == INF
+
+
+def test_jax_grad_matches_torch_grad(rng):
+    p, q = pair(rng, (3, 6), p_zeros=0.3)
+    a, b = encode(p, "logits", rng), encode(q, "logits", rng)
+    for kind in KINDS:
+        params = PARAMS.get(kind, {})
+        fn_t = lambda x, y, k=kind: kldiv.divergence(x, y, k, form="logits", **params)  # noqa: E731
+        ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+        value = fn_t(ta, tb)
+        assert value.item() == pytest.approx(float(fn_t(jnp.asarray(a), jnp.asarray(b))), rel=1e-12)
+        if not math.isfinite(value.item()):
+            continue  # p has zeros: reverse/symmetric KL are +inf, their gradient unconstrained
+        value.backward()
+        ja, jb = jax.grad(fn_t, argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+        np.testing.assert_allclose(np.asarray(ja), ta.grad.numpy(), rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(np.asarray(jb), tb.grad.numpy(), rtol=1e-9, atol=1e-14)
+
+
+def test_half_precision_gradients_are_finite_and_in_input_dtype(rng):
+    p, q = pair(rng, (4, 64), p_zeros=0.1)
+    for dtype in (torch.float16, torch.bfloat16):
+        a = torch.tensor(encode(p, "logits", rng)).to(dtype).requires_grad_(True)
+        b = torch.tensor(encode(q, "logits", rng)).to(dtype).requires_grad_(True)
+        kldiv.kl_div(a, b, form="logits").backward()
+        assert a.grad.dtype == dtype and b.grad.dtype == dtype
+        assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
