@@ -33,12 +33,14 @@ class Backend:
         if self.name == "numpy":
             return a.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
         if self.name == "torch":
-            return torch.from_numpy(np.array(a, dtype=np.float64 if dtype == "bfloat16" else dtype)).to(
-                getattr(torch, dtype)
-            )
+            return torch.from_numpy(
+                np.array(a, dtype=np.float64 if dtype == "bfloat16" else dtype)
+            ).to(getattr(torch, dtype))
         import jax.numpy as jnp
 
-        return jnp.asarray(a.astype(np.float64) if dtype == "bfloat16" else a, dtype=getattr(jnp, dtype))
+        return jnp.asarray(
+            a.astype(np.float64) if dtype == "bfloat16" else a, dtype=getattr(jnp, dtype)
+        )
 
     def to_numpy(self, x) -> np.ndarray:
         if self.name == "torch":

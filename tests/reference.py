@@ -30,7 +30,7 @@ def to_probs(row, form: str, temperature: float = 1.0) -> list[float]:
 
 def kl(p: list[float], q: list[float]) -> float:
     terms = []
-    for a, b in zip(p, q):
+    for a, b in zip(p, q, strict=True):
         if a == 0:
             continue
         if b == 0:
@@ -40,18 +40,18 @@ def kl(p: list[float], q: list[float]) -> float:
 
 
 def js(p, q, beta: float = 0.5) -> float:
-    m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
+    m = [beta * a + (1 - beta) * b for a, b in zip(p, q, strict=True)]
     left = beta * kl(p, m) if beta > 0 else 0.0
     right = (1 - beta) * kl(q, m) if beta < 1 else 0.0
     return left + right
 
 
 def skew(p, q, alpha: float = 0.1) -> float:
-    return kl(p, [alpha * a + (1 - alpha) * b for a, b in zip(p, q)])
+    return kl(p, [alpha * a + (1 - alpha) * b for a, b in zip(p, q, strict=True)])
 
 
 def tv(p, q) -> float:
-    return 0.5 * math.fsum(abs(a - b) for a, b in zip(p, q))
+    return 0.5 * math.fsum(abs(a - b) for a, b in zip(p, q, strict=True))
 
 
 ROW_FUNCS = {

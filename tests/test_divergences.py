@@ -25,7 +25,7 @@ def random_probs(rng, shape, zeros=0.0):
     x = rng.gamma(0.7, size=shape)
     if zeros:
         x = np.where(rng.random(shape) < zeros, 0.0, x)
-        x[..., 0] += (x.sum(-1) == 0)  # keep every row a distribution
+        x[..., 0] += x.sum(-1) == 0  # keep every row a distribution
     return x / x.sum(-1, keepdims=True)
 
 
@@ -67,7 +67,9 @@ def test_matches_float64_reference(xp, rng, kind, forms):
     p, q = pair(rng, (4, 3, 7), p_zeros=0.3, q_zeros=0.15)
     a, b = encode(p, forms[0], rng), encode(q, forms[1], rng)
     params = PARAMS.get(kind, {})
-    out = kldiv.divergence(xp.asarray(a), xp.asarray(b), kind, form=forms, reduction="none", **params)
+    out = kldiv.divergence(
+        xp.asarray(a), xp.asarray(b), kind, form=forms, reduction="none", **params
+    )
     assert xp.dtype_name(out) == "float64"
     assert_close(xp.to_numpy(out), ref.reference(kind, a, b, form=forms, **params))
 
@@ -86,7 +88,10 @@ def test_half_precision_is_computed_and_returned_in_float32(xp, rng, dtype):
     # NumPy's bfloat16 is ml_dtypes' (what JAX uses). 4096 categories: a float16 accumulator
     # would be off by ~1e-3 relative, a float32 one by ~1e-7.
     p, q = pair(rng, (3, 4096), p_zeros=0.1)
-    a_half, b_half = xp.asarray(encode(p, "logits", rng), dtype), xp.asarray(encode(q, "logits", rng), dtype)
+    a_half, b_half = (
+        xp.asarray(encode(p, "logits", rng), dtype),
+        xp.asarray(encode(q, "logits", rng), dtype),
+    )
     out = kldiv.kl_div(a_half, b_half, form="logits", reduction="none")
     assert xp.dtype_name(out) == "float32"
     expected = ref.reference("kl", xp.to_numpy(a_half), xp.to_numpy(b_half), form="logits")
@@ -161,7 +166,7 @@ def test_neg_inf_logits_are_zero_probabilities(xp):
     pa = [0.0, 1 / (1 + math.e), math.e / (1 + math.e)]
     z = math.exp(5) + math.e + math.e**2
     pc = [math.exp(5) / z, math.e / z, math.e**2 / z]
-    expected = sum(x * math.log(x / y) for x, y in zip(pa, pc) if x > 0)
+    expected = sum(x * math.log(x / y) for x, y in zip(pa, pc, strict=True) if x > 0)
     assert xp.to_numpy(kldiv.kl_div(a, c, form="logits")) == pytest.approx(expected, rel=1e-12)
     for kind in KINDS:
         out = xp.to_numpy(kldiv.divergence(a, c, kind, form="logits"))
@@ -191,8 +196,9 @@ def test_extreme_logits_float32(xp):
 def test_temperature(xp, rng):
     a, b = rng.normal(size=(3, 5)) * 4, rng.normal(size=(3, 5)) * 4
     for kind in ("kl", "js", "tv"):
-        out = kldiv.divergence(xp.asarray(a), xp.asarray(b), kind, form="logits", temperature=2.5,
-                               reduction="none")
+        out = kldiv.divergence(
+            xp.asarray(a), xp.asarray(b), kind, form="logits", temperature=2.5, reduction="none"
+        )
         assert_close(xp.to_numpy(out), ref.reference(kind, a, b, form="logits", temperature=2.5))
 
 
@@ -203,8 +209,9 @@ def test_axis(xp, rng, axis):
     out = kldiv.js_div(xp.asarray(pm), xp.asarray(qm), axis=axis, reduction="none")
     assert_close(xp.to_numpy(out), ref.reference("js", p, q, beta=0.5))
     mask = rng.random((3, 4)) < 0.5
-    masked = kldiv.kl_div(xp.asarray(pm), xp.asarray(qm), axis=axis, mask=xp.asarray(mask),
-                          reduction="none")
+    masked = kldiv.kl_div(
+        xp.asarray(pm), xp.asarray(qm), axis=axis, mask=xp.asarray(mask), reduction="none"
+    )
     assert_close(xp.to_numpy(masked), np.where(mask, ref.reference("kl", p, q), 0.0))
 
 
@@ -276,14 +283,17 @@ def test_non_negative_and_bounded(xp, rng, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_logit_shift_and_category_permutation_invariance(xp, rng, kind):
     a, b = rng.normal(size=(4, 6)) * 3, rng.normal(size=(4, 6)) * 3
-    base = xp.to_numpy(kldiv.divergence(xp.asarray(a), xp.asarray(b), kind, form="logits",
-                                        reduction="none"))
-    shifted = kldiv.divergence(xp.asarray(a + 17.0), xp.asarray(b - 5.0), kind, form="logits",
-                               reduction="none")
+    base = xp.to_numpy(
+        kldiv.divergence(xp.asarray(a), xp.asarray(b), kind, form="logits", reduction="none")
+    )
+    shifted = kldiv.divergence(
+        xp.asarray(a + 17.0), xp.asarray(b - 5.0), kind, form="logits", reduction="none"
+    )
     np.testing.assert_allclose(xp.to_numpy(shifted), base, rtol=1e-11, atol=1e-13)
     perm = rng.permutation(6)
-    permuted = kldiv.divergence(xp.asarray(a[:, perm]), xp.asarray(b[:, perm]), kind, form="logits",
-                                reduction="none")
+    permuted = kldiv.divergence(
+        xp.asarray(a[:, perm]), xp.asarray(b[:, perm]), kind, form="logits", reduction="none"
+    )
     np.testing.assert_allclose(xp.to_numpy(permuted), base, rtol=1e-11, atol=1e-13)
 
 
@@ -293,14 +303,23 @@ def test_family_identities(xp, rng):
     n = xp.to_numpy
     kw = {"reduction": "none"}
     np.testing.assert_array_equal(n(kldiv.reverse_kl_div(P, Q, **kw)), n(kldiv.kl_div(Q, P, **kw)))
-    np.testing.assert_allclose(n(kldiv.js_div(P, Q, beta=0.3, **kw)), n(kldiv.js_div(Q, P, beta=0.7, **kw)),
-                               rtol=1e-12, atol=1e-15)
-    np.testing.assert_array_equal(n(kldiv.skew_kl_div(P, Q, alpha=0.0, **kw)), n(kldiv.kl_div(P, Q, **kw)))
+    np.testing.assert_allclose(
+        n(kldiv.js_div(P, Q, beta=0.3, **kw)),
+        n(kldiv.js_div(Q, P, beta=0.7, **kw)),
+        rtol=1e-12,
+        atol=1e-15,
+    )
+    np.testing.assert_array_equal(
+        n(kldiv.skew_kl_div(P, Q, alpha=0.0, **kw)), n(kldiv.kl_div(P, Q, **kw))
+    )
     np.testing.assert_array_equal(n(kldiv.skew_kl_div(P, Q, alpha=1.0, **kw)), 0.0)
-    np.testing.assert_array_equal(n(kldiv.skew_reverse_kl_div(P, Q, alpha=0.0, **kw)),
-                                  n(kldiv.kl_div(Q, P, **kw)))
-    np.testing.assert_array_equal(n(kldiv.symmetric_kl_div(P, Q, **kw)),
-                                  n(kldiv.kl_div(P, Q, **kw)) + n(kldiv.kl_div(Q, P, **kw)))
+    np.testing.assert_array_equal(
+        n(kldiv.skew_reverse_kl_div(P, Q, alpha=0.0, **kw)), n(kldiv.kl_div(Q, P, **kw))
+    )
+    np.testing.assert_array_equal(
+        n(kldiv.symmetric_kl_div(P, Q, **kw)),
+        n(kldiv.kl_div(P, Q, **kw)) + n(kldiv.kl_div(Q, P, **kw)),
+    )
     for beta in (0.0, 1.0):
         np.testing.assert_array_equal(n(kldiv.js_div(P, Q, beta=beta, **kw)), 0.0)
 

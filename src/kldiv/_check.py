@@ -39,7 +39,7 @@ def check_forms(form: Any) -> tuple[str, str]:
         raise ValueError(
             f"Expected `form` to be one of {_quote(FORMS)} or a pair of them, got {form!r}."
         )
-    for side, f in zip("pq", pair):
+    for side, f in zip("pq", pair, strict=True):
         if f not in FORMS:
             hint = ""
             if f in ("from_logits", "logit", "log_softmax", "log"):
@@ -61,7 +61,9 @@ def check_reduction(reduction: Any) -> str:
         )
     elif reduction in ("elementwise_mean", "sum_over_batch_size", "auto"):
         hint = " (use 'mean': the mean over distributions, never over classes)"
-    raise ValueError(f"Expected `reduction` to be one of {_quote(REDUCTIONS)}, got {reduction!r}{hint}.")
+    raise ValueError(
+        f"Expected `reduction` to be one of {_quote(REDUCTIONS)}, got {reduction!r}{hint}."
+    )
 
 
 def check_axis(axis: Any, ndim: int) -> int:
@@ -214,13 +216,19 @@ def check_values(
     fail(rowany(xp.isnan(x)), "it contains NaN")
     if form == "probs":
         fail(rowany(x < 0), "it has negative probabilities")
-        fail(xp.abs(xp.sum(x, axis=axis) - 1) > tol, f"its probabilities do not sum to 1 (tol {tol:.1e})")
+        fail(
+            xp.abs(xp.sum(x, axis=axis) - 1) > tol,
+            f"its probabilities do not sum to 1 (tol {tol:.1e})",
+        )
     elif form == "log_probs":
         fail(rowany(x > 0), "it has log-probabilities > 0")
         m = xp.max(x, axis=axis, keepdims=True)
         m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
         lse = xp.squeeze(m, axis=axis) + xp.log(xp.sum(xp.exp(x - m), axis=axis))
-        fail(xp.abs(lse) > tol, f"its probabilities (exp of log_probs) do not sum to 1 (tol {tol:.1e})")
+        fail(
+            xp.abs(lse) > tol,
+            f"its probabilities (exp of log_probs) do not sum to 1 (tol {tol:.1e})",
+        )
     else:
         fail(rowany(x == math.inf), "it has a +inf logit")
         fail(xp.all(x == -math.inf, axis=axis), "all its logits are -inf (no category has mass)")

@@ -16,7 +16,24 @@ from typing import Any
 
 import array_api_compat
 import numpy as np
-from array_api_compat import is_jax_array, is_numpy_array, is_torch_array
+
+
+# Frameworks are recognised through sys.modules, so none is imported here: an array of a
+# framework can only exist if that framework has been imported. (array-api-compat's is_*_array
+# helpers do the same, through an lru_cache that torch.compile warns about on every trace.)
+def is_torch_array(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def is_jax_array(x: Any) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.Array)
+
+
+def is_numpy_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray | np.generic)
+
 
 __all__ = [
     "namespace",
@@ -31,8 +48,11 @@ __all__ = [
 
 
 def _is_array(x: Any) -> bool:
-    return is_torch_array(x) or is_jax_array(x) or is_numpy_array(x) or (
-        hasattr(x, "__array_namespace__")
+    return (
+        is_torch_array(x)
+        or is_jax_array(x)
+        or is_numpy_array(x)
+        or (hasattr(x, "__array_namespace__"))
     )
 
 
@@ -74,7 +94,7 @@ def namespace(*args: Any, names: tuple[str, ...] | None = None) -> tuple[ModuleT
     """
     names = names or tuple(f"argument {i}" for i in range(len(args)))
     found: dict[str, tuple[ModuleType, str]] = {}
-    for name, a in zip(names, args):
+    for name, a in zip(names, args, strict=True):
         if a is None or not _is_array(a):
             continue
         xp = _single_namespace(a)
@@ -132,7 +152,9 @@ def compute_dtype(xp: ModuleType, *named: tuple[str, Any]) -> Any:
                 "class labels are not a distribution."
             )
         dtypes.append(dt)
-    return xp.result_type(*dtypes) if dtypes else xp.float32
+    # Only float32/float64 remain (halves were mapped to float32), so promotion is the widest;
+    # computed here because torch.result_type returns a dtype, which torch.compile cannot trace.
+    return max(dtypes, key=lambda d: xp.finfo(d).bits) if dtypes else xp.float32
 
 
 def stop_gradient(xp: ModuleType, x: Any) -> Any:

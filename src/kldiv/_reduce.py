@@ -44,6 +44,6 @@ def reduce(
             total = total / max(math.prod(batch), 1)
         else:
             count = xp.sum(xp.astype(xp.broadcast_to(mask, batch), values.dtype))
-            total = total / xp.maximum(count, 1.0)
+            total = total / xp.where(count > 0, count, 1.0)
     # NumPy reductions and 0-d arithmetic return scalars; every backend returns a 0-d array.
     return xp.asarray(total) if isinstance(total, np.generic) else total

@@ -152,7 +152,9 @@ def _evaluate(
     P = _side(xp, p, forms[0], ax, dtype, keep, t)
     Q = _side(xp, q, forms[1], ax, dtype, keep, t)
     values = rows(xp, P, Q, ax, **params)
-    return reduce(xp, values, batch, reduction=reduction, mask=mask, weight=weight, num_items=num_items)
+    return reduce(
+        xp, values, batch, reduction=reduction, mask=mask, weight=weight, num_items=num_items
+    )
 
 
 def _kl_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int) -> Array:
@@ -218,8 +220,19 @@ def kl_div(
     >>> round(float(kldiv.kl_div(p, q)), 6)
     0.092766
     """
-    return _evaluate(_kl_rows, p, q, form=form, axis=axis, reduction=reduction, mask=mask,
-                     weight=weight, num_items=num_items, temperature=temperature, check=check)
+    return _evaluate(
+        _kl_rows,
+        p,
+        q,
+        form=form,
+        axis=axis,
+        reduction=reduction,
+        mask=mask,
+        weight=weight,
+        num_items=num_items,
+        temperature=temperature,
+        check=check,
+    )
 
 
 @_doc
@@ -247,8 +260,19 @@ def reverse_kl_div(
     >>> float(kldiv.reverse_kl_div(p, q))
     inf
     """
-    return _evaluate(_swap(_kl_rows), p, q, form=form, axis=axis, reduction=reduction, mask=mask,
-                     weight=weight, num_items=num_items, temperature=temperature, check=check)
+    return _evaluate(
+        _swap(_kl_rows),
+        p,
+        q,
+        form=form,
+        axis=axis,
+        reduction=reduction,
+        mask=mask,
+        weight=weight,
+        num_items=num_items,
+        temperature=temperature,
+        check=check,
+    )
 
 
 @_doc
@@ -279,9 +303,20 @@ def js_div(
     True
     """
     beta = _check.check_unit_interval("beta", beta)
-    return _evaluate(_js_rows, p, q, form=form, axis=axis, reduction=reduction, mask=mask,
-                     weight=weight, num_items=num_items, temperature=temperature, check=check,
-                     beta=beta)
+    return _evaluate(
+        _js_rows,
+        p,
+        q,
+        form=form,
+        axis=axis,
+        reduction=reduction,
+        mask=mask,
+        weight=weight,
+        num_items=num_items,
+        temperature=temperature,
+        check=check,
+        beta=beta,
+    )
 
 
 @_doc
@@ -310,9 +345,20 @@ def skew_kl_div(
     True
     """
     alpha = _check.check_unit_interval("alpha", alpha)
-    return _evaluate(_skew_rows, p, q, form=form, axis=axis, reduction=reduction, mask=mask,
-                     weight=weight, num_items=num_items, temperature=temperature, check=check,
-                     alpha=alpha)
+    return _evaluate(
+        _skew_rows,
+        p,
+        q,
+        form=form,
+        axis=axis,
+        reduction=reduction,
+        mask=mask,
+        weight=weight,
+        num_items=num_items,
+        temperature=temperature,
+        check=check,
+        alpha=alpha,
+    )
 
 
 @_doc
@@ -341,9 +387,20 @@ def skew_reverse_kl_div(
     True
     """
     alpha = _check.check_unit_interval("alpha", alpha)
-    return _evaluate(_swap(_skew_rows), p, q, form=form, axis=axis, reduction=reduction,
-                     mask=mask, weight=weight, num_items=num_items, temperature=temperature,
-                     check=check, alpha=alpha)
+    return _evaluate(
+        _swap(_skew_rows),
+        p,
+        q,
+        form=form,
+        axis=axis,
+        reduction=reduction,
+        mask=mask,
+        weight=weight,
+        num_items=num_items,
+        temperature=temperature,
+        check=check,
+        alpha=alpha,
+    )
 
 
 @_doc
@@ -367,9 +424,19 @@ def symmetric_kl_div(
     >>> bool(np.isclose(kldiv.symmetric_kl_div(p, q), 2 * kldiv.kl_div(p, q)))
     True
     """
-    return _evaluate(_symmetric_rows, p, q, form=form, axis=axis, reduction=reduction,
-                     mask=mask, weight=weight, num_items=num_items, temperature=temperature,
-                     check=check)
+    return _evaluate(
+        _symmetric_rows,
+        p,
+        q,
+        form=form,
+        axis=axis,
+        reduction=reduction,
+        mask=mask,
+        weight=weight,
+        num_items=num_items,
+        temperature=temperature,
+        check=check,
+    )
 
 
 @_doc
@@ -394,8 +461,19 @@ def tv_distance(
     >>> float(kldiv.tv_distance(np.array([1.0, 0.0]), np.array([0.25, 0.75])))
     0.75
     """
-    return _evaluate(_tv_rows, p, q, form=form, axis=axis, reduction=reduction, mask=mask,
-                     weight=weight, num_items=num_items, temperature=temperature, check=check)
+    return _evaluate(
+        _tv_rows,
+        p,
+        q,
+        form=form,
+        axis=axis,
+        reduction=reduction,
+        mask=mask,
+        weight=weight,
+        num_items=num_items,
+        temperature=temperature,
+        check=check,
+    )
 
 
 KINDS: dict[str, Callable[..., Array]] = {
