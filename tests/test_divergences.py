@@ -331,3 +331,15 @@ def test_js_is_continuous_at_the_endpoints(xp):
     for beta in (1e-3, 1e-9, 1 - 1e-6):
         expected = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
         assert xp.to_numpy(kldiv.js_div(P, Q, beta=beta)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mixture_weights_at_the_extremes_stay_accurate(xp):
+    # p = [1, 0], q = [1/2, 1/2]: skew KL(P ‖ aP + (1-a)Q) = log(1 / (a + (1-a)/2)) and the
+    # reverse one KL(Q ‖ aQ + (1-a)P) = ½·log(1/a) + ½·log(½ / (a/2 + 1 - a)) (hand derivation).
+    p, q = xp.asarray([1.0, 0.0]), xp.asarray([0.5, 0.5])
+    for a in (1e-300, 1e-173, 1e-9, 0.3, 1 - 1e-9):
+        fwd = xp.to_numpy(kldiv.skew_kl_div(p, q, alpha=a))
+        assert fwd == pytest.approx(-math.log(a + (1 - a) / 2), rel=1e-12, abs=1e-15)
+        rev = xp.to_numpy(kldiv.skew_reverse_kl_div(p, q, alpha=a))
+        expected = 0.5 * -math.log(a) + 0.5 * math.log(0.5 / (a / 2 + 1 - a))
+        assert rev == pytest.approx(expected, rel=1e-12, abs=1e-15)

@@ -171,7 +171,11 @@ def check_row_array(name: str, a: Any, batch: tuple, xp: ModuleType, kind: str) 
     if kind == "weight" and not xp.isdtype(a.dtype, "real floating"):
         raise TypeError(f"Expected `weight` to have a real floating dtype, got {a.dtype}.")
     shape = tuple(a.shape)
-    if len(shape) > len(batch) or _broadcast([shape, batch], f"`{name}` and the batch") != batch:
+    try:
+        ok = len(shape) <= len(batch) and np.broadcast_shapes(shape, batch) == batch
+    except ValueError:
+        ok = False
+    if not ok:
         raise ValueError(
             f"Expected `{name}` to be broadcastable to the batch shape {batch} (the input shape "
             f"without the category axis), got shape {shape}."

@@ -53,12 +53,16 @@ def log_softmax(xp: ModuleType, x: Any, axis: int) -> Any:
 def log_mix(xp: ModuleType, la: Any, lb: Any, w: float) -> Any:
     """``log(w·exp(la) + (1−w)·exp(lb))``: the log-probabilities of the mixture w·A + (1−w)·B.
 
-    Written as ``hi + log1p(w_lo·expm1(lo − hi))`` so that it returns ``la`` *exactly* when
-    ``la == lb`` (a mixture of a distribution with itself is itself; the textbook logaddexp
-    form rounds, and a KL against it comes out slightly negative). The larger component is
-    chosen with ``where``, not ``maximum``, because at ties ``maximum`` splits the gradient
-    evenly between both arguments, which is wrong unless ``w = 1/2``. Where both components
-    are zero the result is ``-inf`` with zero gradient (``logaddexp`` gives NaN there).
+    With ``hi``/``lo`` the larger/smaller of ``la``, ``lb`` and ``d = lo − hi ≤ 0``, this is
+    ``hi + log1p(w_lo·expm1(d))``, which returns ``la`` *exactly* when ``la == lb`` (a mixture
+    of a distribution with itself is itself; the logaddexp form rounds, and a KL against it
+    comes out slightly negative). ``log1p`` loses accuracy as its argument nears −1, i.e. when
+    the larger component has a tiny weight (``1 − w`` rounds to 1 for ``w = 1e-173``, giving
+    −inf for ``log w``), so there ``hi + log(w_hi + w_lo·exp(d))`` is used instead.
+
+    The larger component is chosen with ``where``, not ``maximum``: at ties ``maximum`` splits
+    the gradient evenly between its arguments, which is wrong unless ``w = 1/2``. Where both
+    components are zero the result is ``-inf`` with zero gradient (``logaddexp`` gives NaN).
     """
     if w == 0.0:
         return lb
@@ -67,11 +71,15 @@ def log_mix(xp: ModuleType, la: Any, lb: Any, w: float) -> Any:
     a_hi = la >= lb
     dead = a_hi & (la == -INF)
     hi = xp.where(dead, 0.0, xp.where(a_hi, la, lb))
-    lo = xp.where(dead, 0.0, xp.where(a_hi, lb, la))
-    e = xp.expm1(lo - hi)
-    # The weights multiply an array inside where: where(c, 0.9, 0.1) would be float64 in NumPy
-    # and float32 in PyTorch whatever the inputs.
-    return xp.where(dead, -INF, hi + xp.log1p(xp.where(a_hi, (1.0 - w) * e, w * e)))
+    d = xp.where(dead, 0.0, xp.where(a_hi, lb, la)) - hi
+    # Weights multiply arrays inside where: where(c, 0.9, 0.1) would be float64 in NumPy and
+    # float32 in PyTorch whatever the inputs.
+    e = xp.expm1(d)
+    x = xp.where(a_hi, (1.0 - w) * e, w * e)
+    far = x < -0.5
+    direct = xp.log(xp.where(a_hi, w + (1.0 - w) * xp.exp(d), (1.0 - w) + w * xp.exp(d)))
+    near = xp.log1p(xp.where(far, 0.0, x))  # double where: log1p(-1) must not reach autograd
+    return xp.where(dead, -INF, hi + xp.where(far, direct, near))
 
 
 def kl_terms(xp: ModuleType, lp: Any, lq: Any, p: Any | None = None) -> Any:

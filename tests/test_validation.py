@@ -1,0 +1,200 @@
+"""Every validation error: its type and its message."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import kldiv
+
+P = np.array([[0.25, 0.75], [0.5, 0.5]])
+Q = np.array([[0.5, 0.5], [0.1, 0.9]])
+
+
+def raises(exc, pattern):
+    return pytest.raises(exc, match=re.escape(pattern))
+
+
+def test_batchmean_is_refused_with_the_mapping():
+    with raises(
+        ValueError, "Expected `reduction` to be one of 'mean', 'sum', 'none', got 'batchmean'"
+    ):
+        kldiv.kl_div(P, Q, reduction="batchmean")
+    with raises(ValueError, "what PyTorch calls 'batchmean'"):
+        kldiv.kl_div(P, Q, reduction="batchmean")
+    with raises(ValueError, "never over classes"):
+        kldiv.kl_div(P, Q, reduction="sum_over_batch_size")
+
+
+def test_form():
+    with raises(
+        ValueError, "Expected `form` for p to be one of 'probs', 'logits', 'log_probs', got 'prob'"
+    ):
+        kldiv.kl_div(P, Q, form="prob")
+    with raises(ValueError, "Expected `form` for q to be one of"):
+        kldiv.kl_div(P, Q, form=("probs", "softmax"))
+    with raises(ValueError, "'log_probs' are log-softmax outputs"):
+        kldiv.kl_div(P, Q, form="from_logits")
+    with raises(ValueError, "or a pair of them, got ('probs', 'probs', 'probs')"):
+        kldiv.kl_div(P, Q, form=("probs", "probs", "probs"))
+
+
+def test_axis():
+    with raises(ValueError, "Expected `axis` to be in [-2, 1] for 2-d inputs, got 2"):
+        kldiv.kl_div(P, Q, axis=2)
+    with raises(TypeError, "Expected `axis` to be an int, got float"):
+        kldiv.kl_div(P, Q, axis=1.0)
+    with raises(ValueError, "at least 1 dimension (the category axis), got 0-d arrays"):
+        kldiv.kl_div(np.float64(0.3), np.float64(0.4))
+
+
+def test_shapes():
+    with raises(ValueError, "same number of categories along axis -1, got 2 and 3"):
+        kldiv.kl_div(P, np.ones((2, 3)) / 3)
+    with raises(ValueError, "Expected the shapes of `p` and `q` to be broadcastable"):
+        kldiv.kl_div(np.ones((3, 2)) / 2, np.ones((4, 2)) / 2)
+    with raises(ValueError, "Expected at least one category along axis -1, got shape (2, 0)"):
+        kldiv.kl_div(np.ones((2, 0)), np.ones((2, 0)))
+
+
+def test_dtypes():
+    with raises(TypeError, "Expected `p` to have a real floating dtype"):
+        kldiv.kl_div(np.array([[0, 1]]), Q)
+    with raises(
+        TypeError,
+        "Expected `q` to have a real floating dtype (float16, bfloat16, float32, float64), got complex128",
+    ):
+        kldiv.kl_div(P, Q.astype(complex))
+    with raises(TypeError, "got bool"):
+        kldiv.kl_div(P, Q > 0.3)
+    with raises(TypeError, "got int64"):
+        kldiv.kl_div(torch.tensor(P), torch.tensor([[0, 1], [1, 0]]))
+
+
+def test_mixed_frameworks():
+    with raises(
+        TypeError,
+        "Expected all array arguments to come from one framework, got `p` is a numpy array, `q` is a torch array",
+    ):
+        kldiv.kl_div(P, torch.tensor(Q))
+    with raises(TypeError, "`mask` is a torch array"):
+        kldiv.kl_div(P, Q, mask=torch.tensor([True, False]))
+    with raises(
+        TypeError, "Expected an array (NumPy, PyTorch or JAX), a Python number or a list, got str"
+    ):
+        kldiv.kl_div("abc", Q)
+
+
+def test_mask_and_weight():
+    with raises(
+        TypeError, "Expected `mask` to be a boolean array (True keeps a distribution), got dtype"
+    ):
+        kldiv.kl_div(P, Q, mask=np.array([1, 0]))
+    with raises(ValueError, "Expected `mask` to be broadcastable to the batch shape (2,)"):
+        kldiv.kl_div(P, Q, mask=np.array([True, False, True]))
+    with raises(ValueError, "got shape (2, 2)"):
+        kldiv.kl_div(P, Q, weight=np.ones((2, 2)))
+    with raises(TypeError, "Expected `weight` to have a real floating dtype"):
+        kldiv.kl_div(P, Q, weight=np.array([1, 2]))
+
+
+def test_num_items():
+    with raises(ValueError, "Expected `num_items` only with reduction='mean', got reduction='sum'"):
+        kldiv.kl_div(P, Q, reduction="sum", num_items=4)
+    with raises(ValueError, "Expected `num_items` to be finite and > 0, got 0"):
+        kldiv.kl_div(P, Q, num_items=0)
+    with raises(TypeError, "got a bool"):
+        kldiv.kl_div(P, Q, num_items=True)
+    with raises(ValueError, "Expected `num_items` to be a scalar, got an array of shape (2,)"):
+        kldiv.kl_div(P, Q, num_items=np.array([1.0, 2.0]))
+
+
+def test_temperature():
+    with raises(ValueError, "Expected `temperature` to be finite and > 0, got 0"):
+        kldiv.kl_div(P, Q, form="logits", temperature=0)
+    with raises(ValueError, "got -1.0"):
+        kldiv.kl_div(P, Q, form="logits", temperature=-1.0)
+    with raises(
+        ValueError,
+        "Expected `form='logits'` for both sides when `temperature` is not 1, got form=('log_probs', 'logits')",
+    ):
+        kldiv.kl_div(P, Q, form=("log_probs", "logits"), temperature=2.0)
+    with raises(TypeError, "Expected `temperature` to be a positive float"):
+        kldiv.kl_div(P, Q, form="logits", temperature="2")
+
+
+def test_beta_alpha_and_kind():
+    with raises(ValueError, "Expected `beta` to be in [0, 1], got 1.5"):
+        kldiv.js_div(P, Q, beta=1.5)
+    with raises(ValueError, "Expected `alpha` to be in [0, 1], got -0.1"):
+        kldiv.skew_kl_div(P, Q, alpha=-0.1)
+    with raises(TypeError, "Expected `alpha` to be a Python float in [0, 1]"):
+        kldiv.skew_reverse_kl_div(P, Q, alpha=None)
+    with raises(ValueError, "Expected `kind` to be one of 'kl', 'reverse_kl', 'js'"):
+        kldiv.divergence(P, Q, "jsd")
+    with pytest.raises(TypeError, match="beta"):
+        kldiv.divergence(P, Q, "kl", beta=0.2)  # beta belongs to js only
+
+
+def test_check_probs():
+    bad = np.array([[0.25, 0.75], [0.5, 0.6], [-0.1, 1.1]])
+    good = np.full((3, 2), 0.5)
+    with raises(
+        ValueError,
+        "`p` (form='probs') is not a valid distribution at batch index (1,): its probabilities do not sum to 1",
+    ):
+        kldiv.kl_div(bad[:2], good[:2], check=True)
+    with raises(ValueError, "at batch index (2,): it has negative probabilities"):
+        kldiv.kl_div(bad, good, check=True)
+    with raises(
+        ValueError,
+        "`q` (form='probs') is not a valid distribution at batch index (0,): it contains NaN",
+    ):
+        kldiv.kl_div(good, np.array([[np.nan, 1], [0.5, 0.5], [0.5, 0.5]]), check=True)
+    # Masked-out rows are not checked; valid inputs pass.
+    kldiv.kl_div(bad, good, mask=np.array([True, False, False]), check=True)
+    kldiv.kl_div(good, good, check=True)
+
+
+def test_check_log_probs_and_logits():
+    lp = np.log(np.array([[0.25, 0.75], [0.5, 0.5]]))
+    with raises(
+        ValueError,
+        "`p` (form='log_probs') is not a valid distribution at batch index (1,): it has log-probabilities > 0",
+    ):
+        kldiv.kl_div(np.array([[-1.0, -0.5], [0.1, -3.0]]), lp, form="log_probs", check=True)
+    with raises(
+        ValueError, "at batch index (0,): its probabilities (exp of log_probs) do not sum to 1"
+    ):
+        kldiv.kl_div(np.array([[-1.0, -1.0], [-0.1, -3.0]]), lp, form="log_probs", check=True)
+    with raises(
+        ValueError,
+        "`q` (form='logits') is not a valid distribution at batch index (1,): all its logits are -inf",
+    ):
+        kldiv.kl_div(lp, np.array([[0.0, 1.0], [-np.inf, -np.inf]]), form="logits", check=True)
+    with raises(ValueError, "it has a +inf logit"):
+        kldiv.kl_div(lp, np.array([[0.0, np.inf], [0.0, 1.0]]), form="logits", check=True)
+    kldiv.kl_div(lp, lp, form="log_probs", check=True)
+    kldiv.kl_div(lp, np.array([[-np.inf, 0.0], [3.0, 1.0]]), form="logits", check=True)
+
+
+def test_check_names_multi_dimensional_index_and_half_tolerance():
+    p = np.full((2, 3, 4), 0.25)
+    p[1, 2, 0] = 0.3
+    with raises(ValueError, "at batch index (1, 2)"):
+        kldiv.kl_div(p, np.full((2, 3, 4), 0.25), check=True)
+    # float16 probabilities carry rounding of ~1e-3: they must pass the check.
+    half = (np.ones((2, 7)) / 7).astype(np.float16)
+    kldiv.kl_div(half, half, check=True)
+
+
+def test_check_refuses_to_run_traced():
+    import jax
+    import jax.numpy as jnp
+
+    lp = jnp.log(jnp.asarray(P))
+    with raises(ValueError, "`check=True` reads the data and cannot run under jax.jit"):
+        jax.jit(lambda a, b: kldiv.kl_div(a, b, form="log_probs", check=True))(lp, lp)
