@@ -218,7 +218,7 @@ def kl_div(
     >>> import numpy as np, kldiv
     >>> p = np.array([0.2, 0.5, 0.2, 0.1]); q = np.array([0.3, 0.4, 0.1, 0.2])
     >>> round(float(kldiv.kl_div(p, q)), 6)
-    0.092766
+    0.099793
     """
     return _evaluate(
         _kl_rows,
