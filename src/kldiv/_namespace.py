@@ -9,7 +9,6 @@ offers a stable one.
 
 from __future__ import annotations
 
-import math
 import sys
 from types import ModuleType
 from typing import Any
@@ -210,6 +209,3 @@ def to_host_bool(x: Any) -> np.ndarray:
 
 def finfo_eps(xp: ModuleType, dtype: Any) -> float:
     return float(xp.finfo(dtype).eps)
-
-
-NEG_INF = -math.inf

@@ -337,7 +337,9 @@ def skew_kl_div(
     """Skew KL: KL(P ‖ α·P + (1−α)·Q).
 
     Mixing a little of ``p`` into ``q`` keeps the divergence finite (≤ −log α) where ``q`` has
-    no mass; ``alpha=0`` is :func:`kl_div`, ``alpha=1`` is 0. ``alpha`` in [0, 1].
+    no mass; ``alpha=0`` is :func:`kl_div`, ``alpha=1`` is 0. ``alpha`` in [0, 1]. Terms with
+    ``p = 0`` are 0 with zero gradient; for ``0 < alpha`` value and gradients are finite for
+    any supports.
 
     >>> import numpy as np, kldiv
     >>> p = np.array([0.5, 0.5]); q = np.array([1.0, 0.0])
@@ -379,7 +381,8 @@ def skew_reverse_kl_div(
     """Skew reverse KL: KL(Q ‖ α·Q + (1−α)·P).
 
     :func:`skew_kl_div` with the roles of ``p`` and ``q`` exchanged; ``alpha=0`` is
-    :func:`reverse_kl_div`, ``alpha=1`` is 0.
+    :func:`reverse_kl_div`, ``alpha=1`` is 0. Terms with ``q = 0`` are 0 with zero gradient;
+    for ``0 < alpha`` value and gradients are finite for any supports.
 
     >>> import numpy as np, kldiv
     >>> p = np.array([1.0, 0.0]); q = np.array([0.5, 0.5])
@@ -418,6 +421,8 @@ def symmetric_kl_div(
     check: bool = False,
 ) -> Array:
     """Jeffreys divergence KL(P‖Q) + KL(Q‖P): symmetric, +inf unless the supports agree.
+
+    Where both ``p = 0`` and ``q = 0`` the category contributes 0, with zero gradient.
 
     >>> import numpy as np, kldiv
     >>> p = np.array([0.2, 0.8]); q = np.array([0.8, 0.2])
