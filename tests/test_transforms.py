@@ -122,3 +122,30 @@ def test_jax_jit_grad_with_zero_support_is_finite_and_matches_eager(rng):
         for e, j in zip(eager, jitted, strict=True):
             assert np.isfinite(np.asarray(j)).all(), kind
             np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-11, atol=1e-14)
+
+
+def test_jax_default_float32_mode_in_a_fresh_process():
+    """The suite enables x64; most users do not. Run the family jitted in JAX's default mode."""
+    import subprocess
+    import sys
+
+    code = """
+import jax, jax.numpy as jnp, numpy as np, kldiv
+assert not jax.config.jax_enable_x64
+a = jax.random.normal(jax.random.PRNGKey(0), (5, 7))
+b = jax.random.normal(jax.random.PRNGKey(1), (5, 7)).at[0, 0].set(-jnp.inf)
+mask = jnp.array([True, True, False, True, True])
+for kind in kldiv.KINDS:
+    f = jax.jit(lambda x, y, k=kind: kldiv.divergence(x, y, k, form="logits", mask=mask, num_items=4.0))
+    v = f(a, b)
+    g = jax.grad(lambda y, k=kind: kldiv.divergence(a, y, k, form="logits", mask=mask))(b)
+    assert v.dtype == jnp.float32 and g.dtype == jnp.float32, (kind, v.dtype, g.dtype)
+    assert bool(jnp.isfinite(g).all()), kind
+    ref = kldiv.divergence(np.asarray(a, np.float64), np.asarray(b, np.float64), kind,
+                           form="logits", mask=np.asarray(mask), num_items=4.0)
+    np.testing.assert_allclose(float(v), float(ref), rtol=2e-5)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
