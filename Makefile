@@ -15,11 +15,11 @@ PYTEST_WORKERS ?= 2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -qq --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[torch,jax,test]"
+	$(BIN)/python -m pip install -qq "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -qq -e ".[torch,jax,test]"
 	touch $@
 
 demo: $(VENV)/.installed
