@@ -322,6 +322,19 @@ def test_family_identities(xp, rng):
     )
     for beta in (0.0, 1.0):
         np.testing.assert_array_equal(n(kldiv.js_div(P, Q, beta=beta, **kw)), 0.0)
+    # The endpoints are short-circuits in the code; their neighbours go through the full
+    # formula and must approach the same values (continuity in alpha and beta).
+    kl = n(kldiv.kl_div(P, Q, **kw))
+    skew = n(kldiv.skew_kl_div(P, Q, reduction="none", alpha=1e-12))
+    fin = np.isfinite(kl)
+    np.testing.assert_allclose(skew[fin], kl[fin], rtol=1e-9, atol=1e-9)
+    # Where KL is +inf, skew KL stays finite and within its bound -log(alpha) (≈ 27.6).
+    assert np.isfinite(skew).all() and (skew <= -math.log(1e-12) + 1e-9).all()
+    np.testing.assert_allclose(
+        n(kldiv.skew_kl_div(P, Q, reduction="none", alpha=1 - 1e-12)), 0.0, atol=1e-9
+    )
+    for beta in (1e-12, 1 - 1e-12):
+        np.testing.assert_allclose(n(kldiv.js_div(P, Q, beta=beta, **kw)), 0.0, atol=1e-9)
 
 
 def test_js_is_continuous_at_the_endpoints(xp):
@@ -343,3 +356,13 @@ def test_mixture_weights_at_the_extremes_stay_accurate(xp):
         rev = xp.to_numpy(kldiv.skew_reverse_kl_div(p, q, alpha=a))
         expected = 0.5 * -math.log(a) + 0.5 * math.log(0.5 / (a / 2 + 1 - a))
         assert rev == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_num_items_array_keeps_the_result_dtype(xp, rng):
+    p, q = pair(rng, (4, 5))
+    P, Q = xp.asarray(p.astype(np.float32)), xp.asarray(q.astype(np.float32))
+    for count in (np.float64(3.0), np.int64(3)):
+        out = kldiv.kl_div(P, Q, num_items=xp.asarray(np.asarray(count)))
+        assert xp.dtype_name(out) == "float32"
+        assert tuple(out.shape) == ()
+        assert_close(xp.to_numpy(out), ref.reference("kl", p, q).sum() / 3, rtol=1e-5, atol=1e-7)

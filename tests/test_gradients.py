@@ -78,18 +78,34 @@ def zero_support_cases():
     )
 
 
-@pytest.mark.parametrize("case", list(zero_support_cases()), ids=lambda c: c[0])
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradients_finite_wherever_value_is_finite(ad, case, kind):
+def finite_zero_support_params():
+    """(case, kind, swapped) combinations whose value is finite, decided by the reference."""
+    import reference as ref
+
+    out = []
+    for case in zero_support_cases():
+        name, p, q, form = case
+        for kind in KINDS:
+            for swapped in (False, True):
+                a, b = (q, p) if swapped else (p, q)
+                value = ref.reference(
+                    kind, np.array(a), np.array(b), form=form, **PARAMS.get(kind, {})
+                )
+                if np.isfinite(value).all():
+                    out.append(pytest.param(case, kind, swapped, id=f"{name}-{kind}-{swapped}"))
+    return out
+
+
+@pytest.mark.parametrize("case, kind, swapped", finite_zero_support_params())
+def test_gradients_finite_wherever_value_is_finite(ad, case, kind, swapped):
     _, p, q, form = case
     params = PARAMS.get(kind, {})
-    P, Q = ad.asarray(np.array(p)), ad.asarray(np.array(q))
-    for a, b in ((P, Q), (Q, P)):  # both directions; only those with a finite value count
-        value = ad.to_numpy(kldiv.divergence(a, b, kind, form=form, **params))
-        if not np.isfinite(value):
-            continue
-        ga, gb = ad.grad(lambda x, y: kldiv.divergence(x, y, kind, form=form, **params), a, b)
-        assert np.isfinite(ga).all() and np.isfinite(gb).all(), (kind, ga, gb)
+    a, b = ad.asarray(np.array(p)), ad.asarray(np.array(q))
+    if swapped:
+        a, b = b, a
+    assert np.isfinite(ad.to_numpy(kldiv.divergence(a, b, kind, form=form, **params)))
+    ga, gb = ad.grad(lambda x, y: kldiv.divergence(x, y, kind, form=form, **params), a, b)
+    assert np.isfinite(ga).all() and np.isfinite(gb).all(), (kind, ga, gb)
 
 
 @pytest.mark.parametrize("kind", ["js", "tv", "skew_kl", "skew_reverse_kl"])
@@ -214,3 +230,62 @@ def test_half_precision_gradients_are_finite_and_in_input_dtype(rng):
         kldiv.kl_div(a, b, form="logits").backward()
         assert a.grad.dtype == dtype and b.grad.dtype == dtype
         assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5])
+def test_skew_gradient_at_zero_probability_is_the_analytic_one(ad, alpha):
+    # d/dq_j KL(P ‖ aP + (1-a)Q) = -(1-a)·p_j/m_j, finite at q_j = 0 (m_j = a·p_j > 0): the
+    # student must be pushed up where it has no mass. Hand derivation; checked at q_j = 0.
+    p = np.array([[0.5, 0.5, 0.0]])
+    q = np.array([[0.0, 0.6, 0.4]])
+    m = alpha * p + (1 - alpha) * q
+    expected_q = np.where(p > 0, -(1 - alpha) * p / np.where(m > 0, m, 1), 0.0)
+    _, gq = ad.grad(
+        lambda x, y: kldiv.skew_kl_div(x, y, alpha=alpha, reduction="sum"),
+        ad.asarray(p),
+        ad.asarray(q),
+    )
+    np.testing.assert_allclose(gq, expected_q, rtol=1e-12)
+    # skew_reverse_kl_div(a, b) = KL(B ‖ aB + (1-a)A): with a = q, b = p it is the same value.
+    gq2, _ = ad.grad(
+        lambda x, y: kldiv.skew_reverse_kl_div(x, y, alpha=alpha, reduction="sum"),
+        ad.asarray(q),
+        ad.asarray(p),
+    )
+    np.testing.assert_allclose(gq2, expected_q, rtol=1e-12)
+
+
+def test_js_gradient_through_the_mixture_reaches_zero_entries(ad):
+    # JS_b = b·KL(P‖M) + (1-b)·KL(Q‖M). At q_j = 0 < p_j the Q-term's q·log q part has slope
+    # -inf and is taken as 0 (the zero-support convention); the mixture part is finite:
+    # d/dq_j [b·Σ p log(p/m)] = -b·(1-b)·p_j/m_j with m_j = b·p_j, i.e. -(1-b). By hand.
+    b = 0.3
+    p = np.array([[0.5, 0.5]])
+    q = np.array([[0.0, 1.0]])
+    _, gq = ad.grad(
+        lambda x, y: kldiv.js_div(x, y, beta=b, reduction="sum"), ad.asarray(p), ad.asarray(q)
+    )
+    m1 = b * 0.5 + (1 - b) * 1.0
+    # column 1: d/dq [b·p·log(p/m) + (1-b)·q·log(q/m)] = -b(1-b)p/m + (1-b)(log(q/m) + 1 - (1-b)q/m)
+    col1 = -b * (1 - b) * 0.5 / m1 + (1 - b) * (math.log(1.0 / m1) + 1 - (1 - b) * 1.0 / m1)
+    np.testing.assert_allclose(gq, [[-(1 - b), col1]], rtol=1e-12)
+
+
+def test_pytorch_kl_div_gives_nan_where_kldiv_gives_zero():
+    """Backs the README's claim about the real F.kl_div, side by side with kldiv."""
+    import torch.nn.functional as F
+
+    target = torch.tensor([[0.0, 0.6, 0.4]], dtype=torch.float64, requires_grad=True)
+    log_input = torch.log(torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64))
+    F.kl_div(log_input, target, reduction="sum").backward()
+    assert torch.isnan(target.grad[0, 0])
+    nan_value = F.kl_div(torch.tensor([[-INF, 0.0]]), torch.tensor([[0.0, 1.0]]), reduction="sum")
+    assert torch.isnan(nan_value)
+
+    p = target.detach().clone().requires_grad_(True)
+    kldiv.kl_div(p, log_input, form=("probs", "log_probs"), reduction="sum").backward()
+    assert p.grad[0, 0] == 0.0 and torch.isfinite(p.grad).all()
+    value = kldiv.kl_div(
+        torch.tensor([[0.0, 1.0]]), torch.tensor([[-INF, 0.0]]), form=("probs", "log_probs")
+    )
+    assert value.item() == 0.0

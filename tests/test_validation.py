@@ -106,10 +106,14 @@ def test_num_items():
         kldiv.kl_div(P, Q, reduction="sum", num_items=4)
     with raises(ValueError, "Expected `num_items` to be finite and > 0, got 0"):
         kldiv.kl_div(P, Q, num_items=0)
-    with raises(TypeError, "got a bool"):
+    with raises(TypeError, "Expected `num_items` to be a number or a 0-d array, got bool"):
         kldiv.kl_div(P, Q, num_items=True)
-    with raises(ValueError, "Expected `num_items` to be a scalar, got an array of shape (2,)"):
+    with raises(ValueError, "Expected `num_items` to be a scalar or a 0-d array, got shape (2,)"):
         kldiv.kl_div(P, Q, num_items=np.array([1.0, 2.0]))
+    with raises(TypeError, "Expected `num_items` to be a number or a 0-d array, got list"):
+        kldiv.kl_div(P, Q, num_items=[4])
+    with raises(TypeError, "Expected `num_items` to be a number or a 0-d array, got str"):
+        kldiv.kl_div(P, Q, num_items="4")
 
 
 def test_temperature():
@@ -198,3 +202,73 @@ def test_check_refuses_to_run_traced():
     lp = jnp.log(jnp.asarray(P))
     with raises(ValueError, "`check=True` reads the data and cannot run under jax.jit"):
         jax.jit(lambda a, b: kldiv.kl_div(a, b, form="log_probs", check=True))(lp, lp)
+
+
+def test_integer_labels_hear_about_the_dtype_not_the_shape():
+    logits = np.zeros((4, 10))
+    labels = np.array([1, 2, 3, 4])
+    with raises(TypeError, "Expected `q` to have a real floating dtype"):
+        kldiv.kl_div(logits, labels, form="logits")
+    with raises(TypeError, "integer class labels are not a distribution"):
+        kldiv.kl_div(logits, labels, form="logits")
+
+
+def test_scalar_options_accept_numpy_scalars_and_check_must_be_bool():
+    a = np.array([[0.0, 1.0], [2.0, 0.5]])
+    expected = kldiv.kl_div(a / 2, a.T / 2, form="logits")
+    got = kldiv.kl_div(a, a.T, form="logits", temperature=np.int64(2))
+    np.testing.assert_allclose(got, expected, rtol=1e-14)
+    kldiv.js_div(P, Q, beta=np.float32(0.25))
+    with raises(TypeError, "Expected `check` to be True or False, got 'no'"):
+        kldiv.kl_div(P, Q, check="no")
+
+
+def test_check_with_a_broadcast_argument_and_a_mask():
+    p = np.array([[0.5, 0.5]])  # one distribution broadcast against three
+    q = np.array([[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]])
+    kldiv.kl_div(p, q, mask=np.array([True, True, False]), check=True)
+    bad_q = q.copy()
+    bad_q[1] = [0.2, 0.9]
+    with raises(ValueError, "`q` (form='probs') is not a valid distribution at batch index (1,)"):
+        kldiv.kl_div(p, bad_q, mask=np.array([True, True, False]), check=True)
+    bad_q[1] = [0.2, 0.8]
+    bad_q[2] = [0.2, 0.9]  # masked out: not checked
+    kldiv.kl_div(p, bad_q, mask=np.array([True, True, False]), check=True)
+
+
+@pytest.mark.parametrize("dtype, categories", [("float16", 32000), ("float32", 131072)])
+def test_check_tolerance_does_not_grow_loose_with_the_vocabulary(dtype, categories):
+    good = np.full((1, categories), 1.0 / categories)
+    kldiv.kl_div(good.astype(dtype), good.astype(dtype), check=True)
+    off = good * 1.02  # sums to 1.02: 2% of the mass is invented
+    with raises(ValueError, "its probabilities do not sum to 1"):
+        kldiv.kl_div(off.astype(dtype), good.astype(dtype), check=True)
+    lp = np.log(good)
+    kldiv.kl_div(lp.astype(dtype), lp.astype(dtype), form="log_probs", check=True)
+    with raises(ValueError, "do not sum to 1"):
+        kldiv.kl_div((lp + 0.02).astype(dtype), lp.astype(dtype), form="log_probs", check=True)
+
+
+def test_check_runs_on_torch_and_jax():
+    import jax.numpy as jnp
+
+    bad = np.array([[0.25, 0.75], [0.5, 0.6]])
+    for conv in (torch.tensor, jnp.asarray):
+        kldiv.kl_div(conv(P), conv(Q), check=True)
+        with raises(ValueError, "at batch index (1,): its probabilities do not sum to 1"):
+            kldiv.kl_div(conv(bad), conv(Q), check=True)
+
+
+def test_check_under_torch_compile_says_why_it_cannot_run():
+    torch._dynamo.reset()
+    for fullgraph in (False, True):
+        compiled = torch.compile(lambda a, b: kldiv.kl_div(a, b, check=True), fullgraph=fullgraph)
+        with pytest.raises(Exception, match="cannot run under jax.jit, vmap or torch.compile"):
+            compiled(torch.tensor(P), torch.tensor(Q))
+
+
+def test_jax_array_with_a_numpy_mask_is_refused():
+    import jax.numpy as jnp
+
+    with raises(TypeError, "`p` is a jax array, `mask` is a numpy array"):
+        kldiv.kl_div(jnp.asarray(P), jnp.asarray(Q), mask=np.array([True, False]))

@@ -8,6 +8,7 @@ eager only, and name the first offending distribution.
 from __future__ import annotations
 
 import math
+import numbers
 from types import ModuleType
 from typing import Any
 
@@ -83,16 +84,26 @@ def check_axis(axis: Any, ndim: int) -> int:
     return int(axis) % ndim
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_unit_interval(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+    if not _is_real(value):
         raise TypeError(f"Expected `{name}` to be a Python float in [0, 1], got {value!r}.")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"Expected `{name}` to be in [0, 1], got {value!r}.")
     return float(value)
 
 
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"Expected `{name}` to be True or False, got {value!r}.")
+    return bool(value)
+
+
 def check_temperature(temperature: Any, forms: tuple[str, str]) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.floating):
+    if not _is_real(temperature):
         raise TypeError(f"Expected `temperature` to be a positive float, got {temperature!r}.")
     t = float(temperature)
     if not (t > 0.0 and math.isfinite(t)):
@@ -115,15 +126,19 @@ def check_num_items(num_items: Any, reduction: str) -> Any:
             f"Expected `num_items` only with reduction='mean', got reduction={reduction!r}. "
             "`num_items` replaces the denominator of the mean."
         )
-    if isinstance(num_items, bool):
-        raise TypeError("Expected `num_items` to be a number or a 0-d array, got a bool.")
-    if isinstance(num_items, int | float | np.number):
+    if isinstance(num_items, bool) or isinstance(num_items, str | bytes | list | tuple):
+        raise TypeError(
+            f"Expected `num_items` to be a number or a 0-d array, got {type(num_items).__name__}."
+        )
+    if _is_real(num_items):
         if not (float(num_items) > 0 and math.isfinite(float(num_items))):
             raise ValueError(f"Expected `num_items` to be finite and > 0, got {num_items!r}.")
         return float(num_items)
-    if getattr(num_items, "ndim", None) not in (0, None):
+    if getattr(num_items, "ndim", None) != 0:
+        shape = getattr(num_items, "shape", None)
         raise ValueError(
-            f"Expected `num_items` to be a scalar, got an array of shape {tuple(num_items.shape)}."
+            f"Expected `num_items` to be a scalar or a 0-d array, got "
+            f"{'shape ' + str(tuple(shape)) if shape is not None else type(num_items).__name__}."
         )
     return num_items
 
@@ -187,6 +202,24 @@ def _first_bad(bad: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in idx)
 
 
+# Unit roundoff of the input dtype and its subnormal spacing: a row of V values correctly
+# rounded to the dtype sums to 1 within ~eps (relative errors scale with each p), plus up to
+# V half-spacings for entries in the subnormal range (float16 has many: below 6.1e-5).
+_HALF_ROUNDING = {"float16": (2.0**-10, 2.0**-24), "bfloat16": (2.0**-7, 0.0)}
+
+
+def _rounding(xp: ModuleType, dtype: Any) -> tuple[float, float]:
+    name = str(dtype).rsplit(".", 1)[-1].strip("'>")
+    return _HALF_ROUNDING.get(name, (float(xp.finfo(dtype).eps), 0.0))
+
+
+def _tolerance(xp: ModuleType, dtype: Any, acc_dtype: Any, num_categories: int) -> float:
+    eps, tiny = _rounding(xp, dtype)
+    acc_eps = float(xp.finfo(acc_dtype).eps)
+    # The accumulation error bound assumes a sequential sum (XLA on CPU may not be pairwise).
+    return 4 * eps + num_categories * (tiny / 2 + acc_eps)
+
+
 def check_values(
     xp: ModuleType,
     side: str,
@@ -194,44 +227,52 @@ def check_values(
     form: str,
     axis: int,
     keep: Any | None,
-    orig_dtype: Any,
 ) -> None:
-    """Opt-in value checks. ``keep`` is the broadcast mask of rows that count (or None)."""
+    """Opt-in value checks of one argument (``keep``: the mask with the category axis, or None).
+
+    Sums are accumulated in float64 where the backend has it, and the tolerance is what the
+    input dtype's rounding explains (see ``_tolerance``), so it does not grow loose with V.
+    """
     if ns.is_traced(x):
         raise ValueError(
             "`check=True` reads the data and cannot run under jax.jit, vmap or torch.compile; "
             "run it once eagerly (e.g. on the first batch) and trace with check=False."
         )
-    eps = float(np.finfo(np.float16).eps) if ns.is_half(orig_dtype) else ns.finfo_eps(xp, x.dtype)
-    tol = max(math.sqrt(eps), 8 * eps * x.shape[axis])
+    acc = ns.widest_float(xp)
+    xa = xp.astype(x, acc)
+    tol = _tolerance(xp, x.dtype, acc, x.shape[axis])
 
     def fail(bad_rows: Any, what: str) -> None:
         bad = ns.to_host_bool(bad_rows)
         if keep is not None:
             kept = np.squeeze(ns.to_host_bool(keep), axis=axis)
-            bad = bad & np.broadcast_to(kept, bad.shape)
+            shape = np.broadcast_shapes(bad.shape, kept.shape)
+            bad = np.broadcast_to(bad, shape) & np.broadcast_to(kept, shape)
         if bad.any():
             raise ValueError(
                 f"`{side}` (form={form!r}) is not a valid distribution at batch index "
                 f"{_first_bad(bad)}: {what}."
             )
 
-    rowany = lambda m: xp.any(m, axis=axis)  # noqa: E731
+    def rowany(m: Any) -> Any:
+        return xp.any(m, axis=axis)
+
     fail(rowany(xp.isnan(x)), "it contains NaN")
     if form == "probs":
         fail(rowany(x < 0), "it has negative probabilities")
-        fail(
-            xp.abs(xp.sum(x, axis=axis) - 1) > tol,
-            f"its probabilities do not sum to 1 (tol {tol:.1e})",
-        )
+        total = xp.sum(xa, axis=axis)
+        fail(xp.abs(total - 1) > tol, f"its probabilities do not sum to 1 (tolerance {tol:.1e})")
     elif form == "log_probs":
         fail(rowany(x > 0), "it has log-probabilities > 0")
-        m = xp.max(x, axis=axis, keepdims=True)
-        m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
-        lse = xp.squeeze(m, axis=axis) + xp.log(xp.sum(xp.exp(x - m), axis=axis))
+        m = xp.max(xa, axis=axis, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, 0.0)
+        lse = xp.squeeze(m, axis=axis) + xp.log(xp.sum(xp.exp(xa - m), axis=axis))
+        # A rounded log-probability l is off by up to (eps/2)·|l|, a relative error in p; over
+        # a row that moves the mass by (eps/2)·Σ p·|log p| = (eps/2)·H(p) ≤ (eps/2)·log V.
+        tol_lp = tol + _rounding(xp, x.dtype)[0] * math.log(x.shape[axis] + 1)
         fail(
-            xp.abs(lse) > tol,
-            f"its probabilities (exp of log_probs) do not sum to 1 (tol {tol:.1e})",
+            xp.abs(lse) > tol_lp,
+            f"its probabilities (exp of log_probs) do not sum to 1 (tolerance {tol_lp:.1e})",
         )
     else:
         fail(rowany(x == math.inf), "it has a +inf logit")

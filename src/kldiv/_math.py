@@ -50,7 +50,9 @@ def log_softmax(xp: ModuleType, x: Any, axis: int) -> Any:
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
 
 
-def log_mix(xp: ModuleType, la: Any, lb: Any, w: float) -> Any:
+def log_mix(
+    xp: ModuleType, la: Any, lb: Any, w: float, pa: Any | None = None, pb: Any | None = None
+) -> Any:
     """``log(w·exp(la) + (1−w)·exp(lb))``: the log-probabilities of the mixture w·A + (1−w)·B.
 
     With ``hi``/``lo`` the larger/smaller of ``la``, ``lb`` and ``d = lo − hi ≤ 0``, this is
@@ -63,6 +65,13 @@ def log_mix(xp: ModuleType, la: Any, lb: Any, w: float) -> Any:
     The larger component is chosen with ``where``, not ``maximum``: at ties ``maximum`` splits
     the gradient evenly between its arguments, which is wrong unless ``w = 1/2``. Where both
     components are zero the result is ``-inf`` with zero gradient (``logaddexp`` gives NaN).
+
+    ``pa``/``pb`` are the probabilities when known exactly (the ``"probs"`` form). Then the
+    mixture is also formed linearly, ``m = pb + w·(pa − pb)`` (exact where ``pa == pb``),
+    because its gradient must reach entries that are exactly 0: ``∂ log m/∂pb = (1−w)/m`` is
+    finite there, while through ``log pb`` it would be ``0·inf``, i.e. cut to 0. Where the
+    linear mixture underflows (``w·pa`` below the smallest subnormal) the log-space value is
+    kept, so no term turns infinite.
     """
     if w == 0.0:
         return lb
@@ -79,7 +88,14 @@ def log_mix(xp: ModuleType, la: Any, lb: Any, w: float) -> Any:
     far = x < -0.5
     direct = xp.log(xp.where(a_hi, w + (1.0 - w) * xp.exp(d), (1.0 - w) + w * xp.exp(d)))
     near = xp.log1p(xp.where(far, 0.0, x))  # double where: log1p(-1) must not reach autograd
-    return xp.where(dead, -INF, hi + xp.where(far, direct, near))
+    lm = xp.where(dead, -INF, hi + xp.where(far, direct, near))
+    if pa is None and pb is None:
+        return lm
+    pa = xp.exp(la) if pa is None else pa
+    pb = xp.exp(lb) if pb is None else pb
+    m = pb + w * (pa - pb)
+    pos = m > 0
+    return xp.where(pos, xp.log(xp.where(pos, m, 1.0)), lm)
 
 
 def kl_terms(xp: ModuleType, lp: Any, lq: Any, p: Any | None = None) -> Any:
@@ -89,7 +105,7 @@ def kl_terms(xp: ModuleType, lp: Any, lq: Any, p: Any | None = None) -> Any:
     not recomputed. Exact zero support:
 
     * ``p = 0`` (``lp = -inf``): the term is ``0`` whatever ``q`` is, and its gradient with
-      respect to both ``p`` and ``q`` is ``0`` (the convention of ``torch.nn.functional.kl_div``);
+      respect to both ``p`` and ``q`` is ``0`` (``torch.nn.functional.kl_div`` gives NaN there);
     * ``p > 0`` and ``q = 0``: the term is ``+inf``, even when ``exp(lp)`` underflows;
     * otherwise ``p·(lp − lq)``, with gradients ``lp − lq + 1`` for ``p`` (through ``lp``) and
       ``−p`` for ``log q``.

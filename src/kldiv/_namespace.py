@@ -43,6 +43,7 @@ __all__ = [
     "native_log_softmax",
     "is_traced",
     "to_host_bool",
+    "widest_float",
 ]
 
 
@@ -207,5 +208,11 @@ def to_host_bool(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def finfo_eps(xp: ModuleType, dtype: Any) -> float:
-    return float(xp.finfo(dtype).eps)
+def widest_float(xp: ModuleType) -> Any:
+    """float64, unless the backend cannot hold it (JAX without ``jax_enable_x64``)."""
+    if backend_name(xp) == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return xp.float32
+    return xp.float64

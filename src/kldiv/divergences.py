@@ -49,7 +49,8 @@ _SHARED_DOC = """
         PyTorch calls ``"batchmean"`` for 2-D input, a per-token mean for ``(B, T, V)``);
         ``"sum"`` sums it; ``"none"`` returns one value per distribution.
     mask : bool array, optional
-        Per distribution (broadcastable to the input shape without ``axis``); False drops the
+        Per distribution (broadcastable, NumPy-style from the right, to the input shape without
+        ``axis``: for a ``(B, T)`` batch pass ``(B, T)`` or ``(T,)``); False drops the
         distribution from the value, the mean's denominator and the gradient. Masked rows may
         hold anything, NaN included. An all-masked batch gives 0.
     weight : float array, optional
@@ -132,12 +133,15 @@ def _evaluate(
     reduction = _check.check_reduction(reduction)
     num_items = _check.check_num_items(num_items, reduction)
     t = _check.check_temperature(temperature, forms)
+    check = _check.check_flag("check", check)
     xp, (p, q, mask, weight) = ns.namespace(p, q, mask, weight, names=("p", "q", "mask", "weight"))
+    # dtypes before shapes: integer labels passed as `q` should hear that, not about shapes
+    dtype = ns.compute_dtype(xp, ("p", p), ("q", q))
     if num_items is not None and not isinstance(num_items, float):
         ns.namespace(p, num_items, names=("p", "num_items"))
+        num_items = xp.astype(num_items, dtype)  # a float64 count must not promote the result
     ax, batch, _ = _check.distribution_shape(p, q, axis)
     p, q = _lift(xp, p, len(batch) + 1), _lift(xp, q, len(batch) + 1)
-    dtype = ns.compute_dtype(xp, ("p", p), ("q", q))
     keep = None
     if mask is not None:
         _check.check_row_array("mask", mask, batch, xp, "mask")
@@ -148,7 +152,7 @@ def _evaluate(
         weight = xp.astype(weight, dtype)
     if check:
         for name, x, f in (("p", p, forms[0]), ("q", q, forms[1])):
-            _check.check_values(xp, name, x, f, ax, keep, x.dtype)
+            _check.check_values(xp, name, x, f, ax, keep)
     P = _side(xp, p, forms[0], ax, dtype, keep, t)
     Q = _side(xp, q, forms[1], ax, dtype, keep, t)
     values = rows(xp, P, Q, ax, **params)
@@ -164,7 +168,7 @@ def _kl_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int) -> Array:
 def _js_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int, beta: float) -> Array:
     # beta·KL(P‖M) = Σ (beta·p)·log((beta·p)/(beta·m)): folding beta into both log arguments
     # makes the beta = 0 endpoint an exact zero-probability term (0, not 0·inf = NaN).
-    lm = _math.log_mix(xp, P.lp, Q.lp, beta)
+    lm = _math.log_mix(xp, P.lp, Q.lp, beta, P.p, Q.p)
     parts = []
     for w, S in ((beta, P), (1.0 - beta, Q)):
         if w > 0.0:
@@ -175,7 +179,7 @@ def _js_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int, beta: float) -> Arra
 
 
 def _skew_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int, alpha: float) -> Array:
-    lm = _math.log_mix(xp, P.lp, Q.lp, alpha)
+    lm = _math.log_mix(xp, P.lp, Q.lp, alpha, P.p, Q.p)
     return _math.kl_rows(xp, P.lp, lm, P.p, axis)
 
 
@@ -213,7 +217,7 @@ def kl_div(
     Zero support is exact: terms with ``p = 0`` are 0 (whatever ``q``), ``p > 0`` where
     ``q = 0`` gives ``+inf``; ``-inf`` logits are zero probabilities. Gradients are finite for
     both arguments wherever the value is finite; at ``p = 0`` the gradient with respect to
-    ``p`` and ``q`` is 0 (as in ``torch.nn.functional.kl_div``).
+    ``p`` and ``q`` is 0 (``torch.nn.functional.kl_div`` gives NaN for ``p`` there).
 
     >>> import numpy as np, kldiv
     >>> p = np.array([0.2, 0.5, 0.2, 0.1]); q = np.array([0.3, 0.4, 0.1, 0.2])
