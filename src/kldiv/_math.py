@@ -36,8 +36,10 @@ def log_softmax(xp: ModuleType, x: Any, axis: int) -> Any:
     """Stable log-softmax along ``axis``; ``-inf`` logits give ``-inf`` with zero gradient.
 
     Uses the framework's fused kernel where one exists (PyTorch, JAX); otherwise the max-shifted
-    Array API composition below, which is exact for logits up to the dtype's range (±1e30 in
-    float32 included), since only differences from the row maximum are exponentiated.
+    Array API composition below, which is exact for logits up to ±1e30 in float32 and beyond,
+    since only differences from the row maximum are exponentiated. Those differences must be
+    representable: in float32, logits 3e38 apart overflow to a difference of -inf, so that
+    category reads as probability exactly 0 (the true one is e^-6e38).
     """
     native = ns.native_log_softmax(xp)
     if native is not None:
