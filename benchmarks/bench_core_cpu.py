@@ -11,7 +11,8 @@ alternate over ``--rounds`` rounds (so drift on a shared machine hits both), eac
 warm-up iterations and reports the median of ``--iters`` timed ones. Peak memory is the rise
 of the process's peak resident set (``ru_maxrss``) over its resident set once the inputs
 exist: everything forward and backward allocate, the student gradient included, for both.
-Results go to ``benchmarks/results/core_cpu_<date>.json`` with the machine and versions.
+Results go to ``benchmarks/results/core_cpu_<UTC timestamp>.json`` with the machine, versions
+and the commit measured.
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ def main() -> int:
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
         },
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -144,7 +148,8 @@ def main() -> int:
         "raw": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"core_cpu_{dt.date.today().isoformat()}.json"
+    stamp = result["date"][:16].replace(":", "-")  # one file per run: results never overwrite
+    path = args.out / f"core_cpu_{stamp}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
     print(
