@@ -289,3 +289,21 @@ def test_pytorch_kl_div_gives_nan_where_kldiv_gives_zero():
         torch.tensor([[0.0, 1.0]]), torch.tensor([[-INF, 0.0]]), form=("probs", "log_probs")
     )
     assert value.item() == 0.0
+
+
+@pytest.mark.parametrize("form", ["logits", "probs"])
+def test_gradients_with_a_broadcast_argument(rng, form):
+    """p of shape (V,) against q of shape (N, V): torch's gradient for p is summed back to (V,)
+    (the custom backward returns it broadcast) and equals JAX's, for every kind."""
+    a, b = rng.normal(size=(5,)), rng.normal(size=(3, 5))
+    if form == "probs":
+        a, b = np.exp(a) / np.exp(a).sum(), np.exp(b) / np.exp(b).sum(-1, keepdims=True)
+    for kind in KINDS:
+        ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+        kldiv.divergence(ta, tb, kind, form=form).backward()
+        ja, jb = jax.grad(lambda x, y, k=kind: kldiv.divergence(x, y, k, form=form), (0, 1))(
+            jnp.asarray(a), jnp.asarray(b)
+        )
+        assert ta.grad.shape == (5,)
+        np.testing.assert_allclose(ta.grad.numpy(), np.asarray(ja), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(tb.grad.numpy(), np.asarray(jb), rtol=1e-10, atol=1e-14)
