@@ -366,3 +366,14 @@ def test_num_items_array_keeps_the_result_dtype(xp, rng):
         assert xp.dtype_name(out) == "float32"
         assert tuple(out.shape) == ()
         assert_close(xp.to_numpy(out), ref.reference("kl", p, q).sum() / 3, rtol=1e-5, atol=1e-7)
+
+
+def test_tiny_mixture_weights_in_float32(xp):
+    # w = 1e-46 is 0 in float32, but log(w) ≈ -105.9 is not: skew KL(P ‖ wP + (1-w)Q) with Q
+    # missing half of P's mass is 0.5·log(1/w) + 0.5·log(0.5/(w/2 + (1-w))) ≈ 52.61 (by hand).
+    p, q = xp.asarray(np.float32([0.5, 0.5])), xp.asarray(np.float32([1.0, 0.0]))
+    w = 1e-46
+    expected = 0.5 * -math.log(w) + 0.5 * math.log(0.5 / (1 - w))
+    assert xp.to_numpy(kldiv.skew_kl_div(p, q, alpha=w)) == pytest.approx(expected, rel=1e-6)
+    js = xp.to_numpy(kldiv.js_div(p, q, beta=w))
+    assert 0.0 <= js <= 1e-40

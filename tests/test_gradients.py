@@ -307,3 +307,10 @@ def test_gradients_with_a_broadcast_argument(rng, form):
         assert ta.grad.shape == (5,)
         np.testing.assert_allclose(ta.grad.numpy(), np.asarray(ja), rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(tb.grad.numpy(), np.asarray(jb), rtol=1e-10, atol=1e-14)
+
+
+def test_tv_gradient_is_zero_where_p_equals_q(ad):
+    x = np.array([[0.3, 0.7], [0.5, 0.5]])
+    gp, gq = ad.grad(lambda a, b: kldiv.tv_distance(a, b), ad.asarray(x), ad.asarray(x))
+    np.testing.assert_array_equal(gp, 0.0)
+    np.testing.assert_array_equal(gq, 0.0)

@@ -58,7 +58,8 @@ def test_all_kinds_match_reference_and_bounds(pq, beta, alpha):
     assert (js <= entropy_bound + 1e-12).all()  # JS_beta ≤ H(beta), equality for disjoint supports
     tv = kldiv.tv_distance(p, q, reduction="none")
     kl = kldiv.kl_div(p, q, reduction="none")
-    assert (tv <= np.sqrt(kl / 2) + 1e-12).all()  # Pinsker
+    # Pinsker; KL may round to -1 ulp for inputs equal up to rounding, hence the clamp
+    assert (tv <= np.sqrt(np.maximum(kl, 0) / 2) + 1e-12).all()
 
 
 @SETTINGS
