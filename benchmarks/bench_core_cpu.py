@@ -132,7 +132,7 @@ def main() -> int:
             "platform": platform.platform(),
         },
         "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
         ).stdout.strip(),
         "versions": {
             "python": platform.python_version(),
