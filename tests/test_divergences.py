@@ -327,7 +327,12 @@ def test_family_identities(xp, rng):
     kl = n(kldiv.kl_div(P, Q, **kw))
     skew = n(kldiv.skew_kl_div(P, Q, reduction="none", alpha=1e-12))
     fin = np.isfinite(kl)
-    np.testing.assert_allclose(skew[fin], kl[fin], rtol=1e-9, atol=1e-9)
+    # d/dalpha KL(p || (1-alpha) q + alpha p) at 0 is 1 - sum p^2/q, so the gap from KL is
+    # about alpha * |1 - sum p^2/q| per row; small q makes that large, hence a per-row bound.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.abs(1.0 - np.where(p > 0, p * p / q, 0.0).sum(axis=-1))
+    bound = 4 * 1e-12 * slope[fin] + 1e-12 * (1 + np.abs(kl[fin]))
+    assert (np.abs(skew[fin] - kl[fin]) <= bound).all(), (skew[fin] - kl[fin], bound)
     # Where KL is +inf, skew KL stays finite and within its bound -log(alpha) (≈ 27.6).
     assert np.isfinite(skew).all() and (skew <= -math.log(1e-12) + 1e-9).all()
     np.testing.assert_allclose(
