@@ -195,6 +195,16 @@ def test_check_names_multi_dimensional_index_and_half_tolerance():
     kldiv.kl_div(half, half, check=True)
 
 
+def test_check_accepts_bfloat16_on_every_backend(xp):
+    # NumPy's bfloat16 comes from ml_dtypes, which NumPy's finfo rejects: the tolerance for
+    # half types must not depend on finfo (it used to raise AttributeError there).
+    b = xp.asarray(np.ones((2, 7)) / 7, "bfloat16")
+    assert xp.to_numpy(kldiv.kl_div(b, b, check=True)) == 0.0
+    bad = xp.asarray(np.full((2, 7), 0.2), "bfloat16")
+    with raises(ValueError, "sum to 1"):
+        kldiv.kl_div(bad, b, check=True)
+
+
 def test_check_refuses_to_run_traced():
     import jax
     import jax.numpy as jnp

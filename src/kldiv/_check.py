@@ -210,7 +210,9 @@ _HALF_ROUNDING = {"float16": (2.0**-10, 2.0**-24), "bfloat16": (2.0**-7, 0.0)}
 
 def _rounding(xp: ModuleType, dtype: Any) -> tuple[float, float]:
     name = str(dtype).rsplit(".", 1)[-1].strip("'>")
-    return _HALF_ROUNDING.get(name, (float(xp.finfo(dtype).eps), 0.0))
+    if name in _HALF_ROUNDING:  # before finfo, which rejects NumPy's (ml_dtypes) bfloat16
+        return _HALF_ROUNDING[name]
+    return float(xp.finfo(dtype).eps), 0.0
 
 
 def _tolerance(xp: ModuleType, dtype: Any, acc_dtype: Any, num_categories: int) -> float:
