@@ -18,7 +18,17 @@ from typing import Any
 
 from . import _namespace as ns
 
-__all__ = ["safe_log", "log_softmax", "log_mix", "kl_terms", "kl_rows"]
+__all__ = [
+    "safe_log",
+    "log_softmax",
+    "log_mix",
+    "kl_terms",
+    "kl_rows",
+    "expm1_minus",
+    "softplus",
+    "log_sigmoid",
+    "xlogy",
+]
 
 INF = math.inf
 
@@ -30,6 +40,30 @@ def safe_log(xp: ModuleType, x: Any) -> Any:
     """
     zero = x == 0
     return xp.where(zero, -INF, xp.log(xp.where(zero, 1.0, x)))
+
+
+def expm1_minus(xp: ModuleType, t: Any) -> Any:
+    """``e^t − 1 − t`` (≥ 0), the shape of every scale-ratio KL (``r − 1 − log r`` with
+    ``r = e^t``). Through ``expm1`` it is 0 exactly at ``t = 0`` and keeps its absolute accuracy
+    near there, where ``r − 1 − log r`` would cancel to rounding noise."""
+    return xp.expm1(t) - t
+
+
+def softplus(xp: ModuleType, x: Any) -> Any:
+    """``log(1 + e^x)`` without overflow for large ``x`` or loss of accuracy for very negative
+    ``x``; ``softplus(-inf) = 0``, ``softplus(inf) = inf``."""
+    return xp.where(x > 0, x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def log_sigmoid(xp: ModuleType, x: Any) -> Any:
+    """``log σ(x) = −softplus(−x)``: the log-probability of a Bernoulli with logit ``x``."""
+    return -softplus(xp, -x)
+
+
+def xlogy(xp: ModuleType, x: Any, y: Any) -> Any:
+    """``x·log y`` with the value and the gradient 0 wherever ``x = 0`` (even at ``y = 0``)."""
+    zero = x == 0
+    return xp.where(zero, 0.0, x * xp.log(xp.where(zero, 1.0, y)))
 
 
 def log_softmax(xp: ModuleType, x: Any, axis: int) -> Any:

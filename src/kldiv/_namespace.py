@@ -44,6 +44,8 @@ __all__ = [
     "is_traced",
     "to_host_bool",
     "widest_float",
+    "special",
+    "device_of",
 ]
 
 
@@ -216,3 +218,132 @@ def widest_float(xp: ModuleType) -> Any:
         if not jax.config.jax_enable_x64:
             return xp.float32
     return xp.float64
+
+
+def device_of(x: Any) -> Any:
+    """The device of an array (``"cpu"`` for NumPy), for creating constants beside it."""
+    if is_torch_array(x):
+        return x.device  # direct: array-api-compat's generic lookup is slow to trace
+    return array_api_compat.device(x)
+
+
+# Plain classes with static methods, not objects built per call: torch.compile traces
+# attribute lookups on a class but cannot trace constructing a SimpleNamespace.
+class _TorchSpecial:
+    @staticmethod
+    def gammaln(x: Any) -> Any:
+        import torch
+
+        return torch.special.gammaln(x)
+
+    @staticmethod
+    def digamma(x: Any) -> Any:
+        import torch
+
+        return torch.special.digamma(x)
+
+    @staticmethod
+    def erf(x: Any) -> Any:
+        import torch
+
+        return torch.special.erf(x)
+
+    @staticmethod
+    def cholesky(a: Any) -> Any:
+        import torch
+
+        return torch.linalg.cholesky(a)
+
+    @staticmethod
+    def solve_tril(tril: Any, r: Any) -> Any:
+        import torch
+
+        return torch.linalg.solve_triangular(tril, r, upper=False)
+
+
+class _JaxSpecial:
+    @staticmethod
+    def gammaln(x: Any) -> Any:
+        import jax.scipy.special as jsp
+
+        return jsp.gammaln(x)
+
+    @staticmethod
+    def digamma(x: Any) -> Any:
+        import jax.scipy.special as jsp
+
+        return jsp.digamma(x)
+
+    @staticmethod
+    def erf(x: Any) -> Any:
+        import jax.scipy.special as jsp
+
+        return jsp.erf(x)
+
+    @staticmethod
+    def cholesky(a: Any) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.linalg.cholesky(a)
+
+    @staticmethod
+    def solve_tril(tril: Any, r: Any) -> Any:
+        import jax
+        import jax.numpy as jnp
+
+        # triangular_solve wants equal batch axes; broadcasting is views, not copies, in XLA.
+        batch = jnp.broadcast_shapes(tril.shape[:-2], r.shape[:-2])
+        tril = jnp.broadcast_to(tril, batch + tril.shape[-2:])
+        r = jnp.broadcast_to(r, batch + r.shape[-2:])
+        return jax.lax.linalg.triangular_solve(tril, r, left_side=True, lower=True)
+
+
+def _scipy_special() -> Any:
+    try:
+        import scipy.special
+    except ImportError as e:  # pragma: no cover - scipy is in the test environment
+        raise ImportError(
+            "kldiv.distributions needs SciPy for lgamma/digamma/erf on NumPy arrays: "
+            "pip install scipy (or kldiv[numpy]). PyTorch and JAX arrays need nothing extra."
+        ) from e
+    return scipy.special
+
+
+class _NumpySpecial:
+    @staticmethod
+    def gammaln(x: Any) -> Any:
+        return _scipy_special().gammaln(x)
+
+    @staticmethod
+    def digamma(x: Any) -> Any:
+        return _scipy_special().psi(x)
+
+    @staticmethod
+    def erf(x: Any) -> Any:
+        return _scipy_special().erf(x)
+
+    @staticmethod
+    def cholesky(a: Any) -> Any:
+        return np.linalg.cholesky(a)
+
+    @staticmethod
+    def solve_tril(tril: Any, r: Any) -> Any:
+        # NumPy has no batched triangular solve; LU with partial pivoting on a triangular
+        # matrix is backward stable, so the general solve is used.
+        return np.linalg.solve(tril, r)
+
+
+def special(xp: ModuleType) -> Any:
+    """Special functions and the triangular solve the Array API lacks, for ``xp``'s backend.
+
+    The result has ``gammaln``, ``digamma``, ``erf``, ``cholesky(a)`` and
+    ``solve_tril(l, b)`` (``l⁻¹ b`` for lower-triangular ``l``, batch axes broadcast), from
+    ``torch.special``/``torch.linalg``, ``jax.scipy.special``/``jax.lax.linalg``, or SciPy and
+    NumPy (SciPy imported only when a NumPy distribution needs it).
+    """
+    b = backend_name(xp)
+    if b == "torch":
+        return _TorchSpecial
+    if b == "jax":
+        return _JaxSpecial
+    return _NumpySpecial
