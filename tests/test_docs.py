@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import kldiv.divergences
+import kldiv.estimators
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -34,3 +35,5 @@ def test_every_doc_page_has_examples():
 def test_docstring_examples():
     result = doctest.testmod(kldiv.divergences, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 8 and result.failed == 0
+    result = doctest.testmod(kldiv.estimators, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0

@@ -12,7 +12,11 @@ def test_import_kldiv_leaves_frameworks_unimported():
     code = (
         "import sys, kldiv, numpy as np\n"
         "kldiv.kl_div(np.array([0.5, 0.5]), np.array([0.25, 0.75]))\n"
-        "heavy = [m for m in ('torch', 'jax', 'jaxlib', 'tensorflow', 'keras', 'triton') "
+        "import kldiv.distributions, kldiv.estimators\n"
+        "kldiv.distributions.normal_kl(0.0, 1.0, 0.5, 2.0)\n"
+        "kldiv.estimators.k3(np.zeros(2), np.ones(2))\n"
+        "heavy = [m for m in ('torch', 'jax', 'jaxlib', 'tensorflow', 'keras', 'triton', "
+        "'scipy') "
         "if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

@@ -7,6 +7,7 @@ returns an array of the caller's framework. Importing kldiv imports no framework
 
 from __future__ import annotations
 
+from . import distributions, estimators
 from .divergences import (
     KINDS,
     divergence,
@@ -31,5 +32,7 @@ __all__ = [
     "skew_reverse_kl_div",
     "symmetric_kl_div",
     "tv_distance",
+    "distributions",
+    "estimators",
     "__version__",
 ]
