@@ -7,7 +7,7 @@ returns an array of the caller's framework. Importing kldiv imports no framework
 
 from __future__ import annotations
 
-from . import distributions, estimators
+from . import distributions, estimators, metrics
 from .divergences import (
     KINDS,
     divergence,
@@ -34,5 +34,6 @@ __all__ = [
     "tv_distance",
     "distributions",
     "estimators",
+    "metrics",
     "__version__",
 ]
