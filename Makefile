@@ -1,5 +1,6 @@
 # The two front-door commands. Each one builds its own virtual environment from nothing.
-#   make demo   - set up and run the demo (the seed texts' worked examples, recomputed)
+#   make demo   - set up and run the demo (the seed texts' worked examples, then a distillation
+#                 run on scikit-learn's digits; figures in demo-output/)
 #   make test   - set up and run every test (NumPy, PyTorch CPU, JAX)
 #
 # PyTorch is pinned to the CPU wheel here so that local work and CI never pull a multi-GB CUDA
@@ -19,7 +20,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -qq "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -qq -e ".[torch,jax,test]"
+	$(BIN)/python -m pip install -qq -e ".[torch,jax,numpy,cli,test]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -1,13 +1,24 @@
-"""The ``kldiv`` command: ``kldiv demo`` and ``kldiv info``."""
+"""The ``kldiv`` command: ``demo``, ``compare`` and ``info``.
+
+Every error a user can cause (a missing or corrupt file, mismatched shapes, invalid values, an
+output directory that exists) prints one line, ``kldiv <command>: error: <file>: <problem>``,
+and exits with status 2, leaving no partial output behind.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
+import os
 import platform
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +43,11 @@ def _fmt(x: float) -> str:
     return "inf" if x == math.inf else ("nan" if math.isnan(x) else f"{x:.6f}")
 
 
-def demo(out=None) -> int:
+class UsageError(Exception):
+    """A problem with the user's input; printed as one line, exit status 2."""
+
+
+def seed_examples(out=None) -> int:
     out = out or sys.stdout
     w = lambda s="": print(s, file=out)  # noqa: E731
     w("kldiv demo: the worked examples of the three seed texts, recomputed with kldiv")
@@ -90,24 +105,245 @@ def demo(out=None) -> int:
     return 0
 
 
-def info(out=None) -> int:
+def demo(out_dir: str = "demo-output", train: bool = True, out=None, progress=None) -> int:
+    """The seed texts' examples, then a distillation run on scikit-learn's digits."""
     out = out or sys.stdout
+    seed_examples(out)
+    if not train:
+        return 0
+    from . import _demo
+
+    print(file=out)
     print(
-        f"kldiv {kldiv.__version__} on Python {platform.python_version()} ({platform.machine()})",
+        "4. Distillation on real data: scikit-learn's 8×8 digits (1,797 images, no download).",
         file=out,
     )
-    for name in ("numpy", "array_api_compat", "torch", "jax"):
+    print(
+        f"   A {_demo.HIDDEN_TEACHER}-unit teacher, then {_demo.HIDDEN_STUDENT}-unit students "
+        f"trained on hard labels or distilled at T = {_demo.TEMPERATURE:g} with",
+        file=out,
+    )
+    print("   kldiv.kl_div (forward KL), kldiv.reverse_kl_div and kldiv.js_div:", file=out)
+    dest = Path(out_dir)
+    show = sys.stderr.isatty() if progress is None else progress
+    results = _demo.train(dest, sys.stderr, progress=show)
+    print(file=out)
+    for line in _demo.table(results).splitlines():
+        print("   " + line, file=out)
+    print(file=out)
+    print(
+        "   Agreement and KL are on the 540 held-out images (kldiv.metrics.TokenStats).", file=out
+    )
+    print(
+        f"   Figures: {dest / 'distributions.png'} (teacher vs students on one image), ", file=out
+    )
+    print(f"            {dest / 'loss_curves.png'} (training losses).", file=out)
+    return 0
+
+
+CHUNK_BYTES = 32 << 20  # per input file and chunk: bounds memory whatever the file size
+
+
+def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from . import _io
+
+    files = []
+    try:
+        for spec in (args.ref, args.cand):
+            files.append(_io.open_array(spec))
+        ref, cand = files
+        for f in files:
+            if f.dtype.kind != "f":
+                raise UsageError(
+                    f"{f.path}: holds {f.dtype} values; expected floating point {args.form}"
+                )
+            if not f.shape:
+                raise UsageError(f"{f.path}: is a scalar; expected an array of distributions")
+        if ref.shape != cand.shape:
+            raise UsageError(
+                f"{cand.path}: has shape {cand.shape} but {ref.path} has {ref.shape}; "
+                "the two files must hold the same tokens"
+            )
+        ndim = len(ref.shape)
+        if not -ndim <= args.axis < ndim:
+            raise UsageError(f"--axis {args.axis} is out of range for shape {ref.shape}")
+        labels = None
+        if args.labels:
+            lab = _io.open_array(args.labels)
+            files.append(lab)
+            tokens = tuple(d for i, d in enumerate(ref.shape) if i != args.axis % ndim)
+            if lab.dtype.kind not in "iu":
+                raise UsageError(f"{lab.path}: holds {lab.dtype}; labels must be integer token ids")
+            if lab.shape != tokens:
+                raise UsageError(
+                    f"{lab.path}: has shape {lab.shape}; labels need the token shape {tokens}"
+                )
+            labels = lab.read_all().reshape(-1)
+        return ref, cand, labels
+    except _io.InputError as e:
+        for f in files:
+            f.close()
+        raise UsageError(str(e)) from None
+    except UsageError:
+        for f in files:
+            f.close()
+        raise
+
+
+def _histogram(stats: Any, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kl = stats.values("kl")
+    finite = kl[np.isfinite(kl)]
+    positive = finite[finite > 0]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if positive.size:
+        lo, hi = np.log10(positive.min()), np.log10(positive.max())
+        bins = np.logspace(lo, hi if hi > lo else lo + 1, 60)
+        ax.hist(positive, bins=bins, color="tab:blue")
+        ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("per-token KL(ref‖cand) [nats]")
+    ax.set_ylabel("tokens")
+    r = stats.report()
+    for q, style in ((50.0, "--"), (99.0, ":")):
+        v = r.kl_percentiles[q]
+        if v > 0 and math.isfinite(v):
+            ax.axvline(v, color="k", linestyle=style, label=f"p{q:g} = {v:.3g}")
+    extra = []
+    if (finite == 0).any():
+        extra.append(f"{int((finite == 0).sum())} tokens at exactly 0 not shown")
+    if r.kl_num_inf:
+        extra.append(f"{r.kl_num_inf} tokens with KL = +inf not shown")
+    ax.set_title(title + ("\n" + "; ".join(extra) if extra else ""), fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(args: argparse.Namespace, out=None) -> int:
+    """``kldiv compare REF CAND``: the per-token KL(REF‖CAND) report, streamed."""
+    from tqdm.auto import tqdm
+
+    from .metrics import TokenStats
+
+    out = out or sys.stdout
+    dest = Path(args.out) if args.out else None
+    if dest is not None and (dest.exists() or dest.is_symlink()):
+        raise UsageError(
+            f"{dest}: already exists; kldiv never overwrites results, pass a new --out"
+        )
+    ref, cand, labels = _open_inputs(args)
+    stats = TokenStats()
+    try:
+        ndim = len(ref.shape)
+        vocab = ref.shape[args.axis]
+        n = math.prod(ref.shape) // vocab if vocab else 0
+        itemsize = max(ref.dtype.itemsize, cand.dtype.itemsize)
+        chunk = max(1, CHUNK_BYTES // max(1, vocab * itemsize))
+        ax = args.axis % ndim
+        bar = tqdm(
+            total=n, unit="tok", unit_scale=True, desc="comparing", file=sys.stderr,
+            disable=args.quiet or None, leave=False,
+        )  # fmt: skip
+        start = 0
+        for r_block, c_block in zip(ref.rows(ax, chunk), cand.rows(ax, chunk), strict=True):
+            rows = r_block.shape[0]
+            lab = None if labels is None else labels[start : start + rows]
+            try:
+                stats.update(
+                    r_block, c_block, form=tuple(args.form), labels=lab, token_offset=start
+                )
+            except ValueError as e:
+                msg = str(e)
+                path = cand.path if msg.startswith("`cand`") else ref.path
+                raise UsageError(f"{path}: {msg}") from None
+            start += rows
+            bar.update(rows)
+        bar.close()
+    finally:
+        for f in (ref, cand):
+            f.close()
+    report = stats.report()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2), file=out)
+    else:
+        print(f"ref: {ref.path}  cand: {cand.path}  form: {args.form[0]}/{args.form[1]}", file=out)
+        print(report.to_text(), file=out)
+    if dest is not None:
+        _write_outputs(dest, stats, report, f"{ref.path.name} vs {cand.path.name}")
+        if not args.json:
+            print(f"wrote {dest / 'report.json'} and {dest / 'kl_histogram.png'}", file=out)
+    return 0
+
+
+def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> None:
+    """Write into a fresh sibling directory, then rename: all files or none appear."""
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{parent}: the parent of --out does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
+    try:
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        _histogram(stats, tmp / "kl_histogram.png", f"per-token KL: {title}")
+        os.rename(tmp, dest)  # atomic; fails if dest appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def info(out=None) -> int:
+    """Versions, backends, devices, and which optional pieces are usable here."""
+    out = out or sys.stdout
+    w = lambda s="": print(s, file=out)  # noqa: E731
+    w(f"kldiv {kldiv.__version__} on Python {platform.python_version()} ({platform.machine()})")
+    w("backends:")
+    for name in ("numpy", "array_api_compat", "torch", "jax", "scipy"):
         try:
             mod = importlib.import_module(name)
-            extra = ""
-            if name == "torch":
-                extra = f" (CUDA available: {mod.cuda.is_available()})"
-            if name == "jax":
-                extra = f" (devices: {', '.join(str(d) for d in mod.devices())})"
-            print(f"  {name:<17} {getattr(mod, '__version__', '?')}{extra}", file=out)
         except ImportError:
-            print(f"  {name:<17} not installed", file=out)
+            w(f"  {name:<17} not installed")
+            continue
+        extra = ""
+        if name == "torch":
+            cuda = mod.cuda.is_available()
+            devs = [mod.cuda.get_device_name(i) for i in range(mod.cuda.device_count())]
+            extra = f" (CUDA: {', '.join(devs) if cuda else 'not available'})"
+        if name == "jax":
+            extra = f" (devices: {', '.join(str(d) for d in mod.devices())})"
+        if name == "scipy":
+            extra = " (special functions for kldiv.distributions on NumPy)"
+        w(f"  {name:<17} {getattr(mod, '__version__', '?')}{extra}")
+    w("tools:")
+    for name, use in (
+        ("tqdm", "progress bars"),
+        ("matplotlib", "figures of demo and compare"),
+        ("safetensors", "compare reads .safetensors"),
+        ("sklearn", "the demo's digits data"),
+        ("triton", "fused GPU kernels"),
+    ):
+        try:
+            mod = importlib.import_module(name)
+            w(f"  {name:<17} {getattr(mod, '__version__', '?')} ({use})")
+        except ImportError:
+            w(f"  {name:<17} not installed ({use} unavailable)")
+    w("fused distillation path: not part of this version yet (CPU and GPU use the core)")
     return 0
+
+
+def _forms(value: str) -> tuple[str, str]:
+    parts = value.split(",")
+    allowed = ("logits", "log_probs", "probs")
+    if len(parts) not in (1, 2) or any(p not in allowed for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(allowed)}, or two separated by a comma, got {value!r}"
+        )
+    return (parts[0], parts[-1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,10 +351,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="kldiv", description="The Kullback–Leibler divergence family, exact and explicit."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="recompute the seed texts' worked examples")
-    sub.add_parser("info", help="versions and backends detected")
+    p_demo = sub.add_parser(
+        "demo", help="the seed texts' worked examples, then a distillation run on real data"
+    )
+    p_demo.add_argument("--out", default="demo-output", help="where the figures go")
+    p_demo.add_argument("--no-train", action="store_true", help="only the worked examples")
+    p_cmp = sub.add_parser(
+        "compare",
+        help="per-token KL(REF‖CAND) between two models' saved outputs",
+        description="Streams two files of per-token distributions (.npy memory-mapped, .npz, "
+        ".safetensors, .pt; FILE::NAME picks an array) and reports the per-token "
+        "KL(REF‖CAND): mean ± standard error, percentiles, max, top-1 agreement and, with "
+        "--labels, Δp of the correct token and the perplexity ratio.",
+    )
+    p_cmp.add_argument("ref", help="the reference model's outputs (the distributions P)")
+    p_cmp.add_argument("cand", help="the candidate model's outputs (the distributions Q)")
+    p_cmp.add_argument(
+        "--form", type=_forms, default=("logits", "logits"),
+        help="logits (default), log_probs or probs; 'log_probs,logits' gives each file's",
+    )  # fmt: skip
+    p_cmp.add_argument("--labels", help="integer token ids, the token shape (.npy, ...)")
+    p_cmp.add_argument("--axis", type=int, default=-1, help="the category axis (default -1)")
+    p_cmp.add_argument("--out", help="a new directory for report.json and kl_histogram.png")
+    p_cmp.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("info", help="versions, backends and devices detected")
     args = parser.parse_args(argv)
-    return {"demo": demo, "info": info}[args.command]()
+    try:
+        if args.command == "demo":
+            return demo(args.out, train=not args.no_train)
+        if args.command == "compare":
+            return compare(args)
+        return info()
+    except UsageError as e:
+        print(f"kldiv {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
