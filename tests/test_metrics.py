@@ -750,3 +750,25 @@ def test_import_kldiv_metrics_imports_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_blocks_give_the_same_values_and_the_first_error(monkeypatch, rng, threads):
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 2 * 5)  # blocks of 2 rows of V = 5
+    monkeypatch.setattr(metrics, "_threads", lambda: threads)
+    ref, cand = rng.normal(size=(21, 5)), rng.normal(size=(21, 5))
+    one = TokenStats()
+    monkeypatch.setattr(metrics, "_threads", lambda: 1)
+    one.update(ref, cand)
+    monkeypatch.setattr(metrics, "_threads", lambda: threads)
+    many = TokenStats()
+    many.update(ref, cand)
+    assert many.report() == one.report()
+    np.testing.assert_array_equal(many.values("kl"), one.values("kl"))
+    bad = cand.copy()
+    bad[19, 2] = np.nan  # in the last thread's span
+    bad[5, 1] = np.nan  # in the first: this one must be named
+    with pytest.raises(
+        ValueError, match=r"contains 2 NaN values, the first in the token at index \(5,\)"
+    ):
+        TokenStats().update(ref, bad)
