@@ -593,3 +593,141 @@ def test_jax_jit_vmap_and_torch_compile(rng):
     assert v.shape == S
     c = torch.compile(D.beta_kl, fullgraph=True)(*T(*[pos(rng) for _ in range(4)]))
     assert c.shape == S
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+
+def test_bernoulli_logits_gradients_match_torch_including_logit_zero(ad):
+    a = np.array([0.0, 0.0, 2.0, -3.0])
+    b = np.array([1.0, 0.0, 0.0, 0.5])
+    ta, tb = (torch.tensor(x, requires_grad=True) for x in (a, b))
+    td.kl_divergence(td.Bernoulli(logits=ta), td.Bernoulli(logits=tb)).sum().backward()
+    got = ad.grad(
+        lambda x, y: D.bernoulli_kl(x, y, form="logits").sum(), ad.asarray(a), ad.asarray(b)
+    )
+    np.testing.assert_allclose(got[0], ta.grad.numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got[1], tb.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "x"),
+    [
+        (lambda a, b: D.Beta(a, b), lambda a, b: td.Beta(a, b), 0.3),
+        (lambda a, b: D.Gamma(a, b), lambda a, b: td.Gamma(a, b), 0.3),
+    ],
+)
+def test_log_prob_gradients_at_concentration_one(ad, ours, theirs, x):
+    a, b = np.array([1.0, 2.5]), np.array([1.0, 0.7])
+    ta, tb = (torch.tensor(v, requires_grad=True) for v in (a, b))
+    theirs(ta, tb).log_prob(torch.tensor(x, dtype=torch.float64)).sum().backward()
+    got = ad.grad(lambda u, v: ours(u, v).log_prob(x).sum(), ad.asarray(a), ad.asarray(b))
+    np.testing.assert_allclose(got[0], ta.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(got[1], tb.grad.numpy(), rtol=1e-10)
+
+
+def test_binomial_edge_cases():
+    est = D.kl(D.Binomial(5, 0.3), D.Binomial(8, 0.3), samples=50_000, seed=0)
+    # exact: Σ_k Bin5(k) log(Bin5(k)/Bin8(k)), written out
+    k = np.arange(6)
+
+    def lc(n):
+        return np.array(
+            [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) for j in k]
+        )
+
+    lp5 = lc(5) + k * math.log(0.3) + (5 - k) * math.log(0.7)
+    lp8 = lc(8) + k * math.log(0.3) + (8 - k) * math.log(0.7)
+    exact = float(np.sum(np.exp(lp5) * (lp5 - lp8)))
+    assert est == pytest.approx(exact, abs=0.02)
+    assert D.binomial_kl(np.array(0.0), 0.5, 0.0) == 0.0  # n = 0: point masses at 0
+    n = torch.tensor([0.0, 3.0], dtype=torch.float64, requires_grad=True)
+    v = D.binomial_kl(n, 0.5, torch.tensor([1.0, 0.5], dtype=torch.float64))
+    v.sum().backward()
+    assert torch.isfinite(n.grad).all() and v[0] == 0.0
+
+
+def test_point_masses_against_bounded_counts():
+    # Poisson(0) and Geometric(1) are the point mass at 0: KL = -log Q(0)
+    assert float(D.kl(D.Poisson(0.0), D.Bernoulli(probs=0.3))) == pytest.approx(-math.log(0.7))
+    assert float(D.kl(D.Geometric(1.0), D.Binomial(3, 0.5))) == pytest.approx(3 * math.log(2))
+    assert float(D.kl(D.Poisson(1.0), D.Binomial(3, 0.5))) == math.inf
+    v = D.kl(D.Poisson(np.array([0.0, 2.0])), D.Bernoulli(probs=0.3))
+    assert v[0] == pytest.approx(-math.log(0.7)) and v[1] == math.inf
+
+
+def test_mvn_reads_only_the_lower_triangle_and_checks_factors(xp):
+    full = np.array([[1.0, 0.5], [0.2, 1.0]])
+    lower = np.tril(full)
+    z = np.zeros(2)
+    a = xp.to_numpy(
+        D.mvn_kl(xp.asarray(z), xp.asarray(full), xp.asarray(z + 1), xp.asarray(np.eye(2)))
+    )
+    b = xp.to_numpy(
+        D.mvn_kl(xp.asarray(z), xp.asarray(lower), xp.asarray(z + 1), xp.asarray(np.eye(2)))
+    )
+    assert a == pytest.approx(b, rel=1e-14)
+    with pytest.raises(ValueError, match="lower triangular"):
+        D.mvn_kl(z, full, z, np.eye(2), check=True)
+    with pytest.raises(ValueError, match="positive diagonal"):
+        D.mvn_kl(z, np.diag([1.0, -1.0]), z, np.eye(2), check=True)
+    with pytest.raises(ValueError, match="lower triangular"):
+        D.MultivariateNormal(z, full)
+    with pytest.raises(ValueError, match="same dimension"):
+        D.mvn_kl(np.zeros(3), np.eye(3), z, np.eye(2))
+    with pytest.raises(ValueError, match=r"cov_factor_q \(\.\.\., 3, r\)"):
+        D.lowrank_mvn_kl(
+            np.zeros(3), np.ones((3, 1)), np.ones(3), np.zeros(3), np.ones((2, 1)), np.ones(3)
+        )
+
+
+def test_uniform_check_rejects_reversed_bounds():
+    with pytest.raises(ValueError, match="`low_p` < `high_p`"):
+        D.uniform_kl(1.0, 0.0, -1.0, 2.0, check=True)
+    with pytest.raises(ValueError, match="`low_p` < `high_p`"):
+        D.uniform_normal_kl(1.0, 0.0, 0.0, 1.0, check=True)
+
+
+def test_float32_samples_never_reach_the_open_ends(xp):
+    kw = {"key": jax.random.key(3)} if xp.name == "jax" else {"seed": 3}
+    for d in (D.Gumbel(xp.asarray(np.zeros(1), "float32"), 1.0),
+              D.Laplace(xp.asarray(np.zeros(1), "float32"), 1.0)):  # fmt: skip
+        x = xp.to_numpy(d.sample(2_000_000, **kw))
+        assert np.isfinite(x).all()
+    lap = D.Laplace(0.0, 1.0)
+    half = 0.5 - np.finfo(np.float64).eps
+    assert np.isfinite(float(lap.loc - lap.scale * np.log1p(-2 * half)))
+
+
+def test_dtypes_follow_float32_values_and_counts():
+    x = torch.zeros(3)
+    assert D.Normal(0.0, 1.0).log_prob(x).dtype == torch.float32
+    assert D.binomial_kl(torch.tensor([3.0, 5.0]), 0.3, 0.5).dtype == torch.float32
+    est = D.kl(D.Normal(torch.zeros(3), 1.0), D.StudentT(3.0, 0.0, 1.0), samples=100, seed=0)
+    assert est.dtype == torch.float32
+    assert D.student_t_kl(*[torch.ones(2)] * 6).dtype == torch.float32
+
+
+def test_student_t_float32_input_is_computed_in_float64():
+    args = [np.array([0.2, 0.5]), 0.0, 1.0, np.array([0.3, 3.0]), 0.0, 1.0]
+    ref = D.student_t_kl(*args)
+    got = D.student_t_kl(*[torch.tensor(a, dtype=torch.float32) for a in args])
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6)
+
+
+def test_torch_compile_fullgraph_on_defaults_student_t_and_objects():
+    m, lv = torch.randn(4, 3), torch.randn(4, 3)
+    for fn, args in (
+        (D.diag_normal_kl, (m, lv)),
+        (D.normal_kl, (m, lv.exp())),
+        (D.student_t_kl, (lv.exp() + 1, m, lv.exp(), lv.exp() + 2, m, lv.exp())),
+        (lambda a, b: D.kl(D.Normal(a, b), D.Normal(0.0, 1.0)), (m, lv.exp())),
+    ):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)
+        torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_monte_carlo_needs_matching_event_dimensions():
+    with pytest.raises(ValueError, match="events of different dimension"):
+        D.kl(D.DiagNormal(np.zeros(3), np.zeros(3)), D.Normal(0.0, 1.0), samples=10, seed=0)

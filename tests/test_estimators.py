@@ -207,3 +207,39 @@ def test_validation_messages():
         E.k3(torch.zeros(3), z)
     with pytest.raises((TypeError, ValueError), match="mask"):
         E.k3(z, z, mask=np.ones(3))
+
+
+def test_overflowing_ratios_keep_finite_values_finite_gradients(ad):
+    lp = np.array([0.0, -100.0, -1e4])
+    zero = np.zeros(3)
+    clamped = lambda a, b: E.k3(a, b, clamp_value=10.0, reduction="none")  # noqa: E731
+    val = ad.to_numpy(clamped(ad.asarray(lp, "float32"), ad.asarray(zero, "float32")))
+    np.testing.assert_array_equal(val, [0.0, 10.0, 10.0])
+    for g in ad.grad(
+        lambda a, b: clamped(a, b).sum(), ad.asarray(lp, "float32"), ad.asarray(zero, "float32")
+    ):
+        np.testing.assert_array_equal(g, 0.0)
+    st = lambda a, b: E.kl_estimate(a, b, estimator="k2", grad_estimator="k3", reduction="none")  # noqa: E731
+    val = ad.to_numpy(st(ad.asarray(lp, "float32"), ad.asarray(zero, "float32")))
+    np.testing.assert_allclose(val, 0.5 * lp**2, rtol=1e-6)
+    for g in ad.grad(
+        lambda a, b: st(a, b).sum(), ad.asarray(lp, "float32"), ad.asarray(zero, "float32")
+    ):
+        assert np.isfinite(g).all()
+    # clamping k1 and k2 is a plain clamp (the cap on ℓ is k3's alone)
+    for name, expected in (("k1", [0.0, -10.0, -10.0]), ("k2", [0.0, 10.0, 10.0])):
+        got = E.kl_estimate(lp, zero, estimator=name, clamp_value=10.0, reduction="none")
+        np.testing.assert_array_equal(got, expected)
+    got = E.k1(np.array([-3.0]), np.zeros(1), clamp_value=10.0, reduction="none")
+    np.testing.assert_array_equal(got, [-3.0])
+
+
+def test_estimators_compile_fullgraph():
+    lp, lq = torch.randn(5), torch.randn(5)
+    for kw in (
+        {"estimator": "k3"},
+        {"estimator": "k3", "grad_estimator": "k2", "clamp_value": 10.0},
+    ):
+        torch._dynamo.reset()
+        f = torch.compile(lambda a, b, kw=kw: E.kl_estimate(a, b, **kw), fullgraph=True)
+        torch.testing.assert_close(f(lp, lq), E.kl_estimate(lp, lq, **kw))

@@ -52,7 +52,9 @@ def expm1_minus(xp: ModuleType, t: Any) -> Any:
 def softplus(xp: ModuleType, x: Any) -> Any:
     """``log(1 + e^x)`` without overflow for large ``x`` or loss of accuracy for very negative
     ``x``; ``softplus(-inf) = 0``, ``softplus(inf) = inf``."""
-    return xp.where(x > 0, x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))
+    # -|x| written with where: abs has derivative 0 (torch) or 1 (JAX) at 0, either of which
+    # would give softplus'(0) ≠ ½.
+    return xp.where(x > 0, x, 0.0) + xp.log1p(xp.exp(xp.where(x > 0, -x, x)))
 
 
 def log_sigmoid(xp: ModuleType, x: Any) -> Any:
@@ -61,9 +63,14 @@ def log_sigmoid(xp: ModuleType, x: Any) -> Any:
 
 
 def xlogy(xp: ModuleType, x: Any, y: Any) -> Any:
-    """``x·log y`` with the value and the gradient 0 wherever ``x = 0`` (even at ``y = 0``)."""
-    zero = x == 0
-    return xp.where(zero, 0.0, x * xp.log(xp.where(zero, 1.0, y)))
+    """``x·log y``, defined as 0 where ``x = 0`` even at ``y = 0`` or ``y = inf``.
+
+    Gradients: ``log y`` for ``x`` and ``x/y`` for ``y`` wherever ``log y`` is finite (so at
+    ``x = 0 < y`` the gradient for ``x`` is ``log y``, as it must be: a Beta(1, 1) log-density
+    still depends on its concentrations); 0 at the points ``x = 0``, ``y ∈ {0, inf}``.
+    """
+    dead = (x == 0) & ((y == 0) | (y == INF))
+    return xp.where(dead, 0.0, x * xp.log(xp.where(dead, 1.0, y)))
 
 
 def log_softmax(xp: ModuleType, x: Any, axis: int) -> Any:

@@ -31,7 +31,7 @@ def is_jax_array(x: Any) -> bool:
 
 
 def is_numpy_array(x: Any) -> bool:
-    return isinstance(x, np.ndarray | np.generic)
+    return isinstance(x, (np.ndarray, np.generic))  # noqa: UP038 - torch.compile rejects X | Y
 
 
 __all__ = [
@@ -190,6 +190,12 @@ def native_log_softmax(xp: ModuleType) -> Any | None:
     return None
 
 
+def compiling() -> bool:
+    """True while torch.compile traces (whatever the arguments are)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_compiling())
+
+
 def is_traced(x: Any) -> bool:
     """True when ``x`` has no concrete value: a JAX tracer or a tensor inside torch.compile."""
     if is_jax_array(x):
@@ -329,8 +335,8 @@ class _NumpySpecial:
     @staticmethod
     def solve_tril(tril: Any, r: Any) -> Any:
         # NumPy has no batched triangular solve; LU with partial pivoting on a triangular
-        # matrix is backward stable, so the general solve is used.
-        return np.linalg.solve(tril, r)
+        # matrix is backward stable. np.tril: like torch and JAX, read only the lower triangle.
+        return np.linalg.solve(np.tril(tril), r)
 
 
 def special(xp: ModuleType) -> Any:

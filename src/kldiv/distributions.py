@@ -25,7 +25,6 @@ Special functions (``lgamma``, ``digamma``, ``erf``) come from the backend: ``to
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -129,7 +128,8 @@ def _params(
     values = [v for _, v, _ in spec]
     xp, arrays = ns.namespace(*values, names=names)
     given = [(n, a) for (n, v, _), a in zip(spec, values, strict=True) if ns._is_array(v)]
-    typed = [(n, a) for n, a in given if n not in counts]
+    # counts (a binomial's n, sample values) may be integers; floating ones set the dtype too
+    typed = [(n, a) for n, a in given if n not in counts or _is_floating(xp, a)]
     dtype = ns.compute_dtype(xp, *typed) if typed else ns.widest_float(xp)
     device = ns.device_of(given[0][1]) if given else None
     out = []
@@ -142,6 +142,10 @@ def _params(
         for (name, _, domain), a in zip(spec, out, strict=True):
             _check_domain(name, a, domain)
     return xp, out
+
+
+def _is_floating(xp: ModuleType, a: Array) -> bool:
+    return ns.is_half(a.dtype) or xp.isdtype(a.dtype, "real floating")
 
 
 def _check_domain(name: str, a: Array, domain: str) -> None:
@@ -295,7 +299,6 @@ def cauchy_kl(
     return xp.log1p((g * g + d * d) / (4 * gp * gq))
 
 
-@functools.cache
 def _half_line_rule(h: float, r_min: float) -> tuple[np.ndarray, np.ndarray]:
     """Tanh-sinh (double-exponential) rule on [0, 1], as ``(1 − y, weights)``, in float64.
 
@@ -311,6 +314,11 @@ def _half_line_rule(h: float, r_min: float) -> tuple[np.ndarray, np.ndarray]:
         w = h * 0.25 * np.pi * np.cosh(s) / np.cosh(u) ** 2
     keep = (r > r_min) & (w > 0)
     return r[keep], w[keep]
+
+
+# Built once at import (a few hundred nodes each), so that no NumPy work happens while
+# torch.compile or jax.jit traces student_t_kl. Keyed by the bits of the working dtype.
+_T_RULES = {64: _half_line_rule(1 / 32, 1e-100), 32: _half_line_rule(1 / 32, 1e-12)}
 
 
 def _student_t_log_density(xp: ModuleType, sp: Any, z: Array, df: Array) -> Array:
@@ -344,11 +352,13 @@ def student_t_kl(
     (double-exponential) rule of about 350 nodes. Everything is array operations, so it
     batches over parameters, jit-compiles and differentiates with autograd.
 
-    Accuracy (float64): equal to the Cauchy closed form to about 1e-15 over scale ratios of
-    1e4 and locations 1e4 scales apart, and within 1e-12 of a rule with twice the nodes for
-    ν down to 0.2 (checked by the tests). In float32 the nodes with ``tan θ > 1e12`` are
-    dropped so squares cannot overflow; the tail mass they carry (about ``1e-12·ν``) is below
-    float32 rounding. Always finite: the supports coincide.
+    Accuracy: the quadrature runs in float64 whenever the backend has it (float32 inputs
+    included; the result is cast back). There it agrees with the Cauchy closed form to about
+    1e-12 over scale ratios of 1e4 and locations 1e4 scales apart, and is within 1e-12 of a
+    rule with twice the nodes for ν down to 0.2 (both checked by the tests). JAX without
+    ``jax_enable_x64`` has to work in float32, where nodes beyond ``tan θ = 1e12`` are
+    dropped so squares cannot overflow; their tail mass, about ``1e12^−ν``, is below float32
+    rounding for ν ≥ 1 but about 1e-3 at ν = 0.3. Always finite: the supports coincide.
     """
     xp, (vp, mp, sp_, vq, mq, sq) = _params(
         (
@@ -363,10 +373,13 @@ def student_t_kl(
     )
     sp = ns.special(xp)
     dtype, device = vp.dtype, ns.device_of(vp)
-    r_np, w_np = _half_line_rule(1 / 32, 1e-100 if xp.finfo(dtype).bits == 64 else 1e-12)
-    r = xp.asarray(r_np, dtype=dtype, device=device)
-    w = xp.asarray(w_np, dtype=dtype, device=device)
-    vp, mp, sp_, vq, mq, sq = (a[..., None] for a in (vp, mp, sp_, vq, mq, sq))
+    # Computed in float64 where the backend has it, also for float32 input: float32 must drop
+    # the nodes beyond tan θ = 1e12, whose tail mass (≈ t^−ν) matters for ν < 1.
+    wide = ns.widest_float(xp)
+    r_np, w_np = _T_RULES[xp.finfo(wide).bits]
+    r = xp.asarray(r_np, dtype=wide, device=device)
+    w = xp.asarray(w_np, dtype=wide, device=device)
+    vp, mp, sp_, vq, mq, sq = (xp.astype(a, wide)[..., None] for a in (vp, mp, sp_, vq, mq, sq))
     p_left = mp <= mq
     c_left, s_left = xp.where(p_left, mp, mq), xp.where(p_left, sp_, sq)
     c_right, s_right = xp.where(p_left, mq, mp), xp.where(p_left, sq, sp_)
@@ -382,7 +395,7 @@ def student_t_kl(
         log_q = _student_t_log_density(xp, sp, (x - mq) / sq, vq) - xp.log(sq)
         jacobian = xp.log(s) + xp.log1p(t * t)
         total = total + xp.sum(length * w * xp.exp(log_p + jacobian) * (log_p - log_q), axis=-1)
-    return total
+    return total if total.dtype == dtype else xp.astype(total, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,12 +432,39 @@ def mvn_kl(
     )
     _check_square("scale_tril_p", lp, mp.shape[-1])
     _check_square("scale_tril_q", lq, mq.shape[-1])
+    if mp.shape[-1] != mq.shape[-1]:
+        raise ValueError(
+            f"P and Q must have the same dimension, got {mp.shape[-1]} and {mq.shape[-1]}."
+        )
+    if check:
+        _check_tril("scale_tril_p", lp)
+        _check_tril("scale_tril_q", lq)
     sp = ns.special(xp)
     k = mp.shape[-1]
+    lp, lq = xp.tril(lp), xp.tril(lq)  # only the lower triangles are read, on every backend
     m = sp.solve_tril(lq, lp)
     z = sp.solve_tril(lq, (mp - mq)[..., None])[..., 0]
     logdet = xp.sum(xp.log(_diag(xp, lq)), axis=-1) - xp.sum(xp.log(_diag(xp, lp)), axis=-1)
     return 0.5 * (xp.sum(m * m, axis=(-2, -1)) + xp.sum(z * z, axis=-1) - k) + logdet
+
+
+def _check_ordered(low: tuple[str, Array], high: tuple[str, Array]) -> None:
+    if not (_host(low[1]) < _host(high[1])).all():
+        raise ValueError(f"Expected `{low[0]}` < `{high[0]}` everywhere in the batch.")
+
+
+def _check_tril(name: str, a: Array) -> None:
+    """A Cholesky factor: lower triangular (only that part is read) with a positive diagonal."""
+    h = _host(a)
+    k = h.shape[-1]
+    if np.any(np.triu(h, 1) != 0):
+        raise ValueError(
+            f"Expected `{name}` to be lower triangular (a Cholesky factor); it has nonzero "
+            "entries above the diagonal. Pass np.linalg.cholesky(cov), not cov."
+        )
+    diag = h[..., np.arange(k), np.arange(k)]
+    if not (diag > 0).all():
+        raise ValueError(f"Expected `{name}` to have a positive diagonal, got {diag.min()!r}.")
 
 
 def _check_square(name: str, a: Array, k: int) -> None:
@@ -475,6 +515,13 @@ def lowrank_mvn_kl(
     )
     sp = ns.special(xp)
     k = mp.shape[-1]
+    for name, w, d, m in (("p", wp, dp, mp), ("q", wq, dq, mq)):
+        if w.ndim < 2 or w.shape[-2] != k or d.shape[-1:] != (k,) or m.shape[-1] != k:
+            raise ValueError(
+                f"Expected loc_{name} (..., {k}), cov_factor_{name} (..., {k}, r) and "
+                f"cov_diag_{name} (..., {k}); got {tuple(m.shape)}, {tuple(w.shape)}, "
+                f"{tuple(d.shape)}."
+            )
     aq, lcq, logdet_q = _woodbury(xp, sp, wq, dq)
     _, _, logdet_p = _woodbury(xp, sp, wp, dp)
     at = _mT(xp, aq)  # (..., r, k)
@@ -563,7 +610,11 @@ def binomial_kl(
         check,
         counts=("total_count",),
     )
-    return n * bernoulli_kl(a, b)
+    per_trial = bernoulli_kl(a, b)
+    # n = 0 is a point mass at 0 on both sides: KL 0, even where the per-trial KL is inf
+    # (made safe before the product, so that its gradient is not 0·inf).
+    none = n == 0
+    return xp.where(none, 0.0, n * xp.where(none, 0.0, per_trial))
 
 
 def geometric_kl(probs_p: Array, probs_q: Array, *, check: bool = False) -> Array:
@@ -707,6 +758,9 @@ def uniform_kl(
         ),
         check,
     )
+    if check:
+        _check_ordered(("low_p", lp), ("high_p", hp))
+        _check_ordered(("low_q", lq), ("high_q", hq))
     inside = (lq <= lp) & (hp <= hq)
     value = xp.log(hq - lq) - xp.log(hp - lp)
     return xp.where(inside, value, INF)
@@ -779,6 +833,8 @@ def uniform_normal_kl(
         ),
         check,
     )
+    if check:
+        _check_ordered(("low_p", lo), ("high_p", hi))
     width = hi - lo
     c = (hi + lo) / 2 - m
     return -xp.log(width) + 0.5 * LOG_2PI + xp.log(s) + (width * width / 12 + c * c) / (2 * s * s)
@@ -880,7 +936,9 @@ class _Rng:
 
             u = torch.rand(shape, generator=self.gen, dtype=self.dtype, device=self.device)
         else:
-            u = self.xp.asarray(self.gen.random(shape), dtype=self.dtype)
+            # drawn in the target dtype: float64 draws cast to float32 can round up to 1.0
+            single = np.dtype(self.dtype) == np.float32
+            u = self.xp.asarray(self.gen.random(shape, dtype=np.float32 if single else np.float64))
         return self.xp.where(u == 0, self.xp.finfo(self.dtype).smallest_normal, u)
 
     def normal(self, shape: tuple[int, ...]) -> Array:
@@ -904,10 +962,13 @@ class _Rng:
         if self.backend == "torch":
             import torch
 
-            # torch's reparameterised gamma uses the global generator; seed it from ours.
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.gen)))
+            # torch's reparameterised gamma uses the global generators; seed them from ours,
+            # inside fork_rng over every device that manual_seed touches, so that the
+            # caller's random state is left as it was.
+            seed = int(torch.randint(2**62, (1,), generator=self.gen, device=self.device))
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
                 return torch.distributions.Gamma(alpha, torch.ones_like(alpha)).rsample()
         return self.xp.asarray(self.gen.standard_gamma(np.asarray(alpha)), dtype=self.dtype)
 
@@ -957,7 +1018,8 @@ class Distribution:
 
     def __post_init__(self) -> None:
         values = [getattr(self, n) for n, _ in self.PARAMS]
-        if self.validate and not any(ns.is_traced(v) for v in values if v is not None):
+        traced = ns.compiling() or any(ns.is_traced(v) for v in values if v is not None)
+        if self.validate and not traced:
             self.arrays()  # dtype errors now, not at first use
             for (name, domain), v in zip(self.PARAMS, values, strict=True):
                 if v is not None:
@@ -1059,6 +1121,13 @@ class MultivariateNormal(Distribution):
     PARAMS = (("loc", "real"), ("scale_tril", "real"))
     EVENT_NDIM = 1
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.validate and not ns.compiling() and not ns.is_traced(self.scale_tril):
+            _, (m, tril) = self.arrays()
+            _check_square("scale_tril", tril, m.shape[-1])
+            _check_tril("scale_tril", tril)
+
     def batch_shape(self) -> tuple[int, ...]:
         _, (m, tril) = self.arrays()
         return tuple(np.broadcast_shapes(tuple(m.shape)[:-1], tuple(tril.shape)[:-2]))
@@ -1121,7 +1190,9 @@ class Laplace(Distribution):
 
     def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
         m, b = params
-        u = rng.uniform(shape) - 0.5
+        # |u| < ½ strictly: u = ±½ would give log1p(−1) = −inf
+        half = 0.5 - rng.xp.finfo(m.dtype).eps
+        u = rng.xp.clip(rng.uniform(shape) - 0.5, -half, half)
         return m - b * rng.xp.sign(u) * rng.xp.log1p(-2 * rng.xp.abs(u))
 
 
@@ -1184,7 +1255,7 @@ class Uniform(Distribution):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.validate and not ns.is_traced(self.low) and not ns.is_traced(self.high):
+        if self.validate and not ns.compiling() and not ns.is_traced(self.low + self.high):
             if not (_host(self.arrays()[1][1]) > _host(self.arrays()[1][0])).all():
                 raise ValueError("Expected `low` < `high` for every Uniform in the batch.")
 
@@ -1498,13 +1569,20 @@ _pair(Exponential, Gamma, lambda p, q: exponential_gamma_kl(p.rate, q.concentrat
 _pair(Gamma, Exponential, lambda p, q: gamma_exponential_kl(p.concentration, p.rate, q.rate))
 
 
+class _NoClosedForm(Exception):
+    """Raised by a registered pair when these particular parameters have no closed form."""
+
+
 def _binomial_pair(p: Binomial, q: Binomial) -> Array:
     _, (n_p, _) = p.arrays()
     _, (n_q, _) = q.arrays()
-    if not ns.is_traced(n_p) and not ns.is_traced(n_q) and not (_host(n_p) == _host(n_q)).all():
-        raise NotImplementedError(
-            "Binomial || Binomial has a closed form only for equal total_count; pass "
-            "samples= to kl() for a Monte-Carlo estimate (it is +inf where n_p > n_q)."
+    if ns.is_traced(n_p) or ns.is_traced(n_q):
+        # Equal counts cannot be verified on traced values; the closed form assumes them.
+        return binomial_kl(p.total_count, p.probs, q.probs)
+    if not (_host(n_p) == _host(n_q)).all():
+        raise _NoClosedForm(
+            "Binomial || Binomial has a closed form only for equal total_count (with "
+            "different counts it is +inf where n_p > n_q and needs a sum otherwise)"
         )
     return binomial_kl(p.total_count, p.probs, q.probs)
 
@@ -1520,9 +1598,22 @@ _DISJOINT = {
     ("real", "simplex"),
     ("positive", "unit"),
     ("positive", "interval"),
-    ("nonneg_int", "binary"),
-    ("nonneg_int", "count_n"),
 }
+
+
+def _point_mass_at_zero_or_inf(p: Distribution, q: Distribution, at: float) -> Array:
+    """KL of an unbounded count distribution against a bounded one: finite only when P is the
+    point mass at 0 (Poisson rate 0, Geometric probs 1: its parameter equals ``at``), where it
+    is ``−log Q(0)``."""
+    xp, (param,) = p.arrays()
+    is_point = param == at
+    log_q0 = q.log_prob(xp.zeros((), dtype=param.dtype, device=ns.device_of(param)))
+    return xp.where(is_point, xp.where(is_point, -log_q0, 0.0), INF)
+
+
+for _tp, _at in ((Poisson, 0.0), (Geometric, 1.0)):
+    for _tq in (Bernoulli, Binomial):
+        _pair(_tp, _tq, lambda p, q, at=_at: _point_mass_at_zero_or_inf(p, q, at))
 
 
 def kl(
@@ -1554,8 +1645,12 @@ def kl(
             f"kldiv.kl_div for categorical arrays. Got {type(p).__name__}, {type(q).__name__}."
         )
     fn = _REGISTRY.get((type(p), type(q)))
+    reason = f"No closed-form KL({type(p).__name__} || {type(q).__name__})"
     if fn is not None:
-        return fn(p, q)
+        try:
+            return fn(p, q)
+        except _NoClosedForm as e:
+            reason = str(e)
     if p.DISCRETE != q.DISCRETE:
         raise ValueError(
             f"KL({type(p).__name__} || {type(q).__name__}) compares a "
@@ -1564,7 +1659,7 @@ def kl(
             "with respect to the other, so the divergence is +inf by definition. "
             "Discretise one of them explicitly if an approximation is meant."
         )
-    if (p.SUPPORT, q.SUPPORT) in _DISJOINT:
+    if fn is None and (p.SUPPORT, q.SUPPORT) in _DISJOINT:
         spec = tuple(
             (f"{side}.{n}", getattr(d, n), "any")
             for side, d in (("p", p), ("q", q))
@@ -1577,11 +1672,17 @@ def kl(
     if samples is not None:
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2:
             raise ValueError(f"Expected `samples` to be an int >= 2, got {samples!r}.")
+        if p.EVENT_NDIM != q.EVENT_NDIM:
+            raise ValueError(
+                f"{type(p).__name__} and {type(q).__name__} have events of different "
+                f"dimension ({p.EVENT_NDIM} and {q.EVENT_NDIM}): they are not distributions "
+                "over the same space."
+            )
         x = p.sample(samples, seed=seed, key=key)
         xp, _ = p.arrays()
         return xp.mean(p.log_prob(x) - q.log_prob(x), axis=0)
     raise NotImplementedError(
-        f"No closed-form KL({type(p).__name__} || {type(q).__name__}). Pass samples=n (and "
+        f"{reason}. Pass samples=n (and "
         "seed= or key=) for a Monte-Carlo estimate, or register one with @register_kl. "
         "Pairs with a closed form: " + ", ".join(registered_pairs()) + "."
     )

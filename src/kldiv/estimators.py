@@ -10,8 +10,9 @@ tokens; shapes such as ``(batch, tokens)``). With the log-ratio ``ℓ = log_q �
 estimator   per-sample value             bias of the value        expected gradient (x fixed)
 ==========  ===========================  =======================  ===============================
 ``k1``      ``−ℓ``                       unbiased                 0 — ``E_P[∇ log P] = 0``
-``k2``      ``½ ℓ²``                     biased (≥ KL to 2nd      ``∇ KL(P‖Q)`` — unbiased
-                                         order near P = Q)
+``k2``      ``½ ℓ²``                     biased (agrees with KL   ``∇ KL(P‖Q)`` — unbiased
+                                         to 2nd order near P = Q;
+                                         above or below it)
 ``k3``      ``r − 1 − ℓ`` (≥ 0)          unbiased when Q's        ``∇ KL(Q‖P)`` — the *reverse*
                                          support is inside P's    KL's gradient
 ==========  ===========================  =======================  ===============================
@@ -47,6 +48,8 @@ the gradient where it is active; it is never applied silently.
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -69,15 +72,23 @@ def _clamp(xp: Any, x: Array, c: float | None) -> Array:
     return xp.clip(x, -c, c)
 
 
-def _per_sample(xp: Any, name: str, log_ratio: Array) -> Array:
-    """The estimator's per-sample value from ``ℓ = log Q(x) − log P(x)``."""
+def _per_sample(xp: Any, name: str, log_ratio: Array, clamp_value: float | None) -> Array:
+    """The estimator's per-sample value from ``ℓ = log Q(x) − log P(x)``, clamped if asked."""
     if name == "k1":
-        return 0.0 - log_ratio  # not -ℓ, which would print a zero ratio as -0.0
-    if name == "k2":
-        return 0.5 * log_ratio * log_ratio
-    # k3 = e^ℓ − 1 − ℓ through expm1, so that it is exactly 0 at ℓ = 0 and ≥ 0 in floating
-    # point (e^ℓ − 1 computed as exp(ℓ) − 1 cancels badly for small ℓ).
-    return xp.expm1(log_ratio) - log_ratio
+        value = 0.0 - log_ratio  # not -ℓ, which would print a zero ratio as -0.0
+    elif name == "k2":
+        value = 0.5 * log_ratio * log_ratio
+    else:
+        if clamp_value is not None:
+            # Where a clamped k3 sits at its bound anyway, cap ℓ first (k3 at ℓ = log(2c + 2)
+            # already exceeds c), so that the clamp's zero gradient is not multiplied by an
+            # overflowing e^ℓ = inf, which would give NaN.
+            cap = math.log(2 * clamp_value + 2)
+            log_ratio = xp.where(log_ratio > cap, cap, log_ratio)
+        # e^ℓ − 1 − ℓ through expm1: exactly 0 at ℓ = 0 and ≥ 0 in floating point (exp(ℓ) − 1
+        # cancels badly for small ℓ). Beyond the dtype's range it is a true +inf.
+        value = xp.expm1(log_ratio) - log_ratio
+    return _clamp(xp, value, clamp_value)
 
 
 def _check_estimator(name: str, value: Any, allow_none: bool = False) -> Any:
@@ -170,12 +181,18 @@ def kl_estimate(
         log_p = xp.where(mask, log_p, 0.0)
         log_q = xp.where(mask, log_q, 0.0)
     log_ratio = _clamp(xp, log_q - log_p, clamp_log_ratio)
-    # e^ℓ beyond the dtype's range is a true +inf estimate; NumPy would also warn about it.
-    with np.errstate(over="ignore"):
-        value = _clamp(xp, _per_sample(xp, estimator, log_ratio), clamp_value)
+    quiet = np.errstate(over="ignore") if ns.backend_name(xp) == "numpy" else nullcontext()
+    with quiet:
+        value = _per_sample(xp, estimator, log_ratio, clamp_value)
         if grad_estimator is not None and grad_estimator != estimator:
-            g = _clamp(xp, _per_sample(xp, grad_estimator, log_ratio), clamp_value)
-            value = ns.stop_gradient(xp, value) + (g - ns.stop_gradient(xp, g))
+            # The gradient-only term g − stop_gradient(g) is 0 in value; where g overflows
+            # (an unclamped k3 with e^ℓ beyond the dtype) it is dropped, with its gradient,
+            # rather than turning the value into inf − inf = NaN.
+            over = log_ratio > math.log(float(xp.finfo(dtype).max))
+            if grad_estimator != "k3" or clamp_value is not None:
+                over = xp.zeros_like(over)
+            g = _per_sample(xp, grad_estimator, xp.where(over, 0.0, log_ratio), clamp_value)
+            value = ns.stop_gradient(xp, value) + xp.where(over, 0.0, g - ns.stop_gradient(xp, g))
         if log_s is not None:
             log_s = xp.astype(log_s, dtype)
             if mask is not None:
