@@ -226,6 +226,30 @@ def _histogram(stats: Any, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _prefetched(blocks: Any) -> Any:
+    """Yield from ``blocks`` while a background thread reads the next item: copying a chunk
+    out of the page cache then overlaps with the statistics of the previous one."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=1)  # one chunk ahead: memory stays bounded
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in blocks:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def compare(args: argparse.Namespace, out=None) -> int:
     """``kldiv compare REF CAND``: the per-token KL(REF‖CAND) report, streamed."""
     from tqdm.auto import tqdm
@@ -252,7 +276,8 @@ def compare(args: argparse.Namespace, out=None) -> int:
             disable=args.quiet or None, leave=False,
         )  # fmt: skip
         start = 0
-        for r_block, c_block in zip(ref.rows(ax, chunk), cand.rows(ax, chunk), strict=True):
+        pairs = _prefetched(zip(ref.rows(ax, chunk), cand.rows(ax, chunk), strict=True))
+        for r_block, c_block in pairs:
             rows = r_block.shape[0]
             lab = None if labels is None else labels[start : start + rows]
             try:
