@@ -148,6 +148,21 @@ def _is_floating(xp: ModuleType, a: Array) -> bool:
     return ns.is_half(a.dtype) or xp.isdtype(a.dtype, "real floating")
 
 
+def _loc_scale_pair(
+    loc_p: Any, scale_p: Any, loc_q: Any, scale_q: Any, check: bool
+) -> tuple[ModuleType, list[Array]]:
+    """The parameters of two location-scale distributions (the most common signature)."""
+    return _params(
+        (
+            ("loc_p", loc_p, "real"),
+            ("scale_p", scale_p, "positive"),
+            ("loc_q", loc_q, "real"),
+            ("scale_q", scale_q, "positive"),
+        ),
+        check,
+    )
+
+
 def _check_domain(name: str, a: Array, domain: str) -> None:
     if ns.is_traced(a):
         raise ValueError(
@@ -181,15 +196,7 @@ def normal_kl(
     when the distributions are equal. Scales must be > 0; gradients are finite for all
     positive scales.
     """
-    xp, (mp, sp, mq, sq) = _params(
-        (
-            ("loc_p", loc_p, "real"),
-            ("scale_p", scale_p, "positive"),
-            ("loc_q", loc_q, "real"),
-            ("scale_q", scale_q, "positive"),
-        ),
-        check,
-    )
+    xp, (mp, sp, mq, sq) = _loc_scale_pair(loc_p, scale_p, loc_q, scale_q, check)
     t = xp.log(sp) - xp.log(sq)
     z = (mp - mq) / sq
     return 0.5 * _math.expm1_minus(xp, 2 * t) + 0.5 * z * z
@@ -239,15 +246,7 @@ def laplace_kl(
     is smooth in the locations (the kinks of ``|·|`` cancel), and the gradient at ``μp = μq``
     is 0.
     """
-    xp, (mp, bp, mq, bq) = _params(
-        (
-            ("loc_p", loc_p, "real"),
-            ("scale_p", scale_p, "positive"),
-            ("loc_q", loc_q, "real"),
-            ("scale_q", scale_q, "positive"),
-        ),
-        check,
-    )
+    xp, (mp, bp, mq, bq) = _loc_scale_pair(loc_p, scale_p, loc_q, scale_q, check)
     t = xp.log(bp) - xp.log(bq)
     delta = xp.abs(mp - mq)
     return xp.expm1(t - delta / bp) - t + delta / bq
@@ -261,15 +260,7 @@ def gumbel_kl(
     With ``r = βp/βq``: ``−log r + (μp − μq)/βq + γ(r − 1) + exp((μq − μp)/βq + lnΓ(1 + r)) − 1``,
     γ the Euler–Mascheroni constant.
     """
-    xp, (mp, bp, mq, bq) = _params(
-        (
-            ("loc_p", loc_p, "real"),
-            ("scale_p", scale_p, "positive"),
-            ("loc_q", loc_q, "real"),
-            ("scale_q", scale_q, "positive"),
-        ),
-        check,
-    )
+    xp, (mp, bp, mq, bq) = _loc_scale_pair(loc_p, scale_p, loc_q, scale_q, check)
     sp = ns.special(xp)
     log_r = xp.log(bp) - xp.log(bq)
     r = xp.exp(log_r)
@@ -284,15 +275,7 @@ def cauchy_kl(
 
     Chyzak & Nielsen (2019). Symmetric in P and Q, finite for all parameters.
     """
-    xp, (mp, gp, mq, gq) = _params(
-        (
-            ("loc_p", loc_p, "real"),
-            ("scale_p", scale_p, "positive"),
-            ("loc_q", loc_q, "real"),
-            ("scale_q", scale_q, "positive"),
-        ),
-        check,
-    )
+    xp, (mp, gp, mq, gq) = _loc_scale_pair(loc_p, scale_p, loc_q, scale_q, check)
     # ((γp+γq)² + δ²)/(4γpγq) = 1 + ((γp−γq)² + δ²)/(4γpγq): log1p keeps it exact near 0.
     d = mp - mq
     g = gp - gq
@@ -775,15 +758,7 @@ def laplace_normal_kl(
     loc_p: Array, scale_p: Array, loc_q: Array, scale_q: Array, *, check: bool = False
 ) -> Array:
     """KL(Laplace(μp, b) ‖ N(μq, σ²)) = ``−1 − log 2b + ½ log 2πσ² + (2b² + (μp − μq)²)/(2σ²)``."""
-    xp, (mp, b, mq, s) = _params(
-        (
-            ("loc_p", loc_p, "real"),
-            ("scale_p", scale_p, "positive"),
-            ("loc_q", loc_q, "real"),
-            ("scale_q", scale_q, "positive"),
-        ),
-        check,
-    )
+    xp, (mp, b, mq, s) = _loc_scale_pair(loc_p, scale_p, loc_q, scale_q, check)
     d = mp - mq
     return (
         -1.0
@@ -803,15 +778,7 @@ def normal_laplace_kl(
     ``E|X − μq| = σ√(2/π)·e^{−δ²/2σ²} + δ·erf(δ/(σ√2))`` with ``δ = μp − μq`` (the mean of a
     folded normal); smooth in δ with gradient 0 at δ = 0.
     """
-    xp, (mp, s, mq, b) = _params(
-        (
-            ("loc_p", loc_p, "real"),
-            ("scale_p", scale_p, "positive"),
-            ("loc_q", loc_q, "real"),
-            ("scale_q", scale_q, "positive"),
-        ),
-        check,
-    )
+    xp, (mp, s, mq, b) = _loc_scale_pair(loc_p, scale_p, loc_q, scale_q, check)
     sp = ns.special(xp)
     d = mp - mq
     z = d / s
