@@ -10,6 +10,7 @@ import pytest
 
 import kldiv.divergences
 import kldiv.estimators
+import kldiv.torch.losses
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,3 +38,5 @@ def test_docstring_examples():
     assert result.attempted >= 8 and result.failed == 0
     result = doctest.testmod(kldiv.estimators, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0
+    result = doctest.testmod(kldiv.torch.losses, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 5 and result.failed == 0

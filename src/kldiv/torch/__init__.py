@@ -1,0 +1,28 @@
+"""PyTorch shells over the kldiv core: ``nn.Module`` losses that hold configuration only.
+
+Importing this module imports torch; ``import kldiv`` alone does not.
+"""
+
+from __future__ import annotations
+
+from .losses import (
+    Divergence,
+    JSDivergence,
+    KLDivergence,
+    ReverseKLDivergence,
+    SkewKLDivergence,
+    SkewReverseKLDivergence,
+    SymmetricKLDivergence,
+    TVDistance,
+)
+
+__all__ = [
+    "Divergence",
+    "KLDivergence",
+    "ReverseKLDivergence",
+    "JSDivergence",
+    "SkewKLDivergence",
+    "SkewReverseKLDivergence",
+    "SymmetricKLDivergence",
+    "TVDistance",
+]
