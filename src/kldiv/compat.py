@@ -1,0 +1,221 @@
+"""Other libraries' KL functions, reproduced exactly: argument order, reductions and quirks.
+
+For porting code without changing its numbers, and for the tests that prove kldiv's parity
+with the real packages. Every function here runs on NumPy, PyTorch and JAX arrays alike, and
+each docstring says how the peer differs from the core (:func:`kldiv.kl_div`); use the core
+for new code. Quirks are kept on purpose: a NaN where the peer gives NaN, a clip where the
+peer clips.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _math
+from . import _namespace as ns
+
+Array = Any
+
+__all__ = [
+    "torch_kl_div",
+    "keras_kl_divergence",
+    "mxnet_kl_div_loss",
+    "tf_kl_from_logits",
+    "optax_kl_divergence",
+    "optax_kl_divergence_with_log_targets",
+    "scipy_rel_entr",
+]
+
+KERAS_EPSILON = 1e-7  # keras.backend.epsilon()
+MXNET_EPSILON = 1e-12  # gluon.loss.KLDivLoss: log(label + 1e-12)
+
+
+def _xp(*arrays: Array) -> tuple[Any, list[Array]]:
+    return ns.namespace(*arrays)
+
+
+def _peer(fn: Any) -> Any:
+    """Reproducing a peer's NaN and inf is the point here: silence NumPy's warnings about it."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if any(ns.is_numpy_array(a) for a in (*args, *kwargs.values())):
+            with np.errstate(all="ignore"):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _reduce_torch(xp: Any, loss: Array, reduction: str, batch: int) -> Array:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return xp.sum(loss)
+    if reduction == "mean":
+        return xp.mean(loss)
+    if reduction == "batchmean":
+        return xp.sum(loss) / batch if loss.ndim else xp.sum(loss)
+    raise ValueError(
+        f"torch_kl_div: reduction must be 'none', 'mean', 'batchmean' or 'sum', got {reduction!r}."
+    )
+
+
+@_peer
+def torch_kl_div(
+    input: Array, target: Array, reduction: str = "mean", log_target: bool = False
+) -> Array:
+    """``torch.nn.functional.kl_div(input, target, reduction, log_target)``, exactly.
+
+    ``input`` holds the model's log-probabilities, ``target`` the target's probabilities (or
+    log-probabilities with ``log_target=True``): the model comes *first*, the reverse of
+    :func:`kldiv.kl_div`. Pointwise ``xlogy(target, target) − target·input`` (or
+    ``exp(target)·(target − input)``), then:
+
+    * ``"mean"`` (PyTorch's default) divides by the number of *elements* N·V, i.e. the KL
+      divided by V as well — not the KL of anything;
+    * ``"batchmean"`` divides the sum by ``input.shape[0]`` only: the KL per row for 2-D
+      input, but per *sequence*, not per token, for ``(B, T, V)``;
+    * ``"sum"``, ``"none"`` as usual.
+
+    Quirks kept: a target of 0 where ``input`` is ``-inf`` gives NaN (``0·inf``), and so does a
+    log-target of ``-inf`` there. The core gives 0 for both and ``reduction="mean"`` is the
+    per-distribution mean.
+    """
+    xp, (inp, tgt) = _xp(input, target)
+    if log_target:
+        loss = xp.exp(tgt) * (tgt - inp)
+    else:
+        loss = _torch_xlogy(xp, tgt, tgt) - tgt * inp
+    return _reduce_torch(xp, loss, reduction, inp.shape[0] if inp.ndim else 1)
+
+
+def _torch_xlogy(xp: Any, x: Array, y: Array) -> Array:
+    # torch.xlogy: 0 where x == 0 unless y is NaN; gradient as _math.xlogy.
+    return _math.xlogy(xp, x, y)
+
+
+@_peer
+def keras_kl_divergence(y_true: Array, y_pred: Array) -> Array:
+    """``keras.losses.kl_divergence(y_true, y_pred)`` (Keras 3), exactly.
+
+    Target first, probabilities, summed over the last axis, one value per sample. Both
+    arguments are first clipped to ``[1e-7, 1]`` (``keras.backend.epsilon()``), which turns an
+    infinite KL (``y_pred = 0`` where ``y_true > 0``) into a finite one (≈ ``y_true·16.1``)
+    and gives those positions zero gradient. The ``keras.losses.KLDivergence`` object then
+    averages over the batch (``"sum_over_batch_size"``). The core gives +inf.
+    """
+    xp, (t, p) = _xp(y_true, y_pred)
+    if t.dtype != p.dtype:
+        t = xp.astype(t, p.dtype)
+    t = xp.clip(t, KERAS_EPSILON, 1.0)
+    p = xp.clip(p, KERAS_EPSILON, 1.0)
+    return xp.sum(t * xp.log(t / p), axis=-1)
+
+
+@_peer
+def mxnet_kl_div_loss(
+    pred: Array,
+    label: Array,
+    from_logits: bool = True,
+    axis: int = -1,
+    sample_weight: Array | None = None,
+    weight: float | None = None,
+    batch_axis: int = 0,
+    average: bool = True,
+) -> Array:
+    """MXNet Gluon ``KLDivLoss(from_logits, axis, weight, batch_axis)(pred, label)``.
+
+    Model first: ``pred`` holds log-probabilities when ``from_logits=True`` (the default — the
+    name means "already log-softmaxed", not logits), else raw outputs that get a log-softmax
+    along ``axis``. Pointwise ``label·(log(label + 1e-12) − pred)``, times ``weight`` and
+    ``sample_weight``, then one value per sample over every axis but ``batch_axis``:
+    ``average=True`` (the default here) takes the *mean* over those axes, as the Gluon docs,
+    the seed tutorial and the 1.x source say, i.e. the KL divided by the number of categories;
+    ``average=False`` takes the sum (the KL itself), which is how 1.9.1 is reported to behave
+    — see ``tests/fixtures/make_mxnet_fixtures.py`` for the check against the real package.
+
+    Quirks kept: the ``1e-12`` (a label of 0 contributes 0, but ``pred = -inf`` there gives
+    NaN), and the division by V under averaging. The core uses no epsilon.
+    """
+    xp, (pr, lb, sw) = _xp(pred, label, sample_weight)
+    if not from_logits:
+        pr = _math.log_softmax(xp, pr, axis)
+    if lb.dtype != pr.dtype:
+        lb = xp.astype(lb, pr.dtype)
+    loss = lb * (xp.log(lb + MXNET_EPSILON) - pr)
+    if weight is not None:
+        loss = loss * weight
+    if sw is not None:
+        loss = loss * sw
+    axes = tuple(i for i in range(loss.ndim) if i != batch_axis % loss.ndim)
+    return xp.mean(loss, axis=axes) if average else xp.sum(loss, axis=axes)
+
+
+@_peer
+def tf_kl_from_logits(logits_p: Array, logits_q: Array, axis: int = -1) -> Array:
+    """KL(softmax(p)‖softmax(q)) by the TensorFlow idiom
+    ``softmax_cross_entropy_with_logits(labels=softmax(p), logits=q) −
+    softmax_cross_entropy_with_logits(labels=softmax(p), logits=p)``, per row.
+
+    Target first. The difference of two cross-entropies cancels catastrophically when the
+    distributions are close (the result can be slightly negative in float32), and a ``-inf``
+    logit in ``p`` gives NaN (``0·inf`` inside the cross-entropy). The core computes the sum
+    of ``p·(log p − log q)`` directly: exact at zero, never negative beyond rounding.
+    """
+    xp, (a, b) = _xp(logits_p, logits_q)
+    lp = _math.log_softmax(xp, a, axis)
+    lq = _math.log_softmax(xp, b, axis)
+    p = xp.exp(lp)
+    ce_q = -xp.sum(p * lq, axis=axis)
+    ce_p = -xp.sum(p * lp, axis=axis)
+    return ce_q - ce_p
+
+
+@_peer
+def optax_kl_divergence(log_predictions: Array, targets: Array, axis: int = -1) -> Array:
+    """``optax.losses.kl_divergence(log_predictions, targets, axis)``, exactly.
+
+    Model first, as log-probabilities; targets as probabilities; summed over ``axis``, no
+    batch reduction. Pointwise ``targets·(where(targets == 0, 0, log targets) −
+    log_predictions)``: a target of 0 where the prediction is ``-inf`` gives NaN
+    (``0·inf``), and the gradient for ``targets`` at 0 is NaN. The core gives 0 with finite
+    gradients.
+    """
+    xp, (lpred, t) = _xp(log_predictions, targets)
+    zero = t == 0
+    log_t = xp.where(zero, 0.0, xp.log(t))  # optax's single where: its gradient at 0 is NaN
+    return xp.sum(t * (log_t - lpred), axis=axis)
+
+
+@_peer
+def optax_kl_divergence_with_log_targets(
+    log_predictions: Array, log_targets: Array, axis: int = -1
+) -> Array:
+    """``optax.losses.kl_divergence_with_log_targets(log_predictions, log_targets, axis)``.
+
+    Pointwise ``exp(log_targets)·(log_targets − log_predictions)`` summed over ``axis``: NaN
+    where both are ``-inf``. The core gives 0.
+    """
+    xp, (lpred, lt) = _xp(log_predictions, log_targets)
+    return xp.sum(xp.exp(lt) * (lt - lpred), axis=axis)
+
+
+@_peer
+def scipy_rel_entr(x: Array, y: Array) -> Array:
+    """``scipy.special.rel_entr(x, y)``, elementwise: ``x·log(x/y)`` for x, y > 0; 0 for
+    x = 0, y ≥ 0; +inf otherwise (x > 0 = y, or any negative argument); NaN propagates.
+
+    Target first and exact, like the core, but elementwise: sum it over the categories
+    yourself, or call ``kldiv.kl_div(x, y, reduction="none")``.
+    """
+    xp, (a, b) = _xp(x, y)
+    both = (a > 0) & (b > 0)
+    inner = a * xp.log(xp.where(both, a, 1.0) / xp.where(both, b, 1.0))  # SciPy's x·log(x/y)
+    zero = (a == 0) & (b >= 0)
+    out = xp.where(both, inner, xp.where(zero, 0.0, float("inf")))
+    nan = xp.isnan(a) | xp.isnan(b)
+    return xp.where(nan, float("nan"), out)
