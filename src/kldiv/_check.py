@@ -144,10 +144,25 @@ def check_num_items(num_items: Any, reduction: str) -> Any:
 
 
 def _broadcast(shapes: list[tuple[int, ...]], what: str) -> tuple[int, ...]:
+    if any(d is None for s in shapes for d in s):
+        return _broadcast_symbolic(shapes, what)
     try:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:
         raise ValueError(f"Expected {what} to be broadcastable, got shapes {shapes}.") from None
+
+
+def _broadcast_symbolic(shapes: list[tuple[Any, ...]], what: str) -> tuple[Any, ...]:
+    """Broadcasting where ``None`` is a dimension not known yet (TensorFlow graph tracing):
+    it matches anything and stays ``None`` unless the other side knows the size."""
+    ndim = max(len(s) for s in shapes)
+    out: list[Any] = []
+    for dims in zip(*[(1,) * (ndim - len(s)) + tuple(s) for s in shapes], strict=True):
+        known = {d for d in dims if d is not None and d != 1}
+        if len(known) > 1:
+            raise ValueError(f"Expected {what} to be broadcastable, got shapes {shapes}.")
+        out.append(known.pop() if known else (None if None in dims else 1))
+    return tuple(out)
 
 
 def distribution_shape(p: Any, q: Any, axis: Any) -> tuple[int, tuple[int, ...], int]:

@@ -30,6 +30,11 @@ def is_jax_array(x: Any) -> bool:
     return jax is not None and isinstance(x, jax.Array)
 
 
+def is_tf_tensor(x: Any) -> bool:
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(x, (tf.Tensor, tf.Variable))  # noqa: UP038
+
+
 def is_numpy_array(x: Any) -> bool:
     return isinstance(x, (np.ndarray, np.generic))  # noqa: UP038 - torch.compile rejects X | Y
 
@@ -54,6 +59,7 @@ def _is_array(x: Any) -> bool:
         is_torch_array(x)
         or is_jax_array(x)
         or is_numpy_array(x)
+        or is_tf_tensor(x)
         or (hasattr(x, "__array_namespace__"))
     )
 
@@ -71,6 +77,10 @@ def _single_namespace(x: Any) -> ModuleType:
         import array_api_compat.numpy as xp_numpy
 
         return xp_numpy
+    if is_tf_tensor(x):  # Keras on TensorFlow: keras.ops stands in for the Array API
+        from . import _keras_ops
+
+        return _keras_ops
     return array_api_compat.array_namespace(x)
 
 
@@ -83,6 +93,8 @@ def backend_name(xp: ModuleType) -> str:
         return "jax"
     if "numpy" in name:
         return "numpy"
+    if name == "kldiv._keras_ops":
+        return "keras"
     return name
 
 
@@ -126,6 +138,9 @@ def namespace(*args: Any, names: tuple[str, ...] | None = None) -> tuple[ModuleT
 
 
 def _dtype_name(dtype: Any) -> str:
+    name = getattr(dtype, "name", None)  # NumPy and TensorFlow dtypes; torch's have none
+    if isinstance(name, str):
+        return name
     return str(dtype).rsplit(".", 1)[-1].strip("'>")
 
 
@@ -168,6 +183,10 @@ def stop_gradient(xp: ModuleType, x: Any) -> Any:
         import jax
 
         return jax.lax.stop_gradient(x)
+    if b == "keras":
+        import keras
+
+        return keras.ops.stop_gradient(x)
     return x
 
 
@@ -187,6 +206,10 @@ def native_log_softmax(xp: ModuleType) -> Any | None:
         import jax
 
         return lambda x, axis: jax.nn.log_softmax(x, axis=axis)
+    if b == "keras":
+        import keras
+
+        return lambda x, axis: keras.ops.log_softmax(x, axis=axis)
     return None
 
 
@@ -230,6 +253,8 @@ def device_of(x: Any) -> Any:
     """The device of an array (``"cpu"`` for NumPy), for creating constants beside it."""
     if is_torch_array(x):
         return x.device  # direct: array-api-compat's generic lookup is slow to trace
+    if is_tf_tensor(x):
+        return None  # keras.ops places new tensors itself
     return array_api_compat.device(x)
 
 

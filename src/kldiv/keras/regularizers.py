@@ -1,0 +1,38 @@
+"""The sparse-autoencoder penalty as a Keras regularizer, done with the Bernoulli KL per unit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from .. import _check
+from ..distributions import bernoulli_kl
+
+
+@keras.saving.register_keras_serializable(package="kldiv")
+class KLSparsityRegularizer(keras.regularizers.Regularizer):
+    """``weight · Σ_units KL(Bernoulli(target) ‖ Bernoulli(ρ̂_unit))``, ρ̂ = mean activation.
+
+    Use as ``activity_regularizer=`` of a layer whose activations lie in [0, 1] (sigmoid): ρ̂ is
+    the mean of each unit over the batch (every axis but the last), and the penalty pushes it
+    towards ``target``. This is the Keras seed text's regularizer, which computes the same
+    Bernoulli KL by calling a categorical KL twice, on ρ and on 1 − ρ; here it is one call to
+    :func:`kldiv.distributions.bernoulli_kl`, exact at the boundary: a unit that never fires
+    (ρ̂ = 0) or always fires (ρ̂ = 1) gives +inf, where the seed text's 1e-7 clipping reports
+    a finite 0.6 and hides it. Gradients are finite for ρ̂ in (0, 1).
+    """
+
+    def __init__(self, target: float = 0.05, weight: float = 0.01) -> None:
+        self.target = _check.check_unit_interval("target", target)
+        if not _check._is_real(weight) or weight < 0:
+            raise ValueError(f"Expected `weight` to be a float >= 0, got {weight!r}.")
+        self.weight = float(weight)
+
+    def __call__(self, x: Any) -> Any:
+        axes = tuple(range(len(x.shape) - 1))
+        rho_hat = keras.ops.mean(x, axis=axes) if axes else x
+        return self.weight * keras.ops.sum(bernoulli_kl(self.target, rho_hat))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"target": self.target, "weight": self.weight}

@@ -1,0 +1,109 @@
+"""Run by tests/test_keras.py in a fresh process per Keras backend (KERAS_BACKEND must be set
+before keras is imported): every kldiv.keras loss against the core, serialisation, and a real
+model.fit with a loss and the sparsity regularizer. Prints one line per check; exits non-zero
+on the first failure."""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import kldiv
+import kldiv.keras as kk
+
+backend = keras.backend.backend()
+rng = np.random.default_rng(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+checks = 0
+
+
+def check(cond: bool, what: str) -> None:
+    global checks
+    if not cond:
+        print(f"FAIL [{backend}] {what}")
+        sys.exit(1)
+    checks += 1
+
+
+def as_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+# 1. every loss equals the core (float64 NumPy) per sample, with Keras' reduction on top
+logits_p = rng.normal(size=(6, 7)).astype("float32")
+logits_q = rng.normal(size=(6, 7)).astype("float32")
+probs_p = np.exp(logits_p) / np.exp(logits_p).sum(-1, keepdims=True)
+params = {"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+classes = {"kl": kk.KLDivergence, "reverse_kl": kk.ReverseKLDivergence, "js": kk.JSDivergence,
+           "skew_kl": kk.SkewKLDivergence, "skew_reverse_kl": kk.SkewReverseKLDivergence,
+           "symmetric_kl": kk.SymmetricKLDivergence, "tv": kk.TVDistance}  # fmt: skip
+weights = rng.random(6).astype("float32")
+for kind, cls in classes.items():
+    for form, a in ((("probs", "logits"), probs_p), ("logits", logits_p)):
+        kw = dict(params.get(kind, {}), form=form)
+        if form == "logits":
+            kw["temperature"] = 2.0
+        ref = np.asarray(kldiv.divergence(a.astype(np.float64), logits_q.astype(np.float64),
+                                          kind, reduction="none", **kw))  # fmt: skip
+        loss = cls(**kw)
+        got = as_np(loss(a, logits_q))
+        check(abs(got - ref.mean()) <= 1e-5 * (1 + abs(ref.mean())), f"{kind} {form} mean")
+        got_w = as_np(loss(a, logits_q, sample_weight=weights))
+        check(
+            abs(got_w - (ref * weights).mean()) <= 1e-5 * (1 + abs(ref.mean())), f"{kind} weighted"
+        )
+        none = as_np(cls(reduction=None, **kw)(a, logits_q))
+        check(np.allclose(none, ref, rtol=1e-5, atol=1e-6), f"{kind} {form} per sample")
+        cfg = loss.get_config()
+        again = cls.from_config(cfg)
+        check(again.get_config() == cfg, f"{kind} config round trip")
+        by_name = kk.Divergence(kind, **kw)
+        check(abs(as_np(by_name(a, logits_q)) - got) <= 1e-6, f"{kind} by name")
+
+# zero support stays exact: +inf where the candidate has no mass (Keras' own loss clips)
+p0 = np.array([[0.5, 0.5, 0.0]], dtype="float32")
+q0 = np.array([[1.0, 0.0, 0.0]], dtype="float32")
+check(math.isinf(float(as_np(kk.KLDivergence()(p0, q0)))), "inf where q = 0 < p")
+check(math.isfinite(float(as_np(keras.losses.KLDivergence()(p0, q0)))), "Keras' own is finite")
+
+# 2. the regularizer: Σ_units KL(Bernoulli(ρ)‖Bernoulli(ρ̂)) · weight, ρ̂ the batch mean
+act = rng.uniform(0.01, 0.3, size=(16, 5)).astype("float32")
+rho_hat = act.astype(np.float64).mean(0)
+rho = 0.05
+by_hand = 0.01 * np.sum(rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
+reg = kk.KLSparsityRegularizer(target=0.05, weight=0.01)
+check(
+    abs(float(as_np(reg(keras.ops.convert_to_tensor(act)))) - by_hand) <= 1e-6, "regularizer value"
+)
+dead = act.copy()
+dead[:, 2] = 0.0
+check(math.isinf(float(as_np(reg(keras.ops.convert_to_tensor(dead))))), "dead unit is inf")
+check(kk.KLSparsityRegularizer.from_config(reg.get_config()).get_config() == reg.get_config(),
+      "regularizer config")  # fmt: skip
+
+# 3. a real fit with the loss and the regularizer; save and load the model
+keras.utils.set_random_seed(0)
+x = rng.normal(size=(128, 8)).astype("float32")
+teacher = x @ rng.normal(size=(8, 5)).astype("float32")
+y = np.exp(teacher) / np.exp(teacher).sum(-1, keepdims=True)
+inp = keras.Input((8,))
+h = keras.layers.Dense(6, activation="sigmoid", activity_regularizer=kk.KLSparsityRegularizer())(
+    inp
+)
+out = keras.layers.Dense(5)(h)
+model = keras.Model(inp, out)
+model.compile(optimizer=keras.optimizers.Adam(0.05), loss=kk.JSDivergence(form=("probs", "logits")))
+hist = model.fit(x, y, epochs=8, batch_size=32, verbose=0).history["loss"]
+check(all(math.isfinite(v) for v in hist), f"finite losses {hist}")
+check(hist[-1] < 0.7 * hist[0], f"loss decreases {hist[0]:.4f} -> {hist[-1]:.4f}")
+with tempfile.TemporaryDirectory() as d:
+    path = Path(d) / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    check(type(loaded.loss).__name__ == "JSDivergence", "loss restored by load_model")
+    check(np.allclose(as_np(loaded(x[:4])), as_np(model(x[:4])), atol=1e-6), "weights restored")
+print(f"OK {backend} {checks} checks")
