@@ -24,6 +24,16 @@ def test_losses_regularizer_and_fit_on_each_backend(backend, rng):
     assert f"OK {backend}" in out.stdout
 
 
+def test_tf_tensors_need_keras_on_tensorflow():
+    # this process runs Keras on JAX (conftest): a TF tensor must not silently become JAX
+    import tensorflow as tf
+
+    import kldiv
+
+    with pytest.raises(TypeError, match="needs Keras' TensorFlow backend"):
+        kldiv.kl_div(tf.constant([[0.5, 0.5]]), tf.constant([[0.5, 0.5]]))
+
+
 def test_construction_errors():
     import kldiv.keras as kk
 

@@ -78,6 +78,14 @@ def _single_namespace(x: Any) -> ModuleType:
 
         return xp_numpy
     if is_tf_tensor(x):  # Keras on TensorFlow: keras.ops stands in for the Array API
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            raise TypeError(
+                "TensorFlow tensors are computed through keras.ops, which needs Keras' "
+                f"TensorFlow backend (KERAS_BACKEND=tensorflow); this process runs Keras on "
+                f"{keras.backend.backend()}. Convert the tensors to NumPy or to that backend."
+            )
         from . import _keras_ops
 
         return _keras_ops

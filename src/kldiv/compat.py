@@ -125,7 +125,7 @@ def mxnet_kl_div_loss(
     sample_weight: Array | None = None,
     weight: float | None = None,
     batch_axis: int = 0,
-    average: bool = True,
+    average: bool = False,
 ) -> Array:
     """MXNet Gluon ``KLDivLoss(from_logits, axis, weight, batch_axis)(pred, label)``.
 
@@ -133,13 +133,14 @@ def mxnet_kl_div_loss(
     name means "already log-softmaxed", not logits), else raw outputs that get a log-softmax
     along ``axis``. Pointwise ``label·(log(label + 1e-12) − pred)``, times ``weight`` and
     ``sample_weight``, then one value per sample over every axis but ``batch_axis``:
-    ``average=True`` (the default here) takes the *mean* over those axes, as the Gluon docs,
-    the seed tutorial and the 1.x source say, i.e. the KL divided by the number of categories;
-    ``average=False`` takes the sum (the KL itself), which is how 1.9.1 is reported to behave
-    — see ``tests/fixtures/make_mxnet_fixtures.py`` for the check against the real package.
+    ``average=False`` (the default) *sums* over those axes, which is what MXNet 1.9.1 does
+    (checked against the real package: ``tests/fixtures/make_mxnet_fixtures.py``);
+    ``average=True`` takes the mean instead, as the Gluon docs, older releases and the MXNet
+    seed tutorial do ("smaller than the true definition by a factor of the number of
+    categories").
 
-    Quirks kept: the ``1e-12`` (a label of 0 contributes 0, but ``pred = -inf`` there gives
-    NaN), and the division by V under averaging. The core uses no epsilon.
+    Quirks kept: the ``1e-12`` inside the log (a label of 0 contributes 0, but ``pred = -inf``
+    there gives NaN). The core uses no epsilon and gives 0 there.
     """
     xp, (pr, lb, sw) = _xp(pred, label, sample_weight)
     if not from_logits:
