@@ -9,6 +9,7 @@ peer clips.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ __all__ = [
     "optax_kl_divergence",
     "optax_kl_divergence_with_log_targets",
     "scipy_rel_entr",
+    "trl_generalized_jsd_loss",
+    "verl_kl_penalty",
 ]
 
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon()
@@ -220,3 +223,112 @@ def scipy_rel_entr(x: Array, y: Array) -> Array:
     out = xp.where(both, inner, xp.where(zero, 0.0, float("inf")))
     nan = xp.isnan(a) | xp.isnan(b)
     return xp.where(nan, float("nan"), out)
+
+
+def _log_add_exp(xp: Any, a: Array, b: Array) -> Array:
+    """``torch.logsumexp(torch.stack([a, b]), 0)``: -inf where both are -inf."""
+    m = xp.where(a > b, a, b)
+    finite = xp.isfinite(m)
+    m0 = xp.where(finite, m, 0.0)
+    return xp.where(finite, m0 + xp.log(xp.exp(a - m0) + xp.exp(b - m0)), m)
+
+
+@_peer
+def trl_generalized_jsd_loss(
+    student_logits: Array,
+    teacher_logits: Array,
+    labels: Array | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    num_items_in_batch: Any = None,
+) -> Array:
+    """TRL's ``GKDTrainer.generalized_jsd_loss`` (``trl.experimental.gkd``, TRL 1.x), exactly.
+
+    Student first. For 0 < β < 1 it is ``kldiv.js_div(teacher, student, beta=β)`` per token
+    (M = β·teacher + (1 − β)·student, the same generalised JSD); the quirks are elsewhere:
+
+    * **endpoints**: β = 0 switches to KL(teacher‖student) and β = 1 to KL(student‖teacher),
+      while the generalised JSD itself is 0 at both (the core's ``js_div`` is continuous);
+    * **reductions**: ``"batchmean"`` divides by the number of tokens whose label is not -100
+      when ``labels`` are given, but by the *batch size* (sequences, not tokens) when they
+      are not; ``"mean"`` divides by tokens × vocabulary; ``"none"`` returns the elementwise
+      terms (``[tokens, V]`` after masking); ``num_items_in_batch`` overrides the denominator;
+    * elementwise ``F.kl_div(log_target=True)`` terms: NaN where both log-probabilities are
+      ``-inf`` (masked vocabulary entries).
+
+    Checked against the real TRL by recorded fixtures (``tests/fixtures/make_trl_fixtures.py``).
+    """
+    xp, (s, t, lab) = _xp(student_logits, teacher_logits, labels)
+    ls = _math.log_softmax(xp, s / temperature, -1)
+    lt = _math.log_softmax(xp, t / temperature, -1)
+
+    def kl_div_log_target(inp: Array, tgt: Array) -> Array:  # F.kl_div(..., log_target=True)
+        return xp.exp(tgt) * (tgt - inp)
+
+    if beta == 0:
+        jsd = kl_div_log_target(ls, lt)
+    elif beta == 1:
+        jsd = kl_div_log_target(lt, ls)
+    else:
+        mix = _log_add_exp(xp, ls + math.log1p(-beta), lt + math.log(beta))
+        jsd = beta * kl_div_log_target(mix, lt) + (1 - beta) * kl_div_log_target(mix, ls)
+    count = None
+    if lab is not None:
+        keep = lab != -100
+        jsd = jsd[keep]
+        count = xp.sum(xp.astype(keep, jsd.dtype))
+    if num_items_in_batch is not None:
+        return xp.sum(jsd) / num_items_in_batch
+    if reduction == "batchmean":
+        denom = xp.where(count > 1, count, 1.0) if count is not None else max(jsd.shape[0], 1)
+        return xp.sum(jsd) / denom
+    if reduction == "sum":
+        return xp.sum(jsd)
+    if reduction == "mean":
+        return xp.mean(jsd)
+    return jsd
+
+
+@_peer
+def verl_kl_penalty(logprob: Array, ref_logprob: Array, kl_penalty: str = "low_var_kl") -> Array:
+    """verl's ``core_algos.kl_penalty(logprob, ref_logprob, kl_penalty)`` (verl 0.9), exactly.
+
+    Per-token estimates of KL(policy‖reference) from the sampled tokens' log-probabilities,
+    policy first; these are :mod:`kldiv.estimators` with verl's settings:
+
+    * ``"kl"``/``"k1"``: ``logprob − ref_logprob`` (estimator ``k1``);
+    * ``"abs"``: ``|logprob − ref_logprob|`` (not an estimator of KL: biased upwards);
+    * ``"mse"``/``"k2"``: ``½(logprob − ref_logprob)²`` (``k2``);
+    * ``"low_var_kl"``/``"k3"``: ``k3`` with the log-ratio clamped to ±20 and the value to ±10
+      (``clamp_log_ratio=20, clamp_value=10``) — biased where the clamps bite;
+    * a ``"+"`` suffix (``"k3+"``, ``"k1+"``, ...): the value of that estimator with the
+      gradient of an unclamped ``k2``, verl's straight-through (``kl_estimate``'s
+      ``grad_estimator="k2"`` is the same except that it clamps both alike).
+
+    No masking (verl masks afterwards). ``kldiv.estimators.kl_estimate`` does the same with
+    masking before ``exp`` and a choice of reduction. Checked against the real verl by recorded
+    fixtures (``tests/fixtures/make_verl_fixtures.py``).
+    """
+    from .estimators import kl_estimate
+
+    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    names = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+    xp, (lp, lq) = _xp(logprob, ref_logprob)
+    if base == "abs":
+        d = lp - lq
+        # |d| with torch's gradient 0 at d = 0 (JAX's abs has gradient 1 there)
+        value = xp.where(d == 0, 0.0 * d, xp.abs(d))
+    elif base in names:
+        kw: dict[str, Any] = {"estimator": names[base], "reduction": "none"}
+        if names[base] == "k3":
+            kw.update(clamp_log_ratio=20.0, clamp_value=10.0)
+        value = kl_estimate(lp, lq, **kw)
+    else:
+        raise NotImplementedError(f"verl_kl_penalty: unknown kl_penalty {kl_penalty!r}.")
+    if kl_penalty.endswith("+") and base not in ("mse", "k2"):
+        # verl's straight-through: the value above with the gradient of an *unclamped* k2
+        # (grad_estimator="k2" in kl_estimate would clamp it along with the value)
+        g = 0.5 * (lp - lq) * (lp - lq)
+        value = ns.stop_gradient(xp, value) + (g - ns.stop_gradient(xp, g))
+    return value
