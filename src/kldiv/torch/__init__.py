@@ -5,6 +5,7 @@ Importing this module imports torch; ``import kldiv`` alone does not.
 
 from __future__ import annotations
 
+from .distillation import DistillationLoss
 from .losses import (
     Divergence,
     JSDivergence,
@@ -17,6 +18,7 @@ from .losses import (
 )
 
 __all__ = [
+    "DistillationLoss",
     "Divergence",
     "KLDivergence",
     "ReverseKLDivergence",

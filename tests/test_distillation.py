@@ -1,0 +1,123 @@
+"""DistillationLoss: every divergence against the core in float64, the CPU fast path against
+the core (values and student gradients), labels, temperature, num_items, grad_output ≠ 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kldiv
+from kldiv.torch import DistillationLoss, _cpu
+
+DIVS = ["kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv"]
+CORE_KIND = {"kl": "kl", "reverse_kl": "reverse_kl", "js": "js", "skew_kl": "skew_kl",
+             "skew_reverse_kl": "skew_reverse_kl", "tv": "tv"}  # fmt: skip
+
+
+def inputs(rng, shape=(3, 11, 37), neg_inf=True, ignore=True):
+    s = rng.normal(scale=2.0, size=shape)
+    t = rng.normal(scale=2.0, size=shape)
+    if neg_inf:
+        t[..., :3][rng.random(t[..., :3].shape) < 0.3] = -np.inf  # teacher rules tokens out
+        s[..., 5][rng.random(s[..., 5].shape) < 0.2] = -np.inf  # student too (where t may be > 0)
+    labels = rng.integers(0, shape[-1], size=shape[:-1])
+    if ignore:
+        labels[rng.random(shape[:-1]) < 0.3] = -100
+        s[labels == -100] = np.nan  # garbage in skipped tokens must not matter
+    return s, t, labels
+
+
+def core_reference(kind, s, t, labels, temperature, reduction, num_items=None, **params):
+    keep = torch.tensor(labels != -100)
+    s = s if isinstance(s, torch.Tensor) else torch.tensor(s)
+    return kldiv.divergence(torch.tensor(t), s, CORE_KIND[kind], form="logits",
+                            temperature=temperature, mask=keep, reduction=reduction,
+                            num_items=num_items, **params)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", DIVS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_core_path_equals_the_core_in_float64(rng, kind, reduction):
+    s, t, labels = inputs(rng)
+    params = {"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+    kw = params.get(kind, {})
+    loss = DistillationLoss(kind, temperature=1.7, reduction=reduction, **kw)
+    got = loss(torch.tensor(s), torch.tensor(t), torch.tensor(labels))
+    ref = core_reference(kind, s, t, labels, 1.7, reduction, **kw)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", _cpu.SUPPORTED)
+@pytest.mark.parametrize("shape", [(37, 1271), (2, 5, 64), (1, 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fast_path_values_and_gradients_against_the_core(rng, kind, shape, reduction, monkeypatch):
+    monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * shape[-1] + 1)  # several chunks, odd split
+    s, t, labels = inputs(rng, shape, neg_inf=shape[-1] > 5, ignore=len(shape) > 1)
+    loss = DistillationLoss(kind, temperature=2.0, reduction=reduction,
+                            scale_by_temperature_squared=True)  # fmt: skip
+    st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    out = loss(st, torch.tensor(t, dtype=torch.float32), torch.tensor(labels))
+    s64 = torch.tensor(np.where(np.isnan(s), 0.0, s), requires_grad=True)
+    ref = 4.0 * core_reference(kind, s64, t, labels, 2.0, reduction)
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(out.double()[fin], ref.detach()[fin], rtol=2e-5, atol=2e-5)
+    assert torch.equal(torch.isposinf(out), torch.isposinf(ref))
+    # grad_output ≠ 1: random upstream weights for "none", a factor otherwise
+    w = torch.rand(out.shape, dtype=torch.float64) if reduction == "none" else torch.tensor(3.7)
+    if not torch.isfinite(ref).all():
+        return  # gradients at an infinite value are unconstrained (core docs)
+    (out.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(st.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(st.grad).all()
+
+
+def test_paths_agree_and_dispatch(rng):
+    s, t, labels = inputs(rng, (4, 50), neg_inf=False)
+    st = torch.tensor(s, dtype=torch.float32)
+    tt = torch.tensor(t, dtype=torch.float32)
+    lab = torch.tensor(labels)
+    fast = DistillationLoss("kl")(st, tt, lab)
+    core = DistillationLoss("kl", fast_path=False)(st, tt, lab)
+    torch.testing.assert_close(fast, core, rtol=1e-5, atol=1e-6)
+    # a teacher that needs a gradient goes through the core, which gives it one
+    tg = tt.clone().requires_grad_(True)
+    DistillationLoss("kl")(st, tg, lab).backward()
+    assert tg.grad is not None and torch.isfinite(tg.grad).all()
+
+
+def test_num_items_bf16_and_empty_batches(rng):
+    s, t, labels = inputs(rng, (6, 40), neg_inf=False, ignore=False)
+    st, tt = torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32)
+    loss = DistillationLoss("reverse_kl")
+    a = loss(st, tt, num_items=30.0)
+    b = DistillationLoss("reverse_kl", reduction="sum")(st, tt) / 30.0
+    torch.testing.assert_close(a, b)
+    half = loss(st.bfloat16().requires_grad_(True), tt.bfloat16())
+    assert half.dtype == torch.float32
+    all_skipped = torch.full((6,), -100)
+    sb = st.clone().requires_grad_(True)
+    zero = loss(sb, tt, all_skipped)
+    zero.backward()
+    assert zero.item() == 0.0 and torch.equal(sb.grad, torch.zeros_like(sb))
+
+
+def test_second_backward_is_refused_and_errors_are_clear():
+    s = torch.randn(3, 8, requires_grad=True)
+    t = torch.randn(3, 8)
+    out = DistillationLoss("kl")(s, t)
+    out.backward(retain_graph=True)
+    # the gradient is computed in forward and scaled in place in backward: autograd's version
+    # counter refuses a second backward instead of returning a twice-scaled gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    with pytest.raises(ValueError, match="Unknown divergence 'kld'"):
+        DistillationLoss("kld")
+    with pytest.raises(ValueError, match="same shape"):
+        DistillationLoss()(torch.randn(2, 5), torch.randn(2, 6))
+    with pytest.raises(ValueError, match="token shape"):
+        DistillationLoss()(torch.randn(2, 5), torch.randn(2, 5), torch.zeros(3, dtype=torch.long))
+    assert repr(DistillationLoss("js", beta=0.3, temperature=2.0)) == (
+        "DistillationLoss(divergence='js', beta=0.3, temperature=2.0, reduction='mean')"
+    )
