@@ -104,6 +104,18 @@ if backend == "tensorflow":
         check(np.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-12), "tf idiom gradient")
         check(np.allclose(g_core, g_ref, rtol=1e-9, atol=1e-12), "core gradient equals TF")
 
+    # symbolic batch dimension (a custom train_step or any tf.function): every reduction
+    sig = [tf.TensorSpec([None, 9], tf.float64)] * 2
+    for red in ("mean", "sum"):
+        f = tf.function(lambda x, y, r=red: kldiv.kl_div(x, y, form="logits", reduction=r),
+                        input_signature=sig)  # fmt: skip
+        eager = kldiv.kl_div(a.numpy(), b.numpy(), form="logits", reduction=red)
+        check(np.allclose(f(a, b).numpy(), np.asarray(eager), rtol=1e-12), f"tf.function {red}")
+    # a tf.Variable is read, not rejected
+    var = tf.Variable(b)
+    check(np.allclose(kldiv.kl_div(a, var, form="logits", reduction="none").numpy(),
+                      core.numpy(), rtol=1e-12), "tf.Variable input")  # fmt: skip
+
     # TensorFlow Probability as a second reference: Categorical and a few closed forms
     import tensorflow_probability as tfp
 
@@ -167,6 +179,12 @@ inp = keras.Input((8,))
 h = keras.layers.Dense(6, activation="sigmoid", activity_regularizer=kk.KLSparsityRegularizer())(
     inp
 )
+# as a bias regularizer the input is the layer's Variable itself (values in (0, 1) here)
+biased = keras.layers.Dense(3, bias_initializer=keras.initializers.Constant(0.2),
+                            bias_regularizer=kk.KLSparsityRegularizer())  # fmt: skip
+biased.build((None, 8))
+expected = 0.01 * 3 * (0.05 * math.log(0.05 / 0.2) + 0.95 * math.log(0.95 / 0.8))
+check(abs(float(as_np(sum(biased.losses))) - expected) < 1e-6, "bias_regularizer on a Variable")
 out = keras.layers.Dense(5)(h)
 model = keras.Model(inp, out)
 model.compile(optimizer=keras.optimizers.Adam(0.05), loss=kk.JSDivergence(form=("probs", "logits")))

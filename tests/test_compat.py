@@ -71,6 +71,16 @@ def test_torch_kl_div_gradients_where_finite(rng):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
 
 
+def test_torch_kl_div_target_gradient_at_zero_is_nan_like_torch(ad):
+    inp = np.array([[-1.0, -0.5, -2.0]])
+    tgt = np.array([[0.0, 0.6, 0.4]])
+    a, b = torch.tensor(inp, requires_grad=True), torch.tensor(tgt, requires_grad=True)
+    F.kl_div(a, b, reduction="sum").backward()
+    got = ad.grad(lambda x, y: compat.torch_kl_div(x, y, "sum"), ad.asarray(inp), ad.asarray(tgt))
+    same(got[0], a.grad.numpy())
+    same(got[1], b.grad.numpy())  # NaN at the zero target, finite elsewhere
+
+
 def test_torch_quirks_are_kept_and_the_core_differs():
     inp = torch.tensor([[-np.inf, 0.0]])
     tgt = torch.tensor([[0.0, 1.0]])
@@ -144,6 +154,15 @@ def test_scipy_parity(xp, rng):
         rtol=1e-14,  # SciPy's C log(x / y) and the frameworks' differ in the last bits
         atol=1e-16,
     )
+    # SciPy's own branches: near x = y, ratios that overflow or underflow, float32 stays float32
+    x = np.array([1e300, 2.0, 1e-3, 0.3, 1e-310, 3.0, 0.25])
+    y = np.array([1e-300, 1e-320, 1e-3 * (1 + 1e-13), 0.7, 1e300, 1e-200, 0.25 * (1 - 1e-9)])
+    if xp.name == "jax":  # XLA on CPU flushes subnormals (1e-320, 1e-310) to zero
+        x, y = np.delete(x, [1, 4]), np.delete(y, [1, 4])
+    same(xp.to_numpy(compat.scipy_rel_entr(xp.asarray(x), xp.asarray(y))), special.rel_entr(x, y),
+         rtol=1e-14, atol=0)  # fmt: skip
+    f32 = compat.scipy_rel_entr(xp.asarray(a, "float32"), xp.asarray(b, "float32"))
+    assert xp.dtype_name(f32) == "float32"
     # the core agrees with SciPy wherever the semantics do (normalised inputs)
     p = np.exp(log_probs(rng, (6, 9)))
     q = np.exp(log_probs(rng, (6, 9)))

@@ -772,3 +772,36 @@ def test_threaded_blocks_give_the_same_values_and_the_first_error(monkeypatch, r
         ValueError, match=r"contains 2 NaN values, the first in the token at index \(5,\)"
     ):
         TokenStats().update(ref, bad)
+
+
+def test_update_works_in_a_forked_child_after_the_pool_started(rng):
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.fail("this platform has no fork; the test targets Linux")
+    ref, cand = rng.normal(size=(2048, 300)), rng.normal(size=(2048, 300))
+    TokenStats().update(ref, cand)  # the parent's thread pool now exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        n = pool.apply_async(_child_update, (ref, cand)).get(timeout=60)
+    assert n == 2048
+
+
+def _child_update(ref, cand):
+    s = TokenStats()
+    s.update(ref, cand)
+    return s.report().num_tokens
+
+
+def test_stats_pickle_and_merge_across_processes(rng):
+    import pickle
+
+    a, b = TokenStats(), TokenStats()
+    ref, cand = rng.normal(size=(10, 6)), rng.normal(size=(10, 6))
+    a.update(ref[:4], cand[:4])
+    b.update(ref[4:], cand[4:])
+    merged = pickle.loads(pickle.dumps(a)).merge(pickle.loads(pickle.dumps(b)))
+    one = TokenStats()
+    one.update(ref, cand)
+    assert merged.report() == one.report()
+    merged.update(ref, cand)  # the restored lock works

@@ -130,3 +130,19 @@ def test_torch_compile_fullgraph_and_device_agnostic():
     np.testing.assert_allclose(
         float(m(t, s)), float(kldiv.kl_div(s / 2, t / 2, form="logits")), rtol=1e-6
     )
+
+
+def test_compile_with_changing_temperature():
+    # a temperature schedule: automatic dynamic turns the float into a SymFloat on the second
+    # value, which the validation must be able to trace
+    t, s = torch.randn(4, 7), torch.randn(4, 7)
+    torch._dynamo.reset()
+    for temperature in (2.0, 3.0, 4.0):
+        m = kt.KLDivergence(form="logits", temperature=temperature)
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(t, s), m(t, s))
+    f = torch.compile(lambda a, b, T: kldiv.kl_div(a, b, form="logits", temperature=T),
+                      fullgraph=True)  # fmt: skip
+    for temperature in (2.0, 3.0):
+        torch.testing.assert_close(
+            f(t, s, temperature), kldiv.kl_div(t, s, form="logits", temperature=temperature)
+        )

@@ -106,7 +106,8 @@ def check_temperature(temperature: Any, forms: tuple[str, str]) -> float:
     if not _is_real(temperature):
         raise TypeError(f"Expected `temperature` to be a positive float, got {temperature!r}.")
     t = float(temperature)
-    if not (t > 0.0 and math.isfinite(t)):
+    # comparisons, not math.isfinite: under torch.compile t can be a SymFloat (NaN fails both)
+    if not (0.0 < t < math.inf):
         raise ValueError(f"Expected `temperature` to be finite and > 0, got {temperature!r}.")
     if t != 1.0 and forms != ("logits", "logits"):
         raise ValueError(

@@ -130,3 +130,7 @@ def clip(x: Any, lo: Any, hi: Any) -> Any:
 
 def zeros_like(x: Any) -> Any:
     return _ops().zeros_like(x)
+
+
+def ones_like(x: Any) -> Any:
+    return _ops().ones_like(x)

@@ -133,7 +133,9 @@ def namespace(*args: Any, names: tuple[str, ...] | None = None) -> tuple[ModuleT
         import array_api_compat.numpy as xp
     out = []
     for a in args:
-        if a is None or _is_array(a):
+        if is_tf_tensor(a) and not hasattr(a, "ndim"):  # a tf.Variable: read its value
+            out.append(sys.modules["tensorflow"].convert_to_tensor(a))
+        elif a is None or _is_array(a):
             out.append(a)
         elif isinstance(a, bool | int | float | list | tuple):
             out.append(xp.asarray(a))

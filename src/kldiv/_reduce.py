@@ -40,6 +40,10 @@ def reduce(
     if reduction == "mean":
         if num_items is not None:
             total = total / num_items
+        elif mask is None and None in batch:
+            # a dimension known only at run time (TensorFlow graph tracing): count it there
+            count = xp.sum(xp.ones_like(values))
+            total = total / xp.where(count > 0, count, 1.0)
         elif mask is None:
             total = total / max(math.prod(batch), 1)
         else:

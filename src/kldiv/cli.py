@@ -64,8 +64,8 @@ def seed_examples(out=None) -> int:
     w()
     w("2. MXNet Gluon KLDivLoss tutorial. Its kl_divergence(a, b) passes log(a) as the prediction")
     w("   and b as the label, i.e. KL(b‖a), averaged over the 4 categories (the text: 'smaller")
-    w("   than the true definition by a factor of the number of categories').")
-    w(f"   {'compared':<12}{'text says':<38}{'kldiv KL(b‖a)':<16}{'÷ 4 (MXNet mean)':<16}")
+    w("   than the true definition by a factor of the number of categories'; MXNet 1.9.1 sums).")
+    w(f"   {'compared':<12}{'text says':<38}{'kldiv KL(b‖a)':<16}{'÷ 4 (tutorial)':<16}")
     says = {
         (1, 2): "smaller than 1 & 3",
         (1, 3): "larger than 1 & 2",

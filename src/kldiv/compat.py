@@ -97,8 +97,13 @@ def torch_kl_div(
 
 
 def _torch_xlogy(xp: Any, x: Array, y: Array) -> Array:
-    # torch.xlogy: 0 where x == 0 unless y is NaN; gradient as _math.xlogy.
-    return _math.xlogy(xp, x, y)
+    """torch.xlogy: 0 where x == 0 (unless y is NaN), with torch's gradients: for ``y`` it is
+    ``x/y``, NaN at x = y = 0, as ``F.kl_div``'s target gradient at a zero target is."""
+    if ns.backend_name(xp) == "torch":
+        import torch
+
+        return torch.xlogy(x, y)
+    return xp.where((x == 0) & ~xp.isnan(y), 0.0, x * xp.log(y))
 
 
 @_peer
@@ -210,19 +215,36 @@ def optax_kl_divergence_with_log_targets(
 
 @_peer
 def scipy_rel_entr(x: Array, y: Array) -> Array:
-    """``scipy.special.rel_entr(x, y)``, elementwise: ``x·log(x/y)`` for x, y > 0; 0 for
-    x = 0, y ≥ 0; +inf otherwise (x > 0 = y, or any negative argument); NaN propagates.
+    """``scipy.special.rel_entr(x, y)`` (SciPy 1.17), elementwise: ``x·log(x/y)`` for x, y > 0
+    (through ``log1p`` near x = y and ``log x − log y`` when x/y over- or underflows, as SciPy
+    does); 0 for x = 0, y ≥ 0; +inf otherwise (x > 0 = y, or any negative argument); NaN
+    propagates.
 
     Target first and exact, like the core, but elementwise: sum it over the categories
     yourself, or call ``kldiv.kl_div(x, y, reduction="none")``.
     """
     xp, (a, b) = _xp(x, y)
+    if a.dtype != b.dtype:
+        dtype = xp.result_type(a, b) if hasattr(xp, "result_type") else a.dtype
+        a, b = xp.astype(a, dtype), xp.astype(b, dtype)
     both = (a > 0) & (b > 0)
-    inner = a * xp.log(xp.where(both, a, 1.0) / xp.where(both, b, 1.0))  # SciPy's x·log(x/y)
+    sa, sb = xp.where(both, a, 1.0), xp.where(both, b, 1.0)
+    r = sa / sb
+    # SciPy's branches: log1p((x − y)/y) near x = y (no cancellation), log(x/y) when the ratio
+    # is representable, log x − log y when it overflows or underflows
+    near = (r > 0.5) & (r < 2.0)
+    fine = (r > 0) & (r < float("inf"))
+    inner = xp.where(
+        near,
+        sa * xp.log1p((sa - sb) / sb),
+        xp.where(fine, sa * xp.log(xp.where(fine, r, 1.0)), sa * (xp.log(sa) - xp.log(sb))),
+    )
     zero = (a == 0) & (b >= 0)
-    out = xp.where(both, inner, xp.where(zero, 0.0, float("inf")))
+    # constants built like `inner`, so float32 stays float32 (two Python floats would not)
+    otherwise = xp.where(zero, xp.zeros_like(inner), xp.full_like(inner, float("inf")))
+    out = xp.where(both, inner, otherwise)
     nan = xp.isnan(a) | xp.isnan(b)
-    return xp.where(nan, float("nan"), out)
+    return xp.where(nan, xp.full_like(out, float("nan")), out)
 
 
 def _log_add_exp(xp: Any, a: Array, b: Array) -> Array:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -79,6 +80,15 @@ def _threads() -> int:
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
     return max(1, min(4, cores))
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child inherits the pool object but none of its threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _pool() -> Any:
@@ -519,6 +529,17 @@ class TokenStats:
         self._num_ignored = 0
         self._vocab_size: int | None = None
         self._has_labels: bool | None = None
+        # update() may be called from several threads: each one's commit is atomic
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable, e.g. to merge across processes
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------------------- properties
     @property
@@ -710,13 +731,20 @@ class TokenStats:
                 for k, v in block.items():
                     parts[k].append(v)
 
-        for k, v in parts.items():
-            if v:
-                self._chunks[k].append(np.concatenate(v) if len(v) > 1 else v[0])
-        if keep is not None:
-            self._num_ignored += int(n - np.count_nonzero(keep))
-        self._vocab_size = vocab
-        self._has_labels = has_labels
+        with self._lock:
+            if self._vocab_size is not None and vocab != self._vocab_size:
+                raise ValueError(
+                    f"Expected {self._vocab_size} categories (as in earlier updates), got "
+                    f"{vocab} along axis {axis} (shape {ref.shape})."
+                )
+            self._check_labels_presence(has_labels, "this update")
+            for k, v in parts.items():
+                if v:
+                    self._chunks[k].append(np.concatenate(v) if len(v) > 1 else v[0])
+            if keep is not None:
+                self._num_ignored += int(n - np.count_nonzero(keep))
+            self._vocab_size = vocab
+            self._has_labels = has_labels
 
     def _check_labels_presence(self, has_labels: bool, what: str) -> None:
         if self._has_labels is None or self._has_labels == has_labels:

@@ -21,6 +21,10 @@ class KLSparsityRegularizer(keras.regularizers.Regularizer):
     :func:`kldiv.distributions.bernoulli_kl`, exact at the boundary: a unit that never fires
     (ρ̂ = 0) or always fires (ρ̂ = 1) gives +inf, where the seed text's 1e-7 clipping reports
     a finite 0.6 and hides it. Gradients are finite for ρ̂ in (0, 1).
+
+    Under a float16 mixed-precision policy a sigmoid saturates to exactly 1.0 from inputs of
+    about 7.6, so ρ̂ = 1 and the penalty is +inf far sooner than in float32: keep the
+    regularized layer in float32 (``dtype="float32"``).
     """
 
     def __init__(self, target: float = 0.05, weight: float = 0.01) -> None:
@@ -30,6 +34,9 @@ class KLSparsityRegularizer(keras.regularizers.Regularizer):
         self.weight = float(weight)
 
     def __call__(self, x: Any) -> Any:
+        # A layer's bias or kernel arrives as a keras.Variable, which convert_to_tensor
+        # returns unchanged on TensorFlow; copy reads its value into a backend tensor.
+        x = keras.ops.copy(x)
         axes = tuple(range(len(x.shape) - 1))
         rho_hat = keras.ops.mean(x, axis=axes) if axes else x
         return self.weight * keras.ops.sum(bernoulli_kl(self.target, rho_hat))
