@@ -155,6 +155,13 @@ def error_cases(tmp_path, rng):
     np.save(tmp_path / "labels_bad.npy", np.zeros((5,), dtype=np.int64))
     np.save(tmp_path / "labels_oob.npy", np.full((4,), 6, dtype=np.int64))
     (tmp_path / "exists").mkdir()
+    np.save(tmp_path / "labels_none.npy", np.full((4,), -100, dtype=np.int64))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 6), dtype=np.float32))
+    np.save(tmp_path / "novocab.npy", np.zeros((4, 0), dtype=np.float32))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "comp.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", b"\x93NUMPY" + b"garbage" * 50)
     t = str(tmp_path)
     return [
         ([f"{t}/missing.npy", f"{t}/b.npy"], "missing.npy: no such file"),
@@ -168,10 +175,15 @@ def error_cases(tmp_path, rng):
         ([f"{t}/a.npy", f"{t}/nan.npy"], "nan.npy: `cand` contains 1 NaN value"),
         ([f"{t}/badp.npy", f"{t}/goodp.npy", "--form", "probs"], "badp.npy: `ref` (form='probs') is not a valid distribution at token index (0,): its probabilities do not sum to 1"),
         ([f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_bad.npy"], "labels_bad.npy: has shape (5,); labels need the token shape (4,)"),
-        ([f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_oob.npy"], "a.npy: Expected `labels` in [0, 6)"),
+        ([f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_oob.npy"], "labels_oob.npy: Expected `labels` in [0, 6)"),
         ([f"{t}/a.npy", f"{t}/b.npy", "--axis", "2"], "--axis 2 is out of range for shape (4, 6)"),
         ([f"{t}/a.npy", f"{t}/b.npy", "--out", f"{t}/exists"], "exists: already exists"),
         ([f"{t}", f"{t}/b.npy"], "is a directory"),
+        ([f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_none.npy"], "a.npy: No tokens to report on"),
+        ([f"{t}/empty.npy", f"{t}/empty.npy"], "empty.npy: has shape (0, 6), no tokens"),
+        ([f"{t}/novocab.npy", f"{t}/novocab.npy"], "novocab.npy: has no categories"),
+        ([f"{t}/comp.npz", f"{t}/comp.npz"], "comp.npz: member x.npy is not a valid array"),
+        ([f"{t}/a.npy", f"{t}/b.npy", "--out", f"{t}/nodir/report"], "nodir: the parent of --out is not a writable directory"),
     ]  # fmt: skip
 
 
@@ -188,6 +200,13 @@ def test_every_error_is_one_line_exit_2_and_leaves_nothing(tmp_path, rng):
         assert out == ""
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial output
     assert (tmp_path / "exists").is_dir() and not any((tmp_path / "exists").iterdir())
+
+
+def test_demo_out_is_checked_before_training(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run(["demo", "--out", str(tmp_path / "afile")])
+    assert code == 2 and "cannot create the output directory" in err
+    assert "Distillation on real data" in out and "test acc" not in out  # no training happened
 
 
 def test_bad_form_is_an_argparse_error(tmp_path):

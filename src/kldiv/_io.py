@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,8 @@ class _NpzMember(ArrayFile):
         try:
             with self._zip.open(self._member) as f:
                 shape, fortran, dtype = _read_header(f)
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+            self._zip.close()
             raise InputError(f"{path}: member {self._member} is not a valid array ({e})") from None
         if fortran:
             raise InputError(f"{path}: member {self._member} is Fortran-ordered; save it C-ordered")
@@ -183,7 +185,7 @@ class _NpzMember(ArrayFile):
                     if len(buf) != rows * v * self.dtype.itemsize:
                         raise InputError(f"{self.path}: member {self._member} is truncated")
                     yield np.frombuffer(buf, self.dtype).reshape(rows, v).copy()
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
+        except (OSError, zipfile.BadZipFile, EOFError, zlib.error, ValueError) as e:
             raise InputError(f"{self.path}: cannot read {self._member} ({e})") from None
 
     def _load(self) -> np.ndarray:
@@ -230,12 +232,15 @@ class _SafeTensors(ArrayFile):
 
     def rows(self, axis: int, chunk: int) -> Iterator[np.ndarray]:
         sl = self._f.get_slice(self._key)
-        if axis not in (-1, len(self.shape) - 1) or len(self.shape) != 2:
+        if axis not in (-1, len(self.shape) - 1) or len(self.shape) < 2:
             yield _moved(self._to_numpy(sl[:]), axis)
             return
+        # slices along the first axis, each [k, ..., V] then flattened to rows
+        per = max(1, chunk // max(1, int(np.prod(self.shape[1:-1]))))
         n = self.shape[0]
-        for start in range(0, n, chunk):  # safetensors rejects slices past the end
-            yield self._to_numpy(sl[start : min(n, start + chunk)])
+        for start in range(0, n, per):  # safetensors rejects slices past the end
+            block = self._to_numpy(sl[start : min(n, start + per)])
+            yield block.reshape(-1, self.shape[-1])
 
     def _to_numpy(self, x: Any) -> np.ndarray:
         if self._bf16:
@@ -253,7 +258,13 @@ class _Torch(ArrayFile):
         except ImportError:
             raise InputError(f"{path}: reading .pt files needs PyTorch") from None
         try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # the legacy (non-zip) format cannot be memory-mapped: read it whole
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many kinds here (pickle, zip, runtime)
             raise InputError(
                 f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})"
@@ -266,7 +277,11 @@ class _Torch(ArrayFile):
         self._t = obj.detach()
         # NumPy has no bfloat16: such tensors are read as float32, which holds them exactly
         wide = torch.float32 if obj.dtype == torch.bfloat16 else obj.dtype
-        super().__init__(path, tuple(obj.shape), torch.empty(0, dtype=wide).numpy().dtype)
+        try:
+            dtype = torch.empty(0, dtype=wide).numpy().dtype
+        except TypeError:
+            raise InputError(f"{path}: holds {obj.dtype}, which NumPy cannot represent") from None
+        super().__init__(path, tuple(obj.shape), dtype)
 
     def rows(self, axis: int, chunk: int) -> Iterator[np.ndarray]:
         import torch

@@ -125,6 +125,10 @@ def demo(out_dir: str = "demo-output", train: bool = True, out=None, progress=No
     )
     print("   kldiv.kl_div (forward KL), kldiv.reverse_kl_div and kldiv.js_div:", file=out)
     dest = Path(out_dir)
+    try:  # before training: a bad --out must fail in a second, not after the run
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{dest}: cannot create the output directory ({e.strerror})") from None
     show = sys.stderr.isatty() if progress is None else progress
     results = _demo.train(dest, sys.stderr, progress=show)
     print(file=out)
@@ -167,6 +171,10 @@ def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         ndim = len(ref.shape)
         if not -ndim <= args.axis < ndim:
             raise UsageError(f"--axis {args.axis} is out of range for shape {ref.shape}")
+        if ref.shape[args.axis] == 0:
+            raise UsageError(f"{ref.path}: has no categories along --axis {args.axis}")
+        if math.prod(ref.shape) == 0:
+            raise UsageError(f"{ref.path}: has shape {ref.shape}, no tokens to compare")
         labels = None
         if args.labels:
             lab = _io.open_array(args.labels)
@@ -258,10 +266,16 @@ def compare(args: argparse.Namespace, out=None) -> int:
 
     out = out or sys.stdout
     dest = Path(args.out) if args.out else None
-    if dest is not None and (dest.exists() or dest.is_symlink()):
-        raise UsageError(
-            f"{dest}: already exists; kldiv never overwrites results, pass a new --out"
-        )
+    if dest is not None:  # before any work: a bad --out must not cost a long run
+        if dest.exists() or dest.is_symlink():
+            raise UsageError(
+                f"{dest}: already exists; kldiv never overwrites results, pass a new --out"
+            )
+        parent = dest.parent if str(dest.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{parent}: the parent of --out is not a writable directory")
+    from . import _io
+
     ref, cand, labels = _open_inputs(args)
     stats = TokenStats()
     try:
@@ -287,14 +301,20 @@ def compare(args: argparse.Namespace, out=None) -> int:
             except ValueError as e:
                 msg = str(e)
                 path = cand.path if msg.startswith("`cand`") else ref.path
+                if "`labels`" in msg and args.labels:
+                    path = Path(args.labels)
                 raise UsageError(f"{path}: {msg}") from None
             start += rows
             bar.update(rows)
         bar.close()
+        report = stats.report()
+    except _io.InputError as e:  # raised while streaming (e.g. a truncated .npz member)
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # e.g. every token's label is ignore_index
+        raise UsageError(f"{ref.path}: {e}") from None
     finally:
         for f in (ref, cand):
             f.close()
-    report = stats.report()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2), file=out)
     else:
@@ -312,11 +332,17 @@ def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> None:
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{parent}: the parent of --out does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
+    except OSError as e:
+        raise UsageError(f"{parent}: cannot write there ({e.strerror})") from None
     try:
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         _histogram(stats, tmp / "kl_histogram.png", f"per-token KL: {title}")
         os.rename(tmp, dest)  # atomic; fails if dest appeared meanwhile
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"{dest}: cannot write the results ({e.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -411,6 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"kldiv {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `kldiv compare ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
