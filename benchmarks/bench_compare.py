@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import commit, cpu_model
 
 # Each child reports its own peak resident set as VmHWM, which belongs to the process's
 # address space after exec: ru_maxrss would also count what the parent had resident at fork.
@@ -68,13 +69,6 @@ _hwm()
 sys.exit(code)
 """
 )
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def generate(dirname: Path, gb: float, v: int) -> tuple[Path, Path, int]:
@@ -184,9 +178,7 @@ def main() -> int:
             "platform": platform.platform(),
             "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         },
-        "commit": subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit(),
         "versions": {
             "python": platform.python_version(),
             "kldiv": kldiv.__version__,

@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import commit, cpu_model
+
 VARIANTS = ("torch_composition", "kldiv")
 
 CHILD = r"""
@@ -64,16 +66,6 @@ for i in range(2 + iters):
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"times_s": times, "peak_extra_mib": (peak - base) / 1024, "value": value}))
 """
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -131,9 +123,7 @@ def main() -> int:
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
         },
-        "commit": subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import commit, cpu_model
+
 VARIANTS = ("eager", "compile", "kldiv")
 
 CHILD = r"""
@@ -73,13 +75,6 @@ print(json.dumps({"times_s": times, "first_call_s": first, "peak_extra_mib": (pe
 """
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,8 +97,7 @@ def main() -> int:
         "shape": {"N": args.n, "V": args.v, "one_NV_float32_MiB": args.n * args.v * 4 / 2**20},
         "machine": {"cpu": cpu_model(), "cores_visible": len(os.sched_getaffinity(0)),
                     "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
-        "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": commit(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "kldiv": kldiv.__version__},
         "kinds": {},
