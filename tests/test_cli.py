@@ -251,3 +251,15 @@ def test_info_reports_tools_and_fused_path():
     code, out, _ = run(["info"])
     assert code == 0
     assert "scipy" in out and "matplotlib" in out and "fused distillation path" in out
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pt"])
+def test_compare_middle_category_axis_streams_in_blocks(tmp_path, rng, fmt, monkeypatch):
+    a, b = logits_pair(rng, (3, 5, 30))
+    # categories in the middle: (batch, V, tokens); chunks smaller than one batch entry
+    monkeypatch.setattr(cli, "CHUNK_BYTES", 4 * 30 * 2)
+    ref = save(tmp_path / "ref", fmt, {"x": np.ascontiguousarray(np.moveaxis(a, -1, 1))})
+    cand = save(tmp_path / "cand", fmt, {"x": np.ascontiguousarray(np.moveaxis(b, -1, 1))})
+    code, out, err = run(["compare", ref, cand, "--axis", "1", "--json", "--quiet"])
+    assert code == 0, err
+    check_report(json.loads(out), a, b)

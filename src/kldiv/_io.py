@@ -93,6 +93,25 @@ def _moved(a: Any, axis: int) -> Any:
     return a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a
 
 
+def _row_blocks(view: Any, chunk: int, copy: Any) -> Iterator[Any]:
+    """Contiguous ``[rows, V]`` copies of a strided ``[..., V]`` view, in C order of the token
+    axes, each at most ``chunk`` rows: reshaping the whole moved view would copy it at once."""
+    if view.ndim <= 2:
+        view = view.reshape(-1, view.shape[-1]) if view.ndim == 1 else view
+        for start in range(0, view.shape[0], chunk):
+            yield copy(view[start : start + chunk])
+        return
+    per = int(np.prod(view.shape[1:-1]))
+    if per <= chunk:
+        step = max(1, chunk // per)
+        for start in range(0, view.shape[0], step):
+            block = copy(view[start : start + step])
+            yield block.reshape(-1, block.shape[-1])
+    else:
+        for i in range(view.shape[0]):
+            yield from _row_blocks(view[i], chunk, copy)
+
+
 class _Npy(ArrayFile):
     def __init__(self, path: Path) -> None:
         try:
@@ -126,7 +145,16 @@ class _Npy(ArrayFile):
         return flat.reshape(self.shape, order="F" if self._fortran else "C")
 
     def rows(self, axis: int, chunk: int) -> Iterator[np.ndarray]:
-        view = _moved(self._array(), axis)
+        a = self._array()
+        if axis not in (-1, a.ndim - 1) or not a.flags.c_contiguous:
+            # strided reads (a category axis that is not last): bounded copies, and every
+            # block's pages handed back, since a strided block touches the whole mapping
+            for block in _row_blocks(np.moveaxis(a, axis, -1), chunk, np.array):
+                if self._map is not None:
+                    self._map.madvise(mmap.MADV_DONTNEED)
+                yield block
+            return
+        view = _moved(a, axis)
         contiguous = view.flags.c_contiguous
         page = mmap.PAGESIZE
         for start in range(0, view.shape[0], chunk):
@@ -287,10 +315,12 @@ class _Torch(ArrayFile):
         import torch
 
         t = self._t if axis in (-1, self._t.ndim - 1) else torch.movedim(self._t, axis, -1)
-        t = t.reshape(-1, t.shape[-1])
-        for start in range(0, t.shape[0], chunk):
-            block = t[start : start + chunk]
-            yield (block.float() if block.dtype == torch.bfloat16 else block).numpy().copy()
+
+        def copy(block: Any) -> np.ndarray:
+            block = block.float() if block.dtype == torch.bfloat16 else block
+            return block.contiguous().numpy().copy()
+
+        yield from _row_blocks(t, chunk, copy)
 
 
 def open_array(spec: str) -> ArrayFile:
