@@ -121,3 +121,21 @@ def test_second_backward_is_refused_and_errors_are_clear():
     assert repr(DistillationLoss("js", beta=0.3, temperature=2.0)) == (
         "DistillationLoss(divergence='js', beta=0.3, temperature=2.0, reduction='mean')"
     )
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.3, 0.9])
+def test_fast_path_js_with_any_beta(rng, beta, monkeypatch):
+    monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * 40 + 1)
+    s, t, labels = inputs(rng, (4, 9, 40))
+    st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    loss = DistillationLoss("js", beta=beta, temperature=1.5)
+    assert loss._use_fast_path(st, torch.tensor(t, dtype=torch.float32))
+    out = loss(st, torch.tensor(t, dtype=torch.float32), torch.tensor(labels))
+    s64 = torch.tensor(np.where(np.isnan(s), 0.0, s), requires_grad=True)
+    ref = core_reference("js", s64, t, labels, 1.5, "mean", beta=beta)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    out.backward()
+    ref.backward()
+    torch.testing.assert_close(st.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    # the endpoints are identically 0 and go through the core
+    assert not DistillationLoss("js", beta=0.0)._use_fast_path(st, st.detach())

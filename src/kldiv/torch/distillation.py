@@ -36,7 +36,7 @@ class DistillationLoss(torch.nn.Module):
 
     Paths (same values and gradients, tested against each other): on CPU, for float32 and
     half-precision logits, when only the student needs a gradient and the divergence is
-    ``"kl"`` or ``"reverse_kl"``, a chunked
+    ``"kl"``, ``"reverse_kl"`` or ``"js"``, a chunked
     path computes loss and gradient in one pass without ``[N, V]`` float32 temporaries;
     otherwise the core (:func:`kldiv.divergence`), which also gives the teacher its gradient
     when it requires one. ``fast_path=False`` forces the core.
@@ -125,6 +125,8 @@ class DistillationLoss(torch.nn.Module):
         return (
             self.fast_path
             and self.divergence in _cpu.SUPPORTED
+            # JSD at β ∈ {0, 1} is identically 0: the core's short-circuit handles it
+            and not (self.divergence == "js" and self.beta in (0.0, 1.0))
             and student.device.type == "cpu"
             and not teacher.requires_grad
             # float32 arithmetic: float64 inputs keep the core's float64
@@ -146,7 +148,7 @@ class DistillationLoss(torch.nn.Module):
         flat_keep = None if keep is None else keep.reshape(-1)
         rows = _cpu.per_row(
             self.divergence, student.reshape(-1, v), teacher.reshape(-1, v), flat_keep,
-            self.temperature,
+            self.temperature, self.beta,
         )  # fmt: skip
         out_dtype = torch.promote_types(student.dtype, torch.float32)
         rows = rows.to(out_dtype)
