@@ -151,7 +151,7 @@ def test_scipy_parity(xp, rng):
     same(
         xp.to_numpy(compat.scipy_rel_entr(xp.asarray(a), xp.asarray(b))),
         special.rel_entr(a, b),
-        rtol=1e-14,  # SciPy's C log(x / y) and the frameworks' differ in the last bits
+        rtol=1e-13,  # SciPy's (glibc) log/log1p and XLA's differ by up to ~1.5e-14 relative
         atol=1e-16,
     )
     # SciPy's own branches: near x = y, ratios that overflow or underflow, float32 stays float32
