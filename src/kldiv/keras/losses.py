@@ -15,7 +15,7 @@ from typing import Any
 import keras
 
 from .. import _check
-from .._defaults import AXIS, FORM, JS_BETA, SKEW_ALPHA, TEMPERATURE
+from .._defaults import AXIS, FORM, KIND_PARAMS, TEMPERATURE
 from ..divergences import KINDS
 
 __all__ = [
@@ -28,9 +28,6 @@ __all__ = [
     "SymmetricKLDivergence",
     "TVDistance",
 ]
-
-_PARAMS = {"js": {"beta": JS_BETA}, "skew_kl": {"alpha": SKEW_ALPHA},
-           "skew_reverse_kl": {"alpha": SKEW_ALPHA}}  # fmt: skip
 
 
 @keras.saving.register_keras_serializable(package="kldiv")
@@ -63,7 +60,7 @@ class Divergence(keras.losses.Loss):
             raise TypeError(f"Expected `axis` to be an int, got {axis!r}.")
         self.axis = axis
         self.temperature = _check.check_temperature(temperature, forms)
-        allowed = _PARAMS.get(kind, {})
+        allowed = KIND_PARAMS.get(kind, {})
         unknown = set(params) - set(allowed)
         if unknown:
             raise TypeError(f"{kind!r} takes no keywords {sorted(unknown)}.")

@@ -150,7 +150,6 @@ class ChunkedDivergence(torch.autograd.Function):
 
 def per_row(kind: str, student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None,
             temperature: float, beta: float = 0.5) -> torch.Tensor:  # fmt: skip
-    """Per-row divergence through the fast path; rows flattened by the caller."""
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    """Per-row divergence through the fast path; rows flattened and options validated by the
+    caller (DistillationLoss)."""
     return ChunkedDivergence.apply(student, teacher, keep, kind, temperature, beta)

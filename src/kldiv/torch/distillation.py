@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import _check
-from .._defaults import JS_BETA, REDUCTION, SKEW_ALPHA, TEMPERATURE
+from .._defaults import JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from ..divergences import KINDS
 from . import _cpu
 
@@ -84,11 +84,7 @@ class DistillationLoss(torch.nn.Module):
         return ", ".join(parts)
 
     def _params(self) -> dict[str, float]:
-        if self.divergence == "js":
-            return {"beta": self.beta}
-        if self.divergence.startswith("skew"):
-            return {"alpha": self.alpha}
-        return {}
+        return {name: getattr(self, name) for name in KIND_PARAMS.get(self.divergence, {})}
 
     def forward(
         self,

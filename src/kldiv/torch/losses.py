@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import _check
-from .._defaults import AXIS, FORM, JS_BETA, REDUCTION, SKEW_ALPHA, TEMPERATURE
+from .._defaults import AXIS, FORM, JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from ..divergences import KINDS
 
 __all__ = [
@@ -174,8 +174,7 @@ class Divergence(_DivergenceModule):
     def __init__(self, kind: str = "kl", **kwargs: Any) -> None:
         if kind not in KINDS:
             raise ValueError(f"Unknown divergence {kind!r}; expected one of {sorted(KINDS)}.")
-        defaults = {"js": {"beta": JS_BETA}, "skew_kl": {"alpha": SKEW_ALPHA},
-                    "skew_reverse_kl": {"alpha": SKEW_ALPHA}}.get(kind, {})  # fmt: skip
+        defaults = KIND_PARAMS.get(kind, {})
         self.kind = kind
         self._params = tuple(defaults)
         for k, v in defaults.items():
