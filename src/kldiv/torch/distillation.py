@@ -3,6 +3,8 @@ with labels, temperature and global normalisation, dispatched to the fastest exa
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from . import _cpu
 __all__ = ["DistillationLoss"]
 
 DIVERGENCES = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
+_FAST_PATHS = (True, False, "triton", "chunked")
 
 
 class DistillationLoss(torch.nn.Module):
@@ -34,12 +37,23 @@ class DistillationLoss(torch.nn.Module):
     gradient accumulation). ``reduction``: ``"mean"`` over valid tokens (0 when there are
     none), ``"sum"``, or ``"none"`` (per token, skipped tokens 0).
 
-    Paths (same values and gradients, tested against each other): on CPU, for float32 and
-    half-precision logits, when only the student needs a gradient and the divergence is
-    ``"kl"``, ``"reverse_kl"`` or ``"js"``, a chunked
-    path computes loss and gradient in one pass without ``[N, V]`` float32 temporaries;
-    otherwise the core (:func:`kldiv.divergence`), which also gives the teacher its gradient
-    when it requires one. ``fast_path=False`` forces the core.
+    Paths (same values and gradients, tested against each other), chosen per call when
+    ``fast_path=True`` and only the student needs a gradient:
+
+    * CUDA tensors with Triton installed: fused Triton kernels for all six divergences
+      (float32, bfloat16 or float16 logits; float32 arithmetic). The forward reads the logits
+      once (twice for JS, skew and TV) and keeps three floats a row; the backward reads them
+      once more and writes the gradient in the student's dtype, with ``grad_output`` applied in
+      the same pass. No ``[N, V]`` float32 scratch, no host synchronisation, and the kernels are
+      ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` traces through them.
+    * CPU tensors (float32 or half precision): a chunked path that computes loss and gradient
+      in one pass over row blocks that stay in cache.
+    * Otherwise the core (:func:`kldiv.divergence`), which also gives the teacher its gradient
+      when it requires one, and keeps float64 inputs in float64.
+
+    ``fast_path=False`` forces the core; ``fast_path="triton"`` or ``"chunked"`` forces that
+    path and raises if it cannot take the inputs (``"triton"`` runs on CPU tensors under
+    ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU).
     """
 
     def __init__(
@@ -70,7 +84,11 @@ class DistillationLoss(torch.nn.Module):
             raise TypeError(f"Expected `ignore_index` to be an int, got {ignore_index!r}.")
         self.ignore_index = ignore_index
         self.reduction = _check.check_reduction(reduction)
-        self.fast_path = _check.check_flag("fast_path", fast_path)
+        if fast_path not in _FAST_PATHS:
+            raise ValueError(
+                f"Expected `fast_path` to be True, False, 'triton' or 'chunked', got {fast_path!r}."
+            )
+        self.fast_path = fast_path
 
     def extra_repr(self) -> str:
         parts = [f"divergence={self.divergence!r}"]
@@ -108,8 +126,9 @@ class DistillationLoss(torch.nn.Module):
             keep = labels != self.ignore_index
         num_items = _check.check_num_items(num_items, self.reduction)
         scale = self.temperature**2 if self.scale_by_temperature_squared else 1.0
-        if self._use_fast_path(student_logits, teacher_logits):
-            loss = self._fast(student_logits, teacher_logits, keep, num_items)
+        path = self._path(student_logits, teacher_logits)
+        if path != "core":
+            loss = self._fast(path, student_logits, teacher_logits, keep, num_items)
         else:
             loss = KINDS[self.divergence](
                 teacher_logits, student_logits, form="logits", temperature=self.temperature,
@@ -117,23 +136,30 @@ class DistillationLoss(torch.nn.Module):
             )  # fmt: skip
         return loss * scale if scale != 1.0 else loss
 
-    def _use_fast_path(self, student: torch.Tensor, teacher: torch.Tensor) -> bool:
-        return (
-            self.fast_path
-            and self.divergence in _cpu.SUPPORTED
-            # JSD at β ∈ {0, 1} is identically 0: the core's short-circuit handles it
-            and not (self.divergence == "js" and self.beta in (0.0, 1.0))
-            and student.device.type == "cpu"
-            and not teacher.requires_grad
-            # float32 arithmetic: float64 inputs keep the core's float64
-            and torch.float64 not in (student.dtype, teacher.dtype)
-            and not torch.compiler.is_compiling()
-            and student.ndim >= 1
-            and student.shape[-1] > 0
-        )
+    def _weight(self) -> float:
+        return self.beta if self.divergence == "js" else self.alpha
+
+    def _path(self, student: torch.Tensor, teacher: torch.Tensor) -> str:
+        """``"triton"``, ``"chunked"`` or ``"core"`` for these inputs (see the class doc)."""
+        if self.fast_path is False:
+            return "core"
+        path = self.fast_path
+        if path is True:
+            path = "chunked" if student.device.type == "cpu" else "triton"
+        reasons = _fast_path_obstacles(student, teacher)
+        if path == "triton":
+            reasons += _triton_obstacles(self.divergence, self._weight(), student, teacher)
+        else:
+            reasons += _chunked_obstacles(self.divergence, self.beta, student)
+        if not reasons:
+            return path
+        if self.fast_path is True:
+            return "core"
+        raise ValueError(f"fast_path={self.fast_path!r} cannot take these inputs: {reasons[0]}.")
 
     def _fast(
         self,
+        path: str,
         student: torch.Tensor,
         teacher: torch.Tensor,
         keep: torch.Tensor | None,
@@ -142,10 +168,18 @@ class DistillationLoss(torch.nn.Module):
         v = student.shape[-1]
         tokens = student.shape[:-1]
         flat_keep = None if keep is None else keep.reshape(-1)
-        rows = _cpu.per_row(
-            self.divergence, student.reshape(-1, v), teacher.reshape(-1, v), flat_keep,
-            self.temperature, self.beta,
-        )  # fmt: skip
+        if path == "triton":
+            from . import _triton_ops
+
+            rows = _triton_ops.per_row(
+                self.divergence, student.reshape(-1, v), teacher.reshape(-1, v), flat_keep,
+                self.temperature, self._weight(),
+            )  # fmt: skip
+        else:
+            rows = _cpu.per_row(
+                self.divergence, student.reshape(-1, v), teacher.reshape(-1, v), flat_keep,
+                self.temperature, self.beta,
+            )  # fmt: skip
         out_dtype = torch.promote_types(student.dtype, torch.float32)
         rows = rows.to(out_dtype)
         if self.reduction == "none":
@@ -157,3 +191,54 @@ class DistillationLoss(torch.nn.Module):
             return total / num_items
         count = rows.numel() if flat_keep is None else flat_keep.sum().clamp_min(1)
         return total / count
+
+
+def _fast_path_obstacles(student: torch.Tensor, teacher: torch.Tensor) -> list[str]:
+    """Why neither fast path applies (empty: one may). They give the student alone a gradient,
+    in float32 arithmetic, over a non-empty last axis."""
+    reasons = []
+    if teacher.requires_grad:
+        reasons.append("the teacher requires a gradient (the core provides it)")
+    if torch.float64 in (student.dtype, teacher.dtype):
+        reasons.append("float64 logits keep the core's float64 arithmetic")
+    if student.ndim < 1 or student.shape[-1] == 0:
+        reasons.append("the logits have no category axis")
+    if student.device != teacher.device:
+        reasons.append("student and teacher are on different devices")
+    return reasons
+
+
+def _chunked_obstacles(kind: str, beta: float, student: torch.Tensor) -> list[str]:
+    reasons = []
+    if kind not in _cpu.SUPPORTED:
+        reasons.append(f"the chunked path does not compute {kind!r}")
+    # JSD at β ∈ {0, 1} is identically 0: the core's short-circuit handles it
+    if kind == "js" and beta in (0.0, 1.0):
+        reasons.append("JSD at beta 0 or 1 is identically 0")
+    if student.device.type != "cpu":
+        reasons.append("the chunked path runs on CPU tensors")
+    if torch.compiler.is_compiling():
+        reasons.append("under torch.compile the chunked path's Python loop would be traced")
+    return reasons
+
+
+def _triton_obstacles(
+    kind: str, w: float, student: torch.Tensor, teacher: torch.Tensor
+) -> list[str]:
+
+    if importlib.util.find_spec("triton") is None:
+        return ["Triton is not installed"]
+    from . import _triton_ops
+
+    reasons = []
+    if not _triton_ops.supports(kind, w):
+        reasons.append(f"{kind!r} at weight {w} is identically 0 (the core short-circuits it)")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if student.device.type != "cuda" and not (interpret and student.device.type == "cpu"):
+        reasons.append("the Triton kernels run on CUDA tensors (on CPU: TRITON_INTERPRET=1)")
+    if student.dtype not in _TRITON_DTYPES or teacher.dtype not in _TRITON_DTYPES:
+        reasons.append("the Triton kernels take float32, bfloat16 or float16 logits")
+    return reasons
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

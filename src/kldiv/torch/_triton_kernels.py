@@ -1,0 +1,214 @@
+"""Triton kernels of DistillationLoss (layer 1 of 3: jit kernels → launcher → autograd).
+
+One program per row of ``[N, V]`` logits, looping over the vocabulary in ``BLOCK`` columns, in
+float32 whatever the storage dtype. ``s`` is the student, ``t`` the teacher, both already divided
+by the temperature (``x' = x·inv_t``); ``lq``/``lp`` their log-probabilities, ``q``/``p`` their
+probabilities. Every divergence D(T‖S) is a row sum ``Σ_j f(p_j, q_j)``, and its gradient with
+respect to the student's logits is, through the softmax,
+
+    ∂D/∂z_j = (h_j − q_j·c)·inv_t,   h_j = q_j·∂f/∂q_j,   c = Σ_k h_k.
+
+The forward kernel computes the row statistics (``lse_s``, ``lse_t``, the loss and ``c``), the
+backward kernel one pass that reads both rows and writes the gradient. For KL and reverse KL
+the forward is a single online pass (the loss is ``Σ p·(t'−s') − lse_t + lse_s``, accumulated
+with running-max rescaling); the mixture divergences and TV need ``lse`` first, so they read the
+rows twice. Nothing of size ``[N, V]`` is allocated besides the gradient, in the student's dtype.
+
+Zero support as in the core (``kldiv._math``): a ``-inf`` logit is a zero probability; terms
+with ``p = 0`` (``f`` of KL) are 0 and carry no gradient; ``p > 0 = q`` gives ``+inf`` even when
+``p`` underflows. Masked rows (``keep = 0``) are never read: loss 0, gradient 0.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Kinds, as constexpr integers (the launcher maps names to these).
+KL: tl.constexpr = 0
+REVERSE_KL: tl.constexpr = 1
+JS: tl.constexpr = 2
+SKEW_KL: tl.constexpr = 3
+SKEW_REVERSE_KL: tl.constexpr = 4
+TV: tl.constexpr = 5
+
+NEG_INF: tl.constexpr = float("-inf")
+POS_INF: tl.constexpr = float("inf")
+
+
+@triton.jit
+def _log_mix(la, lb, wa, wb):
+    """log(wa·e^la + wb·e^lb) for weights in (0, 1): the larger term is factored out, so the
+    log is of a sum of positive terms (well conditioned); both zero gives -inf."""
+    a_hi = la >= lb
+    hi = tl.where(a_hi, la, lb)
+    lo = tl.where(a_hi, lb, la)
+    dead = hi == NEG_INF
+    d = tl.where(dead, 0.0, lo - hi)
+    w_hi = tl.where(a_hi, wa, wb)
+    w_lo = tl.where(a_hi, wb, wa)
+    return tl.where(dead, NEG_INF, hi + tl.log(w_hi + w_lo * tl.exp(d)))
+
+
+@triton.jit
+def _terms(lp, lq, w, KIND: tl.constexpr):
+    """Elementwise ``(f, h)`` of the divergence D(P‖Q) for the mixture kinds and TV; ``w`` is
+    beta (JS, weight on P) or alpha (skew, weight on the first argument), in (0, 1)."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    p0 = lp == NEG_INF
+    q0 = lq == NEG_INF
+    if KIND == JS:
+        lm = _log_mix(lp, lq, w, 1.0 - w)
+        f_p = tl.where(p0, 0.0, w * p * (lp - lm))
+        g_q = tl.where(q0, 0.0, (1.0 - w) * (lq - lm))
+        f = f_p + q * g_q
+        h = q * g_q
+    elif KIND == SKEW_KL:
+        # KL(P ‖ αP + (1−α)Q): finite for α > 0; ∂f/∂q = −(1−α)·p/m
+        lm = _log_mix(lp, lq, w, 1.0 - w)
+        f = tl.where(p0, 0.0, p * (lp - lm))
+        h = tl.where(p0 | q0, 0.0, -(1.0 - w) * tl.exp(lp + lq - lm))
+    elif KIND == SKEW_REVERSE_KL:
+        # KL(Q ‖ αQ + (1−α)P): ∂f/∂q = log(q/m) + 1 − α·q/m
+        lm = _log_mix(lq, lp, w, 1.0 - w)
+        f = tl.where(q0, 0.0, q * (lq - lm))
+        h = tl.where(q0, 0.0, q * (lq - lm + 1.0) - w * tl.exp(2.0 * lq - lm))
+    else:  # TV: ½|p − q|, slope 0 at ties as in the core
+        diff = q - p
+        f = 0.5 * tl.abs(diff)
+        sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        h = 0.5 * q * sign
+    return f, h
+
+
+@triton.jit
+def _online_update(m, z, x):
+    """Running max ``m`` and ``z = Σ e^(x − m)`` after one block ``x`` (``-inf`` padded); also
+    returns the factor that rescales anything accumulated against the old max."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    scale = tl.where(m_new == NEG_INF, 1.0, tl.exp(m - m_new))
+    e = tl.where(x == NEG_INF, 0.0, tl.exp(x - m_new))
+    return m_new, z * scale + tl.sum(e, 0), scale, e
+
+
+@triton.jit
+def distill_forward_kernel(
+    s_ptr, t_ptr, keep_ptr,
+    loss_ptr, lse_s_ptr, lse_t_ptr, c_ptr,
+    stride_s, stride_t, V, inv_t, w,
+    HAS_KEEP: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    n_cols = V
+    if HAS_KEEP:
+        # a masked row loops zero times: its data (NaN included) is never read
+        n_cols = tl.where(tl.load(keep_ptr + row) != 0, V, 0)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    cols0 = tl.arange(0, BLOCK)
+
+    m_s = tl.full((), NEG_INF, tl.float32)
+    m_t = tl.full((), NEG_INF, tl.float32)
+    z_s = tl.zeros((), tl.float32)
+    z_t = tl.zeros((), tl.float32)
+    acc = tl.zeros((), tl.float32)  # Σ e^(t'−m_t)(t'−s') for KL, Σ e^(s'−m_s)(s'−t') for RKL
+    inf_hit = tl.zeros((), tl.float32)  # a p > 0 = q term (KL) or q > 0 = p term (RKL)
+    z_live = tl.zeros((), tl.float32)  # RKL: Σ e^(s'−m_s) over the terms with p > 0
+    for off in range(0, n_cols, BLOCK):
+        cols = off + cols0
+        inside = cols < V
+        s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+        t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+        m_s, z_s, scale_s, e_s = _online_update(m_s, z_s, s)
+        m_t, z_t, scale_t, e_t = _online_update(m_t, z_t, t)
+        live = (s != NEG_INF) & (t != NEG_INF)
+        if KIND == KL:
+            term = tl.where(live, e_t * (t - s), 0.0)
+            acc = acc * scale_t + tl.sum(term, 0)
+            hit = (t != NEG_INF) & (s == NEG_INF)
+            inf_hit = tl.maximum(inf_hit, tl.max(hit.to(tl.float32), 0))
+        elif KIND == REVERSE_KL:
+            term = tl.where(live, e_s * (s - t), 0.0)
+            acc = acc * scale_s + tl.sum(term, 0)
+            z_live = z_live * scale_s + tl.sum(tl.where(live, e_s, 0.0), 0)
+            hit = (s != NEG_INF) & (t == NEG_INF)
+            inf_hit = tl.maximum(inf_hit, tl.max(hit.to(tl.float32), 0))
+
+    lse_s = m_s + tl.log(z_s)
+    lse_t = m_t + tl.log(z_t)
+    if KIND == KL:
+        loss = tl.where(inf_hit > 0, POS_INF, acc / z_t - lse_t + lse_s)
+        c = tl.full((), -1.0, tl.float32)  # Σ h = −Σ p = −1: the gradient is q − p
+    elif KIND == REVERSE_KL:
+        # Σ_live q·(lq − lp) and Σ_live q; without q > 0 = p terms Σ_live q = 1. Where there
+        # are such terms the value is +inf and, as in the core, they are left out of the
+        # gradient: h = 0 there and c sums the finite terms only.
+        finite = (acc - (lse_s - lse_t) * z_live) / z_s
+        loss = tl.where(inf_hit > 0, POS_INF, finite)
+        c = finite + z_live / z_s
+    else:
+        loss = tl.zeros((), tl.float32)
+        c = tl.zeros((), tl.float32)
+        for off in range(0, n_cols, BLOCK):
+            cols = off + cols0
+            inside = cols < V
+            s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+            t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+            f, h = _terms(t - lse_t, s - lse_s, w, KIND)
+            loss += tl.sum(tl.where(inside, f, 0.0), 0)
+            c += tl.sum(tl.where(inside, h, 0.0), 0)
+
+    if HAS_KEEP:
+        kept = n_cols > 0
+        loss = tl.where(kept, loss, 0.0)
+        c = tl.where(kept, c, 0.0)
+        lse_s = tl.where(kept, lse_s, 0.0)
+        lse_t = tl.where(kept, lse_t, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_s_ptr + row, lse_s)
+    tl.store(lse_t_ptr + row, lse_t)
+    tl.store(c_ptr + row, c)
+
+
+@triton.jit
+def distill_backward_kernel(
+    s_ptr, t_ptr, keep_ptr, go_ptr, lse_s_ptr, lse_t_ptr, c_ptr, grad_ptr,
+    stride_s, stride_t, stride_g, stride_go, V, inv_t, w,
+    HAS_KEEP: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    g_row = grad_ptr + row * stride_g
+    cols0 = tl.arange(0, BLOCK)
+    go = tl.load(go_ptr + row * stride_go).to(tl.float32) * inv_t
+    lse_s = tl.load(lse_s_ptr + row)
+    lse_t = tl.load(lse_t_ptr + row)
+    c = tl.load(c_ptr + row)
+    kept = 1
+    if HAS_KEEP:
+        kept = tl.load(keep_ptr + row) != 0
+    if kept:
+        for off in range(0, V, BLOCK):
+            cols = off + cols0
+            inside = cols < V
+            s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+            t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+            lq = s - lse_s
+            lp = t - lse_t
+            q = tl.exp(lq)
+            if KIND == KL:
+                g = q - tl.exp(lp)
+            elif KIND == REVERSE_KL:
+                h = tl.where((lq == NEG_INF) | (lp == NEG_INF), 0.0, q * (lq - lp + 1.0))
+                g = h - q * c
+            else:
+                f, h = _terms(lp, lq, w, KIND)
+                g = h - q * c
+            tl.store(g_row + cols, (g * go).to(grad_ptr.dtype.element_ty), mask=inside)
+    else:
+        zero = tl.zeros((BLOCK,), grad_ptr.dtype.element_ty)
+        for off in range(0, V, BLOCK):
+            cols = off + cols0
+            tl.store(g_row + cols, zero, mask=cols < V)

@@ -1,0 +1,108 @@
+"""Launchers of the Triton distillation kernels (layer 2 of 3: jit kernels → launcher →
+autograd): argument checks, buffers, block sizes and the grid. No host synchronisation: nothing
+here reads a device value back.
+
+The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (set before Triton is
+imported); that is how the tests exercise them on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import _triton_kernels as K
+
+KIND_IDS = {
+    "kl": 0,
+    "reverse_kl": 1,
+    "js": 2,
+    "skew_kl": 3,
+    "skew_reverse_kl": 4,
+    "tv": 5,
+}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Columns per loop step. 4096 float32 per program keeps the loop body in registers on Hopper
+# with 8 warps; small vocabularies take the next power of two.
+MAX_BLOCK = 4096
+
+
+def _block(v: int, block: int | None) -> tuple[int, int]:
+    b = block or min(MAX_BLOCK, triton.next_power_of_2(max(v, 1)))
+    warps = 4 if b <= 1024 else (8 if b <= 4096 else 16)
+    return b, warps
+
+
+def resolve(kind: str, w: float) -> tuple[str, bool]:
+    """The kind the kernels compute and whether the result is identically zero: the mixture
+    endpoints reduce to plain KL (weight 0 on the mixed-in side) or to 0 (mixture = argument)."""
+    if kind == "js" and w in (0.0, 1.0):
+        return kind, True
+    if kind in ("skew_kl", "skew_reverse_kl"):
+        if w == 1.0:
+            return kind, True
+        if w == 0.0:
+            return ("kl" if kind == "skew_kl" else "reverse_kl"), False
+    return kind, False
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    kind: str,
+    inv_t: float,
+    w: float,
+    block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse_s, lse_t, c)``, each ``[N]`` float32, for ``[N, V]`` logits."""
+    n, v = student.shape
+    student, teacher = _rows(student), _rows(teacher)
+    # four separate buffers: a custom op's outputs may not alias one another
+    out = [torch.empty(n, dtype=torch.float32, device=student.device) for _ in range(4)]
+    if n == 0:
+        return out[0], out[1], out[2], out[3]
+    b, warps = _block(v, block)
+    keep_arg = keep if keep is not None else out[0]  # unused when HAS_KEEP is False
+    K.distill_forward_kernel[(n,)](
+        student, teacher, keep_arg, out[0], out[1], out[2], out[3],
+        student.stride(0), teacher.stride(0), v, inv_t, w,
+        HAS_KEEP=keep is not None, KIND=KIND_IDS[kind], BLOCK=b, num_warps=warps,
+    )  # fmt: skip
+    return out[0], out[1], out[2], out[3]
+
+
+def backward(
+    grad_out: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    c: torch.Tensor,
+    kind: str,
+    inv_t: float,
+    w: float,
+    block: int | None = None,
+) -> torch.Tensor:
+    """``grad_out[:, None] ⊙ ∂loss/∂student`` in the student's dtype (the only ``[N, V]``
+    allocation)."""
+    n, v = student.shape
+    student, teacher = _rows(student), _rows(teacher)
+    grad = torch.empty((n, v), dtype=student.dtype, device=student.device)
+    if n == 0:
+        return grad
+    b, warps = _block(v, block)
+    go = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
+    keep_arg = keep if keep is not None else lse_s
+    K.distill_backward_kernel[(n,)](
+        student, teacher, keep_arg, go, lse_s, lse_t, c, grad,
+        student.stride(0), teacher.stride(0), grad.stride(0), go.stride(0) if go.ndim else 0,
+        v, inv_t, w,
+        HAS_KEEP=keep is not None, KIND=KIND_IDS[kind], BLOCK=b, num_warps=warps,
+    )  # fmt: skip
+    return grad

@@ -1,0 +1,111 @@
+"""The Triton distillation kernels as PyTorch operators (layer 3 of 3: jit kernels → launcher
+→ autograd).
+
+``kldiv::distill_rows`` returns the per-row divergences together with the row statistics the
+backward needs (``lse_s``, ``lse_t``, ``c``: three floats a row, the only thing saved besides
+the inputs); ``kldiv::distill_rows_backward`` writes the student's gradient in one pass, with
+``grad_output`` applied in that same pass (so ``grad_output ≠ 1`` costs nothing extra). Both are
+``torch.library`` custom ops with fake implementations, so ``torch.compile`` traces through
+them (``fullgraph=True`` included) instead of breaking the graph.
+
+The teacher gets no gradient here; DistillationLoss sends a teacher that requires one to the
+core instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _triton_launch as L
+
+
+@torch.library.custom_op("kldiv::distill_rows", mutates_args=())
+def distill_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    kind: str,
+    inv_t: float,
+    w: float,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return L.forward(student, teacher, keep, kind, inv_t, w, block or None)
+
+
+@distill_rows.register_fake
+def _(student, teacher, keep, kind, inv_t, w, block):  # type: ignore[no-untyped-def]
+    n = student.shape[0]
+    return tuple(student.new_empty(n, dtype=torch.float32) for _ in range(4))
+
+
+@torch.library.custom_op("kldiv::distill_rows_backward", mutates_args=())
+def distill_rows_backward(
+    grad_out: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    c: torch.Tensor,
+    kind: str,
+    inv_t: float,
+    w: float,
+    block: int,
+) -> torch.Tensor:
+    return L.backward(grad_out, student, teacher, keep, lse_s, lse_t, c, kind, inv_t, w,
+                      block or None)  # fmt: skip
+
+
+@distill_rows_backward.register_fake
+def _(grad_out, student, teacher, keep, lse_s, lse_t, c, kind, inv_t, w, block):  # type: ignore[no-untyped-def]
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    student, teacher, keep, kind, inv_t, w, block = inputs
+    _, lse_s, lse_t, c = output
+    ctx.save_for_backward(student, teacher, keep, lse_s, lse_t, c)
+    ctx.args = (kind, inv_t, w, block)
+
+
+def _backward(ctx: Any, g_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    student, teacher, keep, lse_s, lse_t, c = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = distill_rows_backward(g_loss, student, teacher, keep, lse_s, lse_t, c, *ctx.args)
+    return grad, None, None, None, None, None, None
+
+
+distill_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supports(kind: str, w: float) -> bool:
+    """Whether the kernels compute this divergence (the identically-zero endpoints do not)."""
+    return kind in L.KIND_IDS and not L.resolve(kind, w)[1]
+
+
+def per_row(
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    temperature: float,
+    w: float,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Per-row D(teacher‖student) ``[N]`` (float32; masked rows 0) of ``[N, V]`` logits in
+    float32, bfloat16 or float16, differentiable with respect to ``student``."""
+    kind, zero = L.resolve(kind, w)
+    if zero:
+        raise ValueError(f"{kind} with weight {w} is identically 0; use the core.")
+    if student.dtype not in L.DTYPES or teacher.dtype not in L.DTYPES:
+        raise TypeError(
+            f"The Triton kernels take float32, bfloat16 or float16 logits, got "
+            f"{student.dtype} and {teacher.dtype}."
+        )
+    if keep is not None:
+        keep = keep.contiguous()
+    loss, _, _, _ = distill_rows(student, teacher, keep, kind, 1.0 / temperature, w, block or 0)
+    return loss

@@ -1,0 +1,185 @@
+"""The Triton kernels of DistillationLoss against the core in float64: every divergence ×
+dtype, temperature, masked and fully masked rows, -inf logits, grad_output ≠ 1, odd shapes
+(V not a multiple of the block), and the torch.library custom ops under torch.compile.
+
+Without a GPU they run on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1
+before the kernels are imported); with one, on CUDA tensors, compiled.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import kldiv
+from kldiv.torch import DistillationLoss
+from kldiv.torch import _triton_launch as L
+from kldiv.torch import _triton_ops as O
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DIVS = list(L.KIND_IDS)
+PARAM = {"js": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# The interpreter evaluates both sides of every tl.where in NumPy, which warns about the
+# discarded inf − inf; the selected values are what the tests check.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
+
+
+def make(rng, n, v, dtype, scale=2.0):
+    s = rng.normal(scale=scale, size=(n, v))
+    t = rng.normal(scale=scale, size=(n, v))
+    t[:, :3][rng.random((n, 3)) < 0.3] = -np.inf  # the teacher rules tokens out
+    s[:, 5][rng.random(n) < 0.2] = -np.inf  # the student too, where the teacher may not
+    s[1, 7] = t[1, 7] = -np.inf  # both
+    keep = rng.random(n) > 0.25
+    keep[0] = True
+    s[~keep] = np.nan  # masked rows are never read
+    # the reference sees the same rounded values the kernel reads
+    st = torch.tensor(s).to(dtype)
+    tt = torch.tensor(t).to(dtype)
+    return st.to(DEVICE), tt.to(DEVICE), torch.tensor(keep, device=DEVICE)
+
+
+def reference(kind, st, tt, keep, temperature, w, go):
+    s64 = st.double().cpu().requires_grad_(True)
+    params = {PARAM[kind]: w} if kind in PARAM else {}
+    ref = kldiv.divergence(tt.double().cpu(), s64, kind, form="logits", temperature=temperature,
+                           mask=keep.cpu(), reduction="none", **params)  # fmt: skip
+    ref = torch.where(keep.cpu(), ref, 0.0)
+    (g,) = torch.autograd.grad((ref * go.double().cpu()).sum(), s64)
+    return ref.detach(), torch.where(keep.cpu()[:, None], g, 0.0)
+
+
+def close_or_both_inf(a, b, rtol, atol):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.equal(torch.isinf(a), torch.isinf(b)), (a, b)
+    fin = torch.isfinite(b)
+    torch.testing.assert_close(a[fin], b[fin], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", DIVS)
+def test_kernels_against_the_core(rng, kind, dtype):
+    n, v = 37, 1271  # V is not a multiple of the block: the last block is partial
+    st, tt, keep = make(rng, n, v, dtype)
+    w = 0.3
+    go = torch.rand(n, dtype=torch.float32, device=DEVICE) + 0.5
+    ref, gref = reference(kind, st, tt, keep, 1.7, w, go)
+    s = st.clone().requires_grad_(True)
+    # a block of 256 makes five online-softmax steps a row
+    out = O.per_row(kind, s, tt, keep, 1.7, w, block=256)
+    (g,) = torch.autograd.grad((out * go).sum(), s)
+    assert out.dtype == torch.float32 and g.dtype == dtype
+    close_or_both_inf(out, ref, rtol=2e-5, atol=2e-6)
+    assert not g.isnan().any() and g.isfinite().all()
+    # float32 arithmetic throughout; a half-precision gradient is rounded once, at the store
+    eps = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    torch.testing.assert_close(g.double().cpu(), gref, rtol=2 * eps, atol=1e-6)
+
+
+def test_masked_rows_and_a_fully_masked_batch(rng):
+    st, tt, _ = make(rng, 6, 70, torch.float32)
+    nothing = torch.zeros(6, dtype=torch.bool, device=DEVICE)
+    st = st.clone().fill_(math.nan).requires_grad_(True)
+    for kind in DIVS:
+        out = O.per_row(kind, st, tt, nothing, 1.0, 0.5, block=32)
+        (g,) = torch.autograd.grad(out.sum(), st)
+        assert torch.equal(out, torch.zeros_like(out))
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_identical_and_disjoint_rows():
+    z = torch.tensor([[0.0, 1.0, -2.0, 3.0]], device=DEVICE)
+    for kind in DIVS:
+        # D(P‖P) = 0 exactly for KL (the online pass computes the same lse twice)
+        out = O.per_row(kind, z, z, None, 1.0, 0.5)
+        assert abs(out.item()) < 1e-6, kind
+    a = torch.tensor([[0.0, -math.inf]], device=DEVICE)
+    b = torch.tensor([[-math.inf, 0.0]], device=DEVICE)
+    # disjoint supports: KL is +inf, JSD is log 2 (β = ½), skew KL is −log α, TV is 1
+    assert O.per_row("kl", b, a, None, 1.0, 0.5).item() == math.inf
+    assert O.per_row("reverse_kl", b, a, None, 1.0, 0.5).item() == math.inf
+    assert O.per_row("js", b, a, None, 1.0, 0.5).item() == pytest.approx(math.log(2))
+    assert O.per_row("skew_kl", b, a, None, 1.0, 0.25).item() == pytest.approx(-math.log(0.25))
+    assert O.per_row("tv", b, a, None, 1.0, 0.5).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["kl", "js", "tv"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_distillation_loss_options_through_the_kernels(rng, kind, reduction):
+    s = rng.normal(size=(2, 5, 70)) * 3
+    t = rng.normal(size=(2, 5, 70)) * 3
+    labels = rng.integers(0, 70, size=(2, 5))
+    labels[0, 1] = labels[1, 4] = -1
+    s[labels == -1] = np.nan
+    st = torch.tensor(s, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    tt = torch.tensor(t, dtype=torch.float32, device=DEVICE)
+    lab = torch.tensor(labels, device=DEVICE)
+    opts = dict(temperature=2.0, scale_by_temperature_squared=True, ignore_index=-1,
+                reduction=reduction)  # fmt: skip
+    fast = DistillationLoss(kind, fast_path="triton", **opts)
+    core = DistillationLoss(kind, fast_path=False, **opts)
+    assert fast._path(st, tt) == "triton"
+    num_items = 13.0 if reduction == "mean" else None
+    out = fast(st, tt, lab, num_items=num_items)
+    s64 = torch.tensor(np.nan_to_num(s), dtype=torch.float64, requires_grad=True)
+    ref = core(s64, torch.tensor(t), lab.cpu(), num_items=num_items)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=2e-5, atol=2e-6)
+    # grad_output ≠ 1, per token for "none"
+    go = torch.rand_like(ref) + 0.5
+    (out * go.to(out)).sum().backward()
+    (ref * go).sum().backward()
+    torch.testing.assert_close(st.grad.double().cpu(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dispatch_and_errors():
+    s = torch.randn(3, 8, device=DEVICE)
+    loss = DistillationLoss("kl", fast_path="triton")
+    with pytest.raises(ValueError, match="teacher requires a gradient"):
+        loss(s, s.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="float64 logits"):
+        loss(s.double(), s.double())
+    with pytest.raises(ValueError, match="identically 0"):
+        DistillationLoss("skew_kl", alpha=1.0, fast_path="triton")(s, s)
+    with pytest.raises(ValueError, match="Expected `fast_path`"):
+        DistillationLoss("kl", fast_path="gpu")
+    # skew KL at alpha = 0 is KL, computed by the KL kernel
+    a, b = torch.randn(4, 9, device=DEVICE), torch.randn(4, 9, device=DEVICE)
+    torch.testing.assert_close(
+        DistillationLoss("skew_kl", alpha=0.0, fast_path="triton")(a, b),
+        DistillationLoss("kl", fast_path=False)(a, b),
+    )
+    # automatic dispatch: Triton on CUDA, the chunked path on CPU
+    expected = "triton" if DEVICE == "cuda" else "chunked"
+    assert DistillationLoss("kl")._path(s, s) == expected
+    assert DistillationLoss("kl")._path(s.double(), s.double()) == "core"
+
+
+def test_custom_ops_pass_opcheck(rng):
+    st, tt, keep = make(rng, 5, 40, torch.float32)
+    st = torch.where(keep[:, None], st, 0.0).requires_grad_(True)
+    for kind in ("kl", "js"):
+        args = (st, tt, keep, kind, 0.5, 0.5, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            torch.library.opcheck(O.distill_rows, args)
+
+
+def test_torch_compile_fullgraph(rng):
+    st, tt, keep = make(rng, 4, 50, torch.float32)
+    labels = torch.where(keep, 1, -100)
+    loss = DistillationLoss("reverse_kl", temperature=1.5, fast_path="triton")
+    s1 = st.clone().requires_grad_(True)
+    eager = loss(s1, tt, labels)
+    eager.backward()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    s2 = st.clone().requires_grad_(True)
+    out = compiled(s2, tt, labels)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(s2.grad, s1.grad)
