@@ -250,7 +250,48 @@ def test_demo_trains_and_writes_figures(tmp_path):
 def test_info_reports_tools_and_fused_path():
     code, out, _ = run(["info"])
     assert code == 0
-    assert "scipy" in out and "matplotlib" in out and "fused distillation path" in out
+    assert "scipy" in out and "matplotlib" in out and "DistillationLoss paths:" in out
+    triton_line = next(ln for ln in out.splitlines() if "Triton kernels" in ln)
+    assert ("available" in triton_line) == torch.cuda.is_available()
+
+
+def test_bench_prints_ratios_and_writes_json_and_csv(tmp_path):
+    argv = ["bench", "--device", "cpu", "--n", "16", "--v", "64", "--kinds", "kl,js",
+            "--variants", "eager", "--rounds", "1", "--iters", "2", "--out",
+            str(tmp_path / "b"), "--quiet"]  # fmt: skip
+    code, out, err = run(argv)
+    assert code == 0, err
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert result["shape"] == {"N": 16, "V": 64} and result["dtype"] == "float32"
+    assert result["versions"]["torch"] == torch.__version__
+    for kind in ("kl", "js"):
+        s = result["kinds"][kind]["summary"]
+        # both variants computed the same loss on the same inputs
+        assert s["eager"]["value"] == pytest.approx(s["kldiv"]["value"], rel=1e-5)
+        ratio = s["eager"]["median_s"] / s["kldiv"]["median_s"]
+        assert s["eager"]["kldiv_speedup"] == pytest.approx(ratio)
+        assert len(result["kinds"][kind]["runs"]["kldiv"][0]["times_s"]) == 2
+        assert f"{ratio:.2f}" in next(ln for ln in out.splitlines() if ln.startswith(f"{kind} ") and "eager" in ln)
+    rows = (tmp_path / "b" / "bench.csv").read_text().splitlines()
+    assert rows[0] == "kind,variant,median_s,first_call_s,peak_extra_mib,kldiv_speedup"
+    assert len(rows) == 1 + 2 * 2
+
+
+def test_bench_errors_are_one_line(tmp_path):
+    (tmp_path / "taken").mkdir()
+    for args, message in [
+        (["--kinds", "kld"], "--kinds: unknown 'kld'"),
+        (["--variants", "jax"], "--variants: unknown 'jax'"),
+        (["--device", "cuda:99"], "--device cuda:99: no such CUDA device here"),
+        (["--device", "tpu"], "--device tpu: expected auto, cpu or cuda[:index]"),
+        (["--out", str(tmp_path / "taken")], "taken: already exists"),
+        (["--n", "0"], "must be positive"),
+    ]:
+        code, out, err = run(["bench", *args, "--quiet"])
+        assert code == 2 and out == "", (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kldiv bench: error: "), err
+        assert message in err, (message, err)
 
 
 @pytest.mark.parametrize("fmt", ["npy", "pt"])

@@ -137,3 +137,76 @@ def test_fast_path_js_with_any_beta(rng, beta, monkeypatch):
     torch.testing.assert_close(st.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
     # the endpoints are identically 0 and go through the core
     assert not DistillationLoss("js", beta=0.0)._path(st, st.detach()) == "chunked"
+
+
+WEIGHTS = [("kl", {}), ("reverse_kl", {}), ("tv", {})] + [
+    (kind, {name: w})
+    for kind, name in (("js", "beta"), ("skew_kl", "alpha"), ("skew_reverse_kl", "alpha"))
+    for w in (0.0, 0.25, 0.9, 1.0)
+]
+
+
+@pytest.mark.parametrize(("kind", "params"), WEIGHTS)
+def test_chunk_kernels_in_float64_at_every_weight(rng, kind, params, monkeypatch):
+    """The chunked kernels themselves, in float64, against the core: zero support, masked
+    NaN rows, the endpoints (identically 0, or KL / reverse KL at alpha = 0), per-row weights."""
+    monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * 40 + 1)
+    s, t, labels = inputs(rng, (5, 9, 40))
+    s[:, 0] = t[:, 0]  # ties (p = q, both -inf included): TV's |d| has slope 0 there
+    keep = torch.tensor(labels != -100).reshape(-1)
+    st = torch.tensor(s.reshape(-1, 40), requires_grad=True)
+    tt = torch.tensor(t.reshape(-1, 40))
+    beta, alpha = params.get("beta", 0.5), params.get("alpha", 0.1)
+    got = _cpu.per_row(kind, st, tt, keep, 1.3, beta, alpha=alpha)
+    assert got.dtype == torch.float64
+    s64 = torch.tensor(np.where(np.isnan(s), 0.0, s).reshape(-1, 40), requires_grad=True)
+    ref = kldiv.divergence(tt, s64, kind, form="logits", temperature=1.3, mask=keep,
+                           reduction="none", **params)  # fmt: skip
+    assert torch.equal(torch.isposinf(got), torch.isposinf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref.detach()[fin], rtol=1e-12, atol=1e-14)
+    w = torch.rand(got.shape, dtype=torch.float64) * fin  # infinite rows: gradient unconstrained
+    (got.masked_fill(~fin, 0.0) * w).sum().backward()
+    assert torch.isfinite(st.grad).all()
+    if not ref.requires_grad:  # the core's exact 0 for an identically-zero divergence
+        assert torch.equal(st.grad, torch.zeros_like(st.grad))
+        return
+    (ref.masked_fill(~fin, 0.0) * w).sum().backward()
+    torch.testing.assert_close(st.grad, s64.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["skew_kl", "skew_reverse_kl"])
+def test_chunked_path_uses_the_configured_alpha(rng, kind):
+    s, t, labels = inputs(rng, (4, 9, 40))
+    st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    loss = DistillationLoss(kind, alpha=0.35, temperature=1.5, reduction="none")
+    assert loss._path(st, torch.tensor(t, dtype=torch.float32)) == "chunked"
+    out = loss(st, torch.tensor(t, dtype=torch.float32), torch.tensor(labels))
+    s64 = torch.tensor(np.where(np.isnan(s), 0.0, s), requires_grad=True)
+    ref = core_reference(kind, s64, t, labels, 1.5, "none", alpha=0.35)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(st.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+@pytest.mark.parametrize("kind", DIVS)
+def test_infinite_rows_match_the_core_in_value_and_gradient(kind, path):
+    # row 0: q > 0 = p (reverse KL +inf); row 2: p = e^-300·… underflows in float32 while
+    # q = 0, so KL is +inf although exp(l_p) reads 0; the gradient stays the core's
+    inf = float("inf")
+    s = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.1, 0.0], [0.0, 0.0, -inf]])
+    t = torch.tensor([[0.0, -inf, 2.0], [0.0, 1.0, 2.0], [-300.0, 0.0, 0.0]])
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    fast_s = s.clone().to(device).requires_grad_(True)
+    fast = DistillationLoss(kind, alpha=0.2, reduction="none", fast_path=path)
+    out = fast(fast_s, t.to(device))
+    out.sum().backward()
+    s64 = s.double().requires_grad_(True)
+    ref = DistillationLoss(kind, alpha=0.2, reduction="none", fast_path=False)(s64, t.double())
+    ref.sum().backward()
+    assert torch.equal(out.isinf().cpu(), ref.isinf())
+    fin = ref.isfinite()
+    torch.testing.assert_close(out.double().cpu()[fin], ref.detach()[fin], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_s.grad.double().cpu(), s64.grad, rtol=1e-5, atol=1e-6)

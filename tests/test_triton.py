@@ -25,10 +25,6 @@ DIVS = list(L.KIND_IDS)
 PARAM = {"js": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# The interpreter evaluates both sides of every tl.where in NumPy, which warns about the
-# discarded inf − inf; the selected values are what the tests check.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
-
 
 def make(rng, n, v, dtype, scale=2.0):
     s = rng.normal(scale=scale, size=(n, v))

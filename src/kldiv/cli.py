@@ -1,4 +1,4 @@
-"""The ``kldiv`` command: ``demo``, ``compare`` and ``info``.
+"""The ``kldiv`` command: ``demo``, ``compare``, ``bench`` and ``info``.
 
 Every error a user can cause (a missing or corrupt file, mismatched shapes, invalid values, an
 output directory that exists) prints one line, ``kldiv <command>: error: <file>: <problem>``,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -328,6 +329,14 @@ def compare(args: argparse.Namespace, out=None) -> int:
 
 
 def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> None:
+    def write(tmp: Path) -> None:
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        _histogram(stats, tmp / "kl_histogram.png", f"per-token KL: {title}")
+
+    _atomic_dir(dest, write)
+
+
+def _atomic_dir(dest: Path, write: Any) -> None:
     """Write into a fresh sibling directory, then rename: all files or none appear."""
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
@@ -337,8 +346,7 @@ def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> None:
     except OSError as e:
         raise UsageError(f"{parent}: cannot write there ({e.strerror})") from None
     try:
-        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        _histogram(stats, tmp / "kl_histogram.png", f"per-token KL: {title}")
+        write(tmp)
         os.rename(tmp, dest)  # atomic; fails if dest appeared meanwhile
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,8 +391,100 @@ def info(out=None) -> int:
             w(f"  {name:<17} {getattr(mod, '__version__', '?')} ({use})")
         except ImportError:
             w(f"  {name:<17} not installed ({use} unavailable)")
-    w("fused distillation path: not part of this version yet (CPU and GPU use the core)")
+    w("DistillationLoss paths:")
+    w("  chunked CPU path  available (float32/bfloat16/float16 CPU logits)")
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    triton = importlib.util.find_spec("triton") is not None
+    if cuda and triton:
+        w("  Triton kernels    available (CUDA logits)")
+    else:
+        why = " and ".join(
+            x for x, ok in (("no CUDA device", cuda), ("no Triton", triton)) if not ok
+        )
+        w(f"  Triton kernels    not used here ({why}); the CPU path or the core runs instead")
     return 0
+
+
+def bench(args: argparse.Namespace, out=None) -> int:
+    """``kldiv bench``: DistillationLoss against the anchors installed here, side by side."""
+    from tqdm.auto import tqdm
+
+    from . import _bench
+
+    out = out or sys.stdout
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("PyTorch is not installed (pip install 'kldiv[torch]')") from None
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index]")
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise UsageError(f"--device {device}: no such CUDA device here")
+    kinds = tuple(args.kinds.split(","))
+    variants = tuple(args.variants.split(","))
+    for name, got, allowed in (("--kinds", kinds, _bench.KINDS),
+                               ("--variants", variants, _bench.VARIANTS)):  # fmt: skip
+        bad = [x for x in got if x not in allowed]
+        if bad:
+            raise UsageError(f"{name}: unknown {bad[0]!r}; expected some of {', '.join(allowed)}")
+    if "kldiv" not in variants:
+        variants += ("kldiv",)
+    gpu = device.startswith("cuda")
+    n = args.n or (8192 if gpu else 4096)
+    v = args.v or (128256 if gpu else 32000)
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    dest = Path(args.out) if args.out else None
+    if dest is not None and (dest.exists() or dest.is_symlink()):
+        raise UsageError(
+            f"{dest}: already exists; kldiv never overwrites results, pass a new --out"
+        )
+    if n < 1 or v < 1 or args.rounds < 1 or args.iters < 1:
+        raise UsageError("--n, --v, --rounds and --iters must be positive")
+    bar = tqdm(total=len(kinds) * len(variants) * args.rounds, desc="benchmarking",
+               file=sys.stderr, disable=args.quiet or None, leave=False)  # fmt: skip
+    result = _bench.run(device, n, v, dtype, kinds, variants, args.rounds, args.iters,
+                        progress=lambda _: bar.update(1))  # fmt: skip
+    bar.close()
+    result["command"] = "kldiv bench " + " ".join(sys.argv[2:] if args.argv is None else args.argv)
+    if args.json:
+        print(json.dumps(result, indent=2), file=out)
+    else:
+        print(f"{device} ({result['machine'].get('gpu') or result['machine'].get('cpu', '?')}), "
+              f"N={n} V={v} {dtype}, forward+backward, median of {args.iters} × {args.rounds}",
+              file=out)  # fmt: skip
+        print(_bench.table(result), file=out)
+    if dest is not None:
+        _write_bench(dest, result)
+        if not args.json:
+            print(f"wrote {dest / 'bench.json'} and {dest / 'bench.csv'}", file=out)
+    return 0
+
+
+def _write_bench(dest: Path, result: dict) -> None:
+    import csv
+
+    from . import _bench
+
+    def write(tmp: Path) -> None:
+        (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        with open(tmp / "bench.csv", "w", newline="") as f:
+            csv.writer(f).writerows(_bench.csv_rows(result))
+
+    _atomic_dir(dest, write)
 
 
 def _forms(value: str) -> tuple[str, str]:
@@ -426,13 +526,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_cmp.add_argument("--out", help="a new directory for report.json and kl_histogram.png")
     p_cmp.add_argument("--json", action="store_true", help="print the report as JSON")
     p_cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_bench = sub.add_parser(
+        "bench",
+        help="time DistillationLoss against PyTorch eager, torch.compile and Liger Kernel",
+        description="Forward + backward of the distillation loss on random logits on this "
+        "device, kldiv beside the anchors that are installed; prints the table of ratios and, "
+        "with --out, writes bench.json and bench.csv. Defaults: N=4096, V=32000 float32 on "
+        "CPU; N=8192, V=128256 bfloat16 on CUDA.",
+    )
+    p_bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:i]")
+    p_bench.add_argument("--n", type=int, help="rows (tokens)")
+    p_bench.add_argument("--v", type=int, help="vocabulary size")
+    p_bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p_bench.add_argument("--kinds", default="kl,reverse_kl,js", help="divergences to time")
+    p_bench.add_argument(
+        "--variants",
+        default="eager,compile,liger,kldiv",
+        help="eager, compile, liger, kldiv (kldiv is always included)",
+    )
+    p_bench.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p_bench.add_argument("--iters", type=int, default=5, help="timed steps per round")
+    p_bench.add_argument("--out", help="a new directory for bench.json and bench.csv")
+    p_bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("info", help="versions, backends and devices detected")
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)[1:]
     try:
         if args.command == "demo":
             return demo(args.out, train=not args.no_train)
         if args.command == "compare":
             return compare(args)
+        if args.command == "bench":
+            return bench(args)
         return info()
     except UsageError as e:
         print(f"kldiv {args.command}: error: {e}", file=sys.stderr)

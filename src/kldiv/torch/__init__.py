@@ -6,6 +6,7 @@ Importing this module imports torch; ``import kldiv`` alone does not.
 from __future__ import annotations
 
 from .distillation import DistillationLoss
+from .fused_linear import FusedLinearDistillationLoss
 from .losses import (
     Divergence,
     JSDivergence,
@@ -19,6 +20,7 @@ from .losses import (
 
 __all__ = [
     "DistillationLoss",
+    "FusedLinearDistillationLoss",
     "Divergence",
     "KLDivergence",
     "ReverseKLDivergence",

@@ -4,21 +4,33 @@ gradient in one pass, no float32 ``[N, V]`` scratch beyond the gradient itself.
 Three layers, as for the GPU kernels: ``_chunk_*`` compute one chunk's per-row loss and
 gradient (the "kernel"); :func:`chunked_forward` walks the rows and owns the buffers (the
 launcher); :class:`ChunkedDivergence` is the ``autograd.Function``. Zero support follows the
-core exactly (``-inf`` logits are zero probabilities; p = 0 terms are 0; p > 0 = q is +inf).
+core exactly (``-inf`` logits are zero probabilities; p = 0 terms are 0; p > 0 = q is +inf),
+and so do the endpoints of ``beta``/``alpha`` where a divergence is identically 0 or reduces
+to KL. Plain tensor arithmetic: the launcher runs on any torch device, although its only
+caller on accelerators is :mod:`kldiv.torch.fused_linear`.
+
+Every kernel writes the gradient through the softmax in one form: with q the student's
+probabilities, f the summand of the divergence and ``h_j = q_j·∂f/∂q_j``, the gradient with
+respect to the student's logit ``z_j`` is ``h_j − q_j·Σ_k h_k``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-SUPPORTED = ("kl", "reverse_kl", "js")
+from .._defaults import JS_BETA, SKEW_ALPHA
+
+SUPPORTED = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
 # Rows per chunk: 2^18 floats (1 MiB per float32 temporary) measured fastest at V = 32000 on
 # 2 cores (2^16: 15% slower, python overhead; 2^20: 5% slower, out of cache).
 _CHUNK_ELEMENTS = 1 << 18
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _chunk_kl(lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -26,31 +38,39 @@ def _chunk_kl(lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None) -> 
     pt = lt.exp()
     if grad is not None:
         torch.exp(ls, out=grad).sub_(pt)
-    terms = (lt - ls).mul_(pt)
-    # p_t = 0 terms are 0 (they read 0·(−inf) or 0·NaN above); p_t > 0 = q_s stays +inf
-    return terms.masked_fill_(pt == 0, 0.0).sum(-1)
+    diff = lt - ls
+    # p_t > 0 = q_s is +inf even where p_t underflows to 0 (then diff·p_t reads inf·0)
+    infinite = (diff == math.inf).any(-1)
+    # p_t = 0 terms are 0 (they read 0·(−inf) or 0·NaN here)
+    value = diff.mul_(pt).masked_fill_(pt == 0, 0.0).sum(-1)
+    return value.masked_fill_(infinite, math.inf)
 
 
 def _chunk_reverse_kl(
     lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None
 ) -> torch.Tensor:
-    """KL(S‖T) per row, ``R = Σ q (l_s − l_t)``; writes d/dz_s = ``q ⊙ ((l_s − l_t) − R)``."""
+    """KL(S‖T) per row, ``R = Σ q (l_s − l_t)``; writes d/dz_s = ``h − q·Σh`` with
+    ``h = q·(l_s − l_t + 1)`` on the terms where both are positive.
+
+    A q > 0 = p term makes the value +inf; as in the core, it is left out of the gradient
+    (h = 0 there), which stays finite.
+    """
     qs = ls.exp()
-    dead = qs == 0
-    diff = (ls - lt).masked_fill_(dead, 0.0)
-    value = (qs * diff).sum(-1)
+    diff = ls - lt  # +inf where p = 0 < q; −inf or NaN where q = 0
+    live = torch.isfinite(diff)
+    infinite = (diff == math.inf).any(-1)
+    diff.masked_fill_(~live, 0.0)
+    value = (qs * diff).sum(-1).masked_fill_(infinite, math.inf)
     if grad is not None:
-        # where the value is +inf (q > 0 = p) the gradient is unconstrained: keep it finite
-        r = torch.where(torch.isfinite(value), value, 0.0)
-        torch.mul(qs, diff.sub_(r[:, None]), out=grad)
-        grad.masked_fill_(~torch.isfinite(grad), 0.0)
+        h = diff.add_(1.0).mul_(qs).masked_fill_(~live, 0.0)
+        torch.mul(qs, h.sum(-1, keepdim=True), out=grad).neg_().add_(h)
     return value
 
 
 def _chunk_js(
     lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None, beta: float
 ) -> torch.Tensor:
-    """β·KL(T‖M) + (1−β)·KL(S‖M), M = βT + (1−β)S, per row; writes d/dz_s into ``grad``.
+    """β·KL(T‖M) + (1−β)·KL(S‖M), M = βT + (1−β)S, per row, 0 < β < 1; writes d/dz_s.
 
     ∂JS/∂q = (1−β)·log(q/m) (the other terms cancel because M mixes Q), so through the
     softmax d/dz_j = q_j·(g_j − Σ_k q_k g_k) with g = (1−β)·log(q/m).
@@ -67,7 +87,71 @@ def _chunk_js(
     return value
 
 
-_CHUNKS = {"kl": _chunk_kl, "reverse_kl": _chunk_reverse_kl, "js": _chunk_js}
+def _chunk_skew_kl(
+    lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """KL(T ‖ M), M = αT + (1−α)S, per row, 0 < α < 1 (finite: m ≥ αp); writes d/dz_s.
+
+    ∂f/∂q = −(1−α)·p/m, so h = −(1−α)·r with r = p·q/m, and d/dz = (1−α)·(q·Σr − r).
+    """
+    pt = lt.exp()
+    dead = pt == 0
+    lm = torch.logaddexp(lt + math.log(alpha), ls + math.log1p(-alpha))
+    if grad is not None:
+        # r = 0 where p = 0, where q/m may read exp(−inf + inf) = NaN (p = q = 0, m = 0)
+        r = torch.sub(ls, lm).exp_().mul_(pt).masked_fill_(dead, 0.0)
+        torch.exp(ls, out=grad).mul_(r.sum(-1, keepdim=True)).sub_(r).mul_(1 - alpha)
+    return lm.neg_().add_(lt).mul_(pt).masked_fill_(dead, 0.0).sum(-1)
+
+
+def _chunk_skew_reverse_kl(
+    lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """KL(S ‖ M'), M' = αS + (1−α)T, per row, 0 < α < 1 (finite: m' ≥ αq); writes d/dz_s.
+
+    ∂f/∂q = log(q/m') + 1 − α·q/m', so h = q·(log(q/m') − α·q/m') + q; the last q cancels in
+    ``h − q·Σh`` (Σq = 1) and is left out.
+    """
+    qs = ls.exp()
+    lm = torch.logaddexp(ls + math.log(alpha), lt + math.log1p(-alpha))
+    d = torch.sub(ls, lm, out=lm).masked_fill_(qs == 0, 0.0)  # log(q/m'), 0 where q = 0
+    value = (qs * d).sum(-1)
+    if grad is not None:
+        h = d.exp().mul_(-alpha).add_(d).mul_(qs)  # 0 where q = 0 (d = 0 there)
+        torch.mul(qs, h.sum(-1, keepdim=True), out=grad).neg_().add_(h)
+    return value
+
+
+def _chunk_tv(lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """½·Σ|p − q| per row; writes d/dz_s with h = ½·q·sign(q − p).
+
+    sign(0) = 0 is the core's slope of |d| at d = 0 (ties, e.g. p = q = 0, get no gradient).
+    """
+    qs = ls.exp()
+    d = lt.exp().neg_().add_(qs)  # q − p
+    value = torch.linalg.vector_norm(d, 1, -1).mul_(0.5)
+    if grad is not None:
+        h = d.sign_().mul_(qs).mul_(0.5)
+        torch.mul(qs, h.sum(-1, keepdim=True), out=grad).neg_().add_(h)
+    return value
+
+
+_CHUNKS: dict[str, Kernel] = {"kl": _chunk_kl, "reverse_kl": _chunk_reverse_kl, "tv": _chunk_tv}
+
+
+def _kernel(kind: str, beta: float, alpha: float) -> Kernel | None:
+    """The chunk kernel for ``kind`` at these parameters; None where the divergence is
+    identically 0 (JS at β ∈ {0, 1}, skew at α = 1: the core returns an exact 0 there)."""
+    if kind == "js":
+        return None if beta in (0.0, 1.0) else functools.partial(_chunk_js, beta=beta)
+    if kind in ("skew_kl", "skew_reverse_kl"):
+        if alpha == 1.0:
+            return None
+        if alpha == 0.0:  # the core's mixture is then exactly the other side
+            return _CHUNKS["kl" if kind == "skew_kl" else "reverse_kl"]
+        fn = _chunk_skew_kl if kind == "skew_kl" else _chunk_skew_reverse_kl
+        return functools.partial(fn, alpha=alpha)
+    return _CHUNKS[kind]
 
 
 def chunked_forward(
@@ -77,22 +161,30 @@ def chunked_forward(
     keep: torch.Tensor | None,
     temperature: float,
     need_grad: bool,
-    beta: float = 0.5,
+    beta: float = JS_BETA,
+    *,
+    alpha: float = SKEW_ALPHA,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row divergences ``[N]`` (float32, masked rows 0) and, if asked, the gradient of
-    their sum with respect to ``student`` (``[N, V]`` in float32; masked rows 0)."""
+    """Per-row divergences ``[N]`` (masked rows 0) and, if asked, the gradient of their sum
+    with respect to ``student`` (``[N, V]``; masked rows 0), on ``student``'s device.
+
+    Computed in float32, or float64 when either input is float64; ``student`` and
+    ``teacher`` are ``[N, V]`` logits (divided by ``temperature`` here).
+    """
     n, v = student.shape
-    values = torch.zeros(n, dtype=torch.float32)
-    grad = torch.empty((n, v), dtype=torch.float32) if need_grad else None
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    device = student.device
+    values = torch.zeros(n, dtype=dtype, device=device)
+    fn = _kernel(kind, beta, alpha)
+    if fn is None:
+        return values, torch.zeros((n, v), dtype=dtype, device=device) if need_grad else None
+    grad = torch.empty((n, v), dtype=dtype, device=device) if need_grad else None
     rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
     inv_t = 1.0 / temperature
-    fn = _CHUNKS[kind]
-    if kind == "js":
-        fn = functools.partial(_chunk_js, beta=beta)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        s = student[start:stop].float()
-        t = teacher[start:stop].float()
+        s = student[start:stop].to(dtype)
+        t = teacher[start:stop].to(dtype)
         if temperature != 1.0:
             s = s * inv_t
             t = t * inv_t
@@ -128,10 +220,11 @@ class ChunkedDivergence(torch.autograd.Function):
         kind: str,
         temperature: float,
         beta: float,
+        alpha: float = SKEW_ALPHA,
     ) -> torch.Tensor:
         values, grad = chunked_forward(
             kind, student.detach(), teacher.detach(), keep, temperature, student.requires_grad,
-            beta,
+            beta, alpha=alpha,
         )  # fmt: skip
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.student_dtype = student.dtype
@@ -141,15 +234,23 @@ class ChunkedDivergence(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
         if grad.numel() == 0:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         # In place: no second [N, V] buffer. A second backward through the same forward
         # would see a scaled gradient; autograd's version counter refuses it instead.
-        out = grad.mul_(grad_out.float()[:, None])
-        return out.to(ctx.student_dtype), None, None, None, None, None
+        out = grad.mul_(grad_out.to(grad.dtype)[:, None])
+        return out.to(ctx.student_dtype), None, None, None, None, None, None
 
 
-def per_row(kind: str, student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None,
-            temperature: float, beta: float = 0.5) -> torch.Tensor:  # fmt: skip
+def per_row(
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    temperature: float,
+    beta: float = JS_BETA,
+    *,
+    alpha: float = SKEW_ALPHA,
+) -> torch.Tensor:
     """Per-row divergence through the fast path; rows flattened and options validated by the
     caller (DistillationLoss)."""
-    return ChunkedDivergence.apply(student, teacher, keep, kind, temperature, beta)
+    return ChunkedDivergence.apply(student, teacher, keep, kind, temperature, beta, alpha)

@@ -178,7 +178,7 @@ class DistillationLoss(torch.nn.Module):
         else:
             rows = _cpu.per_row(
                 self.divergence, student.reshape(-1, v), teacher.reshape(-1, v), flat_keep,
-                self.temperature, self.beta,
+                self.temperature, self.beta, alpha=self.alpha,
             )  # fmt: skip
         out_dtype = torch.promote_types(student.dtype, torch.float32)
         rows = rows.to(out_dtype)

@@ -1,0 +1,305 @@
+"""The distillation benchmark behind ``kldiv bench`` and ``benchmarks/bench_distill_*.py``.
+
+Forward + backward to the student logits, ``[N, V]``, one divergence D(teacher‖student) at a
+time, each variant computing the same number:
+
+* ``eager``: the plain PyTorch formula people write (for KL: ``F.kl_div(F.log_softmax(s),
+  F.log_softmax(t), log_target=True, reduction="batchmean")``);
+* ``compile``: the same function under ``torch.compile`` (steady state; its first call, the
+  compilation, is reported separately);
+* ``liger``: Liger Kernel, when installed and on CUDA (``LigerKLDIVLoss`` fed by a separate
+  ``log_softmax``, ``LigerJSD`` for JSD and, with the arguments swapped, reverse KL);
+* ``kldiv``: :class:`kldiv.torch.DistillationLoss` with its automatic dispatch.
+
+Method: on CPU every measurement runs in a fresh subprocess (peak memory is the rise of the
+peak resident set once the inputs exist), variants alternate over rounds; on CUDA timings use
+CUDA events after warm-up, and peak memory is ``max_memory_allocated`` above the inputs. The
+figure of merit is the median. On CUDA the memory-traffic floor is also reported: a fused
+forward + backward must read both logits twice and write one gradient, ``5·N·V·itemsize``
+bytes, timed at the copy bandwidth measured on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+VARIANTS = ("eager", "compile", "liger", "kldiv")
+KINDS = ("kl", "reverse_kl", "js")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def composition(kind: str, beta: float = 0.5) -> Callable[[Any, Any], Any]:
+    """The hand-written PyTorch loss for ``kind`` (mean over rows), as trainers write it."""
+    import torch
+    import torch.nn.functional as F
+
+    def loss(s: Any, t: Any) -> Any:
+        ls = F.log_softmax(s.float(), -1)
+        lt = F.log_softmax(t.float(), -1)
+        if kind == "kl":
+            return F.kl_div(ls, lt, log_target=True, reduction="batchmean")
+        if kind == "reverse_kl":
+            return F.kl_div(lt, ls, log_target=True, reduction="batchmean")
+        if kind == "js":
+            lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+            kl_t = F.kl_div(lm, lt, log_target=True, reduction="batchmean")
+            kl_s = F.kl_div(lm, ls, log_target=True, reduction="batchmean")
+            return beta * kl_t + (1 - beta) * kl_s
+        raise ValueError(f"no anchor formula for {kind!r}")
+
+    return loss
+
+
+def liger(kind: str, beta: float = 0.5) -> Callable[[Any, Any], Any] | None:
+    """Liger Kernel's loss for ``kind`` fed the way its docs show, or None if unavailable."""
+    try:
+        import torch.nn.functional as F
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+    except ImportError:
+        return None
+    if kind == "js":
+        # LigerJSD(log_q = student, log_p = teacher), M = β·P + (1−β)·Q: β weighs the teacher,
+        # as kldiv's does
+        jsd = LigerJSD(beta=beta)
+        return lambda s, t: jsd(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1))
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    if kind == "kl":
+        return lambda s, t: kl(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1))
+    if kind == "reverse_kl":
+        return lambda s, t: kl(F.log_softmax(t.float(), -1), F.log_softmax(s.float(), -1))
+    return None
+
+
+def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
+    if variant == "kldiv":
+        from kldiv.torch import DistillationLoss
+
+        return DistillationLoss(kind)
+    if variant == "compile":
+        import torch
+
+        return torch.compile(composition(kind))
+    if variant == "liger":
+        return liger(kind)
+    return composition(kind)
+
+
+def _inputs(n: int, v: int, dtype: str, device: str) -> tuple[Any, Any]:
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=getattr(torch, dtype))
+    t = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=getattr(torch, dtype))
+    return s.requires_grad_(True), t
+
+
+def _rss_kib() -> int:
+    import resource
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+
+
+def measure(variant: str, kind: str, n: int, v: int, dtype: str, device: str,
+            iters: int) -> dict[str, Any]:  # fmt: skip
+    """One variant in this process: times of ``iters`` steps after two warm-ups, the first
+    call, the value, and peak extra memory (MiB)."""
+    import torch
+
+    step = step_for(variant, kind)
+    if step is None:
+        return {"unavailable": f"{variant} is not installed or has no {kind}"}
+    s, t = _inputs(n, v, dtype, device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_kib()
+    times, first, value = [], math.nan, math.nan
+    for i in range(2 + iters):
+        s.grad = None
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        loss = step(s, t)
+        loss.backward()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            dt = time.perf_counter() - t0
+        if i == 0:
+            first = time.perf_counter() - t0
+            value = float(loss)
+        elif i >= 2:
+            times.append(dt)
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        import resource
+
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return {"times_s": times, "first_call_s": first, "value": value, "peak_extra_mib": peak}
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read + write counted)."""
+    import torch
+
+    x = torch.empty(2**28, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 4 * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def _child(variant: str, kind: str, n: int, v: int, dtype: str, device: str, iters: int) -> dict:
+    code = (
+        "import json, sys, torch; torch.set_num_threads(int(sys.argv[8]));"
+        "from kldiv._bench import measure;"
+        "print(json.dumps(measure(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),"
+        " sys.argv[5], sys.argv[6], int(sys.argv[7]))))"
+    )
+    import torch
+
+    argv = [variant, kind, str(n), str(v), dtype, device, str(iters), str(torch.get_num_threads())]
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines() or ["no output"]
+        return {"unavailable": f"{variant} failed: {lines[-1]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    import kldiv
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "kldiv": kldiv.__version__}  # fmt: skip
+    for name in ("triton", "liger_kernel"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - absent or unversioned: simply not reported
+            pass
+    machine = {"platform": platform.platform(), "cores_visible": len(os.sched_getaffinity(0)),
+               "torch_threads": torch.get_num_threads()}  # fmt: skip
+    try:
+        from pathlib import Path
+
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                machine["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return {"machine": machine, "versions": versions}
+
+
+def run(device: str, n: int, v: int, dtype: str, kinds: tuple[str, ...],
+        variants: tuple[str, ...], rounds: int, iters: int,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every variant × kind, alternating the order over rounds; returns the raw runs and a
+    summary with the ratios ``variant median / kldiv median`` (> 1: kldiv is faster)."""
+    cuda = device.startswith("cuda")
+    result: dict[str, Any] = {
+        "benchmark": "distillation loss, forward + backward to the student logits",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": device, "shape": {"N": n, "V": v}, "dtype": dtype,
+        "rounds": rounds, "iters": iters, **environment(device), "kinds": {},
+    }  # fmt: skip
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    if cuda:
+        bw = copy_bandwidth(device)
+        result["copy_bandwidth_GBps"] = bw / 1e9
+        result["traffic_floor_s"] = 5 * n * v * itemsize / bw
+    for kind in kinds:
+        runs: dict[str, list[dict]] = {k: [] for k in variants}
+        for r in range(rounds):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                if cuda:
+                    res = measure(variant, kind, n, v, dtype, device, iters)
+                else:
+                    res = _child(variant, kind, n, v, dtype, device, iters)
+                runs[variant].append(res)
+                if progress is not None:
+                    progress(f"{kind} {variant} round {r + 1}")
+        summary: dict[str, Any] = {}
+        for variant, rs in runs.items():
+            ok = [x for x in rs if "times_s" in x]
+            if not ok:
+                summary[variant] = {"unavailable": rs[0].get("unavailable", "failed")}
+                continue
+            summary[variant] = {
+                "median_s": statistics.median(statistics.median(x["times_s"]) for x in ok),
+                "first_call_s": statistics.median(x["first_call_s"] for x in ok),
+                "peak_extra_mib": statistics.median(x["peak_extra_mib"] for x in ok),
+                "value": ok[0]["value"],
+            }
+        ref = summary.get("kldiv", {}).get("median_s")
+        for variant in variants:
+            m = summary[variant].get("median_s")
+            if ref and m and variant != "kldiv":
+                summary[variant]["kldiv_speedup"] = m / ref
+        if ref and cuda:
+            summary["kldiv"]["over_traffic_floor"] = ref / result["traffic_floor_s"]
+        result["kinds"][kind] = {"summary": summary, "runs": runs}
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The summary as a fixed-width text table."""
+    head = (
+        f"{'kind':<12}{'variant':<9}{'median ms':>11}{'first s':>9}{'peak MiB':>10}{'kldiv ×':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for kind, entry in result["kinds"].items():
+        for variant, s in entry["summary"].items():
+            if "unavailable" in s:
+                lines.append(f"{kind:<12}{variant:<9}  {s['unavailable']}")
+                continue
+            ratio = s.get("kldiv_speedup")
+            lines.append(
+                f"{kind:<12}{variant:<9}{s['median_s'] * 1e3:>11.2f}{s['first_call_s']:>9.2f}"
+                f"{s['peak_extra_mib']:>10.1f}{'' if ratio is None else f'{ratio:.2f}':>9}"
+            )
+    lines.append("kldiv ×: the variant's median time over kldiv's (> 1: kldiv is faster)")
+    if "traffic_floor_s" in result:
+        lines.append(
+            f"memory-traffic floor (5·N·V·itemsize at {result['copy_bandwidth_GBps']:.0f} GB/s "
+            f"copy bandwidth): {result['traffic_floor_s'] * 1e3:.2f} ms"
+        )
+    return "\n".join(lines)
+
+
+def csv_rows(result: dict[str, Any]) -> list[list[Any]]:
+    rows = [["kind", "variant", "median_s", "first_call_s", "peak_extra_mib", "kldiv_speedup"]]
+    for kind, entry in result["kinds"].items():
+        for variant, s in entry["summary"].items():
+            rows.append([kind, variant, s.get("median_s", ""), s.get("first_call_s", ""),
+                         s.get("peak_extra_mib", ""), s.get("kldiv_speedup", "")])  # fmt: skip
+    return rows
