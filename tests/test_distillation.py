@@ -210,3 +210,57 @@ def test_infinite_rows_match_the_core_in_value_and_gradient(kind, path):
     fin = ref.isfinite()
     torch.testing.assert_close(out.double().cpu()[fin], ref.detach()[fin], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast_s.grad.double().cpu(), s64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("where_inf", ["none", "teacher", "student", "both"])
+def test_chunks_from_raw_logits_against_the_core(rng, kind, where_inf, monkeypatch):
+    """KL and reverse KL take most chunks straight from the logits (one exp per element, no
+    masks); chunks with -inf on the side that needs masks go the log-softmax way. Both
+    against the core in float64, and the fast route must actually be taken."""
+    monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * 97)  # 3 rows a chunk
+    taken = []
+    fast = _cpu._FROM_LOGITS[_cpu._chunk_kl if kind == "kl" else _cpu._chunk_reverse_kl]
+
+    def counted(*args):
+        out = fast(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setitem(_cpu._FROM_LOGITS,
+                        _cpu._chunk_kl if kind == "kl" else _cpu._chunk_reverse_kl, counted)  # fmt: skip
+    s = rng.normal(scale=3.0, size=(11, 97))
+    t = rng.normal(scale=3.0, size=(11, 97))
+    if where_inf in ("teacher", "both"):
+        t[:, :4][rng.random((11, 4)) < 0.5] = -np.inf
+    if where_inf in ("student", "both"):
+        s[:, 90:][rng.random((11, 7)) < 0.5] = -np.inf
+    st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    out = DistillationLoss(kind, reduction="none", temperature=1.3)(st, torch.tensor(t).float())
+    (out * torch.linspace(0.5, 2.0, 11)).sum().backward()
+    s64 = torch.tensor(s, requires_grad=True)
+    ref = DistillationLoss(kind, reduction="none", temperature=1.3, fast_path=False)(
+        s64, torch.tensor(t)
+    )
+    (ref * torch.linspace(0.5, 2.0, 11, dtype=torch.float64)).sum().backward()
+    assert torch.equal(out.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    torch.testing.assert_close(out.double()[fin], ref.detach()[fin], rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(st.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    masked_side = "student" if kind == "kl" else "teacher"
+    assert any(taken) == (where_inf not in (masked_side, "both"))
+
+
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+def test_an_all_minus_inf_row_is_nan_as_in_the_core(path):
+    inf = float("inf")
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    s = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.1, 0.0]])
+    t = torch.tensor([[-inf, -inf, -inf], [0.0, 1.0, 2.0]])
+    for kind in ("kl", "reverse_kl"):
+        for a, b in ((s, t), (t, s)):
+            out = DistillationLoss(kind, reduction="none", fast_path=path)(
+                a.to(device), b.to(device)
+            ).cpu()
+            ref = DistillationLoss(kind, reduction="none", fast_path=False)(a.double(), b.double())
+            assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan()[0], (kind, out, ref)

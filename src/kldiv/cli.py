@@ -444,8 +444,8 @@ def bench(args: argparse.Namespace, out=None) -> int:
     if "kldiv" not in variants:
         variants += ("kldiv",)
     gpu = device.startswith("cuda")
-    n = args.n or (8192 if gpu else 4096)
-    v = args.v or (128256 if gpu else 32000)
+    n = args.n if args.n is not None else (8192 if gpu else 4096)
+    v = args.v if args.v is not None else (128256 if gpu else 32000)
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     dest = Path(args.out) if args.out else None
     if dest is not None and (dest.exists() or dest.is_symlink()):

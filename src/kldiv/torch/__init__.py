@@ -17,10 +17,12 @@ from .losses import (
     SymmetricKLDivergence,
     TVDistance,
 )
+from .topk import TopKTeacher
 
 __all__ = [
     "DistillationLoss",
     "FusedLinearDistillationLoss",
+    "TopKTeacher",
     "Divergence",
     "KLDivergence",
     "ReverseKLDivergence",

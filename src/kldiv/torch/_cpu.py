@@ -57,8 +57,10 @@ def _chunk_reverse_kl(
     """
     qs = ls.exp()
     diff = ls - lt  # +inf where p = 0 < q; −inf or NaN where q = 0
-    live = torch.isfinite(diff)
-    infinite = (diff == math.inf).any(-1)
+    inf_terms = diff == math.inf
+    infinite = inf_terms.any(-1)
+    # not isfinite(diff): a NaN teacher (an all −inf row) must stay NaN, as in the core
+    live = ~(inf_terms | (qs == 0))
     diff.masked_fill_(~live, 0.0)
     value = (qs * diff).sum(-1).masked_fill_(infinite, math.inf)
     if grad is not None:
@@ -136,7 +138,68 @@ def _chunk_tv(lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None) -> 
     return value
 
 
+def _logits_kl(
+    s: torch.Tensor, t: torch.Tensor, grad: torch.Tensor | None, work: list[torch.Tensor]
+) -> torch.Tensor | None:
+    """KL(T‖S) per row straight from (tempered) logits, or None where a student logit is
+    −inf (then :func:`_chunk_kl` takes the chunk: only its masks give exact +inf terms).
+
+    One exp per element and distribution, and no comparisons or masks over the chunk, which
+    cost as much as an exp each on CPU:
+    ``KL = Σ p·(t − s) − (lse_t − lse_s)``, ``lse_t − lse_s = (m_t − m_s) + log(z_t/z_s)``.
+    A teacher's −inf logits become the most negative float: p = 0 there exactly, and t − s
+    stays finite, so no 0·inf appears (an all −inf row still reads NaN through m_t = −inf).
+    """
+    if bool(s.amin() == -math.inf):
+        return None
+    r = s.shape[0]
+    p, d = work[0][:r], work[1][:r]
+    m_s = s.amax(-1, keepdim=True)
+    m_t = t.amax(-1, keepdim=True)
+    if bool(t.amin() == -math.inf):
+        t = t.clamp_min(torch.finfo(t.dtype).min)
+    z_t = torch.sub(t, m_t, out=p).exp_().sum(-1, keepdim=True)
+    p.div_(z_t)
+    value = torch.linalg.vecdot(p, torch.sub(t, s, out=d))
+    if grad is not None:
+        z_s = torch.sub(s, m_s, out=grad).exp_().sum(-1, keepdim=True)
+        grad.div_(z_s).sub_(p)
+    else:
+        z_s = torch.sub(s, m_s, out=d).exp_().sum(-1, keepdim=True)
+    return value.sub_(((m_t - m_s) + torch.log(z_t / z_s)).squeeze(-1))
+
+
+def _logits_reverse_kl(
+    s: torch.Tensor, t: torch.Tensor, grad: torch.Tensor | None, work: list[torch.Tensor]
+) -> torch.Tensor | None:
+    """KL(S‖T) per row straight from (tempered) logits, or None where a teacher logit is
+    −inf (then :func:`_chunk_reverse_kl` takes the chunk); the mirror of :func:`_logits_kl`:
+    ``R = Σ q·(s − t) − (lse_s − lse_t)``, gradient ``q ⊙ ((s − t) − (lse_s − lse_t) − R)``.
+    """
+    if bool(t.amin() == -math.inf):
+        return None
+    r = s.shape[0]
+    q = grad if grad is not None else work[0][:r]
+    d = work[1][:r]
+    m_s = s.amax(-1, keepdim=True)
+    m_t = t.amax(-1, keepdim=True)
+    if bool(s.amin() == -math.inf):
+        s = s.clamp_min(torch.finfo(s.dtype).min)
+    z_s = torch.sub(s, m_s, out=q).exp_().sum(-1, keepdim=True)
+    q.div_(z_s)
+    z_t = torch.sub(t, m_t, out=d).exp_().sum(-1, keepdim=True)
+    lse_diff = (m_s - m_t) + torch.log(z_s / z_t)
+    d = torch.sub(s, t, out=d)
+    value = torch.linalg.vecdot(q, d).sub_(lse_diff.squeeze(-1))
+    if grad is not None:
+        grad.mul_(d.sub_(lse_diff + value[:, None]))
+    return value
+
+
 _CHUNKS: dict[str, Kernel] = {"kl": _chunk_kl, "reverse_kl": _chunk_reverse_kl, "tv": _chunk_tv}
+
+
+_FROM_LOGITS = {_chunk_kl: _logits_kl, _chunk_reverse_kl: _logits_reverse_kl}
 
 
 def _kernel(kind: str, beta: float, alpha: float) -> Kernel | None:
@@ -181,6 +244,8 @@ def chunked_forward(
     grad = torch.empty((n, v), dtype=dtype, device=device) if need_grad else None
     rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
     inv_t = 1.0 / temperature
+    from_logits = _FROM_LOGITS.get(fn)  # type: ignore[arg-type]
+    work = None
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         s = student[start:stop].to(dtype)
@@ -195,7 +260,14 @@ def chunked_forward(
             s = torch.where(k[:, None], s, 0.0)
             t = torch.where(k[:, None], t, 0.0)
         g = None if grad is None else grad[start:stop]
-        val = fn(torch.log_softmax(t, -1), torch.log_softmax(s, -1), g)
+        val = None
+        if from_logits is not None:
+            if work is None:
+                r = min(rows, n)
+                work = [torch.empty((r, v), dtype=dtype, device=device) for _ in range(2)]
+            val = from_logits(s, t, g, work)
+        if val is None:
+            val = fn(torch.log_softmax(t, -1), torch.log_softmax(s, -1), g)
         if g is not None:
             if temperature != 1.0:
                 g.mul_(inv_t)

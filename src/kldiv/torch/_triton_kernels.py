@@ -93,6 +93,14 @@ def _online_update(m, z, x):
 
 
 @triton.jit
+def _with_inf(finite, inf_hit, z_s, z_t):
+    """The row's value: +inf where a term is, NaN where the sum is NaN (NaN logits) or a row
+    has no mass at all (all −inf logits: no distribution), as in the core."""
+    invalid = (finite != finite) | (z_s == 0.0) | (z_t == 0.0)
+    return tl.where(invalid, float("nan"), tl.where(inf_hit > 0, POS_INF, finite))
+
+
+@triton.jit
 def distill_forward_kernel(
     s_ptr, t_ptr, keep_ptr,
     loss_ptr, lse_s_ptr, lse_t_ptr, c_ptr,
@@ -138,14 +146,14 @@ def distill_forward_kernel(
     lse_s = m_s + tl.log(z_s)
     lse_t = m_t + tl.log(z_t)
     if KIND == KL:
-        loss = tl.where(inf_hit > 0, POS_INF, acc / z_t - lse_t + lse_s)
+        loss = _with_inf(acc / z_t - (m_t - m_s) - tl.log(z_t / z_s), inf_hit, z_s, z_t)
         c = tl.full((), -1.0, tl.float32)  # Σ h = −Σ p = −1: the gradient is q − p
     elif KIND == REVERSE_KL:
         # Σ_live q·(lq − lp) and Σ_live q; without q > 0 = p terms Σ_live q = 1. Where there
         # are such terms the value is +inf and, as in the core, they are left out of the
         # gradient: h = 0 there and c sums the finite terms only.
-        finite = (acc - (lse_s - lse_t) * z_live) / z_s
-        loss = tl.where(inf_hit > 0, POS_INF, finite)
+        finite = (acc - ((m_s - m_t) + tl.log(z_s / z_t)) * z_live) / z_s
+        loss = _with_inf(finite, inf_hit, z_s, z_t)
         c = finite + z_live / z_s
     else:
         loss = tl.zeros((), tl.float32)

@@ -13,6 +13,7 @@ from .. import _check
 from .._defaults import JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from ..divergences import KINDS
 from . import _cpu
+from .topk import TopKTeacher, topk_distillation_rows
 
 __all__ = ["DistillationLoss"]
 
@@ -36,6 +37,12 @@ class DistillationLoss(torch.nn.Module):
     ``num_items`` the denominator of ``"mean"`` (e.g. the global count of valid tokens under
     gradient accumulation). ``reduction``: ``"mean"`` over valid tokens (0 when there are
     none), ``"sum"``, or ``"none"`` (per token, skipped tokens 0).
+
+    ``teacher_logits`` may instead be a :class:`~kldiv.torch.TopKTeacher` (``indices`` and
+    ``log_probs`` ``[..., K]`` as offline pipelines store them, with a required tail policy,
+    ``"tail_bucket"`` or ``"renormalize"``; see :mod:`kldiv.torch.topk`): the same
+    divergence between the teacher's stored top-k and the student's full logits, never a
+    silently truncated sum.
 
     Paths (same values and gradients, tested against each other), chosen per call when
     ``fast_path=True`` and only the student needs a gradient:
@@ -111,19 +118,14 @@ class DistillationLoss(torch.nn.Module):
         labels: torch.Tensor | None = None,
         num_items: Any = None,
     ) -> torch.Tensor:
+        if isinstance(teacher_logits, TopKTeacher):
+            return self._topk(student_logits, teacher_logits, labels, num_items)
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
                 f"Expected student and teacher logits of the same shape, got "
                 f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}."
             )
-        keep = None
-        if labels is not None:
-            if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
-                raise ValueError(
-                    f"Expected `labels` of the token shape {tuple(student_logits.shape[:-1])}, "
-                    f"got {tuple(labels.shape)}."
-                )
-            keep = labels != self.ignore_index
+        keep = self._keep(labels, tuple(student_logits.shape[:-1]))
         num_items = _check.check_num_items(num_items, self.reduction)
         scale = self.temperature**2 if self.scale_by_temperature_squared else 1.0
         path = self._path(student_logits, teacher_logits)
@@ -138,6 +140,31 @@ class DistillationLoss(torch.nn.Module):
 
     def _weight(self) -> float:
         return self.beta if self.divergence == "js" else self.alpha
+
+    def _keep(self, labels: torch.Tensor | None, tokens: tuple[int, ...]) -> torch.Tensor | None:
+        if labels is None:
+            return None
+        if tuple(labels.shape) != tokens:
+            raise ValueError(
+                f"Expected `labels` of the token shape {tokens}, got {tuple(labels.shape)}."
+            )
+        return labels != self.ignore_index
+
+    def _topk(
+        self,
+        student: torch.Tensor,
+        teacher: TopKTeacher,
+        labels: torch.Tensor | None,
+        num_items: Any,
+    ) -> torch.Tensor:
+        """D(teacher‖student) for a top-k sparse teacher (see :mod:`kldiv.torch.topk`)."""
+        keep = self._keep(labels, tuple(student.shape[:-1]))
+        num_items = _check.check_num_items(num_items, self.reduction)
+        rows = topk_distillation_rows(self.divergence, student, teacher, keep,
+                                      self.temperature, self.beta, self.alpha)  # fmt: skip
+        if self.scale_by_temperature_squared:
+            rows = rows * self.temperature**2
+        return _reduce_rows(rows, keep, self.reduction, num_items)
 
     def _path(self, student: torch.Tensor, teacher: torch.Tensor) -> str:
         """``"triton"``, ``"chunked"`` or ``"core"`` for these inputs (see the class doc)."""
@@ -166,7 +193,7 @@ class DistillationLoss(torch.nn.Module):
         num_items: Any,
     ) -> torch.Tensor:
         v = student.shape[-1]
-        tokens = student.shape[:-1]
+        tokens = tuple(student.shape[:-1])
         flat_keep = None if keep is None else keep.reshape(-1)
         if path == "triton":
             from . import _triton_ops
@@ -181,16 +208,23 @@ class DistillationLoss(torch.nn.Module):
                 self.temperature, self.beta, alpha=self.alpha,
             )  # fmt: skip
         out_dtype = torch.promote_types(student.dtype, torch.float32)
-        rows = rows.to(out_dtype)
-        if self.reduction == "none":
-            return rows.reshape(tokens)
-        total = rows.sum()
-        if self.reduction == "sum":
-            return total
-        if num_items is not None:
-            return total / num_items
-        count = rows.numel() if flat_keep is None else flat_keep.sum().clamp_min(1)
-        return total / count
+        return _reduce_rows(rows.to(out_dtype).reshape(tokens), keep, self.reduction, num_items)
+
+
+def _reduce_rows(
+    rows: torch.Tensor, keep: torch.Tensor | None, reduction: str, num_items: Any
+) -> torch.Tensor:
+    """Per-token values (skipped tokens 0) reduced as the core does: "mean" over the kept
+    tokens (or by ``num_items``; 0 when nothing is kept), "sum", or "none"."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if num_items is not None:
+        return total / num_items
+    count = rows.numel() if keep is None else keep.sum().clamp_min(1)
+    return total / count
 
 
 def _fast_path_obstacles(student: torch.Tensor, teacher: torch.Tensor) -> list[str]:

@@ -1,0 +1,491 @@
+"""Top-k sparse teachers for distillation: ``(indices, log_probs)`` per token, as offline
+distillation pipelines store them (vLLM ``prompt_logprobs=k``, saved top-k log-softmax), with
+an explicit policy for the probability mass outside the stored ids.
+
+A :class:`TopKTeacher` holds, per token, ``indices [..., K]`` (vocabulary ids; a negative id
+is padding: "no entry") and ``log_probs [..., K]``, the teacher's log-probabilities of those
+ids under its *full* softmax, so ``Σ exp(log_probs) ≤ 1`` and the remainder is the tail mass.
+:func:`topk_distillation_rows` gives the per-token divergence D(teacher‖student) against full
+student logits ``[..., V]``, for the six kinds of :class:`~kldiv.torch.DistillationLoss`, with
+the meaning of the core (``kldiv.divergence(teacher, student, kind=...)``) applied to one of two
+finite distributions, chosen by the required ``tail=`` policy:
+
+``tail="tail_bucket"``
+    Both distributions are collapsed onto K + 1 outcomes: the K stored ids, and one bucket for
+    every other id. Teacher bucket: ``1 − Σ_k p_k``, computed as ``log1mexp(logsumexp(
+    log_probs))``. Student bucket: its mass outside the K ids, ``logsumexp`` of the student
+    logits with the K ids masked out, minus the student's ``logsumexp`` over the vocabulary.
+    (Not ``log(1 − Σ_k q_k)``: in float32 that cancels to 0 as soon as the student's tail falls
+    below ~1e-7 of its mass, turning a finite KL into +inf, and its gradient loses
+    ``log10(1/q_tail)`` digits; see the tests.) The value is the core divergence between these
+    (K+1)-point distributions. Coarse-graining never increases an f-divergence (the
+    data-processing inequality), and all six kinds are f-divergences of (teacher, student), so
+    this is a **lower bound** on the full-vocabulary divergence, equal to it when the K ids
+    cover the vocabulary. The student is pushed to put the teacher's tail mass outside the K
+    ids, but not told where. Temperature ≠ 1 raises: a stored tail mass cannot be re-tempered
+    (its tempered value Σ_tail p^(1/T) depends on how the mass was spread over the tail ids).
+``tail="renormalize"``
+    The teacher is taken as exactly sparse on its K ids: ``p = softmax(log_probs / T)`` over
+    them, which is exact for the tempered teacher ``softmax(teacher_logits / T)`` conditioned
+    on those ids. The student is conditioned on the same ids: ``q = softmax(z_ids / T)`` over
+    the K ids. The value is the core divergence between these K-point distributions, i.e. the
+    divergence on the simplex of the K ids, finite and well defined for every kind. It ignores
+    how much mass the student puts outside the K ids (its gradient there is 0): for forward
+    KL, the divergence from the sparse teacher to the *unconditioned* student is this value
+    plus ``−log Q(ids)``; reverse-direction kinds against the unconditioned student would be
+    +inf wherever the student has mass outside the K ids. Pair it with a cross-entropy term, or
+    use ``"tail_bucket"``, when the student's out-of-set mass matters.
+
+Data rules (checked eagerly on kept rows; every failure is a one-line ``ValueError`` naming the
+token): ids in ``[0, V)``, a negative id is padding (its log-prob is ignored, NaN included); no
+id twice in a row (a repeated id is almost always padding written as a real id, e.g. 0; it
+would count the student's probability twice); no NaN log-probs; log-probs ≤ 0 and
+``Σ exp(log_probs) ≤ 1``, each up to ``tolerance`` in log space (the rounding of the stored
+dtype: see :data:`TOLERANCE`). A stored sum above 1 but within tolerance is rounding: the tail
+mass is then exactly 0 and the K probabilities are scaled to sum to 1 (so every divergence
+stays a divergence, ≥ 0), never clamped. So is a remainder ``1 − Σp`` within tolerance when
+the tail bucket is empty for the student, because the ids cover the vocabulary or the student
+rules out every other id with -inf logits: a rounding remainder must not make KL +inf there
+(a remainder beyond tolerance does, as in the core; ids covering the vocabulary with a
+remainder beyond tolerance are refused).
+The teacher's tail is only known as ``1 − Σp``: to an absolute accuracy of the stored
+rounding (~1e-7 for float32 log-probs, ~1e-16 for float64), so a tail far below that is noise,
+and the kinds that weigh ``log p_tail`` by the student's tail mass (reverse KL) inherit it.
+``"renormalize"`` also needs, per kept row, one stored entry with probability > 0 and one
+student logit > -inf among the ids (else the conditional distribution is undefined);
+``"tail_bucket"`` needs a student logit > -inf somewhere in the row.
+
+Zero support is the core's: ``-inf`` student logits are zero probabilities, ``-inf`` teacher
+log-probs are zero probabilities, terms with teacher probability 0 are 0, a teacher outcome
+with probability > 0 where the student has none gives +inf (for ``"kl"``). Masked rows
+(``keep`` False) contribute exactly 0 and no gradient, whatever they hold (NaN, ids out of
+range, duplicates). NaN or +inf student logits in a kept row give NaN, as in the core.
+
+Gradients: with respect to ``student_logits`` only, through plain autograd. The teacher is
+data: ``log_probs`` that require grad are refused (pass ``.detach()``). Memory: ``"tail_bucket"``
+makes one ``[N, V + 1]`` copy of the student logits in the compute dtype (saved for backward,
+like a log-softmax output); ``"renormalize"`` only gathers ``[N, K]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from .. import _check
+from .._defaults import JS_BETA, KIND_PARAMS, SKEW_ALPHA, TEMPERATURE
+from ..divergences import KINDS as _CORE_KINDS
+
+__all__ = ["TopKTeacher", "topk_distillation_rows", "TAIL_POLICIES", "TOLERANCE"]
+
+INF = math.inf
+TAIL_POLICIES = ("tail_bucket", "renormalize")
+KINDS = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
+
+# Default tolerance (in log space) for stored log-probs above 0 and for Σ exp(log_probs) above 1,
+# by the dtype the log-probs are stored in. Measured worst excess of Σp over 1 for top-k
+# (k ≤ 256) of a float32 log-softmax over 32000 ids: 5e-7 kept in float32, 3.4e-4 after a
+# cast to float16, 2.8e-3 after a cast to bfloat16, 7.4e-3 for a log-softmax computed in
+# bfloat16. float64 storage gets the float32 value: the producer usually computed in float32.
+TOLERANCE = {
+    torch.float64: 1e-4,
+    torch.float32: 1e-4,
+    torch.float16: 2.0**-8,
+    torch.bfloat16: 2.0**-5,
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class TopKTeacher:
+    """A top-k sparse teacher: ``indices [..., K]`` and ``log_probs [..., K]`` per token.
+
+    ``indices``: integer vocabulary ids, a negative id marking padding ("no entry").
+    ``log_probs``: floating, the teacher's log-probabilities of those ids under its full
+    softmax (not renormalised over the K ids), so ``Σ exp(log_probs) ≤ 1``. ``tail`` (required,
+    no default): ``"tail_bucket"`` or ``"renormalize"``, what the mass outside the ids means;
+    see :mod:`kldiv.torch.topk`. ``tolerance``: how far (in log space) the stored log-probs
+    may exceed 0, and their log-sum-exp may exceed 0, before the data is refused; default from
+    :data:`TOLERANCE` by the dtype of ``log_probs``.
+
+    Immutable; shapes, dtypes and the policy are checked here, values when it is used.
+    """
+
+    indices: torch.Tensor
+    log_probs: torch.Tensor
+    tail: str = dataclasses.field(kw_only=True)
+    tolerance: float | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        idx, lp = self.indices, self.log_probs
+        if not isinstance(idx, torch.Tensor) or not isinstance(lp, torch.Tensor):
+            raise TypeError(
+                f"Expected `indices` and `log_probs` to be torch tensors, got "
+                f"{type(idx).__name__} and {type(lp).__name__}."
+            )
+        if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+            raise TypeError(
+                f"Expected integer `indices` (vocabulary ids), got dtype {_dtype_name(idx.dtype)}."
+            )
+        if lp.dtype not in TOLERANCE:
+            raise TypeError(
+                f"Expected floating `log_probs` (float16, bfloat16, float32 or float64), got "
+                f"dtype {_dtype_name(lp.dtype)}."
+            )
+        if idx.ndim == 0 or tuple(idx.shape) != tuple(lp.shape):
+            raise ValueError(
+                f"Expected `indices` and `log_probs` of the same shape [..., K], got "
+                f"{tuple(idx.shape)} and {tuple(lp.shape)}."
+            )
+        if idx.device != lp.device:
+            raise ValueError(
+                f"Expected `indices` and `log_probs` on one device, got {idx.device} and "
+                f"{lp.device}."
+            )
+        if lp.requires_grad:
+            raise ValueError(
+                "Expected `log_probs` that do not require grad: a top-k teacher is data, and "
+                "no gradient is computed for it (pass `log_probs.detach()`)."
+            )
+        if self.tail not in TAIL_POLICIES:
+            raise ValueError(
+                f"Expected `tail` to be one of {', '.join(map(repr, TAIL_POLICIES))}, got "
+                f"{self.tail!r} ('tail_bucket': the mass outside the ids is one more outcome; "
+                "'renormalize': the teacher is exactly sparse on its ids)."
+            )
+        tol = self.tolerance
+        if tol is None:
+            tol = TOLERANCE[lp.dtype]
+        elif not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not 0.0 <= tol < INF:
+            raise ValueError(f"Expected `tolerance` to be a finite float ≥ 0, got {tol!r}.")
+        object.__setattr__(self, "tolerance", float(tol))
+
+    @property
+    def k(self) -> int:
+        """The number of stored entries per token (padding included)."""
+        return self.indices.shape[-1]
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """The leading shape ``[...]`` of ``indices``: one entry per token."""
+        return tuple(self.indices.shape[:-1])
+
+    def flatten(self) -> TopKTeacher:
+        """The same teacher with its token axes flattened: ``[N, K]``."""
+        shape = (math.prod(self.token_shape), self.k)
+        return dataclasses.replace(
+            self, indices=self.indices.reshape(shape), log_probs=self.log_probs.reshape(shape)
+        )
+
+    @classmethod
+    def from_logits(
+        cls, logits: torch.Tensor, k: int, *, tail: str, tolerance: float | None = None
+    ) -> TopKTeacher:
+        """The top ``k`` ids of ``log_softmax(logits)`` (in float32, or float64 for float64
+        logits) and their log-probabilities, as an offline pipeline would store them."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= logits.shape[-1]:
+            raise ValueError(f"Expected `k` to be an int in [0, {logits.shape[-1]}], got {k!r}.")
+        with torch.no_grad():
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            values, ids = torch.log_softmax(logits.to(dtype), dim=-1).topk(k, dim=-1)
+        return cls(ids, values, tail=tail, tolerance=tolerance)
+
+    def __repr__(self) -> str:
+        return (
+            f"TopKTeacher(shape={tuple(self.indices.shape)}, tail={self.tail!r}, "
+            f"tolerance={self.tolerance:g}, log_probs dtype={_dtype_name(self.log_probs.dtype)})"
+        )
+
+
+def _where(token_shape: tuple[int, ...], row: int) -> str:
+    if len(token_shape) <= 1:
+        return f"row {row}"
+    return f"token {tuple(int(i) for i in np.unravel_index(row, token_shape))}"
+
+
+def _first(bad: torch.Tensor) -> tuple[int, ...]:
+    """Index of the first True entry of ``bad`` (one sync; only on the error path)."""
+    return tuple(int(i) for i in bad.nonzero()[0].tolist())
+
+
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last axis; rows of only ``-inf`` give ``-inf`` with zero gradient
+    (torch's logsumexp gives NaN gradients there, even for a zero cotangent)."""
+    dead = (x == -INF).all(-1)
+    out = torch.logsumexp(torch.where(dead[:, None], 0.0, x), dim=-1)
+    return torch.where(dead, -INF, out)
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """``log(1 − e^a)`` for ``a ≤ 0``, accurate at both ends (Mächler 2012); no gradient needed."""
+    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def _fail(teacher_shape: tuple[int, ...], row: int, msg: str) -> None:
+    raise ValueError(msg.format(where=_where(teacher_shape, row)))
+
+
+def topk_distillation_rows(
+    kind: str,
+    student_logits: torch.Tensor,
+    teacher: TopKTeacher,
+    keep: torch.Tensor | None = None,
+    temperature: float = TEMPERATURE,
+    beta: float = JS_BETA,
+    alpha: float = SKEW_ALPHA,
+) -> torch.Tensor:
+    """Per-token D(teacher‖student) for a top-k sparse teacher; see :mod:`kldiv.torch.topk`.
+
+    ``kind``: ``"kl"``, ``"reverse_kl"``, ``"js"`` (weight ``beta`` on the teacher),
+    ``"skew_kl"``, ``"skew_reverse_kl"`` (``alpha``) or ``"tv"``, each with the core's meaning
+    (``kldiv.divergence(teacher, student, kind)``) on the distributions that ``teacher.tail``
+    defines. ``student_logits``: ``[..., V]``, any float dtype. ``teacher``: ``[..., K]`` with
+    the same leading (token) shape. ``keep``: bool of the token shape or None; False rows give
+    exactly 0 and no gradient, whatever they hold. ``temperature`` divides the student logits
+    and the teacher log-probs (``"renormalize"`` only; ``"tail_bucket"`` needs 1).
+
+    Returns the token shape, float32 (float64 when the student logits or the teacher log-probs
+    are float64), differentiable with respect to ``student_logits``. No reduction and no T²
+    factor: the caller reduces. Runs eager value checks (a few host syncs).
+    """
+    if kind not in KINDS:
+        raise ValueError(
+            f"Expected `kind` to be one of {', '.join(map(repr, KINDS))}, got {kind!r}."
+        )
+    if not isinstance(teacher, TopKTeacher):
+        raise TypeError(f"Expected `teacher` to be a TopKTeacher, got {type(teacher).__name__}.")
+    if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
+        what = getattr(student_logits, "dtype", type(student_logits).__name__)
+        raise TypeError(f"Expected floating `student_logits`, got {what}.")
+    if student_logits.ndim == 0 or student_logits.shape[-1] == 0:
+        raise ValueError(
+            f"Expected `student_logits` of shape [..., V] with V ≥ 1, got "
+            f"{tuple(student_logits.shape)}."
+        )
+    tokens = tuple(student_logits.shape[:-1])
+    if teacher.token_shape != tokens:
+        raise ValueError(
+            f"Expected the teacher's token shape to match the student's {tokens}, got indices "
+            f"of shape {tuple(teacher.indices.shape)}."
+        )
+    if teacher.indices.device != student_logits.device:
+        raise ValueError(
+            f"Expected the teacher on the student's device {student_logits.device}, got "
+            f"{teacher.indices.device}."
+        )
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            got = getattr(keep, "dtype", keep)
+            raise TypeError(f"Expected `keep` to be a bool tensor, got {got!r}.")
+        if tuple(keep.shape) != tokens:
+            raise ValueError(
+                f"Expected `keep` of the token shape {tokens}, got {tuple(keep.shape)}."
+            )
+    t = _check.check_temperature(temperature, ("logits", "logits"))
+    if teacher.tail == "tail_bucket" and t != 1.0:
+        raise ValueError(
+            f"Expected `temperature=1` with tail='tail_bucket', got {temperature!r}: a stored "
+            "tail mass 1 − Σp cannot be re-tempered (its tempered value depends on how it is "
+            "spread over the tail ids). Use tail='renormalize', or store the teacher's top-k "
+            "log-probs of logits / T and divide the student logits by T yourself."
+        )
+    params = {}
+    for name in KIND_PARAMS.get(kind, {}):
+        params[name] = _check.check_unit_interval(name, {"beta": beta, "alpha": alpha}[name])
+
+    v, k = student_logits.shape[-1], teacher.k
+    z = student_logits.reshape(-1, v)
+    n = z.shape[0]
+    flat_keep = None if keep is None else keep.reshape(n)
+    cdtype = torch.promote_types(
+        torch.promote_types(z.dtype, teacher.log_probs.dtype), torch.float32
+    )
+    x, a_sum, live = _validated_teacher(teacher, v, flat_keep, cdtype, tokens)
+    idx = teacher.indices.reshape(n, k).long()  # int32 ids are common in stored datasets
+    if teacher.tail == "tail_bucket":
+        b, empty = _student_tail_bucket(z, idx, live, flat_keep, cdtype, tokens)
+        a = _teacher_tail_bucket(x, a_sum, empty, teacher.tolerance)
+    else:
+        a, live = _teacher_renormalized(x, live, flat_keep, t)
+        b = _student_renormalized(z, idx, live, flat_keep, t, cdtype, tokens)
+    rows = _CORE_KINDS[kind](a, b, form="log_probs", reduction="none", **params)
+    if flat_keep is not None:
+        rows = torch.where(flat_keep, rows, 0.0)
+    return rows.reshape(tokens)
+
+
+def _validated_teacher(
+    teacher: TopKTeacher,
+    v: int,
+    keep: torch.Tensor | None,
+    cdtype: torch.dtype,
+    tokens: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the teacher on kept rows (one host sync). Returns the stored log-probs with
+    padding and masked rows at -inf [N, K], their logsumexp [N], and ``live`` [N, K]: the
+    entries that take part (not padding, in a kept row)."""
+    flat = teacher.flatten()
+    idx, lp = flat.indices, flat.log_probs.to(cdtype)
+    n, k = idx.shape
+    tol = teacher.tolerance
+    live = idx >= 0
+    if keep is not None:
+        live &= keep[:, None]
+    x = torch.where(live, lp, -INF)  # padding and masked rows: probability 0, garbage dropped
+    a_sum = torch.logsumexp(x, dim=-1) if k else x.new_full((n,), -INF)
+    covers = live.sum(-1) == v  # ids are distinct, so this is "the ids are the whole vocabulary"
+    checks = {
+        "range": live & (idx >= v),
+        "nan": live & torch.isnan(lp),
+        "entry": live & (lp > tol),
+        "sum": a_sum > tol,
+        "short": covers & (a_sum < -tol),
+    }
+    if k > 1:
+        s = torch.where(live, idx, -1).sort(dim=-1).values
+        checks["dup"] = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if teacher.tail == "renormalize":
+        checks["empty"] = ~(x > -INF).any(-1) if keep is None else keep & ~(x > -INF).any(-1)
+    flags = [False] * len(checks)
+    if n:
+        flags = torch.stack([c.any() for c in checks.values()]).tolist()
+    dt = _dtype_name(teacher.log_probs.dtype)
+    for (name, bad), flagged in zip(checks.items(), flags, strict=True):
+        if not flagged:
+            continue
+        pos = _first(bad)
+        row = pos[0]
+        if name == "range":
+            _fail(tokens, row, f"Expected `teacher.indices` in [0, {v}) (negative = padding), "
+                  f"got {int(idx[pos])} in {{where}}.")  # fmt: skip
+        if name == "nan":
+            _fail(tokens, row, f"Expected no NaN in `teacher.log_probs` of kept tokens, got "
+                  f"NaN in {{where}}, entry {pos[1]}.")  # fmt: skip
+        if name == "dup":
+            _fail(tokens, row, f"Expected distinct `teacher.indices` within a token, got id "
+                  f"{int(s[row, pos[1] + 1])} twice in {{where}} (pad unused entries with a "
+                  "negative id, e.g. -1, not with a repeated id).")  # fmt: skip
+        if name == "entry":
+            _fail(tokens, row, f"Expected `teacher.log_probs` ≤ 0 (tolerance {tol:g} for "
+                  f"{dt}), got {float(lp[pos]):g} in {{where}}, entry {pos[1]} (log-probs "
+                  "of the full softmax are expected, not logits).")  # fmt: skip
+        if name == "sum":
+            _fail(tokens, row, f"Expected the stored teacher probabilities to sum to at most 1 "
+                  f"(log-space tolerance {tol:g} for {dt}), got "
+                  f"{math.exp(float(a_sum[row])):.6g} in {{where}}; log_probs must come from a "
+                  "softmax over the full vocabulary.")  # fmt: skip
+        if name == "short":
+            _fail(tokens, row, f"Expected the stored teacher probabilities to sum to 1 where "
+                  f"the ids cover all {v} vocabulary entries (log-space tolerance {tol:g}), got "
+                  f"{math.exp(float(a_sum[row])):.6g} in {{where}}.")  # fmt: skip
+        if name == "empty":
+            _fail(tokens, row, "Expected at least one stored entry with probability > 0 in "
+                  "every kept token for tail='renormalize' (the renormalised teacher is "
+                  "undefined otherwise), got none in {where}.")  # fmt: skip
+
+    return x, a_sum, live
+
+
+def _teacher_renormalized(
+    x: torch.Tensor, live: torch.Tensor, keep: torch.Tensor | None, t: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log_softmax(log_probs / T)`` over the live entries, and the updated ``live``."""
+    if keep is not None and x.shape[1]:
+        # masked rows: a one-point distribution on entry 0, for teacher and student alike
+        first = torch.arange(x.shape[1], device=x.device) == 0
+        live = torch.where(keep[:, None], live, first)
+        x = torch.where(keep[:, None], x, torch.where(first, 0.0, -INF))
+    return torch.log_softmax(x / t if t != 1.0 else x, dim=-1), live
+
+
+def _teacher_tail_bucket(
+    x: torch.Tensor, a_sum: torch.Tensor, empty: torch.Tensor, tol: float
+) -> torch.Tensor:
+    """Teacher log-probabilities of the K ids and of the tail bucket, ``log(1 − Σp)``.
+
+    Mass above 1 within tolerance is rounding, and so is a remainder within tolerance when the
+    tail bucket is empty for the student (the ids cover the vocabulary, or the student rules
+    out every other id with -inf logits): there the tail is exactly 0 and the K entries are
+    scaled to sum to 1, so that every kind stays a divergence (≥ 0) and a rounding remainder
+    cannot make KL infinite. Never a clamped ``log(1 − Σp)``.
+    """
+    closed = (a_sum > 0) | (empty & (a_sum >= -tol))
+    shift = torch.where(closed, a_sum, 0.0)
+    a_k = torch.where(closed[:, None], x - shift[:, None], x)
+    a_tail = torch.where(closed, -INF, _log1mexp(torch.where(closed, -1.0, a_sum)))
+    return torch.cat([a_k, a_tail[:, None]], dim=-1)
+
+
+def _student_tail_bucket(
+    z: torch.Tensor,
+    idx: torch.Tensor,
+    live: torch.Tensor,
+    keep: torch.Tensor | None,
+    cdtype: torch.dtype,
+    tokens: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probabilities of the K ids and of the bucket of all other ids, and where
+    that bucket is empty for the student (probability exactly 0)."""
+    n, v = z.shape
+    # One [N, V + 1] copy in the compute dtype: the K ids are set to -inf in it, so its
+    # logsumexp is the mass outside them, summed directly (no 1 − Σq cancellation); column V
+    # receives the padding entries' writes.
+    zm = torch.empty((n, v + 1), dtype=cdtype, device=z.device)
+    zm[:, v] = -INF
+    zm[:, :v] = z
+    if keep is not None:
+        zm.masked_fill_(~keep[:, None], 0.0)  # garbage (NaN) in masked rows must not reach autograd
+    zm.scatter_(1, torch.where(live, idx, v), -INF)
+    with torch.no_grad():
+        dead = zm.amax(dim=-1) == -INF  # nothing outside the ids: logsumexp's gradient is NaN
+    zm[:, v].masked_fill_(dead, 0.0)
+    lse_out = torch.where(dead, -INF, torch.logsumexp(zm, dim=-1))
+    # gathered from the input, not from zm: gather keeps its source for backward
+    zk = torch.where(live, z.gather(1, torch.where(live, idx, 0)).to(cdtype), -INF)
+    lse_in = _lse(zk)
+    if n:
+        bad = (lse_in == -INF) & dead
+        if keep is not None:
+            bad &= keep
+        if bool(bad.any()):
+            _fail(tokens, _first(bad)[0], "Expected student logits with at least one entry "
+                  "> -inf in every kept token, got only -inf in {where}.")  # fmt: skip
+    log_z = torch.logaddexp(lse_in, lse_out)
+    b_k = torch.where(live, zk - log_z[:, None], -INF)
+    return torch.cat([b_k, (lse_out - log_z)[:, None]], dim=-1), dead
+
+
+def _student_renormalized(
+    z: torch.Tensor,
+    idx: torch.Tensor,
+    live: torch.Tensor,
+    keep: torch.Tensor | None,
+    t: float,
+    cdtype: torch.dtype,
+    tokens: tuple[int, ...],
+) -> torch.Tensor:
+    """Student log-probabilities conditioned on the teacher's ids: softmax of ``z_ids / T``."""
+    gather_at = torch.where(live, idx, 0)
+    if keep is not None:  # masked rows' ids may be anything, out of range included
+        gather_at = torch.where(keep[:, None], gather_at, 0)
+    zk = z.gather(1, gather_at).to(cdtype)
+    if keep is not None:
+        zk = torch.where(keep[:, None], zk, 0.0)
+    zk = torch.where(live, zk / t if t != 1.0 else zk, -INF)
+    if zk.numel():
+        bad = ~(live & ~torch.isneginf(zk)).any(-1)
+        if keep is not None:
+            bad &= keep
+        if bool(bad.any()):
+            _fail(tokens, _first(bad)[0], "Expected the student to give probability > 0 to at "
+                  "least one of the teacher's ids in every kept token for tail='renormalize' "
+                  "(the student renormalised over them is undefined), got -inf logits at all "
+                  "of them in {where}.")  # fmt: skip
+    return torch.log_softmax(zk, dim=-1)
