@@ -310,3 +310,18 @@ def test_triton_chunks_against_the_core(rng, kind, monkeypatch):
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-5)
     assert len(calls) == -(-int((labels != -100).sum()) // 5)  # one kernel call per chunk
+
+
+def test_under_torch_compile_the_fused_pass_runs_eagerly(rng):
+    hid, w, b, t, labels = problem(rng, (9,), 8, 50, dtype=torch.float32, ignore=0.0)
+    loss = FusedLinearDistillationLoss("kl", chunk_size=4)
+    h1, w1 = leaves(hid, w)
+    eager = loss(h1, w1, t)
+    eager.backward()
+    compiled = torch.compile(lambda h_, w_: loss(h_, w_, t) * 2.0, backend="aot_eager")
+    h2, w2 = leaves(hid, w)
+    out = compiled(h2, w2)
+    out.backward()
+    torch.testing.assert_close(out, eager * 2.0)
+    torch.testing.assert_close(h2.grad, h1.grad * 2.0)
+    torch.testing.assert_close(w2.grad, w1.grad * 2.0)

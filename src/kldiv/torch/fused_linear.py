@@ -179,6 +179,15 @@ def _fused_pass(
     return out, [gh, gw, gb]
 
 
+@torch.compiler.disable
+def _fused_apply(*args: Any) -> torch.Tensor:
+    """The autograd function, opaque to ``torch.compile``: its Python loop over row chunks
+    (with a host check per chunk) would otherwise be unrolled or broken into many graphs. Under
+    ``torch.compile`` the surrounding model compiles; this call runs eagerly (one graph break,
+    so ``fullgraph=True`` is not supported here)."""
+    return _FusedLinearDivergence.apply(*args)
+
+
 class _FusedLinearDivergence(torch.autograd.Function):
     """``(hidden, weight, bias, teacher…) -> Σ values`` (``reduce``) or per-row values.
 
@@ -283,6 +292,11 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     gradient sums in float32; on CPU half-precision matmuls run in float32, on accelerators
     in their own dtype); float64 stays float64 throughout.
 
+    Paths: on CUDA the chunk's values and logits gradient come from the Triton kernels of
+    :class:`~kldiv.torch.DistillationLoss` (gradient in the logits' dtype), elsewhere from
+    its chunked CPU path. Under ``torch.compile`` the fused pass runs eagerly, as one opaque
+    call (a graph break: ``fullgraph=True`` is not supported).
+
     >>> import torch
     >>> from kldiv.torch.fused_linear import FusedLinearDistillationLoss
     >>> h = torch.randn(6, 8, requires_grad=True)        # student hidden states [N, H]
@@ -375,7 +389,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         t_src = t_src.reshape(n, t_src.shape[-1])
         cfg = _Config(self.divergence, self.temperature, self.beta, self.alpha, self.chunk_size)
         reduce = self.reduction != "none"
-        out = _FusedLinearDivergence.apply(
+        out = _fused_apply(
             hidden.reshape(n, hidden.shape[-1]), weight, bias, t_src, t_w, t_b, index, cfg,
             reduce, torch.is_grad_enabled(),
         )  # fmt: skip
