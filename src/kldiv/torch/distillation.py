@@ -21,6 +21,34 @@ DIVERGENCES = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
 _FAST_PATHS = (True, False, "triton", "chunked")
 
 
+def configure(
+    module: torch.nn.Module,
+    divergence: str,
+    beta: float,
+    alpha: float,
+    temperature: float,
+    scale_by_temperature_squared: bool,
+    ignore_index: int,
+    reduction: str,
+) -> None:
+    """Validate the distillation losses' shared configuration and set it on ``module``."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(
+            f"Unknown divergence {divergence!r}; expected one of {', '.join(DIVERGENCES)}."
+        )
+    module.divergence = divergence
+    module.beta = _check.check_unit_interval("beta", beta)
+    module.alpha = _check.check_unit_interval("alpha", alpha)
+    module.temperature = _check.check_temperature(temperature, ("logits", "logits"))
+    module.scale_by_temperature_squared = _check.check_flag(
+        "scale_by_temperature_squared", scale_by_temperature_squared
+    )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"Expected `ignore_index` to be an int, got {ignore_index!r}.")
+    module.ignore_index = ignore_index
+    module.reduction = _check.check_reduction(reduction)
+
+
 class DistillationLoss(torch.nn.Module):
     """D(teacher‖student) per token from logits, for knowledge distillation.
 
@@ -76,21 +104,8 @@ class DistillationLoss(torch.nn.Module):
         fast_path: bool = True,
     ) -> None:
         super().__init__()
-        if divergence not in DIVERGENCES:
-            raise ValueError(
-                f"Unknown divergence {divergence!r}; expected one of {', '.join(DIVERGENCES)}."
-            )
-        self.divergence = divergence
-        self.beta = _check.check_unit_interval("beta", beta)
-        self.alpha = _check.check_unit_interval("alpha", alpha)
-        self.temperature = _check.check_temperature(temperature, ("logits", "logits"))
-        self.scale_by_temperature_squared = _check.check_flag(
-            "scale_by_temperature_squared", scale_by_temperature_squared
-        )
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"Expected `ignore_index` to be an int, got {ignore_index!r}.")
-        self.ignore_index = ignore_index
-        self.reduction = _check.check_reduction(reduction)
+        configure(self, divergence, beta, alpha, temperature, scale_by_temperature_squared,
+                  ignore_index, reduction)  # fmt: skip
         if fast_path not in _FAST_PATHS:
             raise ValueError(
                 f"Expected `fast_path` to be True, False, 'triton' or 'chunked', got {fast_path!r}."

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from .. import _check
 from .._defaults import JS_BETA, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from . import _cpu
-from .distillation import DIVERGENCES
+from .distillation import configure
 
 __all__ = ["FusedLinearDistillationLoss"]
 
@@ -322,21 +322,8 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        if divergence not in DIVERGENCES:
-            raise ValueError(
-                f"Unknown divergence {divergence!r}; expected one of {', '.join(DIVERGENCES)}."
-            )
-        self.divergence = divergence
-        self.beta = _check.check_unit_interval("beta", beta)
-        self.alpha = _check.check_unit_interval("alpha", alpha)
-        self.temperature = _check.check_temperature(temperature, ("logits", "logits"))
-        self.scale_by_temperature_squared = _check.check_flag(
-            "scale_by_temperature_squared", scale_by_temperature_squared
-        )
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"Expected `ignore_index` to be an int, got {ignore_index!r}.")
-        self.ignore_index = ignore_index
-        self.reduction = _check.check_reduction(reduction)
+        configure(self, divergence, beta, alpha, temperature, scale_by_temperature_squared,
+                  ignore_index, reduction)  # fmt: skip
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
