@@ -286,6 +286,8 @@ def test_bench_errors_are_one_line(tmp_path):
         (["--device", "tpu"], "--device tpu: expected auto, cpu or cuda[:index]"),
         (["--out", str(tmp_path / "taken")], "taken: already exists"),
         (["--n", "0"], "must be positive"),
+        # checked before the (long) run, not after it
+        (["--out", str(tmp_path / "nodir" / "b")], "the parent of --out is not a writable directory"),
     ]:
         code, out, err = run(["bench", *args, "--quiet"])
         assert code == 2 and out == "", (args, err)

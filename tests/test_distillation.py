@@ -264,3 +264,47 @@ def test_an_all_minus_inf_row_is_nan_as_in_the_core(path):
             ).cpu()
             ref = DistillationLoss(kind, reduction="none", fast_path=False)(a.double(), b.double())
             assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan()[0], (kind, out, ref)
+
+
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "js", "tv"])
+@pytest.mark.parametrize("offset", [1000.0, -300.0])
+def test_a_constant_offset_between_the_logits_costs_no_precision(rng, kind, offset, path):
+    """Softmax ignores a constant offset; the fast paths must too. Teacher = student + small
+    noise + offset: the divergence is ~1e-5, far below one float32 step at the offset, so any
+    formula that differences the raw logits (or the raw log-normalisers) loses it."""
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    s = rng.normal(size=(16, 61))
+    t = s + rng.normal(scale=0.005, size=s.shape) + offset
+    st = torch.tensor(s, dtype=torch.float32, device=device, requires_grad=True)
+    tt = torch.tensor(t, dtype=torch.float32, device=device)
+    out = DistillationLoss(kind, reduction="none", fast_path=path)(st, tt)
+    go = torch.linspace(0.5, 1.5, 16, device=device)
+    (out * go).sum().backward()
+    # the reference sees the same float32 inputs, in float64
+    s64 = st.detach().double().cpu().requires_grad_(True)
+    ref = DistillationLoss(kind, reduction="none", fast_path=False)(s64, tt.double().cpu())
+    (ref * go.double().cpu()).sum().backward()
+    assert ref.max() < (1e-2 if kind == "tv" else 1e-4)  # the case is what it claims
+    assert (out >= 0).all()
+    # float32 arithmetic on O(1) shifted logits: about 1e-7 per term; differencing the raw
+    # logits instead gives errors of one float32 step at the offset (1e-5 to 1e-4)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(st.grad.double().cpu(), s64.grad, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", [True, "triton", False])
+def test_empty_batch_and_tensor_num_items(path):
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    s = torch.zeros(0, 9, device=device, requires_grad=True)
+    loss = DistillationLoss("kl", fast_path=path)
+    out = loss(s, torch.zeros(0, 9, device=device))
+    assert out.item() == 0.0  # the mean of nothing is 0, as in the core
+    (g,) = torch.autograd.grad(out, s)
+    assert g.shape == (0, 9)
+    st = torch.randn(3, 9, device=device)
+    ref = loss(st, st.flip(0))
+    # a float64 0-d num_items does not change the loss's dtype (the core casts it too)
+    got = loss(st, st.flip(0), num_items=torch.tensor(3.0, dtype=torch.float64))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref)

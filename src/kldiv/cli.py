@@ -259,6 +259,17 @@ def _prefetched(blocks: Any) -> Any:
         yield item
 
 
+def _check_out(dest: Path) -> None:
+    """--out must be new, in a writable directory."""
+    if dest.exists() or dest.is_symlink():
+        raise UsageError(
+            f"{dest}: already exists; kldiv never overwrites results, pass a new --out"
+        )
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{parent}: the parent of --out is not a writable directory")
+
+
 def compare(args: argparse.Namespace, out=None) -> int:
     """``kldiv compare REF CAND``: the per-token KL(REF‖CAND) report, streamed."""
     from tqdm.auto import tqdm
@@ -268,13 +279,7 @@ def compare(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
     dest = Path(args.out) if args.out else None
     if dest is not None:  # before any work: a bad --out must not cost a long run
-        if dest.exists() or dest.is_symlink():
-            raise UsageError(
-                f"{dest}: already exists; kldiv never overwrites results, pass a new --out"
-            )
-        parent = dest.parent if str(dest.parent) else Path(".")
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"{parent}: the parent of --out is not a writable directory")
+        _check_out(dest)
     from . import _io
 
     ref, cand, labels = _open_inputs(args)
@@ -448,10 +453,8 @@ def bench(args: argparse.Namespace, out=None) -> int:
     v = args.v if args.v is not None else (128256 if gpu else 32000)
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     dest = Path(args.out) if args.out else None
-    if dest is not None and (dest.exists() or dest.is_symlink()):
-        raise UsageError(
-            f"{dest}: already exists; kldiv never overwrites results, pass a new --out"
-        )
+    if dest is not None:  # before any work: a bad --out must not cost a long run
+        _check_out(dest)
     if n < 1 or v < 1 or args.rounds < 1 or args.iters < 1:
         raise UsageError("--n, --v, --rounds and --iters must be positive")
     bar = tqdm(total=len(kinds) * len(variants) * args.rounds, desc="benchmarking",

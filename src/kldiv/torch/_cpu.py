@@ -145,28 +145,32 @@ def _logits_kl(
     −inf (then :func:`_chunk_kl` takes the chunk: only its masks give exact +inf terms).
 
     One exp per element and distribution, and no comparisons or masks over the chunk, which
-    cost as much as an exp each on CPU:
-    ``KL = Σ p·(t − s) − (lse_t − lse_s)``, ``lse_t − lse_s = (m_t − m_s) + log(z_t/z_s)``.
-    A teacher's −inf logits become the most negative float: p = 0 there exactly, and t − s
-    stays finite, so no 0·inf appears (an all −inf row still reads NaN through m_t = −inf).
+    cost as much as an exp each on CPU: with ``m`` the row maxima and ``z`` the sums of
+    ``e^(x − m)``, ``KL = Σ p·((t − m_t) − (s − m_s)) − log(z_t/z_s)``. Each logit is
+    shifted by its own row's maximum before the two are differenced, as a log-softmax does: a
+    constant offset between teacher and student (logits near 1000 against logits near 0)
+    then costs no precision. A teacher's −inf logits shift to the most negative float: p = 0
+    there exactly and no 0·inf appears (an all −inf row still reads NaN through m_t = −inf).
     """
     if bool(s.amin() == -math.inf):
         return None
     r = s.shape[0]
-    p, d = work[0][:r], work[1][:r]
+    p, d, e = (w[:r] for w in work)
     m_s = s.amax(-1, keepdim=True)
     m_t = t.amax(-1, keepdim=True)
+    torch.sub(t, m_t, out=d)
     if bool(t.amin() == -math.inf):
-        t = t.clamp_min(torch.finfo(t.dtype).min)
-    z_t = torch.sub(t, m_t, out=p).exp_().sum(-1, keepdim=True)
+        d.clamp_min_(torch.finfo(d.dtype).min)
+    z_t = torch.exp(d, out=p).sum(-1, keepdim=True)
     p.div_(z_t)
-    value = torch.linalg.vecdot(p, torch.sub(t, s, out=d))
+    torch.sub(s, m_s, out=e)
     if grad is not None:
-        z_s = torch.sub(s, m_s, out=grad).exp_().sum(-1, keepdim=True)
+        z_s = torch.exp(e, out=grad).sum(-1, keepdim=True)
         grad.div_(z_s).sub_(p)
-    else:
-        z_s = torch.sub(s, m_s, out=d).exp_().sum(-1, keepdim=True)
-    return value.sub_(((m_t - m_s) + torch.log(z_t / z_s)).squeeze(-1))
+    else:  # evaluation only: a temporary instead of the gradient buffer
+        z_s = e.exp().sum(-1, keepdim=True)
+    value = torch.linalg.vecdot(p, d.sub_(e))
+    return value.sub_(torch.log(z_t / z_s).squeeze(-1))
 
 
 def _logits_reverse_kl(
@@ -174,31 +178,36 @@ def _logits_reverse_kl(
 ) -> torch.Tensor | None:
     """KL(S‖T) per row straight from (tempered) logits, or None where a teacher logit is
     −inf (then :func:`_chunk_reverse_kl` takes the chunk); the mirror of :func:`_logits_kl`:
-    ``R = Σ q·(s − t) − (lse_s − lse_t)``, gradient ``q ⊙ ((s − t) − (lse_s − lse_t) − R)``.
+    with ``δ = (s − m_s) − (t − m_t)``, ``R = Σ q·δ − log(z_s/z_t)`` and the gradient is
+    ``q ⊙ (δ − log(z_s/z_t) − R)``.
     """
     if bool(t.amin() == -math.inf):
         return None
     r = s.shape[0]
-    q = grad if grad is not None else work[0][:r]
-    d = work[1][:r]
+    e, d, _ = (w[:r] for w in work)
+    q = grad if grad is not None else e
     m_s = s.amax(-1, keepdim=True)
     m_t = t.amax(-1, keepdim=True)
+    torch.sub(s, m_s, out=d)
     if bool(s.amin() == -math.inf):
-        s = s.clamp_min(torch.finfo(s.dtype).min)
-    z_s = torch.sub(s, m_s, out=q).exp_().sum(-1, keepdim=True)
+        d.clamp_min_(torch.finfo(d.dtype).min)
+    z_s = torch.exp(d, out=q).sum(-1, keepdim=True)
     q.div_(z_s)
-    z_t = torch.sub(t, m_t, out=d).exp_().sum(-1, keepdim=True)
-    lse_diff = (m_s - m_t) + torch.log(z_s / z_t)
-    d = torch.sub(s, t, out=d)
-    value = torch.linalg.vecdot(q, d).sub_(lse_diff.squeeze(-1))
+    tt = work[2][:r]
+    torch.sub(t, m_t, out=tt)
     if grad is not None:
-        grad.mul_(d.sub_(lse_diff + value[:, None]))
+        z_t = torch.exp(tt, out=e).sum(-1, keepdim=True)
+    else:  # evaluation only: e holds q
+        z_t = tt.exp().sum(-1, keepdim=True)
+    d.sub_(tt)
+    log_ratio = torch.log(z_s / z_t)
+    value = torch.linalg.vecdot(q, d).sub_(log_ratio.squeeze(-1))
+    if grad is not None:
+        grad.mul_(d.sub_(log_ratio + value[:, None]))
     return value
 
 
 _CHUNKS: dict[str, Kernel] = {"kl": _chunk_kl, "reverse_kl": _chunk_reverse_kl, "tv": _chunk_tv}
-
-
 _FROM_LOGITS = {_chunk_kl: _logits_kl, _chunk_reverse_kl: _logits_reverse_kl}
 
 
@@ -264,7 +273,7 @@ def chunked_forward(
         if from_logits is not None:
             if work is None:
                 r = min(rows, n)
-                work = [torch.empty((r, v), dtype=dtype, device=device) for _ in range(2)]
+                work = [torch.empty((r, v), dtype=dtype, device=device) for _ in range(3)]
             val = from_logits(s, t, g, work)
         if val is None:
             val = fn(torch.log_softmax(t, -1), torch.log_softmax(s, -1), g)
@@ -300,12 +309,13 @@ class ChunkedDivergence(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.student_dtype = student.dtype
+        ctx.has_grad = grad is not None
         return values
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
-        if grad.numel() == 0:
+        if not ctx.has_grad:
             return None, None, None, None, None, None, None
         # In place: no second [N, V] buffer. A second backward through the same forward
         # would see a scaled gradient; autograd's version counter refuses it instead.

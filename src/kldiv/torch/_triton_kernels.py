@@ -8,11 +8,15 @@ respect to the student's logits is, through the softmax,
 
     ∂D/∂z_j = (h_j − q_j·c)·inv_t,   h_j = q_j·∂f/∂q_j,   c = Σ_k h_k.
 
-The forward kernel computes the row statistics (``lse_s``, ``lse_t``, the loss and ``c``), the
-backward kernel one pass that reads both rows and writes the gradient. For KL and reverse KL
-the forward is a single online pass (the loss is ``Σ p·(t'−s') − lse_t + lse_s``, accumulated
-with running-max rescaling); the mixture divergences and TV need ``lse`` first, so they read the
-rows twice. Nothing of size ``[N, V]`` is allocated besides the gradient, in the student's dtype.
+The forward kernel computes the row statistics (the maxima ``m`` and ``log z``, ``z = Σ
+e^(x − m)``, the loss and ``c``), the backward kernel one pass that reads both rows and writes
+the gradient. For KL and reverse KL the forward is a single online pass (the loss is
+``Σ p·δ − ((m_t − r_t) − (m_s − r_s) + log(z_t/z_s))`` with ``δ = (t' − r_t) − (s' − r_s)``,
+accumulated with running-max rescaling; ``r`` are per-row reference shifts, so that logits are
+never differenced raw and a constant offset between the two costs no precision); the mixture
+divergences and TV need the normalisers first, so they read the rows twice. Log-probabilities
+are always formed as ``(x' − m) − log z``, never ``x' − lse``. Nothing of size ``[N, V]`` is
+allocated besides the gradient, in the student's dtype.
 
 Zero support as in the core (``kldiv._math``): a ``-inf`` logit is a zero probability; terms
 with ``p = 0`` (``f`` of KL) are 0 and carry no gradient; ``p > 0 = q`` gives ``+inf`` even when
@@ -103,7 +107,7 @@ def _with_inf(finite, inf_hit, z_s, z_t):
 @triton.jit
 def distill_forward_kernel(
     s_ptr, t_ptr, keep_ptr,
-    loss_ptr, lse_s_ptr, lse_t_ptr, c_ptr,
+    loss_ptr, m_s_ptr, lz_s_ptr, m_t_ptr, lz_t_ptr, c_ptr,
     stride_s, stride_t, V, inv_t, w,
     HAS_KEEP: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -115,12 +119,21 @@ def distill_forward_kernel(
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
     cols0 = tl.arange(0, BLOCK)
+    # Reference shifts: the first block's maxima. Logits are differenced only after each is
+    # shifted by its own row's reference (as a log-softmax shifts by the max), so a constant
+    # offset between teacher and student costs no precision.
+    first = cols0 < n_cols
+    r_s = tl.max(tl.load(s_row + cols0, mask=first, other=NEG_INF).to(tl.float32) * inv_t, 0)
+    r_t = tl.max(tl.load(t_row + cols0, mask=first, other=NEG_INF).to(tl.float32) * inv_t, 0)
+    r_s = tl.where(r_s == NEG_INF, 0.0, r_s)
+    r_t = tl.where(r_t == NEG_INF, 0.0, r_t)
 
     m_s = tl.full((), NEG_INF, tl.float32)
     m_t = tl.full((), NEG_INF, tl.float32)
     z_s = tl.zeros((), tl.float32)
     z_t = tl.zeros((), tl.float32)
-    acc = tl.zeros((), tl.float32)  # Σ e^(t'−m_t)(t'−s') for KL, Σ e^(s'−m_s)(s'−t') for RKL
+    # Σ e^(t'−m_t)·δ_ts for KL, Σ e^(s'−m_s)·δ_st for RKL, δ_ts = (t'−r_t) − (s'−r_s) = −δ_st
+    acc = tl.zeros((), tl.float32)
     inf_hit = tl.zeros((), tl.float32)  # a p > 0 = q term (KL) or q > 0 = p term (RKL)
     z_live = tl.zeros((), tl.float32)  # RKL: Σ e^(s'−m_s) over the terms with p > 0
     for off in range(0, n_cols, BLOCK):
@@ -132,27 +145,30 @@ def distill_forward_kernel(
         m_t, z_t, scale_t, e_t = _online_update(m_t, z_t, t)
         live = (s != NEG_INF) & (t != NEG_INF)
         if KIND == KL:
-            term = tl.where(live, e_t * (t - s), 0.0)
+            term = tl.where(live, e_t * ((t - r_t) - (s - r_s)), 0.0)
             acc = acc * scale_t + tl.sum(term, 0)
             hit = (t != NEG_INF) & (s == NEG_INF)
             inf_hit = tl.maximum(inf_hit, tl.max(hit.to(tl.float32), 0))
         elif KIND == REVERSE_KL:
-            term = tl.where(live, e_s * (s - t), 0.0)
+            term = tl.where(live, e_s * ((s - r_s) - (t - r_t)), 0.0)
             acc = acc * scale_s + tl.sum(term, 0)
             z_live = z_live * scale_s + tl.sum(tl.where(live, e_s, 0.0), 0)
             hit = (s != NEG_INF) & (t == NEG_INF)
             inf_hit = tl.maximum(inf_hit, tl.max(hit.to(tl.float32), 0))
 
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
+    lz_s = tl.log(z_s)
+    lz_t = tl.log(z_t)
     if KIND == KL:
-        loss = _with_inf(acc / z_t - (m_t - m_s) - tl.log(z_t / z_s), inf_hit, z_s, z_t)
+        # lp − lq = δ_ts − ((m_t − r_t) − (m_s − r_s) + log(z_t/z_s))
+        shift = (m_t - r_t) - (m_s - r_s) + tl.log(z_t / z_s)
+        loss = _with_inf(acc / z_t - shift, inf_hit, z_s, z_t)
         c = tl.full((), -1.0, tl.float32)  # Σ h = −Σ p = −1: the gradient is q − p
     elif KIND == REVERSE_KL:
         # Σ_live q·(lq − lp) and Σ_live q; without q > 0 = p terms Σ_live q = 1. Where there
         # are such terms the value is +inf and, as in the core, they are left out of the
         # gradient: h = 0 there and c sums the finite terms only.
-        finite = (acc - ((m_s - m_t) + tl.log(z_s / z_t)) * z_live) / z_s
+        shift = (m_s - r_s) - (m_t - r_t) + tl.log(z_s / z_t)
+        finite = (acc - shift * z_live) / z_s
         loss = _with_inf(finite, inf_hit, z_s, z_t)
         c = finite + z_live / z_s
     else:
@@ -163,7 +179,7 @@ def distill_forward_kernel(
             inside = cols < V
             s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
             t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
-            f, h = _terms(t - lse_t, s - lse_s, w, KIND)
+            f, h = _terms((t - m_t) - lz_t, (s - m_s) - lz_s, w, KIND)
             loss += tl.sum(tl.where(inside, f, 0.0), 0)
             c += tl.sum(tl.where(inside, h, 0.0), 0)
 
@@ -171,17 +187,21 @@ def distill_forward_kernel(
         kept = n_cols > 0
         loss = tl.where(kept, loss, 0.0)
         c = tl.where(kept, c, 0.0)
-        lse_s = tl.where(kept, lse_s, 0.0)
-        lse_t = tl.where(kept, lse_t, 0.0)
+        m_s = tl.where(kept, m_s, 0.0)
+        m_t = tl.where(kept, m_t, 0.0)
+        lz_s = tl.where(kept, lz_s, 0.0)
+        lz_t = tl.where(kept, lz_t, 0.0)
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_s_ptr + row, lse_s)
-    tl.store(lse_t_ptr + row, lse_t)
+    tl.store(m_s_ptr + row, m_s)
+    tl.store(lz_s_ptr + row, lz_s)
+    tl.store(m_t_ptr + row, m_t)
+    tl.store(lz_t_ptr + row, lz_t)
     tl.store(c_ptr + row, c)
 
 
 @triton.jit
 def distill_backward_kernel(
-    s_ptr, t_ptr, keep_ptr, go_ptr, lse_s_ptr, lse_t_ptr, c_ptr, grad_ptr,
+    s_ptr, t_ptr, keep_ptr, go_ptr, m_s_ptr, lz_s_ptr, m_t_ptr, lz_t_ptr, c_ptr, grad_ptr,
     stride_s, stride_t, stride_g, stride_go, V, inv_t, w,
     HAS_KEEP: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -191,8 +211,10 @@ def distill_backward_kernel(
     g_row = grad_ptr + row * stride_g
     cols0 = tl.arange(0, BLOCK)
     go = tl.load(go_ptr + row * stride_go).to(tl.float32) * inv_t
-    lse_s = tl.load(lse_s_ptr + row)
-    lse_t = tl.load(lse_t_ptr + row)
+    m_s = tl.load(m_s_ptr + row)
+    lz_s = tl.load(lz_s_ptr + row)
+    m_t = tl.load(m_t_ptr + row)
+    lz_t = tl.load(lz_t_ptr + row)
     c = tl.load(c_ptr + row)
     kept = 1
     if HAS_KEEP:
@@ -203,8 +225,8 @@ def distill_backward_kernel(
             inside = cols < V
             s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
             t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
-            lq = s - lse_s
-            lp = t - lse_t
+            lq = (s - m_s) - lz_s
+            lp = (t - m_t) - lz_t
             q = tl.exp(lq)
             if KIND == KL:
                 g = q - tl.exp(lp)

@@ -59,21 +59,22 @@ def forward(
     w: float,
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, lse_s, lse_t, c)``, each ``[N]`` float32, for ``[N, V]`` logits."""
+    """``(loss, m_s, lz_s, m_t, lz_t, c)``, each ``[N]`` float32, for ``[N, V]`` logits:
+    the per-row divergences and the statistics the backward needs."""
     n, v = student.shape
     student, teacher = _rows(student), _rows(teacher)
     # four separate buffers: a custom op's outputs may not alias one another
-    out = [torch.empty(n, dtype=torch.float32, device=student.device) for _ in range(4)]
+    out = tuple(torch.empty(n, dtype=torch.float32, device=student.device) for _ in range(6))
     if n == 0:
-        return out[0], out[1], out[2], out[3]
+        return out
     b, warps = _block(v, block)
     keep_arg = keep if keep is not None else out[0]  # unused when HAS_KEEP is False
     K.distill_forward_kernel[(n,)](
-        student, teacher, keep_arg, out[0], out[1], out[2], out[3],
+        student, teacher, keep_arg, *out,
         student.stride(0), teacher.stride(0), v, inv_t, w,
         HAS_KEEP=keep is not None, KIND=KIND_IDS[kind], BLOCK=b, num_warps=warps,
     )  # fmt: skip
-    return out[0], out[1], out[2], out[3]
+    return out
 
 
 def backward(
@@ -81,16 +82,14 @@ def backward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     keep: torch.Tensor | None,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    c: torch.Tensor,
+    stats: tuple[torch.Tensor, ...],
     kind: str,
     inv_t: float,
     w: float,
     block: int | None = None,
 ) -> torch.Tensor:
     """``grad_out[:, None] ⊙ ∂loss/∂student`` in the student's dtype (the only ``[N, V]``
-    allocation)."""
+    allocation); ``stats`` is ``(m_s, lz_s, m_t, lz_t, c)`` from :func:`forward`."""
     n, v = student.shape
     student, teacher = _rows(student), _rows(teacher)
     grad = torch.empty((n, v), dtype=student.dtype, device=student.device)
@@ -98,9 +97,9 @@ def backward(
         return grad
     b, warps = _block(v, block)
     go = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
-    keep_arg = keep if keep is not None else lse_s
+    keep_arg = keep if keep is not None else stats[0]
     K.distill_backward_kernel[(n,)](
-        student, teacher, keep_arg, go, lse_s, lse_t, c, grad,
+        student, teacher, keep_arg, go, *stats, grad,
         student.stride(0), teacher.stride(0), grad.stride(0), go.stride(0) if go.ndim else 0,
         v, inv_t, w,
         HAS_KEEP=keep is not None, KIND=KIND_IDS[kind], BLOCK=b, num_warps=warps,

@@ -2,9 +2,10 @@
 → autograd).
 
 ``kldiv::distill_rows`` returns the per-row divergences together with the row statistics the
-backward needs (``lse_s``, ``lse_t``, ``c``: three floats a row, the only thing saved besides
-the inputs); ``kldiv::distill_rows_backward`` writes the student's gradient in one pass, with
-``grad_output`` applied in that same pass (so ``grad_output ≠ 1`` costs nothing extra). Both are
+backward needs (the maxima and log-normalisers of both rows and ``c``: five floats a row, the
+only thing saved besides the inputs); ``kldiv::distill_rows_backward`` writes the student's
+gradient in one pass, with ``grad_output`` applied in that same pass (so ``grad_output ≠ 1``
+costs nothing extra). Both are
 ``torch.library`` custom ops with fake implementations, so ``torch.compile`` traces through
 them (``fullgraph=True`` included) instead of breaking the graph.
 
@@ -30,14 +31,14 @@ def distill_rows(
     inv_t: float,
     w: float,
     block: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return L.forward(student, teacher, keep, kind, inv_t, w, block or None)
 
 
 @distill_rows.register_fake
 def _(student, teacher, keep, kind, inv_t, w, block):  # type: ignore[no-untyped-def]
     n = student.shape[0]
-    return tuple(student.new_empty(n, dtype=torch.float32) for _ in range(4))
+    return tuple(student.new_empty(n, dtype=torch.float32) for _ in range(6))
 
 
 @torch.library.custom_op("kldiv::distill_rows_backward", mutates_args=())
@@ -46,35 +47,32 @@ def distill_rows_backward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     keep: torch.Tensor | None,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    c: torch.Tensor,
+    stats: list[torch.Tensor],
     kind: str,
     inv_t: float,
     w: float,
     block: int,
 ) -> torch.Tensor:
-    return L.backward(grad_out, student, teacher, keep, lse_s, lse_t, c, kind, inv_t, w,
+    return L.backward(grad_out, student, teacher, keep, tuple(stats), kind, inv_t, w,
                       block or None)  # fmt: skip
 
 
 @distill_rows_backward.register_fake
-def _(grad_out, student, teacher, keep, lse_s, lse_t, c, kind, inv_t, w, block):  # type: ignore[no-untyped-def]
+def _(grad_out, student, teacher, keep, stats, kind, inv_t, w, block):  # type: ignore[no-untyped-def]
     return torch.empty_like(student)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     student, teacher, keep, kind, inv_t, w, block = inputs
-    _, lse_s, lse_t, c = output
-    ctx.save_for_backward(student, teacher, keep, lse_s, lse_t, c)
+    ctx.save_for_backward(student, teacher, keep, *output[1:])
     ctx.args = (kind, inv_t, w, block)
 
 
 def _backward(ctx: Any, g_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-    student, teacher, keep, lse_s, lse_t, c = ctx.saved_tensors
+    student, teacher, keep, *stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = distill_rows_backward(g_loss, student, teacher, keep, lse_s, lse_t, c, *ctx.args)
+        grad = distill_rows_backward(g_loss, student, teacher, keep, stats, *ctx.args)
     return grad, None, None, None, None, None, None
 
 
@@ -107,5 +105,4 @@ def per_row(
         )
     if keep is not None:
         keep = keep.contiguous()
-    loss, _, _, _ = distill_rows(student, teacher, keep, kind, 1.0 / temperature, w, block or 0)
-    return loss
+    return distill_rows(student, teacher, keep, kind, 1.0 / temperature, w, block or 0)[0]

@@ -77,7 +77,7 @@ class DistillationLoss(torch.nn.Module):
 
     * CUDA tensors with Triton installed: fused Triton kernels for all six divergences
       (float32, bfloat16 or float16 logits; float32 arithmetic). The forward reads the logits
-      once (twice for JS, skew and TV) and keeps three floats a row; the backward reads them
+      once (twice for JS, skew and TV) and keeps five floats a row; the backward reads them
       once more and writes the gradient in the student's dtype, with ``grad_output`` applied in
       the same pass. No ``[N, V]`` float32 scratch, no host synchronisation, and the kernels are
       ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` traces through them.
@@ -85,6 +85,11 @@ class DistillationLoss(torch.nn.Module):
       in one pass over row blocks that stay in cache.
     * Otherwise the core (:func:`kldiv.divergence`), which also gives the teacher its gradient
       when it requires one, and keeps float64 inputs in float64.
+
+    The chunked CPU path computes the gradient in the forward pass and scales it in place in
+    backward, so a second backward through the same graph (``retain_graph=True``) raises
+    PyTorch's "modified by an inplace operation" error instead of returning a wrong gradient;
+    use ``fast_path=False`` where that is needed.
 
     ``fast_path=False`` forces the core; ``fast_path="triton"`` or ``"chunked"`` forces that
     path and raises if it cannot take the inputs (``"triton"`` runs on CPU tensors under
@@ -237,8 +242,10 @@ def _reduce_rows(
     if reduction == "sum":
         return total
     if num_items is not None:
+        if isinstance(num_items, torch.Tensor):  # the loss keeps its dtype, as in the core
+            num_items = num_items.to(device=total.device, dtype=total.dtype)
         return total / num_items
-    count = rows.numel() if keep is None else keep.sum().clamp_min(1)
+    count = max(rows.numel(), 1) if keep is None else keep.sum().clamp_min(1)
     return total / count
 
 

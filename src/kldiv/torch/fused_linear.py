@@ -70,7 +70,7 @@ def _logit_chunk(
             if need_grad:
                 ones = torch.ones((), dtype=torch.float32, device=student_logits.device)
                 go = ones.expand(student_logits.shape[0])
-                grad = L.backward(go, student_logits, teacher_logits, keep, *stats[1:],
+                grad = L.backward(go, student_logits, teacher_logits, keep, stats[1:],
                                   kernel_kind, inv_t, w)  # fmt: skip
             return stats[0], grad
     return _cpu.chunked_forward(
@@ -387,6 +387,8 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         elif self.reduction == "sum":
             loss = out
         elif num_items is not None:
+            if isinstance(num_items, torch.Tensor):  # the loss keeps its dtype, as in the core
+                num_items = num_items.to(device=out.device, dtype=out.dtype)
             loss = out / num_items
         else:
             loss = out / max(n if index is None else index.numel(), 1)
