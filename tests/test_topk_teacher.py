@@ -1,7 +1,9 @@
 """Top-k sparse teachers (kldiv.torch.topk): every kind × tail policy against an independent
 float64 reference built from explicit dense (K+1)- or K-point distributions and the core;
 a hand-derived case; the data-processing lower bound; padding, masking, zero support,
-half precision, float32 accuracy for a confident student; validation messages."""
+half precision, float32 accuracy for a confident student; validation: opt-in value checks
+(check=True) with their messages, NaN tokens without them, and torch.compile(fullgraph=True)
+as the proof that the default path never reads a value on the host."""
 
 from __future__ import annotations
 
@@ -68,8 +70,9 @@ def reference(kind, z, idx, lp, tail, temperature=1.0):
     )
 
 
-def rows(kind, z, idx, lp, tail, lp_dtype=torch.float64, **kw):
-    teacher = TopKTeacher(torch.tensor(idx), torch.tensor(lp, dtype=lp_dtype), tail=tail)
+def rows(kind, z, idx, lp, tail, lp_dtype=torch.float64, check=False, **kw):
+    lp = torch.tensor(lp, dtype=lp_dtype)
+    teacher = TopKTeacher(torch.tensor(idx), lp, tail=tail, check=check)
     return topk_distillation_rows(kind, z, teacher, **kw, **PARAMS.get(kind, {}))
 
 
@@ -80,6 +83,84 @@ def values_and_grads(fn, z, w):
     loss = (w * torch.where(torch.isfinite(out), out, 0.0).to(torch.float64)).sum()
     loss.backward()
     return out.detach(), z.grad
+
+
+# The torch.compile tests come first: they are the slowest, and xdist overlaps them with the rest.
+
+
+def _compile_case(rng, tail):
+    """Student logits [2, 3, V] and a teacher with padding, a masked token holding garbage and
+    a broken kept token (an id out of range), as a training batch might hold them."""
+    z, idx, lp = case(rng, n=6, v=17, k=4, neg_inf=False)
+    labels = torch.zeros(6, dtype=torch.long)
+    labels[2] = -100
+    idx[2] = [99, 3, 3, -1]  # masked: anything goes
+    lp[2] = [np.nan, 4.0, 1.0, 0.0]
+    idx[4, 1] = 17  # kept and out of range: NaN, not an index error
+    teacher = TopKTeacher(torch.tensor(idx).reshape(2, 3, 4), torch.tensor(lp).reshape(2, 3, 4),
+                          tail=tail)  # fmt: skip
+    return torch.tensor(z).reshape(2, 3, 17), teacher, labels.reshape(2, 3)
+
+
+@pytest.mark.parametrize(
+    ("backend", "tail"),
+    [("inductor", "tail_bucket"), ("aot_eager", "tail_bucket"), ("aot_eager", "renormalize")],
+)
+def test_torch_compile_fullgraph_distillation_loss(rng, backend, tail):
+    from kldiv.torch import DistillationLoss
+
+    torch._dynamo.reset()
+    z, teacher, labels = _compile_case(rng, tail)
+    loss = DistillationLoss("kl", reduction="none",
+                            temperature=1.0 if tail == "tail_bucket" else 1.5)  # fmt: skip
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend=backend)):
+        zt = z.clone().requires_grad_(True)
+        out = fn(zt, teacher, labels)
+        out.nansum().backward()
+        results.append((out.detach(), zt.grad))
+        # the broken token's gradient is NaN (even though nansum gives it a zero cotangent)
+        assert torch.isnan(zt.grad[1, 1]).any() and torch.isfinite(zt.grad[0]).all()
+        assert torch.isfinite(zt.grad[1, [0, 2]]).all()
+    (eager, g_eager), (comp, g_comp) = results
+    assert torch.isnan(eager[1, 1]) and eager[0, 2] == 0 and torch.isfinite(eager[0]).all()
+    torch.testing.assert_close(comp, eager, rtol=1e-12, atol=1e-14, equal_nan=True)
+    torch.testing.assert_close(g_comp, g_eager, rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+def test_no_host_sync_without_check(rng):
+    # Dynamo with fullgraph=True refuses .item(), .tolist(), bool(tensor), .nonzero() and any
+    # branch on a value. The test above compiles DistillationLoss with a mask; here both
+    # policies without a mask, in one graph, forward and backward. (The kinds differ only in
+    # the core's formula, compiled in test_transforms.py.)
+    import torch._dynamo.exc as dynamo_exc
+
+    torch._dynamo.reset()
+    z, bucket, _ = _compile_case(rng, "tail_bucket")
+    renorm = dataclasses.replace(bucket, tail="renormalize")
+
+    def fn(x):
+        return sum(topk_distillation_rows(kind, x, t, **PARAMS.get(kind, {})).nansum()
+                   for kind, t in (("kl", bucket), ("js", renorm)))  # fmt: skip
+
+    zt = z.clone().requires_grad_(True)
+    torch.compile(fn, fullgraph=True, backend="eager")(zt).backward()
+    zt2 = z.clone().requires_grad_(True)
+    fn(zt2).backward()
+    torch.testing.assert_close(zt.grad, zt2.grad, equal_nan=True)
+    assert torch.isnan(zt.grad[1, 1]).any()  # the token with an id out of range
+    # the control: the check=True path reads values on the host, and Dynamo says so
+    from kldiv.torch import topk as topk_module
+
+    checked = dataclasses.replace(bucket.flatten(), check=True)
+
+    def reads_values(x):
+        return topk_module._raise_teacher_fault(
+            checked, {"sum": x.sum(-1) > 0}, checked.indices, x, x.sum(-1), 17, (6,)
+        )
+
+    with pytest.raises(dynamo_exc.Unsupported):
+        torch.compile(reads_values, fullgraph=True, backend="eager")(-torch.ones(6, 4))
 
 
 @pytest.mark.parametrize("tail", POLICIES)
@@ -168,8 +249,9 @@ def test_padding_equals_the_compacted_teacher(rng, tail):
         assert topk_distillation_rows(kind, zt[:1], empty).item() == 0.0
 
 
+@pytest.mark.parametrize("check", [False, True])
 @pytest.mark.parametrize("tail", POLICIES)
-def test_masked_rows_give_zero_and_no_gradient_whatever_they_hold(rng, tail):
+def test_masked_rows_give_zero_and_no_gradient_whatever_they_hold(rng, tail, check):
     n, v, k = 6, 13, 4
     z, idx, lp = case(rng, n, v, k, pad=True, neg_inf=True)
     keep = np.array([True, False, True, False, True, False])
@@ -181,7 +263,7 @@ def test_masked_rows_give_zero_and_no_gradient_whatever_they_hold(rng, tail):
     kt = torch.tensor(keep)
     for kind in KINDS:
         zt = torch.tensor(z, requires_grad=True)
-        out = rows(kind, zt, idx, lp, tail, keep=kt)
+        out = rows(kind, zt, idx, lp, tail, keep=kt, check=check)
         out.sum().backward()
         assert (out[~kt] == 0).all() and not torch.isnan(out).any()
         assert (zt.grad[~kt] == 0).all() and torch.isfinite(zt.grad).all()
@@ -189,7 +271,7 @@ def test_masked_rows_give_zero_and_no_gradient_whatever_they_hold(rng, tail):
         torch.testing.assert_close(out[kt], want, rtol=1e-13, atol=1e-15)
         # fully masked: zero, differentiable, zero gradient
         zt.grad = None
-        none = rows(kind, zt, idx, lp, tail, keep=torch.zeros(n, dtype=torch.bool))
+        none = rows(kind, zt, idx, lp, tail, keep=torch.zeros(n, dtype=torch.bool), check=check)
         none.sum().backward()
         assert (none == 0).all() and (zt.grad == 0).all()
 
@@ -333,7 +415,9 @@ def test_teacher_is_immutable_and_from_logits_matches_topk():
     torch.testing.assert_close(teacher.log_probs, torch.log_softmax(logits, -1).topk(3).values)
     with pytest.raises(dataclasses.FrozenInstanceError):
         teacher.tail = "tail_bucket"
-    assert "renormalize" in repr(teacher)
+    assert "renormalize" in repr(teacher) and "check=False" in repr(teacher)
+    checked = TopKTeacher.from_logits(logits, 3, tail="renormalize", check=True)
+    assert checked.check is True and "check=True" in repr(checked)
 
 
 def _t(ids, lps, tail="tail_bucket", **kw):
@@ -341,40 +425,112 @@ def _t(ids, lps, tail="tail_bucket", **kw):
 
 
 LOG = np.log
+DIST6 = np.array([0.3, 0.25, 0.2, 0.1, 0.1, 0.05])  # a valid teacher over V = 6
+
+# Data that breaks one rule: (ids, log_probs, tail, student logits or None for zeros(1, 6),
+# the check=True message, the flat kept rows that break it).
+BROKEN = [
+    ([[0, 2, 2]], LOG([[0.2, 0.3, 0.1]]), "tail_bucket", None,
+     r"distinct `teacher.indices`.*id 2 twice in row 0.*negative id", [0]),
+    ([[0, 1], [0, 9]], LOG([[0.2, 0.3], [0.2, 0.3]]), "tail_bucket", np.zeros((2, 6)),
+     r"in \[0, 6\) \(negative = padding\), got 9 in row 1", [1]),
+    ([[0, 1]], [[0.5, -1.0]], "tail_bucket", None, r"log_probs` ≤ 0.*got 0.5 in row 0, entry 0",
+     [0]),
+    ([[0, 1]], LOG([[0.6, 0.5]]), "tail_bucket", None, r"sum to at most 1.*got 1.1 in row 0", [0]),
+    ([[0, 1]], [[np.nan, -1.0]], "renormalize", None, r"no NaN.*row 0, entry 0", [0]),
+    ([[0, 1, 2, 3, 4, 5]], LOG([[0.1] * 6]), "tail_bucket", None,
+     r"sum to 1 where the ids cover all 6", [0]),
+    ([[0, 1]], [[-np.inf, -np.inf]], "renormalize", None,
+     r"at least one stored entry with probability > 0.*row 0", [0]),
+    ([[0, 1]], LOG([[0.2, 0.3]]), "renormalize", [[-np.inf, -np.inf, 0, 0, 0, 0]],
+     r"student to give probability > 0.*row 0", [0]),
+    ([[0, 1]], LOG([[0.2, 0.3]]), "tail_bucket", [[-np.inf] * 6],
+     r"at least one entry > -inf in every kept token, got only -inf in row 0", [0]),
+    ([[[0, 1]], [[0, 1]]], LOG([[[0.2, 0.3]], [[0.9, 0.7]]]), "tail_bucket",
+     np.zeros((2, 1, 6)), r"sum to at most 1.*in token \(1, 0\)", [1]),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("make", "z", "kw", "match"),
-    [
-        (lambda: _t([[0, 2, 2]], LOG([[0.2, 0.3, 0.1]])), None, {},
-         r"distinct `teacher.indices`.*id 2 twice in row 0.*negative id"),
-        (lambda: _t([[0, 1], [0, 9]], LOG([[0.2, 0.3], [0.2, 0.3]])), np.zeros((2, 6)), {},
-         r"in \[0, 6\) \(negative = padding\), got 9 in row 1"),
-        (lambda: _t([[0, 1]], LOG([[0.2, 0.3]])), None, {"temperature": 2.0},
-         r"temperature=1.*tail='tail_bucket'.*cannot be re-tempered"),
-        (lambda: _t([[0, 1]], [[0.5, -1.0]]), None, {}, r"log_probs` ≤ 0.*got 0.5 in row 0, entry 0"),
-        (lambda: _t([[0, 1]], LOG([[0.6, 0.5]])), None, {}, r"sum to at most 1.*got 1.1 in row 0"),
-        (lambda: _t([[0, 1]], [[np.nan, -1.0]]), None, {}, r"no NaN.*row 0, entry 0"),
-        (lambda: _t([[0, 1, 2, 3, 4, 5]], LOG([[0.1] * 6])), None, {},
-         r"sum to 1 where the ids cover all 6"),
-        (lambda: _t([[0, 1]], [[-np.inf, -np.inf]], "renormalize"), None, {},
-         r"at least one stored entry with probability > 0.*row 0"),
-        (lambda: _t([[0, 1]], LOG([[0.2, 0.3]]), "renormalize"),
-         [[-np.inf, -np.inf, 0, 0, 0, 0]], {}, r"student to give probability > 0.*row 0"),
-        (lambda: _t([[0, 1]], LOG([[0.2, 0.3]])), [[-np.inf] * 6], {},
-         r"at least one entry > -inf in every kept token, got only -inf in row 0"),
-        (lambda: _t([[[0, 1]], [[0, 1]]], LOG([[[0.2, 0.3]], [[0.9, 0.7]]])),
-         np.zeros((2, 1, 6)), {}, r"sum to at most 1.*in token \(1, 0\)"),
-        (lambda: _t([[0, 1]], LOG([[0.2, 0.3]])), np.zeros((2, 6)), {},
-         r"teacher's token shape to match the student's \(2,\)"),
-        (lambda: _t([[0, 1]], LOG([[0.2, 0.3]])), None, {"keep": torch.ones(2, dtype=torch.bool)},
-         r"`keep` of the token shape \(1,\)"),
-    ],
-)  # fmt: skip
-def test_value_errors(make, z, kw, match):
+def _broken(case_, check):
+    ids, lps, tail, z, _, _ = case_
     z = torch.zeros(1, 6, dtype=torch.float64) if z is None else torch.tensor(z)
-    with pytest.raises(ValueError, match=match):
-        topk_distillation_rows("kl", z, make(), **kw)
+    return _t(ids, lps, tail, check=check), z
+
+
+@pytest.mark.parametrize("case_", BROKEN, ids=range(len(BROKEN)))
+def test_value_errors_with_check(case_):
+    teacher, z = _broken(case_, check=True)
+    with pytest.raises(ValueError, match=case_[4]):
+        topk_distillation_rows("kl", z, teacher)
+    # a masked token is never checked
+    keep = torch.ones(teacher.token_shape, dtype=torch.bool).reshape(-1)
+    keep[case_[5]] = False
+    out = topk_distillation_rows("kl", z, teacher, keep.reshape(teacher.token_shape))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_broken_data_without_check_gives_nan_rows_not_errors(kind):
+    # Each broken token next to a valid one: the broken token is NaN in value and gradient (no
+    # exception, no finite wrong number); the valid token is exactly what it is alone.
+    z_ok = np.array([0.1, -0.4, 0.3, 1.0, -1.0, 0.2])
+    for case_ in BROKEN:
+        teacher, z = _broken(case_, check=False)
+        ids, lp = teacher.flatten().indices, teacher.flatten().log_probs
+        k = ids.shape[1]
+        ids = torch.cat([ids, torch.arange(k)[None]])
+        lp = torch.cat([lp, torch.tensor(LOG(DIST6[:k]))[None]])
+        zz = torch.cat([z.reshape(-1, 6), torch.tensor(z_ok)[None]]).requires_grad_(True)
+        both = TopKTeacher(ids, lp, tail=teacher.tail)
+        out = topk_distillation_rows(kind, zz, both, **PARAMS.get(kind, {}))
+        out.sum().backward()
+        bad = torch.zeros(len(out), dtype=torch.bool)
+        bad[case_[5]] = True
+        assert torch.isnan(out[bad]).all(), (kind, case_[4])
+        assert not torch.isnan(out[~bad]).any(), (kind, case_[4])
+        assert torch.isnan(zz.grad[bad]).any(-1).all(), (kind, case_[4])
+        assert torch.isfinite(zz.grad[~bad]).all(), (kind, case_[4])
+        alone = TopKTeacher(ids[-1:], lp[-1:], tail=teacher.tail, check=True)
+        z1 = zz[-1:].detach().clone().requires_grad_(True)
+        want = topk_distillation_rows(kind, z1, alone, **PARAMS.get(kind, {}))
+        want.sum().backward()
+        assert torch.equal(out[-1:], want) and torch.equal(zz.grad[-1:], z1.grad)
+
+
+@pytest.mark.parametrize("tail", POLICIES)
+def test_check_false_equals_check_true_on_valid_data(rng, tail):
+    z, idx, lp = case(rng, n=8)
+    keep = torch.tensor(rng.random(8) < 0.7)
+    t = 1.4 if tail == "renormalize" else 1.0
+    for kind in KINDS:
+        got = []
+        for check in (False, True):
+            teacher = TopKTeacher(torch.tensor(idx), torch.tensor(lp), tail=tail, check=check)
+            zt = torch.tensor(z, requires_grad=True)
+            out = topk_distillation_rows(kind, zt, teacher, keep, temperature=t,
+                                         **PARAMS.get(kind, {}))  # fmt: skip
+            torch.where(torch.isfinite(out), out, 0.0).sum().backward()
+            got.append((out, zt.grad))
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), kind
+    # the two rules that look like branches (sum above 1 within tolerance; a remainder within
+    # tolerance with an empty student bucket) are selected per token, without check too
+    inf = math.inf
+    ids = torch.tensor([[3, 0, 5], [0, 1, -1]])
+    lps = torch.tensor(LOG([[0.5, 0.3, 0.2 + 5e-5], [0.7, 0.3 - 1e-6, 1.0]]), dtype=torch.float32)
+    zs = torch.tensor(np.array([rng.normal(size=8), [0.0, 1.0] + [-inf] * 6]))
+    for check in (False, True):
+        kl = topk_distillation_rows("kl", zs, TopKTeacher(ids, lps, tail="tail_bucket",
+                                                          check=check))  # fmt: skip
+        assert torch.isfinite(kl).all() and (kl >= 0).all()
+
+
+def test_check_true_is_refused_under_torch_compile():
+    torch._dynamo.reset()
+    teacher = _t([[0, 1]], LOG([[0.2, 0.3]]), check=True)
+    compiled = torch.compile(lambda z: topk_distillation_rows("kl", z, teacher), fullgraph=True,
+                             backend="eager")  # fmt: skip
+    with pytest.raises(Exception, match="cannot run under jax.jit, vmap or torch.compile"):
+        compiled(torch.zeros(1, 6, dtype=torch.float64))
 
 
 def test_construction_errors():
@@ -393,6 +549,17 @@ def test_construction_errors():
         TopKTeacher(ids, lp.requires_grad_(), tail="tail_bucket")
     with pytest.raises(ValueError, match="tolerance"):
         TopKTeacher(ids, lp.detach(), tail="tail_bucket", tolerance=-1.0)
+    with pytest.raises(TypeError, match=r"`check` to be True or False"):
+        TopKTeacher(ids, lp.detach(), tail="tail_bucket", check=1)
+    # static facts are checked whatever `check` says
+    for check in (False, True):
+        teacher = TopKTeacher(ids, lp.detach(), tail="tail_bucket", check=check)
+        with pytest.raises(ValueError, match=r"temperature=1.*tail='tail_bucket'.*re-tempered"):
+            topk_distillation_rows("kl", torch.zeros(1, 4), teacher, temperature=2.0)
+        with pytest.raises(ValueError, match=r"token shape to match the student's \(2,\)"):
+            topk_distillation_rows("kl", torch.zeros(2, 4), teacher)
+        with pytest.raises(ValueError, match=r"`keep` of the token shape \(1,\)"):
+            topk_distillation_rows("kl", torch.zeros(1, 4), teacher, torch.ones(2, dtype=bool))
     teacher = TopKTeacher(ids, lp.detach(), tail="tail_bucket")
     with pytest.raises(ValueError, match="Expected `kind` to be one of"):
         topk_distillation_rows("symmetric", torch.zeros(1, 4), teacher)

@@ -36,30 +36,44 @@ finite distributions, chosen by the required ``tail=`` policy:
     +inf wherever the student has mass outside the K ids. Pair it with a cross-entropy term, or
     use ``"tail_bucket"``, when the student's out-of-set mass matters.
 
-Data rules (checked eagerly on kept rows; every failure is a one-line ``ValueError`` naming the
-token): ids in ``[0, V)``, a negative id is padding (its log-prob is ignored, NaN included); no
-id twice in a row (a repeated id is almost always padding written as a real id, e.g. 0; it
-would count the student's probability twice); no NaN log-probs; log-probs ≤ 0 and
-``Σ exp(log_probs) ≤ 1``, each up to ``tolerance`` in log space (the rounding of the stored
-dtype: see :data:`TOLERANCE`). A stored sum above 1 but within tolerance is rounding: the tail
-mass is then exactly 0 and the K probabilities are scaled to sum to 1 (so every divergence
-stays a divergence, ≥ 0), never clamped. So is a remainder ``1 − Σp`` within tolerance when
-the tail bucket is empty for the student, because the ids cover the vocabulary or the student
-rules out every other id with -inf logits: a rounding remainder must not make KL +inf there
-(a remainder beyond tolerance does, as in the core; ids covering the vocabulary with a
-remainder beyond tolerance are refused).
+Data rules, on kept rows: ids in ``[0, V)``, a negative id is padding (its log-prob is
+ignored, NaN included); no id twice in a row (a repeated id is almost always padding written as
+a real id, e.g. 0; it would count the student's probability twice); no NaN log-probs;
+log-probs ≤ 0 and ``Σ exp(log_probs) ≤ 1``, each up to ``tolerance`` in log space (the rounding
+of the stored dtype: see :data:`TOLERANCE`). A stored sum above 1 but within tolerance is
+rounding: the tail mass is then exactly 0 and the K probabilities are scaled to sum to 1 (so
+every divergence stays a divergence, ≥ 0), never clamped. So is a remainder ``1 − Σp`` within
+tolerance when the tail bucket is empty for the student, because the ids cover the vocabulary
+or the student rules out every other id with -inf logits: a rounding remainder must not make KL
++inf there (a remainder beyond tolerance does, as in the core; ids covering the vocabulary with
+a remainder beyond tolerance break the rules). Both are selected per token with ``where``, not
+by a host branch.
 The teacher's tail is only known as ``1 − Σp``: to an absolute accuracy of the stored
 rounding (~1e-7 for float32 log-probs, ~1e-16 for float64), so a tail far below that is noise,
 and the kinds that weigh ``log p_tail`` by the student's tail mass (reverse KL) inherit it.
-``"renormalize"`` also needs, per kept row, one stored entry with probability > 0 and one
-student logit > -inf among the ids (else the conditional distribution is undefined);
-``"tail_bucket"`` needs a student logit > -inf somewhere in the row.
+Student rules: ``"renormalize"`` also needs, per kept row, one stored entry with probability
+> 0 and one student logit > -inf among the ids (else the conditional distribution is
+undefined); ``"tail_bucket"`` needs a student logit > -inf somewhere in the row.
 
 Zero support is the core's: ``-inf`` student logits are zero probabilities, ``-inf`` teacher
 log-probs are zero probabilities, terms with teacher probability 0 are 0, a teacher outcome
 with probability > 0 where the student has none gives +inf (for ``"kl"``). Masked rows
 (``keep`` False) contribute exactly 0 and no gradient, whatever they hold (NaN, ids out of
 range, duplicates). NaN or +inf student logits in a kept row give NaN, as in the core.
+
+Validation (DESIGN §1): static facts (shapes, dtypes, devices, the policy, ``temperature`` ≠ 1
+with ``"tail_bucket"``, ``log_probs`` requiring grad) are always checked, eagerly. The data
+rules and the student rules above are checked only with ``TopKTeacher(..., check=True)``:
+eagerly, with host syncs, every failure a one-line ``ValueError`` naming the token; refused
+under ``torch.compile`` (check the first batch eagerly, then trace with ``check=False``). By
+default (``check=False``) nothing reads a value on the host or branches on one, so
+``torch.compile(fullgraph=True)`` works, and a kept token that breaks any rule is **NaN**, in
+value and in gradient (as if its student logits were NaN; a ``nansum`` or ``where`` applied to
+the result does not clean the gradient): never a finite wrong number, never an exception. An
+id ≥ V is not used as an index (no CPU index error, no out-of-bounds CUDA read); duplicates
+are found by an ``[N, K]`` sort, not counted twice. On valid data both settings give the same
+values and gradients, bit for bit. The cost of the default is ``[N, K]`` work (one sort),
+small beside the ``[N, V]`` softmax.
 
 Gradients: with respect to ``student_logits`` only, through plain autograd. The teacher is
 data: ``log_probs`` that require grad are refused (pass ``.detach()``). Memory: ``"tail_bucket"``
@@ -112,16 +126,21 @@ class TopKTeacher:
     softmax (not renormalised over the K ids), so ``Σ exp(log_probs) ≤ 1``. ``tail`` (required,
     no default): ``"tail_bucket"`` or ``"renormalize"``, what the mass outside the ids means;
     see :mod:`kldiv.torch.topk`. ``tolerance``: how far (in log space) the stored log-probs
-    may exceed 0, and their log-sum-exp may exceed 0, before the data is refused; default from
-    :data:`TOLERANCE` by the dtype of ``log_probs``.
+    may exceed 0, and their log-sum-exp may exceed 0, before the data breaks the rules; default
+    from :data:`TOLERANCE` by the dtype of ``log_probs``. ``check`` (default False): validate the
+    data when the teacher is used, eagerly, with a ``ValueError`` naming the first offending
+    token (host syncs; refused under ``torch.compile``). Without it nothing value-dependent
+    runs and a kept token that breaks a data rule gives NaN; see :mod:`kldiv.torch.topk`.
 
-    Immutable; shapes, dtypes and the policy are checked here, values when it is used.
+    Immutable; shapes, dtypes, the policy and ``requires_grad`` are checked here, always; the
+    values only with ``check=True``, when it is used.
     """
 
     indices: torch.Tensor
     log_probs: torch.Tensor
     tail: str = dataclasses.field(kw_only=True)
     tolerance: float | None = dataclasses.field(default=None, kw_only=True)
+    check: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         idx, lp = self.indices, self.log_probs
@@ -166,6 +185,7 @@ class TopKTeacher:
         elif not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not 0.0 <= tol < INF:
             raise ValueError(f"Expected `tolerance` to be a finite float ≥ 0, got {tol!r}.")
         object.__setattr__(self, "tolerance", float(tol))
+        object.__setattr__(self, "check", _check.check_flag("check", self.check))
 
     @property
     def k(self) -> int:
@@ -186,7 +206,13 @@ class TopKTeacher:
 
     @classmethod
     def from_logits(
-        cls, logits: torch.Tensor, k: int, *, tail: str, tolerance: float | None = None
+        cls,
+        logits: torch.Tensor,
+        k: int,
+        *,
+        tail: str,
+        tolerance: float | None = None,
+        check: bool = False,
     ) -> TopKTeacher:
         """The top ``k`` ids of ``log_softmax(logits)`` (in float32, or float64 for float64
         logits) and their log-probabilities, as an offline pipeline would store them."""
@@ -195,12 +221,13 @@ class TopKTeacher:
         with torch.no_grad():
             dtype = torch.promote_types(logits.dtype, torch.float32)
             values, ids = torch.log_softmax(logits.to(dtype), dim=-1).topk(k, dim=-1)
-        return cls(ids, values, tail=tail, tolerance=tolerance)
+        return cls(ids, values, tail=tail, tolerance=tolerance, check=check)
 
     def __repr__(self) -> str:
         return (
             f"TopKTeacher(shape={tuple(self.indices.shape)}, tail={self.tail!r}, "
-            f"tolerance={self.tolerance:g}, log_probs dtype={_dtype_name(self.log_probs.dtype)})"
+            f"tolerance={self.tolerance:g}, check={self.check}, "
+            f"log_probs dtype={_dtype_name(self.log_probs.dtype)})"
         )
 
 
@@ -228,10 +255,6 @@ def _log1mexp(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
 
 
-def _fail(teacher_shape: tuple[int, ...], row: int, msg: str) -> None:
-    raise ValueError(msg.format(where=_where(teacher_shape, row)))
-
-
 def topk_distillation_rows(
     kind: str,
     student_logits: torch.Tensor,
@@ -253,7 +276,10 @@ def topk_distillation_rows(
 
     Returns the token shape, float32 (float64 when the student logits or the teacher log-probs
     are float64), differentiable with respect to ``student_logits``. No reduction and no T²
-    factor: the caller reduces. Runs eager value checks (a few host syncs).
+    factor: the caller reduces. Static facts are checked eagerly; the data only when
+    ``teacher.check`` is True (host syncs, eager only). Otherwise nothing here reads a value on
+    the host or branches on one, so it runs under ``torch.compile(fullgraph=True)``, and a kept
+    token that breaks a data rule gives NaN (value and gradient).
     """
     if kind not in KINDS:
         raise ValueError(
@@ -299,6 +325,12 @@ def topk_distillation_rows(
     params = {}
     for name in KIND_PARAMS.get(kind, {}):
         params[name] = _check.check_unit_interval(name, {"beta": beta, "alpha": alpha}[name])
+    if teacher.check and torch.compiler.is_compiling():
+        raise ValueError(
+            "`check=True` reads the data and cannot run under jax.jit, vmap or torch.compile; "
+            "run it once eagerly (e.g. on the first batch) and trace a TopKTeacher with "
+            "check=False."
+        )
 
     v, k = student_logits.shape[-1], teacher.k
     z = student_logits.reshape(-1, v)
@@ -307,90 +339,134 @@ def topk_distillation_rows(
     cdtype = torch.promote_types(
         torch.promote_types(z.dtype, teacher.log_probs.dtype), torch.float32
     )
-    x, a_sum, live = _validated_teacher(teacher, v, flat_keep, cdtype, tokens)
     idx = teacher.indices.reshape(n, k).long()  # int32 ids are common in stored datasets
+    lp = teacher.log_probs.reshape(n, k).to(cdtype)
+    listed = idx >= 0  # stored entries (not padding) of kept rows
+    if flat_keep is not None:
+        listed = listed & flat_keep[:, None]
+    # the entries that take part; an id ≥ V is never used as an index (no index error on CPU,
+    # no out-of-bounds read on CUDA): its row is refused or made NaN below
+    live = listed & (idx < v)
+    x = torch.where(live, lp, -INF)  # padding and masked rows: probability 0, garbage dropped
+    a_sum = torch.logsumexp(x, dim=-1) if k else x.new_full((n,), -INF)
+    faults = _teacher_faults(teacher, idx, lp, listed, live, x, a_sum, v, flat_keep)
+    if teacher.check:
+        _raise_teacher_fault(teacher, faults, idx, lp, a_sum, v, tokens)
     if teacher.tail == "tail_bucket":
-        b, empty = _student_tail_bucket(z, idx, live, flat_keep, cdtype, tokens)
+        b, empty, student_fault = _student_tail_bucket(z, idx, live, flat_keep, cdtype)
         a = _teacher_tail_bucket(x, a_sum, empty, teacher.tolerance)
     else:
-        a, live = _teacher_renormalized(x, live, flat_keep, t)
-        b = _student_renormalized(z, idx, live, flat_keep, t, cdtype, tokens)
+        a, live_r = _teacher_renormalized(x, live, flat_keep, t)
+        b, student_fault = _student_renormalized(z, idx, live_r, flat_keep, t, cdtype)
+    if teacher.check and bool(student_fault.any()):
+        _raise_student_fault(teacher.tail, student_fault, tokens)
     rows = _CORE_KINDS[kind](a, b, form="log_probs", reduction="none", **params)
+    invalid = student_fault
+    for bad in faults.values():
+        invalid = invalid | (bad.any(-1) if bad.ndim == 2 else bad)
+    # A kept token that breaks a data rule (only possible without check) is NaN, in value and
+    # in gradient, as if its student logits were NaN: a multiplicative NaN, because a
+    # ``where`` would give it a zero gradient and finite training would go on silently.
+    rows = rows * torch.where(invalid, math.nan, 1.0).to(rows.dtype)
     if flat_keep is not None:
         rows = torch.where(flat_keep, rows, 0.0)
     return rows.reshape(tokens)
 
 
-def _validated_teacher(
+def _teacher_faults(
     teacher: TopKTeacher,
+    idx: torch.Tensor,
+    lp: torch.Tensor,
+    listed: torch.Tensor,
+    live: torch.Tensor,
+    x: torch.Tensor,
+    a_sum: torch.Tensor,
     v: int,
     keep: torch.Tensor | None,
-    cdtype: torch.dtype,
-    tokens: tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate the teacher on kept rows (one host sync). Returns the stored log-probs with
-    padding and masked rows at -inf [N, K], their logsumexp [N], and ``live`` [N, K]: the
-    entries that take part (not padding, in a kept row)."""
-    flat = teacher.flatten()
-    idx, lp = flat.indices, flat.log_probs.to(cdtype)
-    n, k = idx.shape
+) -> dict[str, torch.Tensor]:
+    """The teacher's data rules, as masks over kept rows ([N, ·] or [N]; True = broken), in
+    the order the errors are reported. Tensor ops only ([N, K] work and one [N, K] sort)."""
     tol = teacher.tolerance
-    live = idx >= 0
-    if keep is not None:
-        live &= keep[:, None]
-    x = torch.where(live, lp, -INF)  # padding and masked rows: probability 0, garbage dropped
-    a_sum = torch.logsumexp(x, dim=-1) if k else x.new_full((n,), -INF)
-    covers = live.sum(-1) == v  # ids are distinct, so this is "the ids are the whole vocabulary"
-    checks = {
-        "range": live & (idx >= v),
-        "nan": live & torch.isnan(lp),
-        "entry": live & (lp > tol),
-        "sum": a_sum > tol,
-        "short": covers & (a_sum < -tol),
+    covers = live.sum(-1) == v  # with distinct ids: "the ids are the whole vocabulary"
+    faults = {
+        "range": listed & (idx >= v),
+        "nan": listed & torch.isnan(lp),
     }
-    if k > 1:
-        s = torch.where(live, idx, -1).sort(dim=-1).values
-        checks["dup"] = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if idx.shape[1] > 1:
+        s = torch.where(listed, idx, -1).sort(dim=-1).values
+        faults["dup"] = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    faults["entry"] = listed & (lp > tol)
+    faults["sum"] = a_sum > tol
+    faults["short"] = covers & (a_sum < -tol)
     if teacher.tail == "renormalize":
-        checks["empty"] = ~(x > -INF).any(-1) if keep is None else keep & ~(x > -INF).any(-1)
-    flags = [False] * len(checks)
-    if n:
-        flags = torch.stack([c.any() for c in checks.values()]).tolist()
-    dt = _dtype_name(teacher.log_probs.dtype)
-    for (name, bad), flagged in zip(checks.items(), flags, strict=True):
+        empty = ~(x > -INF).any(-1)
+        faults["empty"] = empty if keep is None else keep & empty
+    return faults
+
+
+def _raise_teacher_fault(
+    teacher: TopKTeacher,
+    faults: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    lp: torch.Tensor,
+    a_sum: torch.Tensor,
+    v: int,
+    tokens: tuple[int, ...],
+) -> None:
+    """``check=True``: raise for the first broken rule, naming the token (one host sync when
+    the data is valid)."""
+    if idx.shape[0] == 0:
+        return
+    flags = torch.stack([bad.any() for bad in faults.values()]).tolist()
+    tol, dt = teacher.tolerance, _dtype_name(teacher.log_probs.dtype)
+    for (name, bad), flagged in zip(faults.items(), flags, strict=True):
         if not flagged:
             continue
         pos = _first(bad)
-        row = pos[0]
+        where = _where(tokens, pos[0])
         if name == "range":
-            _fail(tokens, row, f"Expected `teacher.indices` in [0, {v}) (negative = padding), "
-                  f"got {int(idx[pos])} in {{where}}.")  # fmt: skip
-        if name == "nan":
-            _fail(tokens, row, f"Expected no NaN in `teacher.log_probs` of kept tokens, got "
-                  f"NaN in {{where}}, entry {pos[1]}.")  # fmt: skip
-        if name == "dup":
-            _fail(tokens, row, f"Expected distinct `teacher.indices` within a token, got id "
-                  f"{int(s[row, pos[1] + 1])} twice in {{where}} (pad unused entries with a "
-                  "negative id, e.g. -1, not with a repeated id).")  # fmt: skip
-        if name == "entry":
-            _fail(tokens, row, f"Expected `teacher.log_probs` ≤ 0 (tolerance {tol:g} for "
-                  f"{dt}), got {float(lp[pos]):g} in {{where}}, entry {pos[1]} (log-probs "
-                  "of the full softmax are expected, not logits).")  # fmt: skip
-        if name == "sum":
-            _fail(tokens, row, f"Expected the stored teacher probabilities to sum to at most 1 "
-                  f"(log-space tolerance {tol:g} for {dt}), got "
-                  f"{math.exp(float(a_sum[row])):.6g} in {{where}}; log_probs must come from a "
-                  "softmax over the full vocabulary.")  # fmt: skip
-        if name == "short":
-            _fail(tokens, row, f"Expected the stored teacher probabilities to sum to 1 where "
-                  f"the ids cover all {v} vocabulary entries (log-space tolerance {tol:g}), got "
-                  f"{math.exp(float(a_sum[row])):.6g} in {{where}}.")  # fmt: skip
-        if name == "empty":
-            _fail(tokens, row, "Expected at least one stored entry with probability > 0 in "
-                  "every kept token for tail='renormalize' (the renormalised teacher is "
-                  "undefined otherwise), got none in {where}.")  # fmt: skip
+            msg = (f"Expected `teacher.indices` in [0, {v}) (negative = padding), got "
+                   f"{int(idx[pos])} in {where}.")  # fmt: skip
+        elif name == "nan":
+            msg = (f"Expected no NaN in `teacher.log_probs` of kept tokens, got NaN in {where}, "
+                   f"entry {pos[1]}.")  # fmt: skip
+        elif name == "dup":
+            s = torch.where(idx >= 0, idx, -1)[pos[0]].sort().values
+            msg = (f"Expected distinct `teacher.indices` within a token, got id "
+                   f"{int(s[pos[1] + 1])} twice in {where} (pad unused entries with a negative "
+                   "id, e.g. -1, not with a repeated id).")  # fmt: skip
+        elif name == "entry":
+            msg = (f"Expected `teacher.log_probs` ≤ 0 (tolerance {tol:g} for {dt}), got "
+                   f"{float(lp[pos]):g} in {where}, entry {pos[1]} (log-probs of the full "
+                   "softmax are expected, not logits).")  # fmt: skip
+        elif name == "sum":
+            msg = (f"Expected the stored teacher probabilities to sum to at most 1 (log-space "
+                   f"tolerance {tol:g} for {dt}), got {math.exp(float(a_sum[pos])):.6g} in "
+                   f"{where}; log_probs must come from a softmax over the full "
+                   "vocabulary.")  # fmt: skip
+        elif name == "short":
+            msg = (f"Expected the stored teacher probabilities to sum to 1 where the ids cover "
+                   f"all {v} vocabulary entries (log-space tolerance {tol:g}), got "
+                   f"{math.exp(float(a_sum[pos])):.6g} in {where}.")  # fmt: skip
+        else:  # "empty"
+            msg = ("Expected at least one stored entry with probability > 0 in every kept "
+                   "token for tail='renormalize' (the renormalised teacher is undefined "
+                   f"otherwise), got none in {where}.")  # fmt: skip
+        raise ValueError(msg)
 
-    return x, a_sum, live
+
+def _raise_student_fault(tail: str, bad: torch.Tensor, tokens: tuple[int, ...]) -> None:
+    where = _where(tokens, _first(bad)[0])
+    if tail == "tail_bucket":
+        raise ValueError(
+            "Expected student logits with at least one entry > -inf in every kept token, got "
+            f"only -inf in {where}."
+        )
+    raise ValueError(
+        "Expected the student to give probability > 0 to at least one of the teacher's ids in "
+        "every kept token for tail='renormalize' (the student renormalised over them is "
+        f"undefined), got -inf logits at all of them in {where}."
+    )
 
 
 def _teacher_renormalized(
@@ -414,7 +490,8 @@ def _teacher_tail_bucket(
     tail bucket is empty for the student (the ids cover the vocabulary, or the student rules
     out every other id with -inf logits): there the tail is exactly 0 and the K entries are
     scaled to sum to 1, so that every kind stays a divergence (≥ 0) and a rounding remainder
-    cannot make KL infinite. Never a clamped ``log(1 − Σp)``.
+    cannot make KL infinite. Never a clamped ``log(1 − Σp)``. Selected per row with ``where``
+    (no host branch).
     """
     closed = (a_sum > 0) | (empty & (a_sum >= -tol))
     shift = torch.where(closed, a_sum, 0.0)
@@ -429,10 +506,10 @@ def _student_tail_bucket(
     live: torch.Tensor,
     keep: torch.Tensor | None,
     cdtype: torch.dtype,
-    tokens: tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student log-probabilities of the K ids and of the bucket of all other ids, and where
-    that bucket is empty for the student (probability exactly 0)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student log-probabilities of the K ids and of the bucket of all other ids, where that
+    bucket is empty for the student (probability exactly 0), and the kept rows where the
+    student has no mass at all (only -inf logits)."""
     n, v = z.shape
     # One [N, V + 1] copy in the compute dtype: the K ids are set to -inf in it, so its
     # logsumexp is the mass outside them, summed directly (no 1 − Σq cancellation); column V
@@ -450,16 +527,12 @@ def _student_tail_bucket(
     # gathered from the input, not from zm: gather keeps its source for backward
     zk = torch.where(live, z.gather(1, torch.where(live, idx, 0)).to(cdtype), -INF)
     lse_in = _lse(zk)
-    if n:
-        bad = (lse_in == -INF) & dead
-        if keep is not None:
-            bad &= keep
-        if bool(bad.any()):
-            _fail(tokens, _first(bad)[0], "Expected student logits with at least one entry "
-                  "> -inf in every kept token, got only -inf in {where}.")  # fmt: skip
+    fault = (lse_in == -INF) & dead
+    if keep is not None:
+        fault = fault & keep
     log_z = torch.logaddexp(lse_in, lse_out)
     b_k = torch.where(live, zk - log_z[:, None], -INF)
-    return torch.cat([b_k, (lse_out - log_z)[:, None]], dim=-1), dead
+    return torch.cat([b_k, (lse_out - log_z)[:, None]], dim=-1), dead, fault
 
 
 def _student_renormalized(
@@ -469,9 +542,9 @@ def _student_renormalized(
     keep: torch.Tensor | None,
     t: float,
     cdtype: torch.dtype,
-    tokens: tuple[int, ...],
-) -> torch.Tensor:
-    """Student log-probabilities conditioned on the teacher's ids: softmax of ``z_ids / T``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probabilities conditioned on the teacher's ids: softmax of ``z_ids / T``;
+    and the kept rows where the student gives probability 0 to every id."""
     gather_at = torch.where(live, idx, 0)
     if keep is not None:  # masked rows' ids may be anything, out of range included
         gather_at = torch.where(keep[:, None], gather_at, 0)
@@ -479,13 +552,7 @@ def _student_renormalized(
     if keep is not None:
         zk = torch.where(keep[:, None], zk, 0.0)
     zk = torch.where(live, zk / t if t != 1.0 else zk, -INF)
-    if zk.numel():
-        bad = ~(live & ~torch.isneginf(zk)).any(-1)
-        if keep is not None:
-            bad &= keep
-        if bool(bad.any()):
-            _fail(tokens, _first(bad)[0], "Expected the student to give probability > 0 to at "
-                  "least one of the teacher's ids in every kept token for tail='renormalize' "
-                  "(the student renormalised over them is undefined), got -inf logits at all "
-                  "of them in {where}.")  # fmt: skip
-    return torch.log_softmax(zk, dim=-1)
+    fault = ~(live & ~torch.isneginf(zk)).any(-1)
+    if keep is not None:
+        fault = fault & keep
+    return torch.log_softmax(zk, dim=-1), fault
