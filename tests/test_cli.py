@@ -306,3 +306,22 @@ def test_compare_middle_category_axis_streams_in_blocks(tmp_path, rng, fmt, monk
     code, out, err = run(["compare", ref, cand, "--axis", "1", "--json", "--quiet"])
     assert code == 0, err
     check_report(json.loads(out), a, b)
+
+
+def test_bench_through_a_subprocess(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "kldiv.cli", "bench", "--device", "cpu", "--n", "8", "--v", "32",
+         "--kinds", "kl", "--variants", "eager", "--rounds", "1", "--iters", "1", "--json",
+         "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert set(result["kinds"]["kl"]["summary"]) == {"eager", "kldiv"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "kldiv.cli", "bench", "--variants", "jax"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == (
+        "kldiv bench: error: --variants: unknown 'jax'; expected some of eager, compile, liger, kldiv"
+    )
