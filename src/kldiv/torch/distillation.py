@@ -49,6 +49,19 @@ def configure(
     module.reduction = _check.check_reduction(reduction)
 
 
+def config_repr(module: torch.nn.Module) -> list[str]:
+    """The set parts of the shared configuration, for ``extra_repr``."""
+    parts = [f"divergence={module.divergence!r}"]
+    if module.divergence == "js":
+        parts.append(f"beta={module.beta}")
+    if module.divergence.startswith("skew"):
+        parts.append(f"alpha={module.alpha}")
+    parts += [f"temperature={module.temperature}", f"reduction={module.reduction!r}"]
+    if module.scale_by_temperature_squared:
+        parts.append("scale_by_temperature_squared=True")
+    return parts
+
+
 class DistillationLoss(torch.nn.Module):
     """D(teacher‖student) per token from logits, for knowledge distillation.
 
@@ -118,15 +131,7 @@ class DistillationLoss(torch.nn.Module):
         self.fast_path = fast_path
 
     def extra_repr(self) -> str:
-        parts = [f"divergence={self.divergence!r}"]
-        if self.divergence == "js":
-            parts.append(f"beta={self.beta}")
-        if self.divergence.startswith("skew"):
-            parts.append(f"alpha={self.alpha}")
-        parts += [f"temperature={self.temperature}", f"reduction={self.reduction!r}"]
-        if self.scale_by_temperature_squared:
-            parts.append("scale_by_temperature_squared=True")
-        return ", ".join(parts)
+        return ", ".join(config_repr(self))
 
     def _params(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in KIND_PARAMS.get(self.divergence, {})}

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from .. import _check
 from .._defaults import JS_BETA, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from . import _cpu
-from .distillation import configure
+from .distillation import config_repr, configure
 
 __all__ = ["FusedLinearDistillationLoss"]
 
@@ -331,14 +331,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         self.chunk_size = chunk_size
 
     def extra_repr(self) -> str:
-        parts = [f"divergence={self.divergence!r}"]
-        if self.divergence == "js":
-            parts.append(f"beta={self.beta}")
-        if self.divergence.startswith("skew"):
-            parts.append(f"alpha={self.alpha}")
-        parts += [f"temperature={self.temperature}", f"reduction={self.reduction!r}"]
-        if self.scale_by_temperature_squared:
-            parts.append("scale_by_temperature_squared=True")
+        parts = config_repr(self)
         if self.chunk_size is not None:
             parts.append(f"chunk_size={self.chunk_size}")
         return ", ".join(parts)
