@@ -290,6 +290,10 @@ def test_a_constant_offset_between_the_logits_costs_no_precision(rng, kind, offs
     # float32 arithmetic on O(1) shifted logits: about 1e-7 per term; differencing the raw
     # logits instead gives errors of one float32 step at the offset (1e-5 to 1e-4)
     torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=1e-2, atol=1e-6)
+    if kind == "tv":
+        # TV's gradient holds sign(q − p), and here q ≈ p: a rounding-level change of q − p
+        # flips a sign and moves the whole row (through Σh). Only the value is comparable.
+        return
     torch.testing.assert_close(st.grad.double().cpu(), s64.grad, rtol=1e-2, atol=1e-6)
 
 
