@@ -296,16 +296,20 @@ def test_bench_errors_are_one_line(tmp_path):
         assert message in err, (message, err)
 
 
-@pytest.mark.parametrize("fmt", ["npy", "pt"])
+@pytest.mark.parametrize("fmt", ["npy", "pt", "safetensors"])
 def test_compare_middle_category_axis_streams_in_blocks(tmp_path, rng, fmt, monkeypatch):
     a, b = logits_pair(rng, (3, 5, 30))
-    # categories in the middle: (batch, V, tokens); chunks smaller than one batch entry
+    # chunks smaller than one batch entry
     monkeypatch.setattr(cli, "CHUNK_BYTES", 4 * 30 * 2)
-    ref = save(tmp_path / "ref", fmt, {"x": np.ascontiguousarray(np.moveaxis(a, -1, 1))})
-    cand = save(tmp_path / "cand", fmt, {"x": np.ascontiguousarray(np.moveaxis(b, -1, 1))})
-    code, out, err = run(["compare", ref, cand, "--axis", "1", "--json", "--quiet"])
-    assert code == 0, err
-    check_report(json.loads(out), a, b)
+    # categories in the middle, (batch, V, tokens), and first, (V, batch, tokens)
+    for axis in (1, 0):
+        ref = save(tmp_path / f"ref{axis}", fmt,
+                   {"x": np.ascontiguousarray(np.moveaxis(a, -1, axis))})  # fmt: skip
+        cand = save(tmp_path / f"cand{axis}", fmt,
+                    {"x": np.ascontiguousarray(np.moveaxis(b, -1, axis))})  # fmt: skip
+        code, out, err = run(["compare", ref, cand, "--axis", str(axis), "--json", "--quiet"])
+        assert code == 0, err
+        check_report(json.loads(out), a, b)
 
 
 def test_bench_through_a_subprocess(tmp_path):

@@ -260,15 +260,21 @@ class _SafeTensors(ArrayFile):
 
     def rows(self, axis: int, chunk: int) -> Iterator[np.ndarray]:
         sl = self._f.get_slice(self._key)
-        if axis not in (-1, len(self.shape) - 1) or len(self.shape) < 2:
+        nd = len(self.shape)
+        if nd < 2:
             yield _moved(self._to_numpy(sl[:]), axis)
             return
-        # slices along the first axis, each [k, ..., V] then flattened to rows
-        per = max(1, chunk // max(1, int(np.prod(self.shape[1:-1]))))
-        n = self.shape[0]
+        ax = axis % nd
+        # Slices along the outermost token axis (the first axis that is not the category
+        # axis), so blocks come in the C order of the token axes, whatever ``axis`` is; each
+        # block is read alone, moved to [..., V] and flattened to rows.
+        j = 1 if ax == 0 else 0
+        inner = int(np.prod([d for k, d in enumerate(self.shape) if k not in (ax, j)]))
+        per = max(1, chunk // max(1, inner))
+        n = self.shape[j]
         for start in range(0, n, per):  # safetensors rejects slices past the end
-            block = self._to_numpy(sl[start : min(n, start + per)])
-            yield block.reshape(-1, self.shape[-1])
+            index = (slice(None),) * j + (slice(start, min(n, start + per)),)
+            yield _moved(self._to_numpy(sl[index]), ax).copy()
 
     def _to_numpy(self, x: Any) -> np.ndarray:
         if self._bf16:
