@@ -19,5 +19,10 @@ def cpu_model() -> str:
 
 def commit() -> str:
     """``git describe --always --dirty``: a dirty tree is marked as such."""
-    out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return out.stdout.strip()
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
+        )
+    except OSError:  # no git (e.g. on a device machine that got the tree without it)
+        return "unknown"
+    return out.stdout.strip() or "unknown"
