@@ -39,6 +39,11 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_distill_gpu.py: no CUDA device here", file=sys.stderr)
+        return 2
     shapes = [(args.n, int(v)) for v in args.v.split(",")]
     shapes += [tuple(int(x) for x in s.split("x")) for s in args.small.split(",") if s]
     runs = []
