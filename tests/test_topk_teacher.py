@@ -599,3 +599,35 @@ def test_distillation_loss_takes_a_topk_teacher(rng, tail, reduction):
     assert torch.equal(zt.grad[labels == -1], torch.zeros(2, 30, dtype=torch.float64))
     with pytest.raises(ValueError, match="token shape"):
         loss(zt, teacher, labels[:2])
+
+
+def test_review_findings_nan_gradient_k0_and_forced_paths():
+    from kldiv.torch import DistillationLoss
+
+    # a kept row with no usable id under "renormalize" is NaN in value AND gradient
+    z = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[1, 2], [-1, -1]])
+    lp = torch.log(torch.tensor([[0.5, 0.3], [0.1, 0.1]], dtype=torch.float64))
+    out = topk_distillation_rows("kl", z, TopKTeacher(ids, lp, tail="renormalize"))
+    assert not out[0].isnan() and out[1].isnan()
+    (g,) = torch.autograd.grad(out.nansum(), z)
+    assert g[0].isfinite().all() and g[1].isnan().any()
+    # K = 0 has no conditional distribution
+    with pytest.raises(ValueError, match="K ≥ 1"):
+        TopKTeacher(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0), tail="renormalize")
+    # a forced dense path is refused, not silently ignored
+    teacher = TopKTeacher(ids[:1], lp[:1].float(), tail="tail_bucket")
+    with pytest.raises(ValueError, match="a TopKTeacher goes through the top-k path"):
+        DistillationLoss("kl", fast_path="chunked")(torch.randn(1, 6), teacher)
+
+
+def test_reverse_kl_of_a_rounded_away_tail_is_infinite_as_documented():
+    # a confident teacher: its true tail (~1e-9) is below float32's rounding of Σp
+    full = torch.log_softmax(torch.tensor([[30.0, 10.0, 9.0] + [0.0] * 37]), -1)
+    lp, ids = full.topk(3, -1)
+    assert float(torch.logsumexp(lp, -1).exp()) == 1.0  # stored sum reads exactly 1
+    student = torch.randn(1, 40)
+    teacher = TopKTeacher(ids, lp, tail="tail_bucket")
+    assert topk_distillation_rows("reverse_kl", student, teacher).isinf().all()
+    assert topk_distillation_rows("skew_reverse_kl", student, teacher).isfinite().all()
+    assert topk_distillation_rows("kl", student, teacher).isfinite().all()

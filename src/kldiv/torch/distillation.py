@@ -183,6 +183,11 @@ class DistillationLoss(torch.nn.Module):
         num_items: Any,
     ) -> torch.Tensor:
         """D(teacher‖student) for a top-k sparse teacher (see :mod:`kldiv.torch.topk`)."""
+        if self.fast_path in ("triton", "chunked"):
+            raise ValueError(
+                f"fast_path={self.fast_path!r} cannot take these inputs: a TopKTeacher goes "
+                "through the top-k path (use fast_path=True or False)."
+            )
         keep = self._keep(labels, tuple(student.shape[:-1]))
         num_items = _check.check_num_items(num_items, self.reduction)
         rows = topk_distillation_rows(self.divergence, student, teacher, keep,

@@ -21,15 +21,23 @@ finite distributions, chosen by the required ``tail=`` policy:
     (K+1)-point distributions. Coarse-graining never increases an f-divergence (the
     data-processing inequality), and all six kinds are f-divergences of (teacher, student), so
     this is a **lower bound** on the full-vocabulary divergence, equal to it when the K ids
-    cover the vocabulary. The student is pushed to put the teacher's tail mass outside the K
-    ids, but not told where. Temperature ≠ 1 raises: a stored tail mass cannot be re-tempered
-    (its tempered value Σ_tail p^(1/T) depends on how the mass was spread over the tail ids).
+    cover the vocabulary, for a teacher whose tail is stored exactly. Stored in float32 or
+    less, a confident teacher's tail (1e-8, say) is below the rounding of ``Σp``: it reads as
+    exactly 0 (see the rounding rule below), and then the reverse-direction kinds
+    (``"reverse_kl"``) are +inf for any student with mass outside the ids, as the core is for
+    q > 0 = p. With such data use ``"skew_reverse_kl"`` (finite for any supports),
+    ``"renormalize"``, or a forward-direction kind. The student is pushed to put the
+    teacher's tail mass outside the K ids, but not told where. Temperature ≠ 1 raises: a
+    stored tail mass cannot be re-tempered (its tempered value Σ_tail p^(1/T) depends on how
+    the mass was spread over the tail ids).
 ``tail="renormalize"``
     The teacher is taken as exactly sparse on its K ids: ``p = softmax(log_probs / T)`` over
     them, which is exact for the tempered teacher ``softmax(teacher_logits / T)`` conditioned
     on those ids. The student is conditioned on the same ids: ``q = softmax(z_ids / T)`` over
     the K ids. The value is the core divergence between these K-point distributions, i.e. the
-    divergence on the simplex of the K ids, finite and well defined for every kind. It ignores
+    divergence on the simplex of the K ids (+inf only where the core's is: e.g. KL where the
+    student has a −inf logit at an id the teacher gives mass). Student logits outside the
+    ids are not read (NaN there does not propagate). It ignores
     how much mass the student puts outside the K ids (its gradient there is 0): for forward
     KL, the divergence from the sparse teacher to the *unconditioned* student is this value
     plus ``−log Q(ids)``; reverse-direction kinds against the unconditioned student would be
@@ -178,6 +186,11 @@ class TopKTeacher:
                 f"Expected `tail` to be one of {', '.join(map(repr, TAIL_POLICIES))}, got "
                 f"{self.tail!r} ('tail_bucket': the mass outside the ids is one more outcome; "
                 "'renormalize': the teacher is exactly sparse on its ids)."
+            )
+        if self.tail == "renormalize" and idx.shape[-1] == 0:
+            raise ValueError(
+                "Expected at least one stored id (K ≥ 1) with tail='renormalize': conditioned "
+                "on no ids there is no distribution."
             )
         tol = self.tolerance
         if tol is None:
@@ -368,6 +381,12 @@ def topk_distillation_rows(
     # in gradient, as if its student logits were NaN: a multiplicative NaN, because a
     # ``where`` would give it a zero gradient and finite training would go on silently.
     rows = rows * torch.where(invalid, math.nan, 1.0).to(rows.dtype)
+    if v > 0:
+        # ... and a NaN gradient reaches the student even where the row's value does not
+        # depend on it (e.g. no usable id under "renormalize"): a double where, so that valid
+        # rows add an exact 0 whatever their first logit holds.
+        z0 = torch.where(invalid, z[:, 0].to(rows.dtype), 0.0)
+        rows = rows + z0 * torch.where(invalid, math.nan, 0.0).to(rows.dtype)
     if flat_keep is not None:
         rows = torch.where(flat_keep, rows, 0.0)
     return rows.reshape(tokens)
