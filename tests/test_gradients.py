@@ -314,3 +314,27 @@ def test_tv_gradient_is_zero_where_p_equals_q(ad):
     gp, gq = ad.grad(lambda a, b: kldiv.tv_distance(a, b), ad.asarray(x), ad.asarray(x))
     np.testing.assert_array_equal(gp, 0.0)
     np.testing.assert_array_equal(gq, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kind,params",
+    [("js", {"beta": 1.0}), ("js", {"beta": 0.0}), ("skew_kl", {"alpha": 1.0}),
+     ("skew_reverse_kl", {"alpha": 1.0})],
+)  # fmt: skip
+@pytest.mark.parametrize("form", ["logits", "probs"])
+def test_identically_zero_endpoints_still_give_both_sides_a_zero_gradient(kind, params, form):
+    """At a weight's endpoint the divergence is 0 and one side drops out of the formula; that
+    side must still get a gradient (0), or backward() raises when only it requires one."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    if form == "probs":
+        x = x.softmax(-1)
+        x[0, 1] = 0.0
+        x = x / x.sum(-1, keepdim=True)
+    for side in (0, 1):
+        p, q = x.clone(), x.flip(0).clone()
+        leaf = (p, q)[side].requires_grad_(True)
+        out = kldiv.divergence(p, q, kind, form=form, **params)
+        assert out.item() == 0.0
+        (g,) = torch.autograd.grad(out, leaf)
+        assert torch.equal(g, torch.zeros_like(g))

@@ -175,12 +175,24 @@ def _js_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int, beta: float) -> Arra
             lw = math.log(w)
             sp = None if S.p is None else S.p * w
             parts.append(_math.kl_rows(xp, S.lp + lw, lm + lw, sp, axis))
-    return parts[0] + parts[1] if len(parts) == 2 else parts[0]
+    if len(parts) == 2:
+        return parts[0] + parts[1]
+    # at beta ∈ {0, 1} the divergence is identically 0 and one side drops out of the formula
+    return parts[0] + _zero_of(xp, Q if beta == 1.0 else P, axis)
 
 
 def _skew_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int, alpha: float) -> Array:
     lm = _math.log_mix(xp, P.lp, Q.lp, alpha, P.p, Q.p)
-    return _math.kl_rows(xp, P.lp, lm, P.p, axis)
+    rows = _math.kl_rows(xp, P.lp, lm, P.p, axis)
+    return rows + _zero_of(xp, Q, axis) if alpha == 1.0 else rows
+
+
+def _zero_of(xp: ModuleType, S: _Side, axis: int) -> Array:
+    """An exact 0 per row that depends on ``S``: a side that drops out of a formula (at a
+    weight's endpoint) still gets its gradient, 0, rather than none, so ``backward()`` works
+    when only that side requires a gradient."""
+    lp = S.lp if S.p is None else S.p
+    return xp.sum(xp.where(xp.isfinite(lp), lp, 0.0) * 0.0, axis=axis)
 
 
 def _tv_rows(xp: ModuleType, P: _Side, Q: _Side, axis: int) -> Array:
