@@ -29,8 +29,8 @@ from kldiv.torch import DistillationLoss, FusedLinearDistillationLoss
 variant, n, h, v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 g = torch.Generator().manual_seed(0)
 hidden = torch.randn(n, h, generator=g).requires_grad_(True)
-weight = (torch.randn(v, h, generator=g) / h**0.5).requires_grad_(True)
-teacher = torch.randn(n, v, generator=g) * 2
+weight = torch.randn(v, h, generator=g).div_(h**0.5).requires_grad_(True)
+teacher = torch.randn(n, v, generator=g).mul_(2)  # in place: no transient second [N, V]
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20

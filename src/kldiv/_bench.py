@@ -97,8 +97,9 @@ def _inputs(n: int, v: int, dtype: str, device: str) -> tuple[Any, Any]:
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    s = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=getattr(torch, dtype))
-    t = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=getattr(torch, dtype))
+    # in place: a transient second [N, V] here would set the peak that CPU runs measure
+    s = torch.randn(n, v, generator=g).mul_(2).to(device=device, dtype=getattr(torch, dtype))
+    t = torch.randn(n, v, generator=g).mul_(2).to(device=device, dtype=getattr(torch, dtype))
     return s.requires_grad_(True), t
 
 
