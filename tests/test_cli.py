@@ -253,6 +253,9 @@ def test_info_reports_tools_and_fused_path():
     assert "scipy" in out and "matplotlib" in out and "DistillationLoss paths:" in out
     triton_line = next(ln for ln in out.splitlines() if "Triton kernels" in ln)
     assert ("available" in triton_line) == torch.cuda.is_available()
+    # the test environment has a C compiler: the CPU kernel is built (or found in the cache)
+    kernel_line = next(ln for ln in out.splitlines() if "CPU kernel" in ln)
+    assert "KL and reverse KL: compiled (" in kernel_line and kernel_line.endswith(".so)")
 
 
 def test_bench_prints_ratios_and_writes_json_and_csv(tmp_path):
@@ -327,5 +330,5 @@ def test_bench_through_a_subprocess(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == (
-        "kldiv bench: error: --variants: unknown 'jax'; expected some of eager, compile, liger, kldiv"
+        "kldiv bench: error: --variants: unknown 'jax'; expected some of eager, compile, liger, kldiv, tensor"
     )

@@ -3,6 +3,8 @@ the core (values and student gradients), labels, temperature, num_items, grad_ou
 
 from __future__ import annotations
 
+import os
+
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
@@ -49,10 +51,20 @@ def test_core_path_equals_the_core_in_float64(rng, kind, reduction):
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
+@pytest.fixture(params=["native", "tensor"])
+def route(request, monkeypatch):
+    """The chunked path's two routes for KL and reverse KL in float32: the compiled kernel
+    (the default wherever a C compiler works) and tensor code (``KLDIV_NATIVE=0``)."""
+    monkeypatch.setenv("KLDIV_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("kind", _cpu.SUPPORTED)
 @pytest.mark.parametrize("shape", [(37, 1271), (2, 5, 64), (1, 1)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fast_path_values_and_gradients_against_the_core(rng, kind, shape, reduction, monkeypatch):
+def test_fast_path_values_and_gradients_against_the_core(
+    rng, kind, shape, reduction, route, monkeypatch
+):
     monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * shape[-1] + 1)  # several chunks, odd split
     s, t, labels = inputs(rng, shape, neg_inf=shape[-1] > 5, ignore=len(shape) > 1)
     loss = DistillationLoss(kind, temperature=2.0, reduction=reduction,
@@ -70,7 +82,15 @@ def test_fast_path_values_and_gradients_against_the_core(rng, kind, shape, reduc
         return  # gradients at an infinite value are unconstrained (core docs)
     (out.double() * w).sum().backward()
     (ref * w).sum().backward()
-    torch.testing.assert_close(st.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    rows = torch.ones(st.shape[:-1], dtype=torch.bool)
+    if kind == "tv":
+        # TV's gradient holds sign(q − p): where float32 cannot resolve q − p the sign is a
+        # coin toss that moves the whole row (through Σh), so such rows are not comparable
+        q, p = torch.softmax(s64.detach() / 2, -1), torch.softmax(torch.tensor(t) / 2, -1)
+        d = (q - p).abs()
+        rows = ~((d <= 1e-5 * (q + p)) & (d > 0)).any(-1)  # exact ties (V = 1) are comparable
+        assert rows.float().mean() > 0.8  # a handful of rows at most
+    torch.testing.assert_close(st.grad.double()[rows], s64.grad[rows], rtol=1e-4, atol=1e-6)
     assert torch.isfinite(st.grad).all()
 
 
@@ -220,7 +240,9 @@ def test_infinite_rows_match_the_core_in_value_and_gradient(kind, path):
 def test_chunks_from_raw_logits_against_the_core(rng, kind, where_inf, monkeypatch):
     """KL and reverse KL take most chunks straight from the logits (one exp per element, no
     masks); chunks with -inf on the side that needs masks go the log-softmax way. Both
-    against the core in float64, and the fast route must actually be taken."""
+    against the core in float64, and the fast route must actually be taken. (This is the
+    tensor-code route; the compiled kernel has its own tests in test_cpu_native.py.)"""
+    monkeypatch.setenv("KLDIV_NATIVE", "0")
     monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * 97)  # 3 rows a chunk
     taken = []
     fast = _cpu._FROM_LOGITS[_cpu._chunk_kl if kind == "kl" else _cpu._chunk_reverse_kl]
@@ -336,9 +358,17 @@ def logit_batches(draw):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(logit_batches(), st.sampled_from(DIVS))
-def test_chunked_path_matches_the_core_on_generated_batches(batch, kind):
+@given(logit_batches(), st.sampled_from(DIVS), st.sampled_from(["1", "0"]))
+def test_chunked_path_matches_the_core_on_generated_batches(batch, kind, native):
     s, t, keep, temperature, w = batch
+    os.environ["KLDIV_NATIVE"] = native  # the compiled kernel or tensor code (KL, reverse KL)
+    try:
+        _check_against_the_core(s, t, keep, temperature, w, kind)
+    finally:
+        del os.environ["KLDIV_NATIVE"]
+
+
+def _check_against_the_core(s, t, keep, temperature, w, kind):
     labels = torch.tensor(np.where(keep, 0, -100))
     opts = dict(temperature=temperature, reduction="none", beta=w, alpha=w)
     st_ = torch.tensor(s, requires_grad=True)

@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-VARIANTS = ("eager", "compile", "liger", "kldiv")
+# "tensor": kldiv's CPU path with its compiled kernel switched off (KLDIV_NATIVE=0)
+VARIANTS = ("eager", "compile", "liger", "kldiv", "tensor")
 KINDS = ("kl", "reverse_kl", "js")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -80,10 +81,11 @@ def liger(kind: str, beta: float = 0.5) -> Callable[[Any, Any], Any] | None:
 
 
 def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
-    if variant == "kldiv":
+    if variant in ("kldiv", "tensor"):
         from kldiv.torch import DistillationLoss
 
-        return DistillationLoss(kind)
+        loss = DistillationLoss(kind)
+        return loss if variant == "kldiv" else _without_native(loss)
     if variant == "compile":
         import torch
 
@@ -91,6 +93,21 @@ def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
     if variant == "liger":
         return liger(kind)
     return composition(kind)
+
+
+def _without_native(loss: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def step(s: Any, t: Any) -> Any:
+        saved = os.environ.get("KLDIV_NATIVE")
+        os.environ["KLDIV_NATIVE"] = "0"
+        try:
+            return loss(s, t)  # the CPU path's gradient is computed here, in the forward
+        finally:
+            if saved is None:
+                del os.environ["KLDIV_NATIVE"]
+            else:
+                os.environ["KLDIV_NATIVE"] = saved
+
+    return step
 
 
 def _inputs(n: int, v: int, dtype: str, device: str) -> tuple[Any, Any]:

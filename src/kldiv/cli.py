@@ -399,6 +399,12 @@ def info(out=None) -> int:
     w("DistillationLoss paths:")
     w("  chunked CPU path  available (float32/bfloat16/float16 CPU logits)")
     try:
+        from kldiv.torch import _cpu_native
+
+        w(f"  CPU kernel        KL and reverse KL: {_cpu_native.status()}")
+    except ImportError:
+        w("  CPU kernel        not used here (no PyTorch)")
+    try:
         import torch
 
         cuda = torch.cuda.is_available()

@@ -1,9 +1,12 @@
 """The CPU fast path of DistillationLoss: row chunks that stay in cache, loss and student
 gradient in one pass, no float32 ``[N, V]`` scratch beyond the gradient itself.
 
-Three layers, as for the GPU kernels: ``_chunk_*`` compute one chunk's per-row loss and
-gradient (the "kernel"); :func:`chunked_forward` walks the rows and owns the buffers (the
-launcher); :class:`ChunkedDivergence` is the ``autograd.Function``. Zero support follows the
+Three layers, as for the GPU kernels. The kernel: for KL and reverse KL on float32, the
+compiled C kernel ``_cpu_kernel.c`` (launched by :mod:`._cpu_native`); for the other
+divergences, and for the rows the C kernel leaves to tensor code, the ``_chunk_*``
+functions, which compute one chunk's per-row loss and gradient. The launcher:
+:func:`chunked_forward`, which walks the rows and owns the buffers. The autograd layer:
+:class:`ChunkedDivergence`, the ``autograd.Function``. Zero support follows the
 core exactly (``-inf`` logits are zero probabilities; p = 0 terms are 0; p > 0 = q is +inf),
 and so do the endpoints of ``beta``/``alpha`` where a divergence is identically 0 or reduces
 to KL. Plain tensor arithmetic: the launcher runs on any torch device, although its only
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from .._defaults import JS_BETA, SKEW_ALPHA
+from . import _cpu_native
 
 SUPPORTED = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
 # Rows per chunk: 2^18 floats (1 MiB per float32 temporary) measured fastest at V = 32000 on
@@ -209,6 +213,7 @@ def _logits_reverse_kl(
 
 _CHUNKS: dict[str, Kernel] = {"kl": _chunk_kl, "reverse_kl": _chunk_reverse_kl, "tv": _chunk_tv}
 _FROM_LOGITS = {_chunk_kl: _logits_kl, _chunk_reverse_kl: _logits_reverse_kl}
+_NATIVE = {_chunk_kl: "kl", _chunk_reverse_kl: "reverse_kl"}
 
 
 def _kernel(kind: str, beta: float, alpha: float) -> Kernel | None:
@@ -241,7 +246,9 @@ def chunked_forward(
     with respect to ``student`` (``[N, V]``; masked rows 0), on ``student``'s device.
 
     Computed in float32, or float64 when either input is float64; ``student`` and
-    ``teacher`` are ``[N, V]`` logits (divided by ``temperature`` here).
+    ``teacher`` are ``[N, V]`` logits (divided by ``temperature`` here). KL and reverse KL on
+    CPU go through the compiled kernel (:mod:`._cpu_native`) when it is available, and the
+    rows it flags through the tensor code here.
     """
     n, v = student.shape
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
@@ -252,40 +259,93 @@ def chunked_forward(
         return values, torch.zeros((n, v), dtype=dtype, device=device) if need_grad else None
     grad = torch.empty((n, v), dtype=dtype, device=device) if need_grad else None
     rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
-    inv_t = 1.0 / temperature
-    from_logits = _FROM_LOGITS.get(fn)  # type: ignore[arg-type]
-    work = None
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
+    native = _NATIVE.get(fn)  # type: ignore[arg-type]
+    if native is not None and not (dtype == torch.float32 and _cpu_native.usable(native, device)):
+        native = None
+    step = rows
+    if native is not None and student.dtype == teacher.dtype == torch.float32:
+        step = max(n, 1)  # the kernel walks the rows itself; chunks bound half copies
+    work: list[torch.Tensor] = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
         s = student[start:stop].to(dtype)
         t = teacher[start:stop].to(dtype)
-        if temperature != 1.0:
-            s = s * inv_t
-            t = t * inv_t
         k = None if keep is None else keep[start:stop]
-        partial = k is not None and not bool(k.all())
-        if partial:
-            # masked rows may hold anything (NaN included): overwrite before any arithmetic
-            s = torch.where(k[:, None], s, 0.0)
-            t = torch.where(k[:, None], t, 0.0)
         g = None if grad is None else grad[start:stop]
-        val = None
-        if from_logits is not None:
-            if work is None:
-                r = min(rows, n)
-                work = [torch.empty((r, v), dtype=dtype, device=device) for _ in range(3)]
-            val = from_logits(s, t, g, work)
-        if val is None:
-            val = fn(torch.log_softmax(t, -1), torch.log_softmax(s, -1), g)
-        if g is not None:
-            if temperature != 1.0:
-                g.mul_(inv_t)
-            if partial:
-                g.masked_fill_(~k[:, None], 0.0)
-        if partial:
-            val = torch.where(k, val, 0.0)
+        if native is not None:
+            val = _native_chunk(native, fn, s, t, k, g, temperature, rows, work)
+        else:
+            val = _tensor_chunk(fn, s, t, k, g, temperature, work)
         values[start:stop] = val
     return values, grad
+
+
+def _native_chunk(
+    native: str,
+    fn: Kernel,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    k: torch.Tensor | None,
+    g: torch.Tensor | None,
+    temperature: float,
+    rows: int,
+    work: list[torch.Tensor],
+) -> torch.Tensor:
+    """One chunk through the compiled kernel; the rows it flags (+inf or NaN logits, all
+    −inf, infinite reverse KL) through :func:`_tensor_chunk`, ``rows`` at a time."""
+    s = s if s.stride(-1) == 1 else s.contiguous()
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    k = None if k is None else k.contiguous()
+    val, flagged = _cpu_native.rows(native, s, t, k, 1.0 / temperature, g)
+    if bool(flagged.any()):
+        index = flagged.nonzero().squeeze(-1)
+        for part in index.split(rows):
+            gp = None if g is None else torch.empty((part.numel(), s.shape[1]), dtype=g.dtype)
+            val[part] = _tensor_chunk(fn, s[part], t[part], None, gp, temperature, work).to(
+                val.dtype
+            )
+            if g is not None:
+                g[part] = gp
+    return val
+
+
+def _tensor_chunk(
+    fn: Kernel,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    k: torch.Tensor | None,
+    g: torch.Tensor | None,
+    temperature: float,
+    work: list[torch.Tensor],
+) -> torch.Tensor:
+    """One chunk of rows in tensor code: values ``[r]``, and the gradient into ``g``.
+    ``work`` holds the from-logits kernels' three buffers between chunks."""
+    inv_t = 1.0 / temperature
+    if temperature != 1.0:
+        s = s * inv_t
+        t = t * inv_t
+    partial = k is not None and not bool(k.all())
+    if partial:
+        # masked rows may hold anything (NaN included): overwrite before any arithmetic
+        s = torch.where(k[:, None], s, 0.0)
+        t = torch.where(k[:, None], t, 0.0)
+    val = None
+    from_logits = _FROM_LOGITS.get(fn)  # type: ignore[arg-type]
+    if from_logits is not None:
+        r = s.shape[0]
+        if not work or work[0].shape[0] < r or work[0].dtype != s.dtype:
+            work[:] = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for _ in range(3)]
+        val = from_logits(s, t, g, work)
+    if val is None:
+        val = fn(torch.log_softmax(t, -1), torch.log_softmax(s, -1), g)
+    if g is not None:
+        if temperature != 1.0:
+            g.mul_(inv_t)
+        if partial:
+            g.masked_fill_(~k[:, None], 0.0)
+    if partial:
+        val = torch.where(k, val, 0.0)
+    return val
 
 
 class ChunkedDivergence(torch.autograd.Function):

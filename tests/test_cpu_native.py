@@ -1,0 +1,238 @@
+"""The compiled CPU kernel (``_cpu_kernel.c`` through ``_cpu_native``) against the core in
+float64: values and student gradients of KL and reverse KL, zero support, flagged rows,
+strides, threads, half-precision inputs; and its build: cached, and a clean fallback to
+tensor code when no compiler works."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import kldiv
+from kldiv.torch import DistillationLoss, _cpu, _cpu_native
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the rows handed to the compiled kernel, so a test can show it ran."""
+    seen = []
+    real = _cpu_native.rows
+
+    def counted(kind, s, *args):
+        seen.append(s.shape[0])
+        return real(kind, s, *args)
+
+    monkeypatch.setattr(_cpu_native, "rows", counted)
+    return seen
+
+
+def reference(kind, s, t, keep, temperature, go):
+    """The core in float64 on the same float32 inputs: per-row values and the student
+    gradient of Σ go·values."""
+    s64 = torch.tensor(np.where(np.isnan(s), 0.0, s), dtype=torch.float64, requires_grad=True)
+    ref = kldiv.divergence(torch.tensor(t, dtype=torch.float64), s64, kind, form="logits",
+                           temperature=temperature, mask=keep, reduction="none")  # fmt: skip
+    fin = ref.isfinite()
+    (ref.masked_fill(~fin, 0.0) * go).sum().backward()
+    return ref.detach(), s64.grad
+
+
+def batch(rng, n, v, pattern):
+    s = rng.normal(scale=3.0, size=(n, v)).astype(np.float32)
+    t = rng.normal(scale=3.0, size=(n, v)).astype(np.float32)
+    if pattern in ("teacher", "both") and v > 1:
+        t[:, : v // 2][rng.random((n, v // 2)) < 0.4] = -np.inf
+    if pattern in ("student", "both") and v > 1:
+        s[:, v // 2 :][rng.random((n, v - v // 2)) < 0.4] = -np.inf
+    if pattern == "both" and v > 2:
+        s[:, 1] = t[:, 1] = -np.inf  # both zero: the term is 0, not NaN
+    return s, t
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("shape", [(37, 1271), (6, 1), (5, 7), (4, 8), (3, 9), (3, 600)])
+@pytest.mark.parametrize("pattern", ["none", "teacher", "student", "both"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+def test_values_and_gradients_against_the_core(rng, calls, kind, shape, pattern, temperature):
+    n, v = shape
+    s, t = batch(rng, n, v, pattern)
+    keep = torch.tensor(rng.random(n) < 0.8)
+    s[~keep.numpy()] = np.nan  # skipped rows are never read
+    st = torch.tensor(s, requires_grad=True)
+    out = _cpu.per_row(kind, st, torch.tensor(t), keep, temperature)
+    assert sum(calls) == n
+    go = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    ref, ref_grad = reference(kind, s, t, keep, temperature, go)
+    assert torch.equal(out.isposinf(), ref.isposinf()) and not out.isnan().any()
+    fin = ref.isfinite()
+    torch.testing.assert_close(out.double()[fin], ref[fin], rtol=2e-5, atol=2e-6)
+    (out.masked_fill(~fin, 0.0).double() * go).sum().backward()
+    assert st.grad.isfinite().all()
+    if kind == "reverse_kl":  # at +inf rows the core's gradient convention is its own
+        st.grad[~fin] = ref_grad[~fin].float()
+    torch.testing.assert_close(st.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(st.grad[~keep], torch.zeros_like(st.grad[~keep]))
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl"])
+def test_rows_the_kernel_leaves_to_tensor_code_are_flagged_and_exact(kind):
+    """+inf, NaN, all −inf on a side, and reverse KL's +inf rows go back to tensor code."""
+    inf, nan = float("inf"), float("nan")
+    s = torch.tensor([[0.0, 1.0, 2.0], [inf, 0.0, 1.0], [0.0, nan, 1.0], [-inf, -inf, -inf],
+                      [0.5, 0.1, 0.0], [0.0, 1.0, 2.0]])  # fmt: skip
+    t = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0],
+                      [-inf, -inf, -inf], [0.0, -inf, 2.0]])  # fmt: skip
+    values, flagged = _cpu_native.rows(kind, s, t, None, 1.0, torch.empty(6, 3))
+    expected = [False, True, True, True, True, kind == "reverse_kl"]
+    assert flagged.tolist() == expected
+    st = s.clone().requires_grad_(True)
+    out = DistillationLoss(kind, reduction="none")(st, t)
+    s64 = s.double().requires_grad_(True)
+    ref = DistillationLoss(kind, reduction="none", fast_path=False)(s64, t.double())
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    torch.testing.assert_close(out.double()[fin], ref.detach()[fin])
+    (out[fin]).sum().backward()
+    (ref[fin]).sum().backward()
+    torch.testing.assert_close(st.grad.double()[fin], s64.grad[fin], rtol=1e-5, atol=1e-6)
+
+
+def test_p_underflowing_against_q_zero_is_still_infinite(calls):
+    # p = e^-300·… is 0 in float32, but it is positive: KL(p‖q) with q = 0 there is +inf
+    s = torch.tensor([[0.0, 0.0, -float("inf")]])
+    t = torch.tensor([[-300.0, 0.0, 0.0]])
+    assert DistillationLoss("kl", reduction="none")(s, t).item() == float("inf")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl"])
+def test_strides_broadcast_teacher_and_half_precision(rng, kind, calls):
+    s, t = batch(rng, 12, 257, "teacher")
+    wide = torch.tensor(rng.normal(size=(12, 300)).astype(np.float32))
+    wide[:, :257] = torch.tensor(s)
+    student = wide[:, :257].requires_grad_(True)  # row stride 300
+    teacher = torch.tensor(t[:1]).expand(12, 257)  # row stride 0
+    out = DistillationLoss(kind, reduction="sum", temperature=1.5)(student, teacher)
+    out.backward()
+    ref = DistillationLoss(kind, reduction="sum", temperature=1.5, fast_path=False)
+    s64 = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    expected = ref(s64, torch.tensor(t[:1], dtype=torch.float64).expand(12, 257))
+    expected.backward()
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(student.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    # bfloat16 logits: converted a chunk at a time, then the same kernel
+    calls.clear()
+    sb = torch.tensor(s).bfloat16().requires_grad_(True)
+    tb = torch.tensor(t).bfloat16()
+    got = DistillationLoss(kind, reduction="none")(sb, tb)
+    assert calls and got.dtype == torch.float32
+    got.sum().backward()
+    s64 = sb.detach().double().requires_grad_(True)
+    want = DistillationLoss(kind, reduction="none", fast_path=False)(s64, tb.double())
+    want.sum().backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(sb.grad.double(), s64.grad, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl"])
+def test_threads_split_rows_without_changing_a_bit(rng, kind, monkeypatch):
+    s, t = batch(rng, 40, 2000, "both")
+    s, t = torch.tensor(s), torch.tensor(t)
+    keep = torch.tensor(rng.random(40) < 0.7)
+    g1, g2 = torch.empty(40, 2000), torch.empty(40, 2000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three ranges, uneven
+    v1, f1 = _cpu_native.rows(kind, s, t, keep, 1.3, g1)
+    assert 40 * 2000 >= _cpu_native._PARALLEL_MIN
+    monkeypatch.setattr(_cpu_native, "_PARALLEL_MIN", 1 << 62)  # one range
+    v2, f2 = _cpu_native.rows(kind, s, t, keep, 1.3, g2)
+    assert torch.equal(f1, f2)
+    ok = ~f1
+    assert torch.equal(v1[ok], v2[ok]) and torch.equal(g1[ok], g2[ok])
+
+
+def test_evaluation_without_a_gradient(rng, calls):
+    s, t = batch(rng, 9, 100, "teacher")
+    out = DistillationLoss("reverse_kl", reduction="none")(torch.tensor(s), torch.tensor(t))
+    ref, _ = reference("reverse_kl", s, t, None, 1.0, torch.ones(9, dtype=torch.float64))
+    fin = ref.isfinite()
+    assert calls == [9] and torch.equal(out.isinf(), ~fin)
+    torch.testing.assert_close(out.double()[fin], ref[fin], rtol=2e-5, atol=2e-6)
+
+
+def test_kldiv_native_0_selects_tensor_code(rng, calls, monkeypatch):
+    monkeypatch.setenv("KLDIV_NATIVE", "0")
+    s, t = batch(rng, 4, 50, "none")
+    DistillationLoss("kl")(torch.tensor(s), torch.tensor(t))
+    assert calls == [] and "KLDIV_NATIVE=0" in _cpu_native.status()
+
+
+def _python(code: str, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PROBE = """
+import json, torch
+from kldiv.torch import DistillationLoss, _cpu_native
+torch.manual_seed(0)
+s, t = torch.randn(5, 33), torch.randn(5, 33)
+fast = DistillationLoss("kl")(s, t).item()
+core = DistillationLoss("kl", fast_path=False)(s.double(), t.double()).item()
+print(json.dumps({"fast": fast, "core": core, "status": _cpu_native.status(),
+                  "path": str(_cpu_native._state.get("path"))}))
+"""
+
+
+def test_the_build_is_cached_and_a_missing_compiler_falls_back(tmp_path):
+    env = {"KLDIV_CACHE_DIR": str(tmp_path / "cache")}
+    first = _python(PROBE, env)
+    assert first["status"].startswith("compiled")
+    built = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert built == [os.path.basename(first["path"])]  # no build leftovers
+    stamp = os.stat(first["path"]).st_mtime_ns
+    second = _python(PROBE, env)
+    assert second["path"] == first["path"] and os.stat(first["path"]).st_mtime_ns == stamp
+    assert second["fast"] == first["fast"]
+    # no working compiler: the same loss from tensor code, and `status` says why
+    broken = _python(PROBE, {**env, "KLDIV_CACHE_DIR": str(tmp_path / "other"), "CC": "false"})
+    assert broken["status"].startswith("unavailable (") and "tensor code" in broken["status"]
+    for r in (first, broken):
+        assert abs(r["fast"] - r["core"]) <= 2e-6 * abs(r["core"])
+
+
+def test_a_forked_child_runs_the_kernel(rng):
+    """A child forked after the parent ran the thread pool gets a fresh pool (the parent's
+    threads do not exist in it)."""
+    s, t = (torch.tensor(x) for x in batch(rng, 64, 2048, "none"))
+    loss = DistillationLoss("kl")
+    parent = loss(s, t).item()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, repr(loss(s, t).item()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    for _ in range(600):  # a hung child fails the test instead of hanging the suite
+        done, _status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish in 60 s")
+    with os.fdopen(read) as f:
+        child = float(f.read())
+    assert child == parent
