@@ -95,7 +95,10 @@ class DistillationLoss(torch.nn.Module):
       the same pass. No ``[N, V]`` float32 scratch, no host synchronisation, and the kernels are
       ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` traces through them.
     * CPU tensors (float32 or half precision): a chunked path that computes loss and gradient
-      in one pass over row blocks that stay in cache.
+      in one pass over row blocks that stay in cache. KL and reverse KL go through a small C
+      kernel that the system compiler builds on first use (cached; ``KLDIV_NATIVE=0`` or a
+      missing compiler selects the same path in tensor code, see
+      :mod:`kldiv.torch._cpu_native`).
     * Otherwise the core (:func:`kldiv.divergence`), which also gives the teacher its gradient
       when it requires one, and keeps float64 inputs in float64.
 
