@@ -1,0 +1,119 @@
+"""One rank of the vocab-/data-parallel tests (tests/test_parallel.py starts the ranks).
+
+    python tests/parallel_worker.py RANK WORLD PORT CASES.pt OUT_DIR
+
+Joins a Gloo process group through the TCP store the test holds (its port picked free by
+the OS), runs every case of CASES.pt on this rank's slice of the inputs, and saves the
+losses, gradient slices, collective counts and error messages to OUT_DIR/rank<RANK>.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from kldiv.torch.parallel import ParallelDistillationLoss
+
+
+def widths(v: int, parts: int) -> list[int]:
+    """An uneven split of ``v`` columns (the first slices one wider)."""
+    return [v // parts + (i < v % parts) for i in range(parts)]
+
+
+def place(case: dict, rank: int, world: int) -> dict:
+    """Which rows and columns of the full inputs ``rank`` holds, and the index of its vocab
+    and data groups (None: no such group) under the case's layout."""
+    n, v = case["student"].shape
+    layout = case["layout"]
+    tp = {"tp": world, "dp": 1, "mesh": 2}[layout]
+    dp = world // tp
+    vi, di = rank % tp, rank // tp
+    cols = [0, *torch.tensor(widths(v, tp)).cumsum(0).tolist()]
+    rows = [0, *torch.tensor(case.get("row_split", widths(n, dp))).cumsum(0).tolist()]
+    return {
+        "rows": slice(rows[di], rows[di + 1]),
+        "cols": slice(cols[vi], cols[vi + 1]),
+        "vocab": None if tp == 1 else di,  # the vocab group of the ranks holding these rows
+        "data": None if dp == 1 else vi,
+    }
+
+
+def groups(world: int) -> dict:
+    """Every group the layouts use, created in the same order on every rank."""
+    out = {("tp", None): dist.group.WORLD, ("dp", None): dist.group.WORLD}
+    if world == 4:
+        out[("vocab", 0)] = dist.new_group([0, 1])
+        out[("vocab", 1)] = dist.new_group([2, 3])
+        out[("data", 0)] = dist.new_group([0, 2])
+        out[("data", 1)] = dist.new_group([1, 3])
+    return out
+
+
+def collectives(prof: torch.profiler.profile) -> int:
+    return sum(1 for e in prof.events() if e.name.startswith("c10d::"))
+
+
+def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
+    where = place(case, rank, world)
+    layout = case["layout"]
+    if layout == "tp":
+        vocab_group, data_group = all_groups[("tp", None)], None
+    elif layout == "dp":
+        vocab_group, data_group = None, all_groups[("dp", None)]
+    else:
+        vocab_group = all_groups[("vocab", where["vocab"])]
+        data_group = all_groups[("data", where["data"])]
+    s = case["student"][where["rows"], where["cols"]].clone().requires_grad_(True)
+    t = case["teacher"][where["rows"], where["cols"]].clone()
+    labels = case["labels"][where["rows"]]
+    for tweak, value in case.get("tweaks", {}).get(rank, {}).items():
+        if tweak == "rows":
+            s = s[:value].detach().requires_grad_(True)
+            t, labels = t[:value], labels[:value]
+        if tweak == "dtype":
+            s = s.detach().to(value).requires_grad_(True)
+            t = t.to(value)
+    loss_fn = ParallelDistillationLoss(
+        case["kind"], temperature=case["temperature"], beta=case.get("beta", 0.5),
+        alpha=case.get("alpha", 0.1), reduction=case["reduction"], vocab_group=vocab_group,
+        data_group=data_group, vocab_size=case.get("vocab_size"),
+        validate=case.get("validate", True),
+    )  # fmt: skip
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        try:
+            loss = loss_fn(s, t, labels, case.get("num_items"))
+        except ValueError as e:
+            return {"error": str(e)}
+    forward = collectives(prof)
+    weights = case.get("upstream")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        if weights is not None:  # reduction "none": this rank's rows of the upstream weights
+            (loss * weights[where["rows"]]).sum().backward()
+        else:
+            (loss * 3.7).backward()  # grad_output ≠ 1
+    return {"loss": loss.detach(), "grad": s.grad, "forward_collectives": forward,
+            "backward_collectives": collectives(prof)}  # fmt: skip
+
+
+def main() -> None:
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    all_groups = groups(world)
+    cases = torch.load(sys.argv[4])
+    out = {}
+    for case in cases:
+        try:
+            out[case["name"]] = run_case(case, rank, world, all_groups)
+        except Exception:  # noqa: BLE001 - reported to the test, which fails on it
+            out[case["name"]] = {"crash": traceback.format_exc()}
+    torch.save(out, f"{sys.argv[5]}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""ParallelDistillationLoss: the vocabulary split over 2 and 4 Gloo ranks on CPU, the tokens
+over data-parallel ranks (uneven, one fully masked), and a 2 × 2 mesh of both. On every rank
+the loss and the gradient slice equal the unsharded core's (float64, DistillationLoss with
+fast_path=False on the concatenated batch), for every divergence, two temperatures and
+ignore_index. Collectives are counted with torch.profiler. Inconsistent slices raise the same
+error on every rank instead of hanging. Single-process behaviour (no group) is tested here
+too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from kldiv.torch import DistillationLoss
+from kldiv.torch.parallel import ParallelDistillationLoss, vocab_parallel_rows
+
+sys.path.insert(0, str(Path(__file__).parent))
+import parallel_worker  # noqa: E402
+
+DIVS = ["kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv"]
+WORKER = Path(__file__).with_name("parallel_worker.py")
+N, V = 10, 23
+
+
+def inputs(rng: np.random.Generator, infinite: bool = False, kind: str = "kl") -> dict:
+    s = rng.normal(scale=2.0, size=(N, V))
+    t = rng.normal(scale=2.0, size=(N, V)) + 50.0  # an offset the softmax ignores
+    t[rng.random((N, V)) < 0.15] = -np.inf  # the teacher rules tokens out
+    t[3, :8] = -np.inf  # a whole slice of the teacher's row is -inf on the first rank(s)
+    both = np.isneginf(t) & (rng.random((N, V)) < 0.5)
+    s[both] = -np.inf  # both zero there: the term is 0
+    if kind == "reverse_kl":  # else q > 0 = p somewhere in most rows: +inf
+        s[np.isneginf(t)] = -np.inf
+    if infinite:
+        s[5, np.flatnonzero(~np.isneginf(t[5]))[:2]] = -np.inf  # p > 0 = q: KL +inf
+    labels = rng.integers(0, V, size=N)
+    labels[rng.random(N) < 0.3] = -100
+    s[labels == -100] = np.nan  # skipped tokens may hold anything
+    return {"student": torch.tensor(s), "teacher": torch.tensor(t), "labels": torch.tensor(labels)}
+
+
+def no_nan(x: torch.Tensor) -> torch.Tensor:
+    """Skipped tokens' NaN to 0 for the reference (nan_to_num would also turn -inf finite)."""
+    return torch.where(x.isnan(), 0.0, x)
+
+
+def make_cases(world: int, rng: np.random.Generator) -> list[dict]:
+    cases = []
+    layouts = ["tp", "dp"] if world == 2 else ["tp", "mesh"]
+    for layout in layouts:
+        for kind in DIVS:
+            for temperature in (1.0, 2.5):
+                cases.append({"name": f"{layout}-{kind}-T{temperature}", "layout": layout,
+                              "kind": kind, "temperature": temperature, "reduction": "mean",
+                              "beta": 0.3, "alpha": 0.2, **inputs(rng, kind=kind)})  # fmt: skip
+        for reduction in ("sum", "none"):
+            for kind in ("kl", "js"):
+                case = {"name": f"{layout}-{kind}-{reduction}", "layout": layout, "kind": kind,
+                        "temperature": 1.5, "reduction": reduction, **inputs(rng)}  # fmt: skip
+                if reduction == "none":
+                    case["upstream"] = torch.tensor(rng.random(N))
+                cases.append(case)
+        cases.append({"name": f"{layout}-infinite-rows", "layout": layout, "kind": "kl",
+                      "temperature": 1.0, "reduction": "none", "upstream": torch.ones(N),
+                      **inputs(rng, infinite=True)})  # fmt: skip
+        cases.append({"name": f"{layout}-num-items", "layout": layout, "kind": "reverse_kl",
+                      "temperature": 1.0, "reduction": "mean", "num_items": 17.0,
+                      **inputs(rng, kind="reverse_kl")})  # fmt: skip
+        cases.append({"name": f"{layout}-unvalidated", "layout": layout, "kind": "kl",
+                      "temperature": 1.0, "reduction": "mean", "validate": False,
+                      **inputs(rng)})  # fmt: skip
+    if world == 2:
+        # uneven data-parallel shards, the second fully masked
+        for kind in ("kl", "tv"):
+            case = {"name": f"dp-uneven-masked-{kind}", "layout": "dp", "kind": kind,
+                    "temperature": 2.0, "reduction": "mean", "row_split": [7, 3],
+                    **inputs(rng)}  # fmt: skip
+            case["labels"][7:] = -100
+            cases.append(case)
+        bad = {"layout": "tp", "kind": "kl", "temperature": 1.0, "reduction": "mean"}
+        cases += [
+            {"name": "bad-rows", **bad, "tweaks": {1: {"rows": N - 1}}, **inputs(rng)},
+            {"name": "bad-dtype", **bad, "tweaks": {1: {"dtype": torch.float32}}, **inputs(rng)},
+            {"name": "bad-vocab-size", **bad, "vocab_size": V + 5, **inputs(rng)},
+        ]
+    return cases
+
+
+def reference(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unsharded core in float64 on the whole batch: loss and full student gradient."""
+    s = no_nan(case["student"]).requires_grad_(True)
+    loss = DistillationLoss(case["kind"], temperature=case["temperature"],
+                            beta=case.get("beta", 0.5), alpha=case.get("alpha", 0.1),
+                            reduction=case["reduction"], fast_path=False)(
+        s, case["teacher"], case["labels"], case.get("num_items"))  # fmt: skip
+    if case.get("upstream") is not None:
+        (loss * case["upstream"]).sum().backward()
+    else:
+        (loss * 3.7).backward()
+    return loss.detach(), s.grad
+
+
+def launch(world: int, tmp: Path) -> tuple[list[dict], list[dict]]:
+    seed = int(os.environ.get("KLDIV_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"rng seed: {seed}")
+    cases = make_cases(world, np.random.default_rng(seed))
+    torch.save(cases, tmp / "cases.pt")
+    # the OS picks the port; the workers join this store, so nothing is hard-coded
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(store.port),
+             str(tmp / "cases.pt"), str(tmp)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    deadline = time.monotonic() + 300
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the ranks hung (killed after 300 s)")
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{p.stdout.read()[-3000:]}"
+    return cases, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+def expected_collectives(case: dict) -> int:
+    """Per forward: on the vocab group, validation's gather, the statistics' gather and the
+    sums' all-reduce; on the data group, one all-reduce of (sum, count) unless the reduction
+    is "none". A layout without a vocab group has nothing to validate or gather across."""
+    vocab = case["layout"] in ("tp", "mesh")
+    data = case["layout"] in ("dp", "mesh") and case["reduction"] != "none"
+    return (2 + case.get("validate", True)) * vocab + data
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_against_the_unsharded_core(world, tmp_path):
+    """One launch of ``world`` Gloo ranks runs every case; then, per case and rank: the loss
+    and the gradient slice against the unsharded core, the collectives counted by
+    torch.profiler, and (2 ranks) the errors for inconsistent slices."""
+    cases, results = launch(world, tmp_path)
+    checked = 0
+    for case in cases:
+        if case["name"].startswith("bad-"):
+            continue
+        ref_loss, ref_grad = reference(case)
+        for rank in range(world):
+            got = results[rank][case["name"]]
+            label = f"{case['name']} rank {rank}"
+            assert "crash" not in got and "error" not in got, (label, got)
+            where = parallel_worker.place(case, rank, world)
+            want = ref_loss[where["rows"]] if case["reduction"] == "none" else ref_loss
+            assert torch.equal(got["loss"].isinf(), want.isinf()), label
+            fin = want.isfinite()
+            torch.testing.assert_close(got["loss"][fin], want[fin], rtol=1e-6, atol=1e-12,
+                                       msg=lambda m, label=label: f"{label}: {m}")  # fmt: skip
+            assert got["grad"].isfinite().all(), label
+            torch.testing.assert_close(got["grad"], ref_grad[where["rows"], where["cols"]],
+                                       rtol=1e-6, atol=1e-12,
+                                       msg=lambda m, label=label: f"{label}: {m}")  # fmt: skip
+            assert got["forward_collectives"] == expected_collectives(case), (label, got)
+            assert got["backward_collectives"] == 0, label
+            checked += 1
+    assert checked == world * sum(not c["name"].startswith("bad-") for c in cases) > 0
+    # the cases are what they claim: some rows +inf; a shard with nothing to average
+    assert any(reference(c)[0].isinf().any() for c in cases if "infinite" in c["name"])
+    if world != 2:
+        return
+    masked = next(c for c in cases if c["name"] == "dp-uneven-masked-kl")
+    assert (masked["labels"][7:] == -100).all()
+    expected = {
+        "bad-rows": "the row counts differ over the vocab group: [10, 9]",
+        "bad-dtype": "the student dtypes differ over the vocab group: ['float64', 'float32']",
+        "bad-vocab-size": f"the slices' widths [12, 11] add up to 23, not vocab_size={V + 5}",
+    }
+    for name, fragment in expected.items():
+        errors = [results[r][name].get("error") for r in range(world)]
+        assert errors[0] is not None and errors[0] == errors[1], (name, errors)
+        assert errors[0].startswith("Inconsistent vocab-parallel inputs: ")
+        assert fragment in errors[0], errors[0]
+
+
+# ---- single process: no group ----
+
+
+@pytest.mark.parametrize("kind", DIVS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_without_groups_it_is_distillation_loss(rng, kind, reduction, dtype):
+    case = inputs(rng)
+    s = case["student"].to(dtype).reshape(2, 5, V).requires_grad_(True)
+    t = case["teacher"].to(dtype).reshape(2, 5, V)
+    labels = case["labels"].reshape(2, 5)
+    opts = dict(temperature=1.3, beta=0.3, alpha=0.2, reduction=reduction)
+    got = ParallelDistillationLoss(kind, **opts)(s, t, labels)
+    assert got.dtype == dtype
+    go = torch.rand(got.shape, dtype=torch.float64)
+    (got.double() * go).sum().backward()
+    s64 = no_nan(case["student"]).reshape(2, 5, V).requires_grad_(True)
+    ref = DistillationLoss(kind, fast_path=False, **opts)(s64, case["teacher"].reshape(2, 5, V),
+                                                          labels)  # fmt: skip
+    (ref * go).sum().backward()
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got.double(), ref.detach(), **tol)
+    torch.testing.assert_close(s.grad.double(), s64.grad, **tol)
+
+
+def test_local_problems_raise_before_any_collective():
+    loss = ParallelDistillationLoss("kl")
+    s = torch.randn(4, 9, requires_grad=True)
+    with pytest.raises(ValueError, match="rank 0: student and teacher logits differ in shape"):
+        loss(s, torch.randn(4, 8))
+    with pytest.raises(ValueError, match="the teacher requires a gradient"):
+        loss(s, torch.randn(4, 9, requires_grad=True))
+    with pytest.raises(ValueError, match=r"add up to 9, not vocab_size=10"):
+        ParallelDistillationLoss("kl", vocab_size=10)(s, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="labels are not of the token shape"):
+        loss(s, torch.randn(4, 9), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab_size"):
+        ParallelDistillationLoss("kl", vocab_size=0)
+    with pytest.raises(ValueError, match="Unknown divergence"):
+        ParallelDistillationLoss("kld")
+
+
+def test_vocab_parallel_rows_and_repr(rng):
+    case = inputs(rng)
+    keep = case["labels"] != -100
+    s = no_nan(case["student"]).requires_grad_(True)
+    rows = vocab_parallel_rows("js", s, case["teacher"], keep, temperature=2.0, beta=0.3)
+    ref = DistillationLoss("js", beta=0.3, temperature=2.0, reduction="none", fast_path=False)(
+        s, case["teacher"], torch.where(keep, 0, -100)
+    )
+    torch.testing.assert_close(rows, ref, rtol=1e-12, atol=1e-14)
+    assert repr(ParallelDistillationLoss("js", beta=0.3)) == (
+        "ParallelDistillationLoss(divergence='js', beta=0.3, temperature=1.0, reduction='mean')"
+    )
