@@ -88,11 +88,11 @@ static inline int any(vi m) {
 
 /* e^x for x <= 0 or -inf, within 2 ulp: x = k*ln2 + r with |r| <= ln2/2 (ln2 split in two
  * so that k*ln2 is exact), Cephes' minimax polynomial for e^r, and 2^k written into the
- * exponent bits (k found by the 1.5*2^23 rounding trick). Below -87.34 (2^-126) it returns 0
- * instead of a subnormal: those probabilities are below float32's resolution of any sum they
- * enter, and the row's +inf rule does not depend on them (see the header). */
+ * exponent bits (k found by the 1.5*2^23 rounding trick). 2^k is applied in two halves so that
+ * results down to the smallest subnormal (x > -103.97) survive: a subnormal probability still
+ * matters when it multiplies a log-ratio near 1e38. Below that, 0, as in float32 exp. */
 static inline vf vexp(vf x) {
-    const vi under = x < -87.33654f;
+    const vi under = x < -103.972f;
     x = select(under, splat(0.f), x);
     vf t = x * 1.44269504088896341f + 12582912.f;
     vf k = t - 12582912.f;
@@ -106,7 +106,9 @@ static inline vf vexp(vf x) {
     p = p * r + 1.6666665459E-1f;
     p = p * r + 5.0000001201E-1f;
     p = p * (r * r) + r + 1.0f;
-    return select(under, splat(0.f), p * (vf)((ki + 127) << 23));
+    const vi k1 = ki >> 1, k2 = ki - k1; /* each >= -75: both halves are normal numbers */
+    p = p * (vf)((k1 + 127) << 23);
+    return select(under, splat(0.f), p * (vf)((k2 + 127) << 23));
 }
 
 /* Sums are kept per vector lane over blocks of this many elements and then added in double:

@@ -26,6 +26,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -40,7 +41,10 @@ KINDS = {"kl": 0, "reverse_kl": 1}
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 # The second set is for compilers that do not know -march=native (some non-x86 clangs).
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
-_COMMON = ("-std=gnu11", "-shared", "-fPIC")
+# -ffp-contract=off: an FMA in ``s*inv_t - m`` would leave the row maximum at the rounding
+# error of the product instead of exactly 0 (beyond 87 at |s/T| ~ 1e10: overflow, NaN).
+_COMMON = ("-std=gnu11", "-ffp-contract=off", "-shared", "-fPIC")
+_OFF = ("0", "false", "off", "no")
 # Below this many elements a thread pool costs more than it saves.
 _PARALLEL_MIN = 1 << 16
 
@@ -60,8 +64,9 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def disabled() -> bool:
-    """True when ``KLDIV_NATIVE=0`` asks for the tensor-code path (read on every call)."""
-    return os.environ.get("KLDIV_NATIVE", "1").strip() == "0"
+    """True when ``KLDIV_NATIVE=0`` (or false, off, no) asks for the tensor-code path (read
+    on every call)."""
+    return os.environ.get("KLDIV_NATIVE", "1").strip().lower() in _OFF
 
 
 def cache_dir() -> Path:
@@ -71,14 +76,14 @@ def cache_dir() -> Path:
     return Path(base) / "kldiv"
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
+def _compiler() -> list[str] | None:
+    cc = shlex.split(os.environ.get("CC", ""))  # "ccache gcc", "gcc -m64"
     if cc:
-        return shutil.which(cc) or cc
+        return [shutil.which(cc[0]) or cc[0], *cc[1:]]
     for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
-            return path
+            return [path]
     return None
 
 
@@ -95,21 +100,19 @@ def _cpu_flags() -> bytes:
     return platform.processor().encode()
 
 
-def _build() -> Path:
+def _build(directory: Path) -> Path:
+    """The kernel's shared library in ``directory`` (compiled unless already there)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc or clang; or set CC)")
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, timeout=60).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"the C compiler {cc} does not run: {e}") from e
-    parts = [SOURCE.read_bytes(), cc.encode(), version, platform.machine().encode(), _cpu_flags()]
+        raise RuntimeError(f"the C compiler {cc[0]} does not run: {e}") from e
+    parts = [SOURCE.read_bytes(), " ".join(cc).encode(), version, platform.machine().encode(),
+             _cpu_flags(), repr((_FLAG_SETS, _COMMON)).encode()]  # fmt: skip
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    try:
-        directory = cache_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: build for this process only
-        directory = Path(tempfile.mkdtemp(prefix="kldiv-"))
+    directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"cpu_kernel_{key}.so"
     if target.exists():
         return target
@@ -117,7 +120,7 @@ def _build() -> Path:
     for flags in _FLAG_SETS:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
         os.close(fd)
-        cmd = [cc, *flags, *_COMMON, "-o", tmp, str(SOURCE), "-lm"]
+        cmd = [*cc, *flags, *_COMMON, "-o", tmp, str(SOURCE), "-lm"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
@@ -129,13 +132,31 @@ def _build() -> Path:
         if proc is not None:
             lines = (proc.stderr or proc.stdout or "").strip().splitlines()
             error = lines[-1] if lines else f"exit status {proc.returncode}"
-    raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {error}")
+    raise RuntimeError(f"{cc[0]} could not compile {SOURCE.name}: {error}")
+
+
+def _open(directory: Path) -> tuple[Any, Path]:
+    path = _build(directory)
+    try:
+        return ctypes.CDLL(str(path)), path
+    except OSError:  # a truncated or foreign file under our name: build it again
+        path.unlink(missing_ok=True)
+        path = _build(directory)
+        return ctypes.CDLL(str(path)), path
 
 
 def _load() -> None:
     try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib, path = _open(cache_dir())
+        except OSError:
+            # a cache that cannot be written (read-only home, foreign directory): build in a
+            # private directory, load, and remove it (the loaded library stays mapped)
+            private = Path(tempfile.mkdtemp(prefix="kldiv-"))
+            try:
+                lib, path = _open(private)
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
     except (OSError, RuntimeError) as e:
         _state["error"] = str(e)
         return
@@ -172,10 +193,10 @@ def usable(kind: str, device: torch.device) -> bool:
 
 
 def _executor(size: int) -> ThreadPoolExecutor:
+    """A pool of at least ``size`` threads. It only ever grows, and an outgrown pool is never
+    shut down, so a caller that got it from another thread can always submit to it."""
     with _lock:
-        if _pool["size"] != size:
-            if _pool["executor"] is not None:
-                _pool["executor"].shutdown(wait=False)
+        if _pool["size"] < size:
             _pool.update(executor=ThreadPoolExecutor(size, "kldiv-cpu"), size=size)
         return _pool["executor"]
 
