@@ -15,7 +15,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from kldiv.torch.parallel import ParallelDistillationLoss
+from kldiv.torch.parallel import ParallelDistillationLoss, ParallelFusedLinearDistillationLoss
 
 
 def widths(v: int, parts: int) -> list[int]:
@@ -26,7 +26,7 @@ def widths(v: int, parts: int) -> list[int]:
 def place(case: dict, rank: int, world: int) -> dict:
     """Which rows and columns of the full inputs ``rank`` holds, and the index of its vocab
     and data groups (None: no such group) under the case's layout."""
-    n, v = case["student"].shape
+    n, v = case["student"].shape if "student" in case else case["logits_shape"]
     layout = case["layout"]
     tp = {"tp": world, "dp": 1, "mesh": 2}[layout]
     dp = world // tp
@@ -66,6 +66,8 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
     else:
         vocab_group = all_groups[("vocab", where["vocab"])]
         data_group = all_groups[("data", where["data"])]
+    if "hidden" in case:
+        return run_fused_case(case, where, vocab_group, data_group)
     s = case["student"][where["rows"], where["cols"]].clone().requires_grad_(True)
     t = case["teacher"][where["rows"], where["cols"]].clone()
     labels = case["labels"][where["rows"]]
@@ -96,6 +98,35 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
             (loss * 3.7).backward()  # grad_output ≠ 1
     return {"loss": loss.detach(), "grad": s.grad, "forward_collectives": forward,
             "backward_collectives": collectives(prof)}  # fmt: skip
+
+
+def run_fused_case(case: dict, where: dict, vocab_group, data_group) -> dict:
+    """ParallelFusedLinearDistillationLoss: this rank's tokens of the hidden states and its
+    vocabulary rows of both LM heads (or its slice of the teacher's logits)."""
+    rows, cols = where["rows"], where["cols"]
+    hidden = case["hidden"][rows].clone().requires_grad_(True)
+    weight = case["weight"][cols].clone().requires_grad_(True)
+    bias = case["bias"][cols].clone().requires_grad_(True)
+    if "teacher_weight" in case:
+        teacher = {"teacher_hidden": case["teacher_hidden"][rows],
+                   "teacher_weight": case["teacher_weight"][cols]}  # fmt: skip
+        logits = None
+    else:
+        teacher, logits = {}, case["teacher"][rows, cols]
+    loss_fn = ParallelFusedLinearDistillationLoss(
+        case["kind"], temperature=case["temperature"], reduction=case["reduction"],
+        vocab_group=vocab_group, data_group=data_group, chunk_size=3,
+    )  # fmt: skip
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss = loss_fn(hidden, weight, logits, case["labels"][rows], student_bias=bias, **teacher)
+    forward = collectives(prof)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        if case["reduction"] == "none":
+            (loss * case["upstream"][rows]).sum().backward()
+        else:
+            (loss * 3.7).backward()
+    return {"loss": loss.detach(), "grads": (hidden.grad, weight.grad, bias.grad),
+            "forward_collectives": forward, "backward_collectives": collectives(prof)}  # fmt: skip
 
 
 def main() -> None:

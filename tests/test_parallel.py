@@ -19,8 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kldiv.torch import DistillationLoss
-from kldiv.torch.parallel import ParallelDistillationLoss, vocab_parallel_rows
+from kldiv.torch import DistillationLoss, FusedLinearDistillationLoss
+from kldiv.torch.parallel import (
+    ParallelDistillationLoss,
+    ParallelFusedLinearDistillationLoss,
+    vocab_parallel_rows,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import parallel_worker  # noqa: E402
@@ -77,6 +81,10 @@ def make_cases(world: int, rng: np.random.Generator) -> list[dict]:
         cases.append({"name": f"{layout}-unvalidated", "layout": layout, "kind": "kl",
                       "temperature": 1.0, "reduction": "mean", "validate": False,
                       **inputs(rng)})  # fmt: skip
+        for kind, teacher in (("kl", "head"), ("js", "head"), ("tv", "logits")):
+            for reduction in ("mean", "none"):
+                cases.append(fused_case(rng, f"{layout}-fused-{kind}-{teacher}-{reduction}",
+                                        layout, kind, teacher, reduction))  # fmt: skip
     if world == 2:
         # uneven data-parallel shards, the second fully masked
         for kind in ("kl", "tv"):
@@ -92,6 +100,45 @@ def make_cases(world: int, rng: np.random.Generator) -> list[dict]:
             {"name": "bad-vocab-size", **bad, "vocab_size": V + 5, **inputs(rng)},
         ]
     return cases
+
+
+def fused_case(rng, name, layout, kind, teacher, reduction) -> dict:
+    """Hidden states, an LM head with a bias that rules two tokens out (-inf), and the
+    teacher as a head of its own or as logits."""
+    h = 6
+    bias = rng.normal(size=V)
+    bias[[2, 17]] = -np.inf
+    case = {"name": name, "layout": layout, "kind": kind, "temperature": 1.7,
+            "reduction": reduction, "logits_shape": (N, V),
+            "hidden": torch.tensor(rng.normal(size=(N, h))),
+            "weight": torch.tensor(rng.normal(size=(V, h))), "bias": torch.tensor(bias),
+            "labels": torch.tensor(np.where(rng.random(N) < 0.3, -100, 1))}  # fmt: skip
+    case["hidden"][case["labels"] == -100] = float("nan")  # skipped: never read
+    if teacher == "head":
+        case["teacher_hidden"] = torch.tensor(rng.normal(size=(N, 4)))
+        case["teacher_weight"] = torch.tensor(rng.normal(size=(V, 4)))
+    else:
+        case["teacher"] = torch.tensor(rng.normal(size=(N, V)) * 2)
+    if reduction == "none":
+        case["upstream"] = torch.tensor(rng.random(N))
+    return case
+
+
+def fused_reference(case: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """FusedLinearDistillationLoss on the full heads and the whole batch, in float64."""
+    hidden = case["hidden"].clone().requires_grad_(True)
+    weight = case["weight"].clone().requires_grad_(True)
+    bias = case["bias"].clone().requires_grad_(True)
+    teacher = ({"teacher_hidden": case["teacher_hidden"], "teacher_weight": case["teacher_weight"]}
+               if "teacher_weight" in case else {})  # fmt: skip
+    loss = FusedLinearDistillationLoss(case["kind"], temperature=case["temperature"],
+                                       reduction=case["reduction"])(
+        hidden, weight, case.get("teacher"), case["labels"], student_bias=bias, **teacher)  # fmt: skip
+    if case["reduction"] == "none":
+        (loss * case["upstream"]).sum().backward()
+    else:
+        (loss * 3.7).backward()
+    return loss.detach(), (hidden.grad, weight.grad, bias.grad)
 
 
 def reference(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +189,39 @@ def expected_collectives(case: dict) -> int:
     is "none". A layout without a vocab group has nothing to validate or gather across."""
     vocab = case["layout"] in ("tp", "mesh")
     data = case["layout"] in ("dp", "mesh") and case["reduction"] != "none"
-    return (2 + case.get("validate", True)) * vocab + data
+    # the fused loss: one more, the hidden states' gradient summed over the vocab group
+    # (computed in backward for "none"; see expected_backward)
+    fused = "hidden" in case and vocab and case["reduction"] != "none"
+    return (2 + case.get("validate", True)) * vocab + data + fused
+
+
+def expected_backward(case: dict) -> int:
+    vocab = case["layout"] in ("tp", "mesh")
+    return int("hidden" in case and vocab and case["reduction"] == "none")
+
+
+def check_fused(case: dict, results: list[dict], world: int) -> None:
+    ref_loss, ref_grads = fused_reference(case)
+    for rank in range(world):
+        got = results[rank][case["name"]]
+        label = f"{case['name']} rank {rank}"
+        assert "crash" not in got and "error" not in got, (label, got)
+        where = parallel_worker.place(case, rank, world)
+        want = ref_loss[where["rows"]] if case["reduction"] == "none" else ref_loss
+        torch.testing.assert_close(got["loss"], want, rtol=1e-6, atol=1e-12, msg=label)
+        gh, gw, gb = got["grads"]
+        rows, cols = where["rows"], where["cols"]
+        # the heads' gradients from this rank's tokens only: over the data group they add up
+        # to the whole batch's (what DDP's all-reduce does, up to its averaging)
+        peers = [r for r in range(world) if parallel_worker.place(case, r, world)["cols"] == cols]
+        gw = sum(results[r][case["name"]]["grads"][1] for r in peers)
+        gb = sum(results[r][case["name"]]["grads"][2] for r in peers)
+        for name, g, w in (("hidden", gh, ref_grads[0][rows]), ("weight", gw, ref_grads[1][cols]),
+                           ("bias", gb, ref_grads[2][cols])):  # fmt: skip
+            assert g.isfinite().all(), (label, name)
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12, msg=f"{label} {name}")
+        assert got["forward_collectives"] == expected_collectives(case), (label, got)
+        assert got["backward_collectives"] == expected_backward(case), (label, got)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -154,6 +233,10 @@ def test_ranks_against_the_unsharded_core(world, tmp_path):
     checked = 0
     for case in cases:
         if case["name"].startswith("bad-"):
+            continue
+        if "hidden" in case:
+            check_fused(case, results, world)
+            checked += world
             continue
         ref_loss, ref_grad = reference(case)
         for rank in range(world):
@@ -171,7 +254,7 @@ def test_ranks_against_the_unsharded_core(world, tmp_path):
                                        rtol=1e-6, atol=1e-12,
                                        msg=lambda m, label=label: f"{label}: {m}")  # fmt: skip
             assert got["forward_collectives"] == expected_collectives(case), (label, got)
-            assert got["backward_collectives"] == 0, label
+            assert got["backward_collectives"] == expected_backward(case), label
             checked += 1
     assert checked == world * sum(not c["name"].startswith("bad-") for c in cases) > 0
     # the cases are what they claim: some rows +inf; a shard with nothing to average
@@ -246,3 +329,48 @@ def test_vocab_parallel_rows_and_repr(rng):
     assert repr(ParallelDistillationLoss("js", beta=0.3)) == (
         "ParallelDistillationLoss(divergence='js', beta=0.3, temperature=1.0, reduction='mean')"
     )
+
+
+@pytest.mark.parametrize("kind", DIVS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_without_groups_is_fused_linear_distillation_loss(rng, kind, reduction):
+    case = fused_case(rng, "single", "tp", kind, "head" if kind != "tv" else "logits", reduction)
+    opts = dict(temperature=1.7, reduction=reduction, alpha=0.2, beta=0.3)
+    outs = []
+    for cls in (ParallelFusedLinearDistillationLoss, FusedLinearDistillationLoss):
+        leaves = [case[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+        teacher = ({"teacher_hidden": case["teacher_hidden"],
+                    "teacher_weight": case["teacher_weight"]}
+                   if "teacher_weight" in case else {})  # fmt: skip
+        loss = cls(kind, chunk_size=4, **opts)(leaves[0], leaves[1], case.get("teacher"),
+                                              case["labels"], student_bias=leaves[2], **teacher)  # fmt: skip
+        go = case["upstream"] if reduction == "none" else 2.5
+        (loss * go).sum().backward()
+        outs.append([loss.detach()] + [x.grad for x in leaves])
+    for got, want in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_local_problems_are_named():
+    loss = ParallelFusedLinearDistillationLoss("kl")
+    h, w = torch.randn(4, 3), torch.randn(9, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="rank 0: the teacher's inputs do not fit"):
+        loss(h, w, torch.randn(4, 8))
+    with pytest.raises(ValueError, match="rank 0: the student's hidden states, LM-head slice"):
+        loss(h, torch.randn(9, 4), torch.randn(4, 9))
+    with pytest.raises(ValueError, match="the teacher requires a gradient"):
+        loss(h, w, torch.randn(4, 9, requires_grad=True))
+    with pytest.raises(ValueError, match="fit together"):
+        ParallelFusedLinearDistillationLoss("kl", validate=False)(h, w, torch.randn(4, 8))
+
+
+def test_the_torchrun_example_runs_on_two_gloo_ranks():
+    """examples/vocab_parallel_distill.py as its docstring says to run it."""
+    example = Path(__file__).parents[1] / "examples" / "vocab_parallel_distill.py"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(example)], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    final = next(ln for ln in out.stdout.splitlines() if ln.startswith("final:"))
+    assert "vocab-parallel" in final and "single process" in final

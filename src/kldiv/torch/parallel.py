@@ -50,17 +50,25 @@ explicitly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from .. import _check
 from .._defaults import JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from ..divergences import KINDS
+from . import fused_linear as fl
 from .distillation import DIVERGENCES, _reduce_rows, config_repr, configure
 
-__all__ = ["ParallelDistillationLoss", "vocab_parallel_rows"]
+__all__ = [
+    "ParallelDistillationLoss",
+    "ParallelFusedLinearDistillationLoss",
+    "vocab_parallel_rows",
+]
 
 # Rows per chunk of the per-slice passes: temporaries stay at a few MiB whatever N is.
 _CHUNK_ELEMENTS = 1 << 18
@@ -134,6 +142,59 @@ class _Rows(torch.autograd.Function):
         return (out.to(ctx.student_dtype),) + (None,) * 6
 
 
+Chunk = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _normalisers(
+    get: Chunk, n: int, rows: int, dtype: torch.dtype, device: torch.device, group: Any
+) -> torch.Tensor:
+    """``[4, N]``: the shift and log-normaliser of the student's and the teacher's softmax
+    over the whole vocabulary, from this rank's chunks ``get(a, b)`` (tempered logits of rows
+    a:b) and one all-gather of every slice's row maxima and log-sums."""
+    stats = torch.empty((4, n), dtype=dtype, device=device)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        s, t = get(a, b)
+        stats[0, a:b], stats[1, a:b] = _slice_stats(s)
+        stats[2, a:b], stats[3, a:b] = _slice_stats(t)
+    every = _gather(stats, group)  # collective 1
+    return torch.stack([*_combine(every[:, 0], every[:, 1]), *_combine(every[:, 2], every[:, 3])])
+
+
+def _slice_terms(
+    kind: str,
+    params: dict[str, float],
+    get: Chunk,
+    norms: torch.Tensor,
+    a: int,
+    b: int,
+    need_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Rows a:b of this slice: the core's divergence terms summed over the slice ``[rows]``,
+    h = ∂(those terms)/∂(student log-probabilities) ``[rows, V_r]`` (if ``need_h``), and
+    the student's log-probabilities."""
+    s, t = get(a, b)
+    lq = (s - norms[0, a:b, None]).sub_(norms[1, a:b, None])
+    lp = (t - norms[2, a:b, None]).sub_(norms[3, a:b, None])
+    h = None
+    with torch.enable_grad():
+        lq.requires_grad_(need_h)
+        part = KINDS[kind](lp, lq, form="log_probs", reduction="none", **params)
+        if need_h:
+            (h,) = torch.autograd.grad(part.sum(), lq)
+    return part.detach(), h, lq.detach()
+
+
+def _tempered(
+    x: torch.Tensor, dtype: torch.dtype, inv_t: float, keep: torch.Tensor | None
+) -> torch.Tensor:
+    x = x.to(dtype)
+    x = x * inv_t if inv_t != 1.0 else x
+    if keep is not None:  # skipped rows may hold anything, NaN included
+        x = torch.where(keep[:, None], x, 0.0)
+    return x
+
+
 def _forward(
     kind: str,
     student: torch.Tensor,
@@ -150,38 +211,16 @@ def _forward(
     rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
     inv_t = 1.0 / temperature
 
-    def chunk(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        x = x[a:b].to(dtype)
-        x = x * inv_t if temperature != 1.0 else x
-        if keep is not None:  # skipped rows may hold anything, NaN included
-            x = torch.where(keep[a:b, None], x, 0.0)
-        return x
+    def get(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = None if keep is None else keep[a:b]
+        return _tempered(student[a:b], dtype, inv_t, k), _tempered(teacher[a:b], dtype, inv_t, k)
 
-    stats = torch.empty((4, n), dtype=dtype, device=device)
-    for a in range(0, n, rows):
-        b = min(n, a + rows)
-        stats[0, a:b], stats[1, a:b] = _slice_stats(chunk(student, a, b))
-        stats[2, a:b], stats[3, a:b] = _slice_stats(chunk(teacher, a, b))
-    every = _gather(stats, group)  # collective 1
-    shift_s, logz_s = _combine(every[:, 0], every[:, 1])
-    shift_t, logz_t = _combine(every[:, 2], every[:, 3])
-
-    def log_probs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lq = (chunk(student, a, b) - shift_s[a:b, None]).sub_(logz_s[a:b, None])
-        lp = (chunk(teacher, a, b) - shift_t[a:b, None]).sub_(logz_t[a:b, None])
-        return lq, lp
-
+    norms = _normalisers(get, n, rows, dtype, device, group)
     sums = torch.zeros((2, n), dtype=dtype, device=device)
     grad = torch.empty((n, v), dtype=dtype, device=device) if need_grad else None
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        lq, lp = log_probs(a, b)
-        with torch.enable_grad():
-            lq.requires_grad_(need_grad)
-            part = KINDS[kind](lp, lq, form="log_probs", reduction="none", **params)
-            if need_grad:
-                (h,) = torch.autograd.grad(part.sum(), lq)
-        sums[0, a:b] = part.detach()
+        sums[0, a:b], h, _ = _slice_terms(kind, params, get, norms, a, b, need_grad)
         if grad is not None:
             sums[1, a:b] = h.sum(-1)
             grad[a:b] = h
@@ -192,7 +231,8 @@ def _forward(
     if grad is not None:
         for a in range(0, n, rows):
             b = min(n, a + rows)
-            q = log_probs(a, b)[0].exp_()
+            s = get(a, b)[0]
+            q = (s - norms[0, a:b, None]).sub_(norms[1, a:b, None]).exp_()
             g = grad[a:b].sub_(q.mul_(sums[1, a:b, None]))
             g.mul_(inv_t)
             if keep is not None:
@@ -220,6 +260,19 @@ def vocab_parallel_rows(
     """
     params = {name: {"beta": beta, "alpha": alpha}[name] for name in KIND_PARAMS.get(kind, {})}
     return _Rows.apply(student, teacher, keep, kind, temperature, params, vocab_group)
+
+
+def _configure_groups(
+    module: torch.nn.Module, vocab_group: Any, data_group: Any, vocab_size: Any, validate: Any
+) -> None:
+    if vocab_size is not None and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+    ):
+        raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
+    module.vocab_group = vocab_group
+    module.data_group = data_group
+    module.vocab_size = vocab_size
+    module.validate = _check.check_flag("validate", validate)
 
 
 class ParallelDistillationLoss(torch.nn.Module):
@@ -262,14 +315,7 @@ class ParallelDistillationLoss(torch.nn.Module):
         super().__init__()
         configure(self, divergence, beta, alpha, temperature, scale_by_temperature_squared,
                   ignore_index, reduction)  # fmt: skip
-        if vocab_size is not None and (
-            isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
-        ):
-            raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
-        self.vocab_group = vocab_group
-        self.data_group = data_group
-        self.vocab_size = vocab_size
-        self.validate = _check.check_flag("validate", validate)
+        _configure_groups(self, vocab_group, data_group, vocab_size, validate)
 
     def extra_repr(self) -> str:
         parts = config_repr(self)
@@ -306,8 +352,6 @@ class ParallelDistillationLoss(torch.nn.Module):
     def _check_consistency(
         self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None
     ) -> None:
-        """One all-gather of a few numbers per rank, then the same verdict, word for word, on
-        every rank (local problems travel as bits, so every rank can name them)."""
         bits = [
             student.shape != teacher.shape,
             student.ndim < 1 or student.shape[-1] == 0,
@@ -315,30 +359,45 @@ class ParallelDistillationLoss(torch.nn.Module):
             teacher.requires_grad,
             student.dtype not in _DTYPES or teacher.dtype not in _DTYPES,
         ]
-        flags = sum(1 << i for i, bad in enumerate(bits) if bad)
         width = student.shape[-1] if student.ndim else 0
-        meta = [
-            float(flags), float(math.prod(student.shape[:-1])), float(width),
-            float(_code(student.dtype)), float(_code(teacher.dtype)),
-            float(DIVERGENCES.index(self.divergence)), self.temperature, self.beta, self.alpha,
-            float(labels is not None),
-        ]  # fmt: skip
-        every = _gather(torch.tensor(meta, dtype=torch.float64, device=student.device),
-                        self.vocab_group).tolist()  # fmt: skip
-        problems = [f"rank {r}: {msg}" for r, m in enumerate(every)
-                    for i, msg in enumerate(_LOCAL_PROBLEMS) if int(m[0]) >> i & 1]  # fmt: skip
-        for i, name in enumerate(_SHARED, start=1):
-            if name is not None and len({m[i] for m in every}) > 1:
-                problems.append(f"the {name} differ over the vocab group: "
-                                f"{[_show(name, m[i]) for m in every]}")  # fmt: skip
-        total = sum(int(m[2]) for m in every)
-        if self.vocab_size is not None and total != self.vocab_size:
-            problems.append(
-                f"the slices' widths {[int(m[2]) for m in every]} add up to {total}, "
-                f"not vocab_size={self.vocab_size}"
-            )
-        if problems:
-            raise ValueError("Inconsistent vocab-parallel inputs: " + "; ".join(problems) + ".")
+        _validate(self, bits, math.prod(student.shape[:-1]), width, student.dtype,
+                  teacher.dtype, labels is not None, student.device)  # fmt: skip
+
+
+def _validate(
+    module: torch.nn.Module,
+    bits: list[bool],
+    rows: int,
+    width: int,
+    student_dtype: torch.dtype,
+    teacher_dtype: torch.dtype,
+    labels_given: bool,
+    device: torch.device,
+) -> None:
+    """One all-gather of a few numbers per rank, then the same verdict, word for word, on
+    every rank (local problems travel as bits, so every rank can name them)."""
+    flags = sum(1 << i for i, bad in enumerate(bits) if bad)
+    meta = [
+        float(flags), float(rows), float(width), float(_code(student_dtype)),
+        float(_code(teacher_dtype)), float(DIVERGENCES.index(module.divergence)),
+        module.temperature, module.beta, module.alpha, float(labels_given),
+    ]  # fmt: skip
+    every = _gather(torch.tensor(meta, dtype=torch.float64, device=device),
+                    module.vocab_group).tolist()  # fmt: skip
+    problems = [f"rank {r}: {msg}" for r, m in enumerate(every)
+                for i, msg in enumerate(_LOCAL_PROBLEMS) if int(m[0]) >> i & 1]  # fmt: skip
+    for i, name in enumerate(_SHARED, start=1):
+        if name is not None and len({m[i] for m in every}) > 1:
+            problems.append(f"the {name} differ over the vocab group: "
+                            f"{[_show(name, m[i]) for m in every]}")  # fmt: skip
+    total = sum(int(m[2]) for m in every)
+    if module.vocab_size is not None and total != module.vocab_size:
+        problems.append(
+            f"the slices' widths {[int(m[2]) for m in every]} add up to {total}, "
+            f"not vocab_size={module.vocab_size}"
+        )
+    if problems:
+        raise ValueError("Inconsistent vocab-parallel inputs: " + "; ".join(problems) + ".")
 
 
 _LOCAL_PROBLEMS = (
@@ -347,6 +406,8 @@ _LOCAL_PROBLEMS = (
     "labels are not of the token shape",
     "the teacher requires a gradient (detach it; the student gets one)",
     "the logits are not floating point",
+    "the student's hidden states, LM-head slice or bias do not fit together",
+    "the teacher's inputs do not fit the student's",
 )
 # what must agree over the vocab group, by position in the metadata (None: free to differ)
 _SHARED = ("row counts", None, "student dtypes", "teacher dtypes", "divergences",
@@ -368,16 +429,21 @@ def _show(name: str, x: float) -> Any:
 def _data_parallel_reduce(
     rows: torch.Tensor, keep: torch.Tensor | None, reduction: str, num_items: Any, group: Any
 ) -> torch.Tensor:
-    """``"mean"``/``"sum"`` over the tokens of every rank of ``group``: one all-reduce of
-    (sum, count). The value is the global one on every rank; its gradient with respect to this
-    rank's rows is the global loss's (1 or 1/count each), since the other ranks' sum enters as
-    a constant."""
+    """Per-token values reduced over the tokens of every rank of ``group``."""
     if _world(group) == 1 or reduction == "none":
         return _reduce_rows(rows, keep, reduction, num_items)
-    local = rows.sum()
     count = rows.numel() if keep is None else keep.sum()
-    packed = torch.stack([local.detach().double(), torch.as_tensor(count, device=rows.device)
-                          .double()])  # fmt: skip
+    return _global_total(rows.sum(), count, reduction, num_items, group)
+
+
+def _global_total(local: torch.Tensor, count: Any, reduction: str, num_items: Any,
+                  group: Any) -> torch.Tensor:  # fmt: skip
+    """``"mean"``/``"sum"`` from this rank's sum and count of kept tokens: one all-reduce of
+    (sum, count) over ``group``, never a mean of means. The value is the global one on every
+    rank; its gradient with respect to this rank's sum is the global loss's (1, or 1/count),
+    since the other ranks' sums enter as constants. An empty mean is 0."""
+    packed = torch.stack([local.detach().double(),
+                          torch.as_tensor(count, device=local.device).double()])  # fmt: skip
     _sum(packed, group)
     total = _GlobalSum.apply(local, packed[0].to(local.dtype))
     if reduction == "sum":
@@ -401,3 +467,282 @@ class _GlobalSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
+
+
+@dataclass(frozen=True)
+class _FusedConfig:
+    kind: str
+    temperature: float
+    params: tuple[tuple[str, float], ...]
+    chunk_rows: int | None
+    group: Any
+
+
+def _fused_linear(
+    cfg: _FusedConfig,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    keep: torch.Tensor | None,
+    need: tuple[bool, bool, bool],
+    row_scale: torch.Tensor | None,
+    state: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
+    """The vocab-parallel fused pass: this rank's per-row values ``[N]`` (in ``state``, with
+    the normalisers and Σh that backward reuses) and the gradients ``[hidden, weight, bias]``
+    of ``Σ_rows row_scale·value`` (None where not needed, or when ``row_scale`` is None and
+    ``state`` is given: then only the values).
+
+    Three passes over row chunks, each recomputing the chunk's logits slice with one matmul
+    (no ``[N, V_r]`` tensor is kept): the slice's maxima and log-sums (collective 1), the
+    divergence's terms and Σh (collective 2), and the gradients, whose hidden part is summed
+    over the vocab group (collective 3). Given ``state``, only the third runs.
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    mm = fl._matmul_dtype(hidden.dtype, device)
+    w = weight.to(mm)
+    b = None if bias is None else bias.to(mm)
+    t_src, t_w, t_b = teacher
+    if t_w is not None:
+        t_mm = fl._matmul_dtype(t_w.dtype, device)
+        t_w, t_b = t_w.to(t_mm), None if t_b is None else t_b.to(t_mm)
+    dtype = torch.float64 if torch.float64 in (hidden.dtype, t_src.dtype) else torch.float32
+    inv_t = 1.0 / cfg.temperature
+    params = dict(cfg.params)
+    rows = cfg.chunk_rows or max(1, fl._CHUNK_LOGITS // max(v, 1))
+
+    def hidden_rows(a: int, b_: int) -> torch.Tensor:
+        h = hidden[a:b_].to(mm)
+        # skipped tokens may hold anything: 0 keeps NaN out of the weight's gradient too
+        return h if keep is None else torch.where(keep[a:b_, None], h, 0.0)
+
+    def get(a: int, b_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = None if keep is None else keep[a:b_]
+        s = torch.nn.functional.linear(hidden_rows(a, b_), w, b)
+        t = t_src[a:b_]
+        if t_w is not None:
+            t = torch.nn.functional.linear(t.to(t_w.dtype), t_w, t_b)
+        return _tempered(s, dtype, inv_t, k), _tempered(t, dtype, inv_t, k)
+
+    if state is None:
+        norms = _normalisers(get, n, rows, dtype, device, cfg.group)
+        sums = torch.zeros((2, n), dtype=dtype, device=device)
+        for a in range(0, n, rows):
+            b_ = min(n, a + rows)
+            sums[0, a:b_], h, _ = _slice_terms(cfg.kind, params, get, norms, a, b_, True)
+            sums[1, a:b_] = h.sum(-1)
+        _sum(sums, cfg.group)  # collective 2
+        values = sums[0] if keep is None else torch.where(keep, sums[0], 0.0)
+        state = {"values": values, "norms": norms, "sum_h": sums[1]}
+    if not any(need):
+        return state, [None, None, None]
+    acc = torch.float32 if weight.dtype in fl._HALF else weight.dtype
+    gh = torch.zeros((n, hidden.shape[1]), dtype=mm, device=device) if need[0] else None
+    gw = torch.zeros(weight.shape, dtype=acc, device=device) if need[1] else None
+    gb = torch.zeros(v, dtype=acc, device=device) if need[2] and bias is not None else None
+    for a in range(0, n, rows):
+        b_ = min(n, a + rows)
+        _, h, lq = _slice_terms(cfg.kind, params, get, state["norms"], a, b_, True)
+        g = h.sub_(lq.exp_().mul_(state["sum_h"][a:b_, None])).mul_(inv_t)
+        if row_scale is not None:
+            g.mul_(row_scale[a:b_, None].to(g.dtype))
+        if keep is not None:
+            g.masked_fill_(~keep[a:b_, None], 0.0)
+        gm = g.to(mm)
+        if gh is not None:
+            gh[a:b_] = gm @ w
+        if gw is not None:
+            gw.add_((gm.t() @ hidden_rows(a, b_)).to(acc))
+        if gb is not None:
+            gb.add_(g.sum(0).to(acc))
+    if gh is not None:
+        _sum(gh, cfg.group)  # collective 3: every vocab slice's share of dL/dhidden
+    return state, [gh, gw, gb]
+
+
+class _FusedRows(torch.autograd.Function):
+    """``(hidden, weight slice, bias slice, teacher…) -> Σ values`` (``reduce``) or per-row
+    values. With ``reduce`` the gradients come from the forward pass and backward scales them
+    by the scalar ``grad_output``; without, backward reruns the gradient pass (no collectives
+    but the hidden states' sum) with the rows weighted by ``grad_output``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        t_src: torch.Tensor,
+        t_w: torch.Tensor | None,
+        t_b: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        cfg: _FusedConfig,
+        reduce: bool,
+        grad_enabled: bool,
+    ) -> torch.Tensor:
+        need = tuple(grad_enabled and x for x in ctx.needs_input_grad[:3])
+        ctx.cfg, ctx.reduce, ctx.keep, ctx.need = cfg, reduce, keep, need
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        teacher = (t_src, t_w, t_b)
+        if reduce:
+            state, grads = _fused_linear(cfg, hidden, weight, bias, teacher, keep, need, None,
+                                         None)  # fmt: skip
+            ctx.save_for_backward(*grads)
+            return state["values"].sum()
+        state, _ = _fused_linear(cfg, hidden, weight, bias, teacher, keep, (False,) * 3, None,
+                                 None)  # fmt: skip
+        ctx.save_for_backward(hidden, weight, bias, t_src, t_w, t_b, state["norms"],
+                              state["sum_h"])  # fmt: skip
+        return state["values"]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.reduce:
+            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors]
+        else:
+            hidden, weight, bias, t_src, t_w, t_b, norms, sum_h = ctx.saved_tensors
+            state = {"norms": norms, "sum_h": sum_h}
+            _, grads = _fused_linear(ctx.cfg, hidden, weight, bias, (t_src, t_w, t_b), ctx.keep,
+                                     ctx.need, grad_out, state)  # fmt: skip
+        out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
+        return (*out,) + (None,) * 7
+
+
+class ParallelFusedLinearDistillationLoss(torch.nn.Module):
+    """:class:`~kldiv.torch.FusedLinearDistillationLoss` with the LM heads split by vocabulary
+    over the ranks of ``vocab_group`` (and the tokens over ``data_group``).
+
+    ``forward(student_hidden, student_weight, teacher_logits=None, labels=None,
+    num_items=None, *, student_bias=None, teacher_hidden=None, teacher_weight=None,
+    teacher_bias=None)``: the student's hidden states ``[..., H]`` (the same on every rank of
+    the vocab group), this rank's rows ``[V_r, H]`` of its LM head (and ``[V_r]`` of its
+    bias), and the teacher as this rank's ``[..., V_r]`` logits or as hidden states with its
+    own head's ``[V_r, H_t]`` rows. Configuration, validation and reductions are those of
+    :class:`ParallelDistillationLoss`; the value equals ``FusedLinearDistillationLoss`` on the
+    full heads and the whole batch.
+
+    No ``[N, V_r]`` logits are kept: every chunk of ``chunk_size`` rows is recomputed by
+    one matmul in each of three passes (statistics, terms, gradients), three times the
+    logit matmuls of the single-device loss, in exchange for memory that does not grow with
+    N·V. Gradients: the hidden states (summed over the vocab group with one all-reduce of
+    ``[N, H]``, as any vocab-parallel LM head needs), this rank's weight rows and bias. The
+    teacher gets none. Collectives per forward: validation's gather, the statistics' gather,
+    the terms' all-reduce and the hidden gradient's all-reduce (in backward instead for
+    ``reduction="none"``), plus one on ``data_group``.
+    """
+
+    def __init__(
+        self,
+        divergence: str = "kl",
+        *,
+        beta: float = JS_BETA,
+        alpha: float = SKEW_ALPHA,
+        temperature: float = TEMPERATURE,
+        scale_by_temperature_squared: bool = False,
+        ignore_index: int = -100,
+        reduction: str = REDUCTION,
+        vocab_group: Any = None,
+        data_group: Any = None,
+        vocab_size: int | None = None,
+        validate: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        configure(self, divergence, beta, alpha, temperature, scale_by_temperature_squared,
+                  ignore_index, reduction)  # fmt: skip
+        _configure_groups(self, vocab_group, data_group, vocab_size, validate)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"Expected `chunk_size` to be None or an int ≥ 1, got {chunk_size!r}.")
+        self.chunk_size = chunk_size
+
+    extra_repr = ParallelDistillationLoss.extra_repr
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items: Any = None,
+        *,
+        student_bias: torch.Tensor | None = None,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        num_items = _check.check_num_items(num_items, self.reduction)
+        hidden, weight, bias = student_hidden, student_weight, student_bias
+        tokens = tuple(hidden.shape[:-1]) if hidden.ndim else ()
+        v = weight.shape[0] if weight.ndim == 2 else 0
+        student_ok = (hidden.ndim >= 1 and weight.ndim == 2 and weight.shape[1] == hidden.shape[-1]
+                      and (bias is None or tuple(bias.shape) == (v,)))  # fmt: skip
+        if teacher_weight is None:
+            t_src, t_w, t_b = teacher_logits, None, None
+            teacher_ok = (teacher_logits is not None and teacher_hidden is None
+                          and teacher_bias is None
+                          and tuple(teacher_logits.shape) == (*tokens, v))  # fmt: skip
+        else:
+            t_src, t_w, t_b = teacher_hidden, teacher_weight, teacher_bias
+            teacher_ok = (teacher_hidden is not None and teacher_logits is None
+                          and teacher_weight.ndim == 2 and teacher_weight.shape[0] == v
+                          and tuple(teacher_hidden.shape) == (*tokens, teacher_weight.shape[1])
+                          and (teacher_bias is None
+                               or tuple(teacher_bias.shape) == (v,)))  # fmt: skip
+        teacher_parts = [x for x in (t_src, t_w, t_b) if x is not None]
+        if self.validate:
+            bits = [
+                False,
+                v == 0,
+                labels is not None and tuple(labels.shape) != tokens,
+                any(x.requires_grad for x in teacher_parts),
+                not all(x.is_floating_point() for x in [hidden, weight, *teacher_parts]),
+                not student_ok,
+                not teacher_ok,
+            ]
+            t_dtype = t_src.dtype if t_src is not None else hidden.dtype
+            _validate(self, bits, math.prod(tokens), v, hidden.dtype, t_dtype,
+                      labels is not None, hidden.device)  # fmt: skip
+        elif not (student_ok and teacher_ok):
+            raise ValueError("Expected student and teacher inputs that fit together (see the "
+                             "class docstring); validate=True names what does not.")  # fmt: skip
+        elif any(x.requires_grad for x in teacher_parts):
+            raise ValueError("Expected a teacher that does not require a gradient.")
+        n = math.prod(tokens)
+        keep = None if labels is None else (labels != self.ignore_index).reshape(-1)
+        if t_w is None:
+            t_src = t_src.reshape(n, v)
+        else:
+            t_src = t_src.reshape(n, t_w.shape[1])
+        params = tuple((k, getattr(self, k)) for k in KIND_PARAMS.get(self.divergence, {}))
+        cfg = _FusedConfig(self.divergence, self.temperature, params, self.chunk_size,
+                           self.vocab_group)  # fmt: skip
+        reduce = self.reduction != "none"
+        out = _fused_apply(hidden.reshape(n, hidden.shape[-1]), weight, bias, t_src, t_w, t_b,
+                           keep, cfg, reduce, torch.is_grad_enabled())  # fmt: skip
+        out = out.to(torch.promote_types(torch.promote_types(hidden.dtype, t_src.dtype),
+                                         torch.float32))  # fmt: skip
+        if self.scale_by_temperature_squared:
+            out = out * self.temperature**2
+        if not reduce:
+            return out.reshape(tokens)
+        count = n if keep is None else keep.sum()
+        if _world(self.data_group) > 1:
+            return _global_total(out, count, self.reduction, num_items, self.data_group)
+        if self.reduction == "sum":
+            return out
+        if num_items is not None:
+            if isinstance(num_items, torch.Tensor):
+                num_items = num_items.to(device=out.device, dtype=out.dtype)
+            return out / num_items
+        return out / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1))
+
+
+@torch.compiler.disable
+def _fused_apply(*args: Any) -> torch.Tensor:
+    """Opaque to ``torch.compile`` (its chunk loop and collectives run eagerly)."""
+    return _FusedRows.apply(*args)
