@@ -31,7 +31,7 @@ def place(case: dict, rank: int, world: int) -> dict:
     tp = {"tp": world, "dp": 1, "mesh": 2}[layout]
     dp = world // tp
     vi, di = rank % tp, rank // tp
-    cols = [0, *torch.tensor(widths(v, tp)).cumsum(0).tolist()]
+    cols = [0, *torch.tensor(case.get("widths", widths(v, tp))).cumsum(0).tolist()]
     rows = [0, *torch.tensor(case.get("row_split", widths(n, dp))).cumsum(0).tolist()]
     return {
         "rows": slice(rows[di], rows[di + 1]),
@@ -71,6 +71,8 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
     s = case["student"][where["rows"], where["cols"]].clone().requires_grad_(True)
     t = case["teacher"][where["rows"], where["cols"]].clone()
     labels = case["labels"][where["rows"]]
+    opts = {"reduction": case["reduction"], "ignore_index": -100}
+    num_items = case.get("num_items")
     for tweak, value in case.get("tweaks", {}).get(rank, {}).items():
         if tweak == "rows":
             s = s[:value].detach().requires_grad_(True)
@@ -78,15 +80,20 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
         if tweak == "dtype":
             s = s.detach().to(value).requires_grad_(True)
             t = t.to(value)
+        if tweak == "labels":
+            labels = labels[:value]
+        if tweak in opts:
+            opts[tweak] = value
+        if tweak == "num_items":
+            num_items = value
     loss_fn = ParallelDistillationLoss(
         case["kind"], temperature=case["temperature"], beta=case.get("beta", 0.5),
-        alpha=case.get("alpha", 0.1), reduction=case["reduction"], vocab_group=vocab_group,
-        data_group=data_group, vocab_size=case.get("vocab_size"),
-        validate=case.get("validate", True),
+        alpha=case.get("alpha", 0.1), vocab_group=vocab_group, data_group=data_group,
+        vocab_size=case.get("vocab_size"), validate=case.get("validate", True), **opts,
     )  # fmt: skip
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         try:
-            loss = loss_fn(s, t, labels, case.get("num_items"))
+            loss = loss_fn(s, t, labels, num_items)
         except ValueError as e:
             return {"error": str(e)}
     forward = collectives(prof)
@@ -137,6 +144,7 @@ def main() -> None:
     cases = torch.load(sys.argv[4])
     out = {}
     for case in cases:
+        print(f"case {case['name']}", flush=True)  # where a hang happened, if one does
         try:
             out[case["name"]] = run_case(case, rank, world, all_groups)
         except Exception:  # noqa: BLE001 - reported to the test, which fails on it

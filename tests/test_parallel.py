@@ -94,11 +94,28 @@ def make_cases(world: int, rng: np.random.Generator) -> list[dict]:
             case["labels"][7:] = -100
             cases.append(case)
         bad = {"layout": "tp", "kind": "kl", "temperature": 1.0, "reduction": "mean"}
+        dp_bad = {**bad, "layout": "dp", "row_split": [6, 4]}
         cases += [
             {"name": "bad-rows", **bad, "tweaks": {1: {"rows": N - 1}}, **inputs(rng)},
             {"name": "bad-dtype", **bad, "tweaks": {1: {"dtype": torch.float32}}, **inputs(rng)},
             {"name": "bad-vocab-size", **bad, "vocab_size": V + 5, **inputs(rng)},
-        ]
+            {"name": "bad-ignore-index", **bad, "tweaks": {1: {"ignore_index": 0}}, **inputs(rng)},
+            {"name": "bad-num-items", **bad, "tweaks": {1: {"num_items": 0.0}}, **inputs(rng)},
+            {"name": "bad-dp-labels", **dp_bad, "tweaks": {1: {"labels": 2}}, **inputs(rng)},
+            {"name": "bad-dp-reduction", **dp_bad, "tweaks": {0: {"reduction": "none"}},
+             **inputs(rng)},
+        ]  # fmt: skip
+        # a slice of width 0: the whole vocabulary on the first rank
+        cases.append({"name": "tp-empty-slice", "layout": "tp", "kind": "js", "temperature": 1.0,
+                      "reduction": "mean", "widths": [V, 0], **inputs(rng)})  # fmt: skip
+    else:
+        cases.append({"name": "tp-empty-slices", "layout": "tp", "kind": "kl",
+                      "temperature": 1.0, "reduction": "mean", "widths": [10, 0, 13, 0],
+                      **inputs(rng)})  # fmt: skip
+        # a problem on one rank of a 2 x 2 mesh reaches all four
+        cases.append({"name": "bad-mesh-labels", "layout": "mesh", "kind": "kl",
+                      "temperature": 1.0, "reduction": "mean", "tweaks": {0: {"labels": 3}},
+                      **inputs(rng)})  # fmt: skip
     return cases
 
 
@@ -170,14 +187,16 @@ def launch(world: int, tmp: Path) -> tuple[list[dict], list[dict]]:
         )  # fmt: skip
         for r in range(world)
     ]
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 120
     try:
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail("the ranks hung (killed after 300 s)")
+        last = [([ln for ln in p.stdout.read().splitlines() if ln.startswith("case ")]
+                 or ["before the first case"])[-1] for p in procs]  # fmt: skip
+        pytest.fail(f"the ranks hung (killed after 120 s); last lines: {last}")
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n{p.stdout.read()[-3000:]}"
     return cases, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
@@ -188,11 +207,13 @@ def expected_collectives(case: dict) -> int:
     sums' all-reduce; on the data group, one all-reduce of (sum, count) unless the reduction
     is "none". A layout without a vocab group has nothing to validate or gather across."""
     vocab = case["layout"] in ("tp", "mesh")
-    data = case["layout"] in ("dp", "mesh") and case["reduction"] != "none"
+    data = case["layout"] in ("dp", "mesh")
+    # validation: a gather on each group, and back to the vocab group when there are both
+    checks = (vocab + data + (vocab and data)) * case.get("validate", True)
     # the fused loss: one more, the hidden states' gradient summed over the vocab group
     # (computed in backward for "none"; see expected_backward)
     fused = "hidden" in case and vocab and case["reduction"] != "none"
-    return (2 + case.get("validate", True)) * vocab + data + fused
+    return checks + 2 * vocab + (data and case["reduction"] != "none") + fused
 
 
 def expected_backward(case: dict) -> int:
@@ -260,18 +281,31 @@ def test_ranks_against_the_unsharded_core(world, tmp_path):
     # the cases are what they claim: some rows +inf; a shard with nothing to average
     assert any(reference(c)[0].isinf().any() for c in cases if "infinite" in c["name"])
     if world != 2:
+        assert_same_error(results, {"bad-mesh-labels": "rank 0: labels are not of the token "
+                                                       "shape"}, world)  # fmt: skip
         return
     masked = next(c for c in cases if c["name"] == "dp-uneven-masked-kl")
     assert (masked["labels"][7:] == -100).all()
     expected = {
         "bad-rows": "the row counts differ over the vocab group: [10, 9]",
-        "bad-dtype": "the student dtypes differ over the vocab group: ['float64', 'float32']",
+        "bad-dtype": "the settings differ over the vocab group: {'dtypes': "
+        "[['torch.float64', 'torch.float64'], ['torch.float32', 'torch.float32']]}",
         "bad-vocab-size": f"the slices' widths [12, 11] add up to 23, not vocab_size={V + 5}",
+        "bad-ignore-index": "{'ignore_index': [-100, 0]}",
+        "bad-num-items": "rank 1: Expected `num_items` to be finite and > 0, got 0.0",
+        "bad-dp-labels": "rank 1: labels are not of the token shape",
+        "bad-dp-reduction": "the settings differ over the data group: {'reduction': "
+        "['none', 'mean']}",
     }
+    assert_same_error(results, expected, world)
+
+
+def assert_same_error(results: list[dict], expected: dict, world: int) -> None:
+    """Every rank raised, with the same message, containing the expected fragment."""
     for name, fragment in expected.items():
         errors = [results[r][name].get("error") for r in range(world)]
-        assert errors[0] is not None and errors[0] == errors[1], (name, errors)
-        assert errors[0].startswith("Inconsistent vocab-parallel inputs: ")
+        assert errors[0] is not None and all(e == errors[0] for e in errors), (name, errors)
+        assert errors[0].startswith("Inconsistent parallel inputs: ")
         assert fragment in errors[0], errors[0]
 
 
@@ -362,6 +396,24 @@ def test_fused_local_problems_are_named():
         loss(h, w, torch.randn(4, 9, requires_grad=True))
     with pytest.raises(ValueError, match="fit together"):
         ParallelFusedLinearDistillationLoss("kl", validate=False)(h, w, torch.randn(4, 8))
+    with pytest.raises(ValueError, match="the teacher requires a gradient"):
+        ParallelFusedLinearDistillationLoss("kl", validate=False)(
+            h, w, torch.randn(4, 9, requires_grad=True))
+
+
+def test_unvalidated_teacher_grad_dtypes_and_masked_upstream():
+    s = torch.randn(3, 7, requires_grad=True)
+    with pytest.raises(ValueError, match="the teacher requires a gradient"):
+        ParallelDistillationLoss("kl", validate=False)(s, torch.randn(3, 7, requires_grad=True))
+    # a float64 teacher makes a float64 loss, as in the core
+    t64 = torch.randn(3, 7, dtype=torch.float64)
+    got = ParallelDistillationLoss("kl")(s, t64)
+    assert got.dtype == DistillationLoss("kl", fast_path=False)(s, t64).dtype == torch.float64
+    # a skipped token's gradient is 0 even under an infinite upstream weight
+    labels = torch.tensor([1, -100, 2])
+    rows = ParallelDistillationLoss("kl", reduction="none")(s, torch.randn(3, 7), labels)
+    (rows * torch.tensor([1.0, float("inf"), 1.0])).sum().backward()
+    assert torch.equal(s.grad[1], torch.zeros(7)) and s.grad.isfinite().all()
 
 
 def test_the_torchrun_example_runs_on_two_gloo_ranks():

@@ -37,9 +37,11 @@ this global loss with respect to its own tokens. DDP *averages* gradients over i
 keep the global loss's gradient under DDP, multiply the loss by the data-parallel world size
 (``docs/parallel.md``).
 
-``validate=True`` (the default) adds one small collective before the others: every rank
-shares its shapes, dtypes and configuration. Every rank then raises the same ``ValueError``
-for inconsistent slices, rather than hanging in a collective with mismatched sizes.
+``validate=True`` (the default) adds small collectives before the others: one all-gather
+per group given, and one more on the vocab group when both are. Through them every rank
+shares its local problems, shapes, dtypes and settings. Every rank then raises the same
+``ValueError`` for inconsistent inputs, rather than hanging in a collective with mismatched
+sizes. Reading the result back costs a host synchronisation per step.
 
 ``vocab_group=None`` (or a group of size 1) means the logits hold the whole vocabulary.
 ``data_group=None`` means there is no data parallelism. This is the same code path with the
@@ -49,6 +51,7 @@ explicitly.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,7 +65,7 @@ from .. import _check
 from .._defaults import JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from ..divergences import KINDS
 from . import fused_linear as fl
-from .distillation import DIVERGENCES, _reduce_rows, config_repr, configure
+from .distillation import _reduce_rows, config_repr, configure
 
 __all__ = [
     "ParallelDistillationLoss",
@@ -95,7 +98,11 @@ def _sum(x: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 def _slice_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row maxima and ``log Σ exp(x − m)`` of one chunk (−inf, −inf for an all −inf row)."""
+    """Row maxima and ``log Σ exp(x − m)`` of one chunk (−inf, −inf for an all −inf row,
+    and for a slice of width 0, which holds no probability)."""
+    if x.shape[-1] == 0:
+        empty = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
+        return empty, empty.clone()
     m = x.amax(-1)
     shift = torch.where(torch.isfinite(m), m, 0.0)
     return m, torch.logsumexp(x - shift[:, None], -1)
@@ -125,21 +132,28 @@ class _Rows(torch.autograd.Function):
         temperature: float,
         params: dict[str, float],
         group: Any,
+        grad_enabled: bool,
     ) -> torch.Tensor:
+        need = grad_enabled and student.requires_grad  # nothing to compute under no_grad
         values, grad = _forward(kind, student.detach(), teacher, keep, temperature, params, group,
-                                student.requires_grad)  # fmt: skip
+                                need)  # fmt: skip
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.student_dtype = student.dtype
         ctx.has_grad = grad is not None
+        ctx.keep = keep
         return values
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
         if not ctx.has_grad:
-            return (None,) * 7
-        out = grad.mul_(grad_out.to(grad.dtype)[:, None])  # in place: no second [N, V_r]
-        return (out.to(ctx.student_dtype),) + (None,) * 6
+            return (None,) * 8
+        # In place: no second [N, V_r] buffer. A second backward through the same forward
+        # would see a scaled gradient; autograd's version counter refuses it instead.
+        out = grad.mul_(grad_out.to(grad.dtype)[:, None])
+        if ctx.keep is not None:  # skipped tokens: 0 even under an inf or NaN grad_output
+            out.masked_fill_(~ctx.keep[:, None], 0.0)
+        return (out.to(ctx.student_dtype),) + (None,) * 7
 
 
 Chunk = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor]"]
@@ -177,6 +191,9 @@ def _slice_terms(
     lq = (s - norms[0, a:b, None]).sub_(norms[1, a:b, None])
     lp = (t - norms[2, a:b, None]).sub_(norms[3, a:b, None])
     h = None
+    if lq.shape[-1] == 0:  # a slice of width 0 adds nothing
+        zeros = torch.zeros(lq.shape[:-1], dtype=lq.dtype, device=lq.device)
+        return zeros, torch.zeros_like(lq) if need_h else None, lq
     with torch.enable_grad():
         lq.requires_grad_(need_h)
         part = KINDS[kind](lp, lq, form="log_probs", reduction="none", **params)
@@ -259,7 +276,17 @@ def vocab_parallel_rows(
     handles the data-parallel group); two collectives on ``vocab_group``, none in backward.
     """
     params = {name: {"beta": beta, "alpha": alpha}[name] for name in KIND_PARAMS.get(kind, {})}
-    return _Rows.apply(student, teacher, keep, kind, temperature, params, vocab_group)
+    return _Rows.apply(student, teacher, keep, kind, temperature, params, vocab_group,
+                       torch.is_grad_enabled())  # fmt: skip
+
+
+@torch.compiler.disable
+def _eager(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """Runs ``fn`` outside ``torch.compile``'s tracing: its validation reads gathered
+    metadata on the host, its chunk loops are Python, and its gradients come from
+    ``torch.autograd.grad`` in the forward pass. One graph break; ``fullgraph=True`` is not
+    supported."""
+    return fn(*args)
 
 
 def _configure_groups(
@@ -293,8 +320,11 @@ class ParallelDistillationLoss(torch.nn.Module):
     the teacher).
 
     ``vocab_size``: if given, the slices' widths must add up to it (checked by ``validate``).
-    ``validate=False`` drops the consistency collective; do that only once the shapes are
-    known to agree, since mismatched shapes can then hang or fail inside the collectives.
+    ``validate=False`` drops the consistency collectives and their host synchronisation; do
+    that only once the inputs are known to agree, since mismatched shapes can then hang or
+    fail inside the collectives. Under ``torch.compile`` the loss runs eagerly (one graph
+    break). A second backward through the same graph raises (the gradient is computed in the
+    forward pass and scaled in place).
     """
 
     def __init__(
@@ -332,98 +362,148 @@ class ParallelDistillationLoss(torch.nn.Module):
         labels: torch.Tensor | None = None,
         num_items: Any = None,
     ) -> torch.Tensor:
-        num_items = _check.check_num_items(num_items, self.reduction)
+        return _eager(self._forward, student_logits, teacher_logits, labels, num_items)
+
+    def _forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None,
+        num_items: Any,
+    ) -> torch.Tensor:
         if self.validate:
-            self._check_consistency(student_logits, teacher_logits, labels)
+            self._check_consistency(student_logits, teacher_logits, labels, num_items)
+        elif teacher_logits.requires_grad:
+            raise ValueError(f"Expected no gradient for the teacher: {_TEACHER_GRAD}.")
+        num_items = _check.check_num_items(num_items, self.reduction)
         v = student_logits.shape[-1]
         tokens = tuple(student_logits.shape[:-1])
         keep = None if labels is None else labels != self.ignore_index
         flat_keep = None if keep is None else keep.reshape(-1)
+        n = math.prod(tokens)  # not reshape(-1, v): v may be 0 on a rank
         rows = vocab_parallel_rows(
-            self.divergence, student_logits.reshape(-1, v), teacher_logits.reshape(-1, v),
+            self.divergence, student_logits.reshape(n, v), teacher_logits.reshape(n, v),
             flat_keep, temperature=self.temperature, beta=self.beta, alpha=self.alpha,
             vocab_group=self.vocab_group,
         ).reshape(tokens)  # fmt: skip
-        rows = rows.to(torch.promote_types(student_logits.dtype, torch.float32))
+        wide = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+        rows = rows.to(torch.promote_types(wide, torch.float32))
         if self.scale_by_temperature_squared:
             rows = rows * self.temperature**2
         return _data_parallel_reduce(rows, keep, self.reduction, num_items, self.data_group)
 
     def _check_consistency(
-        self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        num_items: Any,
     ) -> None:
-        bits = [
-            student.shape != teacher.shape,
-            student.ndim < 1 or student.shape[-1] == 0,
-            labels is not None and tuple(labels.shape) != tuple(student.shape[:-1]),
-            teacher.requires_grad,
-            student.dtype not in _DTYPES or teacher.dtype not in _DTYPES,
-        ]
+        local = []
+        if student.shape != teacher.shape:
+            local.append("student and teacher logits differ in shape")
+        if student.ndim < 1:
+            local.append("the logits have no vocabulary axis")
+        if labels is not None and tuple(labels.shape) != tuple(student.shape[:-1]):
+            local.append("labels are not of the token shape")
+        if teacher.requires_grad:
+            local.append(_TEACHER_GRAD)
+        if student.dtype not in _DTYPES or teacher.dtype not in _DTYPES:
+            local.append("the logits are not floating point")
         width = student.shape[-1] if student.ndim else 0
-        _validate(self, bits, math.prod(student.shape[:-1]), width, student.dtype,
-                  teacher.dtype, labels is not None, student.device)  # fmt: skip
+        facts = {"rows": math.prod(student.shape[:-1]), "width": width,
+                 "dtypes": [str(student.dtype), str(teacher.dtype)]}  # fmt: skip
+        _validate(self, local + _num_items_problem(num_items, self.reduction), facts,
+                  labels is not None, num_items is not None, student.device)  # fmt: skip
+
+
+_TEACHER_GRAD = "the teacher requires a gradient (detach it; the student gets one)"
+
+
+def _num_items_problem(num_items: Any, reduction: str) -> list[str]:
+    # checked among the other local facts, so that a bad value raises on every rank
+    try:
+        _check.check_num_items(num_items, reduction)
+    except (TypeError, ValueError) as e:
+        return [str(e).rstrip(".")]
+    return []
 
 
 def _validate(
     module: torch.nn.Module,
-    bits: list[bool],
-    rows: int,
-    width: int,
-    student_dtype: torch.dtype,
-    teacher_dtype: torch.dtype,
+    local: list[str],
+    facts: dict[str, Any],
     labels_given: bool,
+    num_items_given: bool,
     device: torch.device,
 ) -> None:
-    """One all-gather of a few numbers per rank, then the same verdict, word for word, on
-    every rank (local problems travel as bits, so every rank can name them)."""
-    flags = sum(1 << i for i, bad in enumerate(bits) if bad)
-    meta = [
-        float(flags), float(rows), float(width), float(_code(student_dtype)),
-        float(_code(teacher_dtype)), float(DIVERGENCES.index(module.divergence)),
-        module.temperature, module.beta, module.alpha, float(labels_given),
-    ]  # fmt: skip
-    every = _gather(torch.tensor(meta, dtype=torch.float64, device=device),
-                    module.vocab_group).tolist()  # fmt: skip
-    problems = [f"rank {r}: {msg}" for r, m in enumerate(every)
-                for i, msg in enumerate(_LOCAL_PROBLEMS) if int(m[0]) >> i & 1]  # fmt: skip
-    for i, name in enumerate(_SHARED, start=1):
-        if name is not None and len({m[i] for m in every}) > 1:
-            problems.append(f"the {name} differ over the vocab group: "
-                            f"{[_show(name, m[i]) for m in every]}")  # fmt: skip
-    total = sum(int(m[2]) for m in every)
+    """Share every rank's facts and problems over the vocab group, then the data group, then
+    (when there are both) the vocab group again, so that every rank of a full mesh ends
+    with the same list and raises the same ``ValueError``, or none does. Each round is one
+    all-gather of a few KiB of JSON per rank; reading it back waits for the device."""
+    me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    config = {
+        "divergence": module.divergence, "beta": module.beta, "alpha": module.alpha,
+        "temperature": module.temperature, "reduction": module.reduction,
+        "ignore_index": module.ignore_index, "T^2": module.scale_by_temperature_squared,
+        "labels given": labels_given, "num_items given": num_items_given,
+        "vocab_size": module.vocab_size, "dtypes": facts["dtypes"],
+        **facts.get("config", {}),
+    }  # fmt: skip
+    mine = {"problems": [f"rank {me}: {msg}" for msg in local], "config": config,
+            "rows": facts["rows"], "width": facts["width"]}  # fmt: skip
+    problems = mine["problems"]
+    vocab, data = module.vocab_group, module.data_group
+    if _world(vocab) > 1:
+        every = _gather_json(mine, vocab, device)
+        problems = _union(every)
+        problems += _differ("the row counts", [m["rows"] for m in every], "vocab")
+        problems += _differ("the settings", [m["config"] for m in every], "vocab")
+        widths = [m["width"] for m in every]
+    else:
+        widths = [facts["width"]]
+    total = sum(widths)
     if module.vocab_size is not None and total != module.vocab_size:
-        problems.append(
-            f"the slices' widths {[int(m[2]) for m in every]} add up to {total}, "
-            f"not vocab_size={module.vocab_size}"
-        )
+        problems.append(f"the slices' widths {widths} add up to {total}, "
+                        f"not vocab_size={module.vocab_size}")  # fmt: skip
+    if _world(data) > 1:
+        every = _gather_json({**mine, "problems": problems}, data, device)
+        problems = _union(every)
+        problems += _differ("the slice widths", [m["width"] for m in every], "data")
+        problems += _differ("the settings", [m["config"] for m in every], "data")
+        if _world(vocab) > 1:  # tell the vocab group what the data groups found
+            problems = _union(_gather_json({"problems": problems}, vocab, device))
     if problems:
-        raise ValueError("Inconsistent vocab-parallel inputs: " + "; ".join(problems) + ".")
+        raise ValueError("Inconsistent parallel inputs: " + "; ".join(problems) + ".")
 
 
-_LOCAL_PROBLEMS = (
-    "student and teacher logits differ in shape",
-    "the logits have no vocabulary axis",
-    "labels are not of the token shape",
-    "the teacher requires a gradient (detach it; the student gets one)",
-    "the logits are not floating point",
-    "the student's hidden states, LM-head slice or bias do not fit together",
-    "the teacher's inputs do not fit the student's",
-)
-# what must agree over the vocab group, by position in the metadata (None: free to differ)
-_SHARED = ("row counts", None, "student dtypes", "teacher dtypes", "divergences",
-           "temperatures", "betas", "alphas", "label flags")  # fmt: skip
+_JSON_BYTES = 4096
 
 
-def _code(dtype: torch.dtype) -> int:
-    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+def _gather_json(obj: dict, group: Any, device: torch.device) -> list[dict]:
+    """Every rank's ``obj``, through one all-gather of a fixed-size byte buffer."""
+    raw = json.dumps(obj, sort_keys=True).encode()
+    if len(raw) > _JSON_BYTES:  # only a long problem list gets here: keep its start
+        raw = json.dumps({**obj, "problems": obj["problems"][:10]}, sort_keys=True).encode()
+    buf = torch.zeros(_JSON_BYTES, dtype=torch.uint8)
+    buf[: len(raw)] = torch.frombuffer(bytearray(raw[:_JSON_BYTES]), dtype=torch.uint8)
+    # JSON holds no NUL byte: the text ends at the buffer's last nonzero byte
+    every = _gather(buf.to(device), group).cpu()
+    return [json.loads(bytes(row[row != 0].tolist())) for row in every]
 
 
-def _show(name: str, x: float) -> Any:
-    if name.endswith("dtypes"):
-        return str(_DTYPES[int(x)]).removeprefix("torch.") if x >= 0 else "non-float"
-    if name == "divergences":
-        return DIVERGENCES[int(x)]
-    return int(x) if name in ("row counts", "label flags") else x
+def _union(every: list[dict]) -> list[str]:
+    return sorted({p for m in every for p in m["problems"]})
+
+
+def _differ(what: str, values: list[Any], group: str) -> list[str]:
+    if all(v == values[0] for v in values):
+        return []
+    if all(isinstance(v, dict) for v in values):
+        keys = sorted(k for k in values[0] if len({json.dumps(v.get(k)) for v in values}) > 1)
+        shown = {k: [v.get(k) for v in values] for k in keys}
+        return [f"{what} differ over the {group} group: {shown}"]
+    return [f"{what} differ over the {group} group: {values}"]
 
 
 def _data_parallel_reduce(
@@ -629,7 +709,7 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
     logit matmuls of the single-device loss, in exchange for memory that does not grow with
     N·V. Gradients: the hidden states (summed over the vocab group with one all-reduce of
     ``[N, H]``, as any vocab-parallel LM head needs), this rank's weight rows and bias. The
-    teacher gets none. Collectives per forward: validation's gather, the statistics' gather,
+    teacher gets none. Collectives per forward: validation's gathers, the statistics' gather,
     the terms' all-reduce and the hidden gradient's all-reduce (in backward instead for
     ``reduction="none"``), plus one on ``data_group``.
     """
@@ -675,7 +755,22 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         teacher_weight: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        num_items = _check.check_num_items(num_items, self.reduction)
+        return _eager(self._forward, student_hidden, student_weight, teacher_logits, labels,
+                      num_items, student_bias, teacher_hidden, teacher_weight,
+                      teacher_bias)  # fmt: skip
+
+    def _forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        num_items: Any,
+        student_bias: torch.Tensor | None,
+        teacher_hidden: torch.Tensor | None,
+        teacher_weight: torch.Tensor | None,
+        teacher_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         hidden, weight, bias = student_hidden, student_weight, student_bias
         tokens = tuple(hidden.shape[:-1]) if hidden.ndim else ()
         v = weight.shape[0] if weight.ndim == 2 else 0
@@ -694,24 +789,32 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
                           and (teacher_bias is None
                                or tuple(teacher_bias.shape) == (v,)))  # fmt: skip
         teacher_parts = [x for x in (t_src, t_w, t_b) if x is not None]
+        # the hidden states' all-reduce runs where their gradient is wanted: everywhere or
+        # nowhere, which validation checks with the settings
+        grads = [torch.is_grad_enabled() and x is not None and x.requires_grad
+                 for x in (hidden, weight, bias)]  # fmt: skip
         if self.validate:
-            bits = [
-                False,
-                v == 0,
-                labels is not None and tuple(labels.shape) != tokens,
-                any(x.requires_grad for x in teacher_parts),
-                not all(x.is_floating_point() for x in [hidden, weight, *teacher_parts]),
-                not student_ok,
-                not teacher_ok,
-            ]
-            t_dtype = t_src.dtype if t_src is not None else hidden.dtype
-            _validate(self, bits, math.prod(tokens), v, hidden.dtype, t_dtype,
-                      labels is not None, hidden.device)  # fmt: skip
+            local = [msg for bad, msg in (
+                (labels is not None and tuple(labels.shape) != tokens,
+                 "labels are not of the token shape"),
+                (any(x.requires_grad for x in teacher_parts), _TEACHER_GRAD),
+                (not all(x.is_floating_point() for x in [hidden, weight, *teacher_parts]),
+                 "the inputs are not floating point"),
+                (not student_ok,
+                 "the student's hidden states, LM-head slice or bias do not fit together"),
+                (not teacher_ok, "the teacher's inputs do not fit the student's"),
+            ) if bad]  # fmt: skip
+            dtypes = [str(hidden.dtype), str(None if t_src is None else t_src.dtype)]
+            facts = {"rows": math.prod(tokens), "width": v, "dtypes": dtypes,
+                     "config": {"gradients (hidden, weight, bias)": grads}}  # fmt: skip
+            _validate(self, local + _num_items_problem(num_items, self.reduction), facts,
+                      labels is not None, num_items is not None, hidden.device)  # fmt: skip
         elif not (student_ok and teacher_ok):
             raise ValueError("Expected student and teacher inputs that fit together (see the "
                              "class docstring); validate=True names what does not.")  # fmt: skip
         elif any(x.requires_grad for x in teacher_parts):
-            raise ValueError("Expected a teacher that does not require a gradient.")
+            raise ValueError(f"Expected no gradient for the teacher: {_TEACHER_GRAD}.")
+        num_items = _check.check_num_items(num_items, self.reduction)
         n = math.prod(tokens)
         keep = None if labels is None else (labels != self.ignore_index).reshape(-1)
         if t_w is None:
@@ -742,7 +845,5 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         return out / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1))
 
 
-@torch.compiler.disable
 def _fused_apply(*args: Any) -> torch.Tensor:
-    """Opaque to ``torch.compile`` (its chunk loop and collectives run eagerly)."""
     return _FusedRows.apply(*args)
