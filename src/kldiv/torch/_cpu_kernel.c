@@ -23,8 +23,9 @@
  * argument are 0, and a positive first argument against a zero second one makes the row +inf
  * (tested by d == +inf, so it holds even where the positive side underflows). Rows the kernel
  * does not decide exactly come back flagged for the caller's tensor code: rows holding +inf or
- * NaN, rows that are all -inf on a side, and reverse-KL rows that are +inf (the core leaves
- * the infinite terms out of that gradient, which needs its masks). Rows with keep[i] == 0 are
+ * NaN, rows that are all -inf on a side, rows with |logit/T| above 2^22 at T != 1 (see the
+ * row maximum below), and reverse-KL rows that are +inf (the core leaves the infinite terms
+ * out of that gradient, which needs its masks). Rows with keep[i] == 0 are
  * never read: value 0 and a zero gradient row.
  */
 #include <math.h>
@@ -147,7 +148,13 @@ void kldiv_cpu_rows(int kind, int64_t n, int64_t v, const float *s, int64_t ss, 
             mt = select(b > mt, b, mt);
         }
         const float m_s = hmax(ms) * inv_t, m_t = hmax(mt) * inv_t;
-        if (any(bad) || !isfinite(m_s) || !isfinite(m_t)) {
+        /* With fused multiply-adds, a = s*inv_t - m_s is exact before its one rounding, so
+         * at the row maximum it is the rounding error of m_s, up to |m_s|*2^-24, not 0. That
+         * is harmless (and more accurate) while it stays small; beyond |s/T| = 2^22 it could
+         * reach e^(tens) and overflow, so such rows go to tensor code. (At T = 1 the product
+         * is exact.) */
+        const int huge = inv_t != 1.0f && (fabsf(m_s) > 0x1p22f || fabsf(m_t) > 0x1p22f);
+        if (any(bad) || huge || !isfinite(m_s) || !isfinite(m_t)) {
             flags[i] = 1;
             continue;
         }

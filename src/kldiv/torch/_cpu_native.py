@@ -41,9 +41,9 @@ KINDS = {"kl": 0, "reverse_kl": 1}
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 # The second set is for compilers that do not know -march=native (some non-x86 clangs).
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
-# -ffp-contract=off: an FMA in ``s*inv_t - m`` would leave the row maximum at the rounding
-# error of the product instead of exactly 0 (beyond 87 at |s/T| ~ 1e10: overflow, NaN).
-_COMMON = ("-std=gnu11", "-ffp-contract=off", "-shared", "-fPIC")
+# Fused multiply-adds on purpose (10% faster here, and more accurate): the one place where
+# they change a result's range, the row maximum's shift, is guarded in the kernel.
+_COMMON = ("-std=gnu11", "-ffp-contract=fast", "-shared", "-fPIC")
 _OFF = ("0", "false", "off", "no")
 # Below this many elements a thread pool costs more than it saves.
 _PARALLEL_MIN = 1 << 16
