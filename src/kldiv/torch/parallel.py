@@ -23,8 +23,8 @@ How (per row, T the temperature, s and t the tempered logits):
    backward, as on the single-device CPU path.
 
 The value and gradient are therefore the core's, zero support included: −inf logits are zero
-probabilities, +inf rows are +inf, and an all −inf row is NaN. No backward collective is
-needed.
+probabilities (a −inf student logit gets a zero gradient), +inf rows are +inf, and an all −inf
+row is NaN. No backward collective is needed.
 
 A hand-rolled version typically all-reduces the maximum, the sum of exps and the loss
 separately for each side: four or five collectives. See ``docs/parallel.md`` for the
