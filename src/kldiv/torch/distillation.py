@@ -251,15 +251,22 @@ def _reduce_rows(
     tokens (or by ``num_items``; 0 when nothing is kept), "sum", or "none"."""
     if reduction == "none":
         return rows
-    total = rows.sum()
+    return _reduce_total(rows.sum(), rows.numel() if keep is None else keep.sum(), reduction,
+                         num_items)  # fmt: skip
+
+
+def _reduce_total(total: torch.Tensor, count: Any, reduction: str, num_items: Any) -> torch.Tensor:
+    """``"sum"``: ``total``; ``"mean"``: ``total / num_items`` if given, else ``total / count``
+    (an int or a tensor: the kept tokens), at least 1, so that an empty mean is 0."""
     if reduction == "sum":
         return total
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):  # the loss keeps its dtype, as in the core
             num_items = num_items.to(device=total.device, dtype=total.dtype)
         return total / num_items
-    count = max(rows.numel(), 1) if keep is None else keep.sum().clamp_min(1)
-    return total / count
+    if isinstance(count, torch.Tensor):
+        return total / count.clamp_min(1)
+    return total / max(count, 1)
 
 
 def _fast_path_obstacles(student: torch.Tensor, teacher: torch.Tensor) -> list[str]:

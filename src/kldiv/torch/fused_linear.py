@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from .. import _check
 from .._defaults import JS_BETA, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from . import _cpu
-from .distillation import config_repr, configure
+from .distillation import _reduce_total, config_repr, configure
 
 __all__ = ["FusedLinearDistillationLoss"]
 
@@ -377,14 +377,9 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                                          torch.float32))  # fmt: skip
         if self.reduction == "none":
             loss = out.reshape(tokens)
-        elif self.reduction == "sum":
-            loss = out
-        elif num_items is not None:
-            if isinstance(num_items, torch.Tensor):  # the loss keeps its dtype, as in the core
-                num_items = num_items.to(device=out.device, dtype=out.dtype)
-            loss = out / num_items
         else:
-            loss = out / max(n if index is None else index.numel(), 1)
+            count = n if index is None else index.numel()
+            loss = _reduce_total(out, count, self.reduction, num_items)
         if self.scale_by_temperature_squared and self.temperature != 1.0:
             loss = loss * self.temperature**2
         return loss

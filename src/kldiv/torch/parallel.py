@@ -65,7 +65,7 @@ from .. import _check
 from .._defaults import JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
 from ..divergences import KINDS
 from . import fused_linear as fl
-from .distillation import _reduce_rows, config_repr, configure
+from .distillation import _reduce_rows, _reduce_total, config_repr, configure
 
 __all__ = [
     "ParallelDistillationLoss",
@@ -526,13 +526,7 @@ def _global_total(local: torch.Tensor, count: Any, reduction: str, num_items: An
                           torch.as_tensor(count, device=local.device).double()])  # fmt: skip
     _sum(packed, group)
     total = _GlobalSum.apply(local, packed[0].to(local.dtype))
-    if reduction == "sum":
-        return total
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            num_items = num_items.to(device=total.device, dtype=total.dtype)
-        return total / num_items
-    return total / packed[1].clamp_min(1).to(total.dtype)
+    return _reduce_total(total, packed[1].to(total.dtype), reduction, num_items)
 
 
 class _GlobalSum(torch.autograd.Function):
@@ -836,13 +830,7 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         count = n if keep is None else keep.sum()
         if _world(self.data_group) > 1:
             return _global_total(out, count, self.reduction, num_items, self.data_group)
-        if self.reduction == "sum":
-            return out
-        if num_items is not None:
-            if isinstance(num_items, torch.Tensor):
-                num_items = num_items.to(device=out.device, dtype=out.dtype)
-            return out / num_items
-        return out / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1))
+        return _reduce_total(out, count, self.reduction, num_items)
 
 
 def _fused_apply(*args: Any) -> torch.Tensor:
