@@ -52,6 +52,8 @@ def inputs(rng: np.random.Generator, infinite: bool = False, kind: str = "kl") -
         s[5, np.flatnonzero(~np.isneginf(t[5]))[:2]] = -np.inf  # p > 0 = q: KL +inf
     labels = rng.integers(0, V, size=N)
     labels[rng.random(N) < 0.3] = -100
+    if infinite:
+        labels[5] = 1  # the +inf row is kept (seed 4133497048 had skipped it)
     s[labels == -100] = np.nan  # skipped tokens may hold anything
     return {"student": torch.tensor(s), "teacher": torch.tensor(t), "labels": torch.tensor(labels)}
 
