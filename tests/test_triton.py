@@ -75,7 +75,22 @@ def test_kernels_against_the_core(rng, kind, dtype):
     assert not g.isnan().any() and g.isfinite().all()
     # float32 arithmetic throughout; a half-precision gradient is rounded once, at the store
     eps = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
-    torch.testing.assert_close(g.double().cpu(), gref, rtol=2 * eps, atol=1e-6)
+    rows = torch.ones(n, dtype=torch.bool)
+    if kind == "tv":
+        rows = comparable_tv_rows(st, tt, keep, 1.7)
+    torch.testing.assert_close(g.double().cpu()[rows], gref[rows], rtol=2 * eps, atol=1e-6)
+
+
+def comparable_tv_rows(st, tt, keep, temperature):
+    """TV's gradient holds sign(q − p): where float32 cannot resolve q − p the sign is a coin
+    toss that moves the whole row (through Σh), so such rows are not comparable (seed
+    3997159059 had one, in float16)."""
+    q = torch.softmax(torch.where(keep[:, None], st, 0).double().cpu() / temperature, -1)
+    p = torch.softmax(tt.double().cpu() / temperature, -1)
+    d = (q - p).abs()
+    rows = ~((d <= 1e-5 * (q + p)) & (d > 0)).any(-1)  # exact ties are comparable
+    assert rows.float().mean() > 0.8  # a handful of rows at most
+    return rows
 
 
 def test_masked_rows_and_a_fully_masked_batch(rng):
