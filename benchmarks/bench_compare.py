@@ -196,9 +196,21 @@ def main() -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = args.out / f"compare_cpu_{'cold' if args.cold else 'warm'}_{stamp}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_seconds", "throughput_mb_s",
-                      "ratio_compare_over_read", "peak_rss_mib_compare",
-                      "relative_error_vs_float64_in_memory")}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "median_seconds",
+                    "throughput_mb_s",
+                    "ratio_compare_over_read",
+                    "peak_rss_mib_compare",
+                    "relative_error_vs_float64_in_memory",
+                )
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {path}")
     return 0
 

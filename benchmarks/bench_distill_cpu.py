@@ -39,9 +39,17 @@ def main() -> int:
     ap.add_argument("--variants", default="eager,compile,kldiv")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    res = _bench.run("cpu", args.n, args.v, "float32", tuple(args.kinds.split(",")),
-                     tuple(args.variants.split(",")), args.rounds, args.iters,
-                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # fmt: skip
+    res = _bench.run(
+        "cpu",
+        args.n,
+        args.v,
+        "float32",
+        tuple(args.kinds.split(",")),
+        tuple(args.variants.split(",")),
+        args.rounds,
+        args.iters,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
     res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     res["commit"] = commit()
     res["one_NV_float32_MiB"] = args.n * args.v * 4 / 2**20

@@ -48,14 +48,25 @@ def main() -> int:
     shapes += [tuple(int(x) for x in s.split("x")) for s in args.small.split(",") if s]
     runs = []
     for n, v in shapes:
-        res = _bench.run("cuda", n, v, args.dtype, tuple(args.kinds.split(",")),
-                         tuple(args.variants.split(",")), args.rounds, args.iters,
-                         progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # fmt: skip
+        res = _bench.run(
+            "cuda",
+            n,
+            v,
+            args.dtype,
+            tuple(args.kinds.split(",")),
+            tuple(args.variants.split(",")),
+            args.rounds,
+            args.iters,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
         print(f"N={n} V={v} {args.dtype}")
         print(_bench.table(res), flush=True)
         runs.append(res)
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(),
-           "runs": runs}  # fmt: skip
+    out = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit(),
+        "runs": runs,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"distill_gpu_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")

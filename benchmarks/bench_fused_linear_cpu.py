@@ -71,17 +71,22 @@ def main() -> int:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r |= {"variant": variant, "N": n, "one_NV_float32_MiB": n * args.v * 4 / 2**20}
             rows.append(r)
-            print(f"N={n:5d} {variant:12s} {statistics.median(r['times_s']):7.3f} s  "
-                  f"peak extra {r['peak_extra_mib']:7.1f} MiB  (one [N, V] float32: "
-                  f"{r['one_NV_float32_MiB']:.0f} MiB)", flush=True)  # fmt: skip
+            print(
+                f"N={n:5d} {variant:12s} {statistics.median(r['times_s']):7.3f} s  "
+                f"peak extra {r['peak_extra_mib']:7.1f} MiB  (one [N, V] float32: "
+                f"{r['one_NV_float32_MiB']:.0f} MiB)",
+                flush=True,
+            )
     result = {
         "benchmark": "FusedLinearDistillationLoss vs materialised logits, CPU, fwd+bwd, kl",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "shape": {"H": args.h, "V": args.v}, "commit": commit(),
+        "shape": {"H": args.h, "V": args.v},
+        "commit": commit(),
         "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "kldiv": kldiv.__version__}, "runs": rows,
-    }  # fmt: skip
+        "versions": {"torch": torch.__version__, "kldiv": kldiv.__version__},
+        "runs": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"fused_linear_cpu_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -92,8 +92,16 @@ def step_fn(variant: str):
 
 
 # which argument of each collective holds what this rank contributes
-_PAYLOAD = {"all_reduce": 0, "all_gather": 1, "all_gather_into_tensor": 1, "reduce_scatter": 1,
-            "reduce_scatter_tensor": 1, "broadcast": 0, "reduce": 0, "scatter": 1}  # fmt: skip
+_PAYLOAD = {
+    "all_reduce": 0,
+    "all_gather": 1,
+    "all_gather_into_tensor": 1,
+    "reduce_scatter": 1,
+    "reduce_scatter_tensor": 1,
+    "broadcast": 0,
+    "reduce": 0,
+    "scatter": 1,
+}
 _SENT = {"bytes": 0}
 
 
@@ -127,8 +135,11 @@ def profile_step(step, s, t) -> dict:
             else:
                 loss.backward()
         events = [e for e in prof.events() if e.name.startswith("c10d::")]
-        out[phase] = {"collectives": len(events), "bytes_in": _SENT["bytes"],
-                      "names": sorted({e.name for e in events})}  # fmt: skip
+        out[phase] = {
+            "collectives": len(events),
+            "bytes_in": _SENT["bytes"],
+            "names": sorted({e.name for e in events}),
+        }
     s.grad = None
     return out
 
@@ -167,11 +178,18 @@ def worker(rank: int, world: int, port: int, variant: str, n: int, v: int, iters
 
     ref = ParallelDistillationLoss("kl", vocab_group=dist.group.WORLD)(s, t)
     ref.backward()
-    agrees = bool(torch.allclose(loss.detach(), ref.detach(), rtol=1e-4, atol=1e-6)
-                  and torch.allclose(grad, s.grad, rtol=1e-3, atol=1e-9))  # fmt: skip
+    agrees = bool(
+        torch.allclose(loss.detach(), ref.detach(), rtol=1e-4, atol=1e-6)
+        and torch.allclose(grad, s.grad, rtol=1e-3, atol=1e-9)
+    )
     s.grad = None
-    result = {"times_s": times[2:], "agrees_with_kldiv": agrees, "value": float(loss.detach()),
-              "peak_extra_mib": peak, **counts}  # fmt: skip
+    result = {
+        "times_s": times[2:],
+        "agrees_with_kldiv": agrees,
+        "value": float(loss.detach()),
+        "peak_extra_mib": peak,
+        **counts,
+    }
     dist.barrier()
     dist.destroy_process_group()
     return result
@@ -180,9 +198,23 @@ def worker(rank: int, world: int, port: int, variant: str, n: int, v: int, iters
 def launch(variant: str, world: int, n: int, v: int, iters: int) -> list[dict]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(store.port),
-                          variant, str(n), str(v), str(iters)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(r),
+                str(world),
+                str(store.port),
+                variant,
+                str(n),
+                str(v),
+                str(iters),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in range(world)
     ]
     out = []
@@ -210,27 +242,35 @@ def main() -> None:
     result = {
         "benchmark": "vocab-parallel KL, forward + backward, Gloo ranks on one CPU",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "world": args.world, "shape": {"N": args.n, "V": args.v}, "dtype": "float32",
+        "world": args.world,
+        "shape": {"N": args.n, "V": args.v},
+        "dtype": "float32",
         "machine": {"platform": platform.platform(), "cores": len(os.sched_getaffinity(0))},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "variants": {},
-    }  # fmt: skip
-    print(f"{'variant':<12}{'median ms':>10}{'fwd coll':>9}{'bwd coll':>9}{'KiB sent/rank':>15}"
-          f"{'peak MiB':>10}  agrees")  # fmt: skip
+    }
+    print(
+        f"{'variant':<12}{'median ms':>10}{'fwd coll':>9}{'bwd coll':>9}{'KiB sent/rank':>15}"
+        f"{'peak MiB':>10}  agrees"
+    )
     for variant in VARIANTS:
         ranks = launch(variant, args.world, args.n, args.v, args.iters)
         r0 = ranks[0]
         sent = (r0["forward"]["bytes_in"] + r0["backward"]["bytes_in"]) / 1024
-        summary = {"median_s": statistics.median(r0["times_s"]),
-                   "forward_collectives": r0["forward"]["collectives"],
-                   "backward_collectives": r0["backward"]["collectives"],
-                   "kib_sent_per_rank": sent,
-                   "peak_extra_mib": max(r["peak_extra_mib"] for r in ranks),
-                   "agrees_with_kldiv": all(r["agrees_with_kldiv"] for r in ranks)}  # fmt: skip
+        summary = {
+            "median_s": statistics.median(r0["times_s"]),
+            "forward_collectives": r0["forward"]["collectives"],
+            "backward_collectives": r0["backward"]["collectives"],
+            "kib_sent_per_rank": sent,
+            "peak_extra_mib": max(r["peak_extra_mib"] for r in ranks),
+            "agrees_with_kldiv": all(r["agrees_with_kldiv"] for r in ranks),
+        }
         result["variants"][variant] = {"summary": summary, "ranks": ranks}
-        print(f"{variant:<12}{summary['median_s'] * 1e3:>10.1f}{summary['forward_collectives']:>9}"
-              f"{summary['backward_collectives']:>9}{sent:>15.1f}{summary['peak_extra_mib']:>10.1f}"
-              f"  {summary['agrees_with_kldiv']}")  # fmt: skip
+        print(
+            f"{variant:<12}{summary['median_s'] * 1e3:>10.1f}{summary['forward_collectives']:>9}"
+            f"{summary['backward_collectives']:>9}{sent:>15.1f}{summary['peak_extra_mib']:>10.1f}"
+            f"  {summary['agrees_with_kldiv']}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"parallel_cpu_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"

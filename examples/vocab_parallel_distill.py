@@ -43,8 +43,9 @@ def main() -> None:
 
     weight = torch.nn.Parameter(student_head[lo:hi].clone())  # this rank's slice only
     teacher_logits = hidden @ teacher_head[lo:hi].T
-    loss_fn = ParallelDistillationLoss("kl", temperature=2.0, vocab_group=dist.group.WORLD,
-                                       vocab_size=VOCAB)  # fmt: skip
+    loss_fn = ParallelDistillationLoss(
+        "kl", temperature=2.0, vocab_group=dist.group.WORLD, vocab_size=VOCAB
+    )
     opt = torch.optim.SGD([weight], lr=20.0)
     for step in range(STEPS):
         loss = loss_fn(hidden @ weight.T, teacher_logits, labels)
@@ -60,8 +61,9 @@ def main() -> None:
     full = torch.cat(slices)
     ours = loss_fn(hidden @ weight.detach().T, teacher_logits, labels)
     if rank == 0:
-        single = DistillationLoss("kl", temperature=2.0)(hidden @ full.T, hidden @ teacher_head.T,
-                                                         labels)  # fmt: skip
+        single = DistillationLoss("kl", temperature=2.0)(
+            hidden @ full.T, hidden @ teacher_head.T, labels
+        )
         print(f"final: vocab-parallel {ours.item():.6f}, single process {single.item():.6f}")
         torch.testing.assert_close(ours, single, rtol=1e-5, atol=1e-6)
     dist.destroy_process_group()

@@ -38,17 +38,26 @@ logits_p = rng.normal(size=(6, 7)).astype("float32")
 logits_q = rng.normal(size=(6, 7)).astype("float32")
 probs_p = np.exp(logits_p) / np.exp(logits_p).sum(-1, keepdims=True)
 params = {"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
-classes = {"kl": kk.KLDivergence, "reverse_kl": kk.ReverseKLDivergence, "js": kk.JSDivergence,
-           "skew_kl": kk.SkewKLDivergence, "skew_reverse_kl": kk.SkewReverseKLDivergence,
-           "symmetric_kl": kk.SymmetricKLDivergence, "tv": kk.TVDistance}  # fmt: skip
+classes = {
+    "kl": kk.KLDivergence,
+    "reverse_kl": kk.ReverseKLDivergence,
+    "js": kk.JSDivergence,
+    "skew_kl": kk.SkewKLDivergence,
+    "skew_reverse_kl": kk.SkewReverseKLDivergence,
+    "symmetric_kl": kk.SymmetricKLDivergence,
+    "tv": kk.TVDistance,
+}
 weights = rng.random(6).astype("float32")
 for kind, cls in classes.items():
     for form, a in ((("probs", "logits"), probs_p), ("logits", logits_p)):
         kw = dict(params.get(kind, {}), form=form)
         if form == "logits":
             kw["temperature"] = 2.0
-        ref = np.asarray(kldiv.divergence(a.astype(np.float64), logits_q.astype(np.float64),
-                                          kind, reduction="none", **kw))  # fmt: skip
+        ref = np.asarray(
+            kldiv.divergence(
+                a.astype(np.float64), logits_q.astype(np.float64), kind, reduction="none", **kw
+            )
+        )
         loss = cls(**kw)
         got = as_np(loss(a, logits_q))
         check(abs(got - ref.mean()) <= 1e-5 * (1 + abs(ref.mean())), f"{kind} {form} mean")
@@ -107,14 +116,19 @@ if backend == "tensorflow":
     # symbolic batch dimension (a custom train_step or any tf.function): every reduction
     sig = [tf.TensorSpec([None, 9], tf.float64)] * 2
     for red in ("mean", "sum"):
-        f = tf.function(lambda x, y, r=red: kldiv.kl_div(x, y, form="logits", reduction=r),
-                        input_signature=sig)  # fmt: skip
+        f = tf.function(
+            lambda x, y, r=red: kldiv.kl_div(x, y, form="logits", reduction=r), input_signature=sig
+        )
         eager = kldiv.kl_div(a.numpy(), b.numpy(), form="logits", reduction=red)
         check(np.allclose(f(a, b).numpy(), np.asarray(eager), rtol=1e-12), f"tf.function {red}")
     # a tf.Variable is read, not rejected
     var = tf.Variable(b)
-    check(np.allclose(kldiv.kl_div(a, var, form="logits", reduction="none").numpy(),
-                      core.numpy(), rtol=1e-12), "tf.Variable input")  # fmt: skip
+    check(
+        np.allclose(
+            kldiv.kl_div(a, var, form="logits", reduction="none").numpy(), core.numpy(), rtol=1e-12
+        ),
+        "tf.Variable input",
+    )
 
     # TensorFlow Probability as a second reference: Categorical and a few closed forms
     import tensorflow_probability as tfp
@@ -167,8 +181,10 @@ check(
 dead = act.copy()
 dead[:, 2] = 0.0
 check(math.isinf(float(as_np(reg(keras.ops.convert_to_tensor(dead))))), "dead unit is inf")
-check(kk.KLSparsityRegularizer.from_config(reg.get_config()).get_config() == reg.get_config(),
-      "regularizer config")  # fmt: skip
+check(
+    kk.KLSparsityRegularizer.from_config(reg.get_config()).get_config() == reg.get_config(),
+    "regularizer config",
+)
 
 # 3. a real fit with the loss and the regularizer; save and load the model
 keras.utils.set_random_seed(0)
@@ -180,8 +196,11 @@ h = keras.layers.Dense(6, activation="sigmoid", activity_regularizer=kk.KLSparsi
     inp
 )
 # as a bias regularizer the input is the layer's Variable itself (values in (0, 1) here)
-biased = keras.layers.Dense(3, bias_initializer=keras.initializers.Constant(0.2),
-                            bias_regularizer=kk.KLSparsityRegularizer())  # fmt: skip
+biased = keras.layers.Dense(
+    3,
+    bias_initializer=keras.initializers.Constant(0.2),
+    bias_regularizer=kk.KLSparsityRegularizer(),
+)
 biased.build((None, 8))
 expected = 0.01 * 3 * (0.05 * math.log(0.05 / 0.2) + 0.95 * math.log(0.95 / 0.8))
 check(abs(float(as_np(sum(biased.losses))) - expected) < 1e-6, "bias_regularizer on a Variable")

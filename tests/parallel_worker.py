@@ -87,10 +87,16 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
         if tweak == "num_items":
             num_items = value
     loss_fn = ParallelDistillationLoss(
-        case["kind"], temperature=case["temperature"], beta=case.get("beta", 0.5),
-        alpha=case.get("alpha", 0.1), vocab_group=vocab_group, data_group=data_group,
-        vocab_size=case.get("vocab_size"), validate=case.get("validate", True), **opts,
-    )  # fmt: skip
+        case["kind"],
+        temperature=case["temperature"],
+        beta=case.get("beta", 0.5),
+        alpha=case.get("alpha", 0.1),
+        vocab_group=vocab_group,
+        data_group=data_group,
+        vocab_size=case.get("vocab_size"),
+        validate=case.get("validate", True),
+        **opts,
+    )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         try:
             loss = loss_fn(s, t, labels, num_items)
@@ -103,8 +109,12 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
             (loss * weights[where["rows"]]).sum().backward()
         else:
             (loss * 3.7).backward()  # grad_output ≠ 1
-    return {"loss": loss.detach(), "grad": s.grad, "forward_collectives": forward,
-            "backward_collectives": collectives(prof)}  # fmt: skip
+    return {
+        "loss": loss.detach(),
+        "grad": s.grad,
+        "forward_collectives": forward,
+        "backward_collectives": collectives(prof),
+    }
 
 
 def run_fused_case(case: dict, where: dict, vocab_group, data_group) -> dict:
@@ -115,15 +125,21 @@ def run_fused_case(case: dict, where: dict, vocab_group, data_group) -> dict:
     weight = case["weight"][cols].clone().requires_grad_(True)
     bias = case["bias"][cols].clone().requires_grad_(True)
     if "teacher_weight" in case:
-        teacher = {"teacher_hidden": case["teacher_hidden"][rows],
-                   "teacher_weight": case["teacher_weight"][cols]}  # fmt: skip
+        teacher = {
+            "teacher_hidden": case["teacher_hidden"][rows],
+            "teacher_weight": case["teacher_weight"][cols],
+        }
         logits = None
     else:
         teacher, logits = {}, case["teacher"][rows, cols]
     loss_fn = ParallelFusedLinearDistillationLoss(
-        case["kind"], temperature=case["temperature"], reduction=case["reduction"],
-        vocab_group=vocab_group, data_group=data_group, chunk_size=3,
-    )  # fmt: skip
+        case["kind"],
+        temperature=case["temperature"],
+        reduction=case["reduction"],
+        vocab_group=vocab_group,
+        data_group=data_group,
+        chunk_size=3,
+    )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         loss = loss_fn(hidden, weight, logits, case["labels"][rows], student_bias=bias, **teacher)
     forward = collectives(prof)
@@ -132,8 +148,12 @@ def run_fused_case(case: dict, where: dict, vocab_group, data_group) -> dict:
             (loss * case["upstream"][rows]).sum().backward()
         else:
             (loss * 3.7).backward()
-    return {"loss": loss.detach(), "grads": (hidden.grad, weight.grad, bias.grad),
-            "forward_collectives": forward, "backward_collectives": collectives(prof)}  # fmt: skip
+    return {
+        "loss": loss.detach(),
+        "grads": (hidden.grad, weight.grad, bias.grad),
+        "forward_collectives": forward,
+        "backward_collectives": collectives(prof),
+    }
 
 
 def main() -> None:

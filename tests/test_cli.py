@@ -102,10 +102,19 @@ def test_compare_labels_forms_and_outputs(tmp_path, rng):
     np.save(tmp_path / "labels.npy", labels)
     dest = tmp_path / "report"
     code, out, err = run(
-        ["compare", str(tmp_path / "ref.npy"), str(tmp_path / "cand_lp.npy"),
-         "--form", "logits,log_probs", "--labels", str(tmp_path / "labels.npy"),
-         "--out", str(dest), "--quiet"]
-    )  # fmt: skip
+        [
+            "compare",
+            str(tmp_path / "ref.npy"),
+            str(tmp_path / "cand_lp.npy"),
+            "--form",
+            "logits,log_probs",
+            "--labels",
+            str(tmp_path / "labels.npy"),
+            "--out",
+            str(dest),
+            "--quiet",
+        ]
+    )
     assert code == 0, err
     assert "Mean KL" in out and "PPL(cand)/PPL(ref)" in out
     assert sorted(p.name for p in dest.iterdir()) == ["kl_histogram.png", "report.json"]
@@ -116,9 +125,16 @@ def test_compare_labels_forms_and_outputs(tmp_path, rng):
     np.save(tmp_path / "ref_t.npy", np.moveaxis(a, -1, 0))
     np.save(tmp_path / "cand_t.npy", np.moveaxis(b, -1, 0))
     code, out, _ = run(
-        ["compare", str(tmp_path / "ref_t.npy"), str(tmp_path / "cand_t.npy"), "--axis", "0",
-         "--json", "--quiet"]
-    )  # fmt: skip
+        [
+            "compare",
+            str(tmp_path / "ref_t.npy"),
+            str(tmp_path / "cand_t.npy"),
+            "--axis",
+            "0",
+            "--json",
+            "--quiet",
+        ]
+    )
     assert code == 0
     check_report(json.loads(out), a, b)
 
@@ -128,8 +144,17 @@ def test_compare_zero_support_is_infinite_not_nan(tmp_path):
     q = np.array([[0.5, 0.0, 0.5], [0.2, 0.3, 0.5]])
     np.save(tmp_path / "p.npy", p)
     np.save(tmp_path / "q.npy", q)
-    code, out, _ = run(["compare", str(tmp_path / "p.npy"), str(tmp_path / "q.npy"),
-                        "--form", "probs", "--json", "--quiet"])  # fmt: skip
+    code, out, _ = run(
+        [
+            "compare",
+            str(tmp_path / "p.npy"),
+            str(tmp_path / "q.npy"),
+            "--form",
+            "probs",
+            "--json",
+            "--quiet",
+        ]
+    )
     rep = json.loads(out)
     assert code == 0 and rep["kl_num_inf"] == 1 and rep["kl_max"] == "inf"
     assert rep["kl_mean"] == "inf" and rep["top1_agreement"] == 1.0  # ties go to index 0
@@ -173,18 +198,33 @@ def error_cases(tmp_path, rng):
         ([f"{t}/two.npz", f"{t}/b.npy"], "two.npz: holds 2 arrays (x, y); name one"),
         ([f"{t}/two.npz::z", f"{t}/b.npy"], "two.npz: has no array named 'z'"),
         ([f"{t}/a.npy", f"{t}/nan.npy"], "nan.npy: `cand` contains 1 NaN value"),
-        ([f"{t}/badp.npy", f"{t}/goodp.npy", "--form", "probs"], "badp.npy: `ref` (form='probs') is not a valid distribution at token index (0,): its probabilities do not sum to 1"),
-        ([f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_bad.npy"], "labels_bad.npy: has shape (5,); labels need the token shape (4,)"),
-        ([f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_oob.npy"], "labels_oob.npy: Expected `labels` in [0, 6)"),
+        (
+            [f"{t}/badp.npy", f"{t}/goodp.npy", "--form", "probs"],
+            "badp.npy: `ref` (form='probs') is not a valid distribution at token index (0,): its probabilities do not sum to 1",
+        ),
+        (
+            [f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_bad.npy"],
+            "labels_bad.npy: has shape (5,); labels need the token shape (4,)",
+        ),
+        (
+            [f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_oob.npy"],
+            "labels_oob.npy: Expected `labels` in [0, 6)",
+        ),
         ([f"{t}/a.npy", f"{t}/b.npy", "--axis", "2"], "--axis 2 is out of range for shape (4, 6)"),
         ([f"{t}/a.npy", f"{t}/b.npy", "--out", f"{t}/exists"], "exists: already exists"),
         ([f"{t}", f"{t}/b.npy"], "is a directory"),
-        ([f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_none.npy"], "a.npy: No tokens to report on"),
+        (
+            [f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_none.npy"],
+            "a.npy: No tokens to report on",
+        ),
         ([f"{t}/empty.npy", f"{t}/empty.npy"], "empty.npy: has shape (0, 6), no tokens"),
         ([f"{t}/novocab.npy", f"{t}/novocab.npy"], "novocab.npy: has no categories"),
         ([f"{t}/comp.npz", f"{t}/comp.npz"], "comp.npz: member x.npy is not a valid array"),
-        ([f"{t}/a.npy", f"{t}/b.npy", "--out", f"{t}/nodir/report"], "nodir: the parent of --out is not a writable directory"),
-    ]  # fmt: skip
+        (
+            [f"{t}/a.npy", f"{t}/b.npy", "--out", f"{t}/nodir/report"],
+            "nodir: the parent of --out is not a writable directory",
+        ),
+    ]
 
 
 def test_every_error_is_one_line_exit_2_and_leaves_nothing(tmp_path, rng):
@@ -221,14 +261,18 @@ def test_compare_through_a_subprocess(tmp_path, rng):
     np.save(tmp_path / "b.npy", b)
     ok = subprocess.run(
         [sys.executable, "-m", "kldiv.cli", "compare", "a.npy", "b.npy", "--json"],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     check_report(json.loads(ok.stdout), a, b)
     bad = subprocess.run(
         [sys.executable, "-m", "kldiv.cli", "compare", "a.npy", "missing.npy"],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip() == "kldiv compare: error: missing.npy: no such file"
 
@@ -237,8 +281,11 @@ def test_demo_trains_and_writes_figures(tmp_path):
     buf = io.StringIO()
     assert cli.demo(str(tmp_path / "demo"), out=buf, progress=False) == 0
     text = buf.getvalue()
-    rows = {ln.split()[0] + (" " + ln.split()[1] if ln.split()[1] in ("labels", "KL") else ""): ln
-            for ln in text.splitlines()[-12:] if "%" in ln}  # fmt: skip
+    rows = {
+        ln.split()[0] + (" " + ln.split()[1] if ln.split()[1] in ("labels", "KL") else ""): ln
+        for ln in text.splitlines()[-12:]
+        if "%" in ln
+    }
     assert set(rows) >= {"teacher", "hard labels", "forward KL", "reverse KL", "JSD"}, text
     for name, line in rows.items():
         acc = float(line.split("%")[0].split()[-1])
@@ -259,9 +306,26 @@ def test_info_reports_tools_and_fused_path():
 
 
 def test_bench_prints_ratios_and_writes_json_and_csv(tmp_path):
-    argv = ["bench", "--device", "cpu", "--n", "16", "--v", "64", "--kinds", "kl,js",
-            "--variants", "eager", "--rounds", "1", "--iters", "2", "--out",
-            str(tmp_path / "b"), "--quiet"]  # fmt: skip
+    argv = [
+        "bench",
+        "--device",
+        "cpu",
+        "--n",
+        "16",
+        "--v",
+        "64",
+        "--kinds",
+        "kl,js",
+        "--variants",
+        "eager",
+        "--rounds",
+        "1",
+        "--iters",
+        "2",
+        "--out",
+        str(tmp_path / "b"),
+        "--quiet",
+    ]
     code, out, err = run(argv)
     assert code == 0, err
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
@@ -274,7 +338,9 @@ def test_bench_prints_ratios_and_writes_json_and_csv(tmp_path):
         ratio = s["eager"]["median_s"] / s["kldiv"]["median_s"]
         assert s["eager"]["kldiv_speedup"] == pytest.approx(ratio)
         assert len(result["kinds"][kind]["runs"]["kldiv"][0]["times_s"]) == 2
-        assert f"{ratio:.2f}" in next(ln for ln in out.splitlines() if ln.startswith(f"{kind} ") and "eager" in ln)
+        assert f"{ratio:.2f}" in next(
+            ln for ln in out.splitlines() if ln.startswith(f"{kind} ") and "eager" in ln
+        )
     rows = (tmp_path / "b" / "bench.csv").read_text().splitlines()
     assert rows[0] == "kind,variant,median_s,first_call_s,peak_extra_mib,kldiv_speedup"
     assert len(rows) == 1 + 2 * 2
@@ -290,7 +356,10 @@ def test_bench_errors_are_one_line(tmp_path):
         (["--out", str(tmp_path / "taken")], "taken: already exists"),
         (["--n", "0"], "must be positive"),
         # checked before the (long) run, not after it
-        (["--out", str(tmp_path / "nodir" / "b")], "the parent of --out is not a writable directory"),
+        (
+            ["--out", str(tmp_path / "nodir" / "b")],
+            "the parent of --out is not a writable directory",
+        ),
     ]:
         code, out, err = run(["bench", *args, "--quiet"])
         assert code == 2 and out == "", (args, err)
@@ -306,10 +375,12 @@ def test_compare_middle_category_axis_streams_in_blocks(tmp_path, rng, fmt, monk
     monkeypatch.setattr(cli, "CHUNK_BYTES", 4 * 30 * 2)
     # categories in the middle, (batch, V, tokens), and first, (V, batch, tokens)
     for axis in (1, 0):
-        ref = save(tmp_path / f"ref{axis}", fmt,
-                   {"x": np.ascontiguousarray(np.moveaxis(a, -1, axis))})  # fmt: skip
-        cand = save(tmp_path / f"cand{axis}", fmt,
-                    {"x": np.ascontiguousarray(np.moveaxis(b, -1, axis))})  # fmt: skip
+        ref = save(
+            tmp_path / f"ref{axis}", fmt, {"x": np.ascontiguousarray(np.moveaxis(a, -1, axis))}
+        )
+        cand = save(
+            tmp_path / f"cand{axis}", fmt, {"x": np.ascontiguousarray(np.moveaxis(b, -1, axis))}
+        )
         code, out, err = run(["compare", ref, cand, "--axis", str(axis), "--json", "--quiet"])
         assert code == 0, err
         check_report(json.loads(out), a, b)
@@ -317,17 +388,41 @@ def test_compare_middle_category_axis_streams_in_blocks(tmp_path, rng, fmt, monk
 
 def test_bench_through_a_subprocess(tmp_path):
     ok = subprocess.run(
-        [sys.executable, "-m", "kldiv.cli", "bench", "--device", "cpu", "--n", "8", "--v", "32",
-         "--kinds", "kl", "--variants", "eager", "--rounds", "1", "--iters", "1", "--json",
-         "--quiet"], cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kldiv.cli",
+            "bench",
+            "--device",
+            "cpu",
+            "--n",
+            "8",
+            "--v",
+            "32",
+            "--kinds",
+            "kl",
+            "--variants",
+            "eager",
+            "--rounds",
+            "1",
+            "--iters",
+            "1",
+            "--json",
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert set(result["kinds"]["kl"]["summary"]) == {"eager", "kldiv"}
     bad = subprocess.run(
         [sys.executable, "-m", "kldiv.cli", "bench", "--variants", "jax"],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == (
         "kldiv bench: error: --variants: unknown 'jax'; expected some of eager, compile, liger, kldiv, tensor"

@@ -119,16 +119,23 @@ def test_optax_parity_values_and_gradients(rng):
     lpred = log_probs(rng, (4, 6))
     lt = log_probs(rng, (4, 6))
     t = np.exp(lt)
-    same(compat.optax_kl_divergence(jnp.asarray(lpred), jnp.asarray(t)),
-         optax.losses.kl_divergence(jnp.asarray(lpred), jnp.asarray(t)))  # fmt: skip
-    same(compat.optax_kl_divergence_with_log_targets(jnp.asarray(lpred), jnp.asarray(lt)),
-         optax.losses.kl_divergence_with_log_targets(jnp.asarray(lpred), jnp.asarray(lt)))  # fmt: skip
+    same(
+        compat.optax_kl_divergence(jnp.asarray(lpred), jnp.asarray(t)),
+        optax.losses.kl_divergence(jnp.asarray(lpred), jnp.asarray(t)),
+    )
+    same(
+        compat.optax_kl_divergence_with_log_targets(jnp.asarray(lpred), jnp.asarray(lt)),
+        optax.losses.kl_divergence_with_log_targets(jnp.asarray(lpred), jnp.asarray(lt)),
+    )
     fin_pred = log_probs(rng, (4, 6), zeros=0.0)
     for ours, theirs, second in (
         (compat.optax_kl_divergence, optax.losses.kl_divergence, t),
-        (compat.optax_kl_divergence_with_log_targets,
-         optax.losses.kl_divergence_with_log_targets, log_probs(rng, (4, 6), zeros=0.0)),
-    ):  # fmt: skip
+        (
+            compat.optax_kl_divergence_with_log_targets,
+            optax.losses.kl_divergence_with_log_targets,
+            log_probs(rng, (4, 6), zeros=0.0),
+        ),
+    ):
         g1 = jax.grad(lambda a, b, f=ours: f(a, b).sum(), argnums=(0, 1))(
             jnp.asarray(fin_pred), jnp.asarray(second)
         )
@@ -159,8 +166,12 @@ def test_scipy_parity(xp, rng):
     y = np.array([1e-300, 1e-320, 1e-3 * (1 + 1e-13), 0.7, 1e300, 1e-200, 0.25 * (1 - 1e-9)])
     if xp.name == "jax":  # XLA on CPU flushes subnormals (1e-320, 1e-310) to zero
         x, y = np.delete(x, [1, 4]), np.delete(y, [1, 4])
-    same(xp.to_numpy(compat.scipy_rel_entr(xp.asarray(x), xp.asarray(y))), special.rel_entr(x, y),
-         rtol=1e-14, atol=0)  # fmt: skip
+    same(
+        xp.to_numpy(compat.scipy_rel_entr(xp.asarray(x), xp.asarray(y))),
+        special.rel_entr(x, y),
+        rtol=1e-14,
+        atol=0,
+    )
     f32 = compat.scipy_rel_entr(xp.asarray(a, "float32"), xp.asarray(b, "float32"))
     assert xp.dtype_name(f32) == "float32"
     # the core agrees with SciPy wherever the semantics do (normalised inputs)
@@ -227,9 +238,11 @@ def test_trl_parity_with_recorded_fixtures(xp):
     n = 0
     for case, s, t, lab in trl_cases():
         got = compat.trl_generalized_jsd_loss(
-            xp.asarray(s), xp.asarray(t), labels=None if lab is None else xp.asarray(lab),
+            xp.asarray(s),
+            xp.asarray(t),
+            labels=None if lab is None else xp.asarray(lab),
             **case["kwargs"],
-        )  # fmt: skip
+        )
         expected = np.array([np.nan if v is None else v for v in case["out"]])
         same(xp.to_numpy(got).ravel(), expected, rtol=1e-12, atol=1e-15)
         n += 1
@@ -251,9 +264,14 @@ def test_trl_gradients_and_the_core_between_the_endpoints(ad):
         beta = kw.get("beta", 0.5)
         if 0 < beta < 1 and lab is not None and "num_items_in_batch" not in kw:
             # TRL's batchmean with labels is kldiv.js_div's token mean over unmasked tokens
-            core = kldiv.js_div(ad.asarray(t), ad.asarray(s), beta=beta, form="logits",
-                                temperature=kw.get("temperature", 1.0),
-                                mask=ad.asarray(lab != -100))  # fmt: skip
+            core = kldiv.js_div(
+                ad.asarray(t),
+                ad.asarray(s),
+                beta=beta,
+                form="logits",
+                temperature=kw.get("temperature", 1.0),
+                mask=ad.asarray(lab != -100),
+            )
             assert float(ad.to_numpy(core)) == pytest.approx(case["out"][0], rel=1e-12)
 
 
@@ -268,8 +286,9 @@ def test_verl_parity_with_recorded_fixtures(ad):
         got = compat.verl_kl_penalty(ad.asarray(lp), ad.asarray(ref), mode)
         # verl's k3 is e^ℓ − ℓ − 1 term by term, kldiv's expm1(ℓ) − ℓ: same value to ~1e-16
         same(ad.to_numpy(got), np.array(case["out"]), rtol=1e-12, atol=1e-15)
-        (g,) = ad.grad(lambda x, m=mode: compat.verl_kl_penalty(x, ad.asarray(ref), m).sum(),
-                       ad.asarray(lp))  # fmt: skip
+        (g,) = ad.grad(
+            lambda x, m=mode: compat.verl_kl_penalty(x, ad.asarray(ref), m).sum(), ad.asarray(lp)
+        )
         same(g, np.array(case["grad"]), rtol=1e-12, atol=1e-15)
         modes.add(mode)
     assert {"k1", "k2", "k3", "abs", "low_var_kl", "k3+"} <= modes

@@ -42,8 +42,15 @@ def reference(kind, s, t, keep, temperature, go):
     """The core in float64 on the same float32 inputs: per-row values and the student
     gradient of Σ go·values."""
     s64 = torch.tensor(np.where(np.isnan(s), 0.0, s), dtype=torch.float64, requires_grad=True)
-    ref = kldiv.divergence(torch.tensor(t, dtype=torch.float64), s64, kind, form="logits",
-                           temperature=temperature, mask=keep, reduction="none")  # fmt: skip
+    ref = kldiv.divergence(
+        torch.tensor(t, dtype=torch.float64),
+        s64,
+        kind,
+        form="logits",
+        temperature=temperature,
+        mask=keep,
+        reduction="none",
+    )
     fin = ref.isfinite()
     (ref.masked_fill(~fin, 0.0) * go).sum().backward()
     return ref.detach(), s64.grad
@@ -93,10 +100,26 @@ def test_values_and_gradients_against_the_core(rng, calls, kind, shape, pattern,
 def test_rows_the_kernel_leaves_to_tensor_code_are_flagged_and_exact(kind):
     """+inf, NaN, all −inf on a side, and reverse KL's +inf rows go back to tensor code."""
     inf, nan = float("inf"), float("nan")
-    s = torch.tensor([[0.0, 1.0, 2.0], [inf, 0.0, 1.0], [0.0, nan, 1.0], [-inf, -inf, -inf],
-                      [0.5, 0.1, 0.0], [0.0, 1.0, 2.0]])  # fmt: skip
-    t = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0],
-                      [-inf, -inf, -inf], [0.0, -inf, 2.0]])  # fmt: skip
+    s = torch.tensor(
+        [
+            [0.0, 1.0, 2.0],
+            [inf, 0.0, 1.0],
+            [0.0, nan, 1.0],
+            [-inf, -inf, -inf],
+            [0.5, 0.1, 0.0],
+            [0.0, 1.0, 2.0],
+        ]
+    )
+    t = torch.tensor(
+        [
+            [1.0, 0.0, 2.0],
+            [0.0, 1.0, 2.0],
+            [0.0, 1.0, 2.0],
+            [0.0, 1.0, 2.0],
+            [-inf, -inf, -inf],
+            [0.0, -inf, 2.0],
+        ]
+    )
     values, flagged = _cpu_native.rows(kind, s, t, None, 1.0, torch.empty(6, 3))
     expected = [False, True, True, True, True, kind == "reverse_kl"]
     assert flagged.tolist() == expected
@@ -240,8 +263,14 @@ def test_kldiv_native_off_selects_tensor_code(rng, calls, monkeypatch, value):
 
 
 def _python(code: str, env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

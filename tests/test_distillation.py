@@ -34,9 +34,17 @@ def inputs(rng, shape=(3, 11, 37), neg_inf=True, ignore=True):
 def core_reference(kind, s, t, labels, temperature, reduction, num_items=None, **params):
     keep = torch.tensor(labels != -100)
     s = s if isinstance(s, torch.Tensor) else torch.tensor(s)
-    return kldiv.divergence(torch.tensor(t), s, kind, form="logits",
-                            temperature=temperature, mask=keep, reduction=reduction,
-                            num_items=num_items, **params)  # fmt: skip
+    return kldiv.divergence(
+        torch.tensor(t),
+        s,
+        kind,
+        form="logits",
+        temperature=temperature,
+        mask=keep,
+        reduction=reduction,
+        num_items=num_items,
+        **params,
+    )
 
 
 @pytest.mark.parametrize("kind", DIVS)
@@ -67,8 +75,9 @@ def test_fast_path_values_and_gradients_against_the_core(
 ):
     monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * shape[-1] + 1)  # several chunks, odd split
     s, t, labels = inputs(rng, shape, neg_inf=shape[-1] > 5, ignore=len(shape) > 1)
-    loss = DistillationLoss(kind, temperature=2.0, reduction=reduction,
-                            scale_by_temperature_squared=True)  # fmt: skip
+    loss = DistillationLoss(
+        kind, temperature=2.0, reduction=reduction, scale_by_temperature_squared=True
+    )
     st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
     out = loss(st, torch.tensor(t, dtype=torch.float32), torch.tensor(labels))
     s64 = torch.tensor(np.where(np.isnan(s), 0.0, s), requires_grad=True)
@@ -183,8 +192,9 @@ def test_chunk_kernels_in_float64_at_every_weight(rng, kind, params, monkeypatch
     got = _cpu.per_row(kind, st, tt, keep, 1.3, beta, alpha=alpha)
     assert got.dtype == torch.float64
     s64 = torch.tensor(np.where(np.isnan(s), 0.0, s).reshape(-1, 40), requires_grad=True)
-    ref = kldiv.divergence(tt, s64, kind, form="logits", temperature=1.3, mask=keep,
-                           reduction="none", **params)  # fmt: skip
+    ref = kldiv.divergence(
+        tt, s64, kind, form="logits", temperature=1.3, mask=keep, reduction="none", **params
+    )
     assert torch.equal(torch.isposinf(got), torch.isposinf(ref))
     fin = torch.isfinite(ref)
     torch.testing.assert_close(got[fin], ref.detach()[fin], rtol=1e-12, atol=1e-14)
@@ -252,8 +262,9 @@ def test_chunks_from_raw_logits_against_the_core(rng, kind, where_inf, monkeypat
         taken.append(out is not None)
         return out
 
-    monkeypatch.setitem(_cpu._FROM_LOGITS,
-                        _cpu._chunk_kl if kind == "kl" else _cpu._chunk_reverse_kl, counted)  # fmt: skip
+    monkeypatch.setitem(
+        _cpu._FROM_LOGITS, _cpu._chunk_kl if kind == "kl" else _cpu._chunk_reverse_kl, counted
+    )
     s = rng.normal(scale=3.0, size=(11, 97))
     t = rng.normal(scale=3.0, size=(11, 97))
     if where_inf in ("teacher", "both"):
@@ -397,9 +408,13 @@ def test_triton_path_matches_the_core_on_generated_batches(batch, kind):
     labels = torch.tensor(np.where(keep, 0, -100), device=device)
     opts = dict(temperature=temperature, reduction="none", beta=w, alpha=w)
     st_ = torch.tensor(s, device=device, requires_grad=True)
-    out = DistillationLoss(kind, fast_path="triton", **opts)(st_, torch.tensor(t, device=device), labels)
+    out = DistillationLoss(kind, fast_path="triton", **opts)(
+        st_, torch.tensor(t, device=device), labels
+    )
     s64 = torch.tensor(np.where(np.isnan(s), 0.0, s), dtype=torch.float64, requires_grad=True)
-    ref = DistillationLoss(kind, fast_path=False, **opts)(s64, torch.tensor(t).double(), labels.cpu())
+    ref = DistillationLoss(kind, fast_path=False, **opts)(
+        s64, torch.tensor(t).double(), labels.cpu()
+    )
     out = out.cpu()
     assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out.isnan(), ref.isnan())
     fin = ref.isfinite()

@@ -709,8 +709,10 @@ def test_uniform_check_rejects_reversed_bounds():
 
 def test_float32_samples_never_reach_the_open_ends(xp):
     kw = {"key": jax.random.key(3)} if xp.name == "jax" else {"seed": 3}
-    for d in (D.Gumbel(xp.asarray(np.zeros(1), "float32"), 1.0),
-              D.Laplace(xp.asarray(np.zeros(1), "float32"), 1.0)):  # fmt: skip
+    for d in (
+        D.Gumbel(xp.asarray(np.zeros(1), "float32"), 1.0),
+        D.Laplace(xp.asarray(np.zeros(1), "float32"), 1.0),
+    ):
         x = xp.to_numpy(d.sample(2_000_000, **kw))
         assert np.isfinite(x).all()
     lap = D.Laplace(0.0, 1.0)

@@ -48,8 +48,17 @@ def reference(kind, hid, w, b, t, labels, temperature, reduction, num_items=None
     w64 = w.detach().double().requires_grad_(True)
     b64 = None if b is None else b.detach().double().requires_grad_(True)
     logits = h64 @ w64.T + (0 if b64 is None else b64)
-    out = kldiv.divergence(t.double(), logits, kind, form="logits", temperature=temperature,
-                           mask=keep, reduction=reduction, num_items=num_items, **params)  # fmt: skip
+    out = kldiv.divergence(
+        t.double(),
+        logits,
+        kind,
+        form="logits",
+        temperature=temperature,
+        mask=keep,
+        reduction=reduction,
+        num_items=num_items,
+        **params,
+    )
     return out, [x for x in (h64, w64, b64) if x is not None]
 
 
@@ -63,8 +72,14 @@ def test_values_and_gradients_against_the_core_in_float64(rng, kind, reduction):
     # a teacher zero where the student has mass makes the reverse KL +inf: tested below
     hid, w, b, t, labels = problem(rng, neg_inf=kind != "reverse_kl")
     kw = PARAMS.get(kind, {})
-    loss = FusedLinearDistillationLoss(kind, temperature=1.7, scale_by_temperature_squared=True,
-                                       reduction=reduction, chunk_size=5, **kw)  # fmt: skip
+    loss = FusedLinearDistillationLoss(
+        kind,
+        temperature=1.7,
+        scale_by_temperature_squared=True,
+        reduction=reduction,
+        chunk_size=5,
+        **kw,
+    )
     h_, w_, b_ = leaves(hid, w, b)
     out = loss(h_, w_, t, labels, student_bias=b_)
     ref, ref_leaves = reference(kind, hid, w, b, t, labels, 1.7, reduction, **kw)
@@ -102,10 +117,17 @@ def test_teacher_as_hidden_states_and_weight_with_a_token_grid(rng, kind):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize(("kind", "params"), [("js", {"beta": 0.0}), ("js", {"beta": 1.0}),
-                                              ("skew_kl", {"alpha": 0.0}), ("skew_kl", {"alpha": 1.0}),
-                                              ("skew_reverse_kl", {"alpha": 0.0}),
-                                              ("skew_reverse_kl", {"alpha": 1.0})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [
+        ("js", {"beta": 0.0}),
+        ("js", {"beta": 1.0}),
+        ("skew_kl", {"alpha": 0.0}),
+        ("skew_kl", {"alpha": 1.0}),
+        ("skew_reverse_kl", {"alpha": 0.0}),
+        ("skew_reverse_kl", {"alpha": 1.0}),
+    ],
+)
 def test_weight_endpoints_and_num_items(rng, kind, params):
     hid, w, b, t, labels = problem(rng, (9,), 5, 40)
     t = torch.where(torch.isinf(t), 0.0, t)  # KL at alpha = 0 would be +inf where p > q = 0
@@ -245,8 +267,12 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="teacher gets none"):
         loss(h, w, t.clone().requires_grad_(True))
     with pytest.raises(ValueError, match="teacher gets none"):
-        loss(h, w, teacher_hidden=torch.randn(3, 2),
-             teacher_weight=torch.randn(10, 2, requires_grad=True))  # fmt: skip
+        loss(
+            h,
+            w,
+            teacher_hidden=torch.randn(3, 2),
+            teacher_weight=torch.randn(10, 2, requires_grad=True),
+        )
     with pytest.raises(ValueError, match="not both and not neither"):
         loss(h, w)
     with pytest.raises(ValueError, match="no `teacher_logits`"):
@@ -299,8 +325,9 @@ def test_triton_chunks_against_the_core(rng, kind, monkeypatch):
     monkeypatch.setattr(_triton_launch, "backward", counted)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hid, w, b, t, labels = problem(rng, (13,), 8, 300, dtype=torch.float32)
-    loss = FusedLinearDistillationLoss(kind, reduction="mean", temperature=1.5, chunk_size=5,
-                                       **PARAMS.get(kind, {}))  # fmt: skip
+    loss = FusedLinearDistillationLoss(
+        kind, reduction="mean", temperature=1.5, chunk_size=5, **PARAMS.get(kind, {})
+    )
     h_, w_, b_ = leaves(hid.to(device), w.to(device), b.to(device))
     out = loss(h_, w_, t.to(device), labels.to(device), student_bias=b_)
     ref, ref_leaves = reference(kind, hid, w, b, t, labels, 1.5, "mean", **PARAMS.get(kind, {}))

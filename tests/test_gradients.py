@@ -318,9 +318,13 @@ def test_tv_gradient_is_zero_where_p_equals_q(ad):
 
 @pytest.mark.parametrize(
     "kind,params",
-    [("js", {"beta": 1.0}), ("js", {"beta": 0.0}), ("skew_kl", {"alpha": 1.0}),
-     ("skew_reverse_kl", {"alpha": 1.0})],
-)  # fmt: skip
+    [
+        ("js", {"beta": 1.0}),
+        ("js", {"beta": 0.0}),
+        ("skew_kl", {"alpha": 1.0}),
+        ("skew_reverse_kl", {"alpha": 1.0}),
+    ],
+)
 @pytest.mark.parametrize("form", ["logits", "probs"])
 def test_identically_zero_endpoints_still_give_both_sides_a_zero_gradient(kind, params, form):
     """At a weight's endpoint the divergence is 0 and one side drops out of the formula; that

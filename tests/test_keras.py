@@ -15,11 +15,11 @@ SCRIPT = Path(__file__).with_name("keras_backend_check.py")
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_losses_regularizer_and_fit_on_each_backend(backend, rng):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
-               CUDA_VISIBLE_DEVICES="")  # fmt: skip
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     seed = str(int(rng.integers(2**31)))
-    out = subprocess.run([sys.executable, str(SCRIPT), seed], env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), seed], env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"OK {backend}" in out.stdout
 

@@ -801,8 +801,7 @@ def test_update_works_in_a_forked_child_after_the_pool_started(tmp_path):
 
     script = tmp_path / "fork_check.py"
     script.write_text(FORK_CHECK)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2048"
 

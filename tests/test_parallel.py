@@ -69,35 +69,88 @@ def make_cases(world: int, rng: np.random.Generator) -> list[dict]:
     for layout in layouts:
         for kind in DIVS:
             for temperature in (1.0, 2.5):
-                cases.append({"name": f"{layout}-{kind}-T{temperature}", "layout": layout,
-                              "kind": kind, "temperature": temperature, "reduction": "mean",
-                              "beta": 0.3, "alpha": 0.2, **inputs(rng, kind=kind)})  # fmt: skip
+                cases.append(
+                    {
+                        "name": f"{layout}-{kind}-T{temperature}",
+                        "layout": layout,
+                        "kind": kind,
+                        "temperature": temperature,
+                        "reduction": "mean",
+                        "beta": 0.3,
+                        "alpha": 0.2,
+                        **inputs(rng, kind=kind),
+                    }
+                )
         for reduction in ("sum", "none"):
             for kind in ("kl", "js"):
-                case = {"name": f"{layout}-{kind}-{reduction}", "layout": layout, "kind": kind,
-                        "temperature": 1.5, "reduction": reduction, **inputs(rng)}  # fmt: skip
+                case = {
+                    "name": f"{layout}-{kind}-{reduction}",
+                    "layout": layout,
+                    "kind": kind,
+                    "temperature": 1.5,
+                    "reduction": reduction,
+                    **inputs(rng),
+                }
                 if reduction == "none":
                     case["upstream"] = torch.tensor(rng.random(N))
                 cases.append(case)
-        cases.append({"name": f"{layout}-infinite-rows", "layout": layout, "kind": "kl",
-                      "temperature": 1.0, "reduction": "none", "upstream": torch.ones(N),
-                      **inputs(rng, infinite=True)})  # fmt: skip
-        cases.append({"name": f"{layout}-num-items", "layout": layout, "kind": "reverse_kl",
-                      "temperature": 1.0, "reduction": "mean", "num_items": 17.0,
-                      **inputs(rng, kind="reverse_kl")})  # fmt: skip
-        cases.append({"name": f"{layout}-unvalidated", "layout": layout, "kind": "kl",
-                      "temperature": 1.0, "reduction": "mean", "validate": False,
-                      **inputs(rng)})  # fmt: skip
+        cases.append(
+            {
+                "name": f"{layout}-infinite-rows",
+                "layout": layout,
+                "kind": "kl",
+                "temperature": 1.0,
+                "reduction": "none",
+                "upstream": torch.ones(N),
+                **inputs(rng, infinite=True),
+            }
+        )
+        cases.append(
+            {
+                "name": f"{layout}-num-items",
+                "layout": layout,
+                "kind": "reverse_kl",
+                "temperature": 1.0,
+                "reduction": "mean",
+                "num_items": 17.0,
+                **inputs(rng, kind="reverse_kl"),
+            }
+        )
+        cases.append(
+            {
+                "name": f"{layout}-unvalidated",
+                "layout": layout,
+                "kind": "kl",
+                "temperature": 1.0,
+                "reduction": "mean",
+                "validate": False,
+                **inputs(rng),
+            }
+        )
         for kind, teacher in (("kl", "head"), ("js", "head"), ("tv", "logits")):
             for reduction in ("mean", "none"):
-                cases.append(fused_case(rng, f"{layout}-fused-{kind}-{teacher}-{reduction}",
-                                        layout, kind, teacher, reduction))  # fmt: skip
+                cases.append(
+                    fused_case(
+                        rng,
+                        f"{layout}-fused-{kind}-{teacher}-{reduction}",
+                        layout,
+                        kind,
+                        teacher,
+                        reduction,
+                    )
+                )
     if world == 2:
         # uneven data-parallel shards, the second fully masked
         for kind in ("kl", "tv"):
-            case = {"name": f"dp-uneven-masked-{kind}", "layout": "dp", "kind": kind,
-                    "temperature": 2.0, "reduction": "mean", "row_split": [7, 3],
-                    **inputs(rng)}  # fmt: skip
+            case = {
+                "name": f"dp-uneven-masked-{kind}",
+                "layout": "dp",
+                "kind": kind,
+                "temperature": 2.0,
+                "reduction": "mean",
+                "row_split": [7, 3],
+                **inputs(rng),
+            }
             case["labels"][7:] = -100
             cases.append(case)
         bad = {"layout": "tp", "kind": "kl", "temperature": 1.0, "reduction": "mean"}
@@ -109,20 +162,49 @@ def make_cases(world: int, rng: np.random.Generator) -> list[dict]:
             {"name": "bad-ignore-index", **bad, "tweaks": {1: {"ignore_index": 0}}, **inputs(rng)},
             {"name": "bad-num-items", **bad, "tweaks": {1: {"num_items": 0.0}}, **inputs(rng)},
             {"name": "bad-dp-labels", **dp_bad, "tweaks": {1: {"labels": 2}}, **inputs(rng)},
-            {"name": "bad-dp-reduction", **dp_bad, "tweaks": {0: {"reduction": "none"}},
-             **inputs(rng)},
-        ]  # fmt: skip
+            {
+                "name": "bad-dp-reduction",
+                **dp_bad,
+                "tweaks": {0: {"reduction": "none"}},
+                **inputs(rng),
+            },
+        ]
         # a slice of width 0: the whole vocabulary on the first rank
-        cases.append({"name": "tp-empty-slice", "layout": "tp", "kind": "js", "temperature": 1.0,
-                      "reduction": "mean", "widths": [V, 0], **inputs(rng)})  # fmt: skip
+        cases.append(
+            {
+                "name": "tp-empty-slice",
+                "layout": "tp",
+                "kind": "js",
+                "temperature": 1.0,
+                "reduction": "mean",
+                "widths": [V, 0],
+                **inputs(rng),
+            }
+        )
     else:
-        cases.append({"name": "tp-empty-slices", "layout": "tp", "kind": "kl",
-                      "temperature": 1.0, "reduction": "mean", "widths": [10, 0, 13, 0],
-                      **inputs(rng)})  # fmt: skip
+        cases.append(
+            {
+                "name": "tp-empty-slices",
+                "layout": "tp",
+                "kind": "kl",
+                "temperature": 1.0,
+                "reduction": "mean",
+                "widths": [10, 0, 13, 0],
+                **inputs(rng),
+            }
+        )
         # a problem on one rank of a 2 x 2 mesh reaches all four
-        cases.append({"name": "bad-mesh-labels", "layout": "mesh", "kind": "kl",
-                      "temperature": 1.0, "reduction": "mean", "tweaks": {0: {"labels": 3}},
-                      **inputs(rng)})  # fmt: skip
+        cases.append(
+            {
+                "name": "bad-mesh-labels",
+                "layout": "mesh",
+                "kind": "kl",
+                "temperature": 1.0,
+                "reduction": "mean",
+                "tweaks": {0: {"labels": 3}},
+                **inputs(rng),
+            }
+        )
     return cases
 
 
@@ -132,11 +214,18 @@ def fused_case(rng, name, layout, kind, teacher, reduction) -> dict:
     h = 6
     bias = rng.normal(size=V)
     bias[[2, 17]] = -np.inf
-    case = {"name": name, "layout": layout, "kind": kind, "temperature": 1.7,
-            "reduction": reduction, "logits_shape": (N, V),
-            "hidden": torch.tensor(rng.normal(size=(N, h))),
-            "weight": torch.tensor(rng.normal(size=(V, h))), "bias": torch.tensor(bias),
-            "labels": torch.tensor(np.where(rng.random(N) < 0.3, -100, 1))}  # fmt: skip
+    case = {
+        "name": name,
+        "layout": layout,
+        "kind": kind,
+        "temperature": 1.7,
+        "reduction": reduction,
+        "logits_shape": (N, V),
+        "hidden": torch.tensor(rng.normal(size=(N, h))),
+        "weight": torch.tensor(rng.normal(size=(V, h))),
+        "bias": torch.tensor(bias),
+        "labels": torch.tensor(np.where(rng.random(N) < 0.3, -100, 1)),
+    }
     case["hidden"][case["labels"] == -100] = float("nan")  # skipped: never read
     if teacher == "head":
         case["teacher_hidden"] = torch.tensor(rng.normal(size=(N, 4)))
@@ -153,11 +242,14 @@ def fused_reference(case: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]
     hidden = case["hidden"].clone().requires_grad_(True)
     weight = case["weight"].clone().requires_grad_(True)
     bias = case["bias"].clone().requires_grad_(True)
-    teacher = ({"teacher_hidden": case["teacher_hidden"], "teacher_weight": case["teacher_weight"]}
-               if "teacher_weight" in case else {})  # fmt: skip
-    loss = FusedLinearDistillationLoss(case["kind"], temperature=case["temperature"],
-                                       reduction=case["reduction"])(
-        hidden, weight, case.get("teacher"), case["labels"], student_bias=bias, **teacher)  # fmt: skip
+    teacher = (
+        {"teacher_hidden": case["teacher_hidden"], "teacher_weight": case["teacher_weight"]}
+        if "teacher_weight" in case
+        else {}
+    )
+    loss = FusedLinearDistillationLoss(
+        case["kind"], temperature=case["temperature"], reduction=case["reduction"]
+    )(hidden, weight, case.get("teacher"), case["labels"], student_bias=bias, **teacher)
     if case["reduction"] == "none":
         (loss * case["upstream"]).sum().backward()
     else:
@@ -168,10 +260,14 @@ def fused_reference(case: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]
 def reference(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The unsharded core in float64 on the whole batch: loss and full student gradient."""
     s = no_nan(case["student"]).requires_grad_(True)
-    loss = DistillationLoss(case["kind"], temperature=case["temperature"],
-                            beta=case.get("beta", 0.5), alpha=case.get("alpha", 0.1),
-                            reduction=case["reduction"], fast_path=False)(
-        s, case["teacher"], case["labels"], case.get("num_items"))  # fmt: skip
+    loss = DistillationLoss(
+        case["kind"],
+        temperature=case["temperature"],
+        beta=case.get("beta", 0.5),
+        alpha=case.get("alpha", 0.1),
+        reduction=case["reduction"],
+        fast_path=False,
+    )(s, case["teacher"], case["labels"], case.get("num_items"))
     if case.get("upstream") is not None:
         (loss * case["upstream"]).sum().backward()
     else:
@@ -188,10 +284,19 @@ def launch(world: int, tmp: Path) -> tuple[list[dict], list[dict]]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(world), str(store.port),
-             str(tmp / "cases.pt"), str(tmp)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(WORKER),
+                str(r),
+                str(world),
+                str(store.port),
+                str(tmp / "cases.pt"),
+                str(tmp),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(world)
     ]
     deadline = time.monotonic() + 120
@@ -201,8 +306,13 @@ def launch(world: int, tmp: Path) -> tuple[list[dict], list[dict]]:
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        last = [([ln for ln in p.stdout.read().splitlines() if ln.startswith("case ")]
-                 or ["before the first case"])[-1] for p in procs]  # fmt: skip
+        last = [
+            (
+                [ln for ln in p.stdout.read().splitlines() if ln.startswith("case ")]
+                or ["before the first case"]
+            )[-1]
+            for p in procs
+        ]
         pytest.fail(f"the ranks hung (killed after 120 s); last lines: {last}")
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n{p.stdout.read()[-3000:]}"
@@ -244,8 +354,11 @@ def check_fused(case: dict, results: list[dict], world: int) -> None:
         peers = [r for r in range(world) if parallel_worker.place(case, r, world)["cols"] == cols]
         gw = sum(results[r][case["name"]]["grads"][1] for r in peers)
         gb = sum(results[r][case["name"]]["grads"][2] for r in peers)
-        for name, g, w in (("hidden", gh, ref_grads[0][rows]), ("weight", gw, ref_grads[1][cols]),
-                           ("bias", gb, ref_grads[2][cols])):  # fmt: skip
+        for name, g, w in (
+            ("hidden", gh, ref_grads[0][rows]),
+            ("weight", gw, ref_grads[1][cols]),
+            ("bias", gb, ref_grads[2][cols]),
+        ):
             assert g.isfinite().all(), (label, name)
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12, msg=f"{label} {name}")
         assert got["forward_collectives"] == expected_collectives(case), (label, got)
@@ -275,12 +388,21 @@ def test_ranks_against_the_unsharded_core(world, tmp_path):
             want = ref_loss[where["rows"]] if case["reduction"] == "none" else ref_loss
             assert torch.equal(got["loss"].isinf(), want.isinf()), label
             fin = want.isfinite()
-            torch.testing.assert_close(got["loss"][fin], want[fin], rtol=1e-6, atol=1e-12,
-                                       msg=lambda m, label=label: f"{label}: {m}")  # fmt: skip
+            torch.testing.assert_close(
+                got["loss"][fin],
+                want[fin],
+                rtol=1e-6,
+                atol=1e-12,
+                msg=lambda m, label=label: f"{label}: {m}",
+            )
             assert got["grad"].isfinite().all(), label
-            torch.testing.assert_close(got["grad"], ref_grad[where["rows"], where["cols"]],
-                                       rtol=1e-6, atol=1e-12,
-                                       msg=lambda m, label=label: f"{label}: {m}")  # fmt: skip
+            torch.testing.assert_close(
+                got["grad"],
+                ref_grad[where["rows"], where["cols"]],
+                rtol=1e-6,
+                atol=1e-12,
+                msg=lambda m, label=label: f"{label}: {m}",
+            )
             assert got["forward_collectives"] == expected_collectives(case), (label, got)
             assert got["backward_collectives"] == expected_backward(case), label
             checked += 1
@@ -288,8 +410,9 @@ def test_ranks_against_the_unsharded_core(world, tmp_path):
     # the cases are what they claim: some rows +inf; a shard with nothing to average
     assert any(reference(c)[0].isinf().any() for c in cases if "infinite" in c["name"])
     if world != 2:
-        assert_same_error(results, {"bad-mesh-labels": "rank 0: labels are not of the token "
-                                                       "shape"}, world)  # fmt: skip
+        assert_same_error(
+            results, {"bad-mesh-labels": "rank 0: labels are not of the token shape"}, world
+        )
         return
     masked = next(c for c in cases if c["name"] == "dp-uneven-masked-kl")
     assert (masked["labels"][7:] == -100).all()
@@ -333,8 +456,9 @@ def test_without_groups_it_is_distillation_loss(rng, kind, reduction, dtype):
     go = torch.rand(got.shape, dtype=torch.float64)
     (got.double() * go).sum().backward()
     s64 = no_nan(case["student"]).reshape(2, 5, V).requires_grad_(True)
-    ref = DistillationLoss(kind, fast_path=False, **opts)(s64, case["teacher"].reshape(2, 5, V),
-                                                          labels)  # fmt: skip
+    ref = DistillationLoss(kind, fast_path=False, **opts)(
+        s64, case["teacher"].reshape(2, 5, V), labels
+    )
     (ref * go).sum().backward()
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(got.double(), ref.detach(), **tol)
@@ -380,11 +504,19 @@ def test_fused_without_groups_is_fused_linear_distillation_loss(rng, kind, reduc
     outs = []
     for cls in (ParallelFusedLinearDistillationLoss, FusedLinearDistillationLoss):
         leaves = [case[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
-        teacher = ({"teacher_hidden": case["teacher_hidden"],
-                    "teacher_weight": case["teacher_weight"]}
-                   if "teacher_weight" in case else {})  # fmt: skip
-        loss = cls(kind, chunk_size=4, **opts)(leaves[0], leaves[1], case.get("teacher"),
-                                              case["labels"], student_bias=leaves[2], **teacher)  # fmt: skip
+        teacher = (
+            {"teacher_hidden": case["teacher_hidden"], "teacher_weight": case["teacher_weight"]}
+            if "teacher_weight" in case
+            else {}
+        )
+        loss = cls(kind, chunk_size=4, **opts)(
+            leaves[0],
+            leaves[1],
+            case.get("teacher"),
+            case["labels"],
+            student_bias=leaves[2],
+            **teacher,
+        )
         go = case["upstream"] if reduction == "none" else 2.5
         (loss * go).sum().backward()
         outs.append([loss.detach()] + [x.grad for x in leaves])
@@ -405,7 +537,8 @@ def test_fused_local_problems_are_named():
         ParallelFusedLinearDistillationLoss("kl", validate=False)(h, w, torch.randn(4, 8))
     with pytest.raises(ValueError, match="the teacher requires a gradient"):
         ParallelFusedLinearDistillationLoss("kl", validate=False)(
-            h, w, torch.randn(4, 9, requires_grad=True))
+            h, w, torch.randn(4, 9, requires_grad=True)
+        )
 
 
 def test_unvalidated_teacher_grad_dtypes_and_masked_upstream():
@@ -427,9 +560,19 @@ def test_the_torchrun_example_runs_on_two_gloo_ranks():
     """examples/vocab_parallel_distill.py as its docstring says to run it."""
     example = Path(__file__).parents[1] / "examples" / "vocab_parallel_distill.py"
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(example)], capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(example),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     final = next(ln for ln in out.stdout.splitlines() if ln.startswith("final:"))
     assert "vocab-parallel" in final and "single process" in final
@@ -461,25 +604,32 @@ def test_slices_reassemble_the_core_without_processes(batch, kind):
     params = {"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
     kw = params.get(kind, {})
     inv_t = 1.0 / temperature
-    slices = [(torch.tensor(s[:, a:b]) * inv_t, torch.tensor(t[:, a:b]) * inv_t)
-              for a, b in zip(cuts, cuts[1:], strict=False)]  # fmt: skip
-    stats = torch.stack([torch.stack([*par._slice_stats(x), *par._slice_stats(y)])
-                         for x, y in slices])  # fmt: skip
-    norms = torch.stack([*par._combine(stats[:, 0], stats[:, 1]),
-                         *par._combine(stats[:, 2], stats[:, 3])])  # fmt: skip
+    slices = [
+        (torch.tensor(s[:, a:b]) * inv_t, torch.tensor(t[:, a:b]) * inv_t)
+        for a, b in zip(cuts, cuts[1:], strict=False)
+    ]
+    stats = torch.stack(
+        [torch.stack([*par._slice_stats(x), *par._slice_stats(y)]) for x, y in slices]
+    )
+    norms = torch.stack(
+        [*par._combine(stats[:, 0], stats[:, 1]), *par._combine(stats[:, 2], stats[:, 3])]
+    )
     sums = torch.zeros(2, s.shape[0], dtype=torch.float64)
     hs, lqs = [], []
     for x, y in slices:
-        part, h, lq = par._slice_terms(kind, kw, lambda a, b, x=x, y=y: (x, y), norms, 0,
-                                       s.shape[0], True)  # fmt: skip
+        part, h, lq = par._slice_terms(
+            kind, kw, lambda a, b, x=x, y=y: (x, y), norms, 0, s.shape[0], True
+        )
         sums += torch.stack([part, h.sum(-1)])
         hs.append(h)
         lqs.append(lq)
-    grad = torch.cat([(h - lq.exp() * sums[1, :, None]) * inv_t for h, lq in zip(hs, lqs,
-                                                                               strict=True)], -1)  # fmt: skip
+    grad = torch.cat(
+        [(h - lq.exp() * sums[1, :, None]) * inv_t for h, lq in zip(hs, lqs, strict=True)], -1
+    )
     s64 = torch.tensor(s, requires_grad=True)
-    ref = kldiv.divergence(torch.tensor(t), s64, kind, form="logits", temperature=temperature,
-                           reduction="none", **kw)  # fmt: skip
+    ref = kldiv.divergence(
+        torch.tensor(t), s64, kind, form="logits", temperature=temperature, reduction="none", **kw
+    )
     assert torch.equal(sums[0].isinf(), ref.isinf()) and torch.equal(sums[0].isnan(), ref.isnan())
     fin = ref.isfinite()
     torch.testing.assert_close(sums[0][fin], ref.detach()[fin], rtol=1e-9, atol=1e-9)

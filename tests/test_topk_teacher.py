@@ -97,8 +97,9 @@ def _compile_case(rng, tail):
     idx[2] = [99, 3, 3, -1]  # masked: anything goes
     lp[2] = [np.nan, 4.0, 1.0, 0.0]
     idx[4, 1] = 17  # kept and out of range: NaN, not an index error
-    teacher = TopKTeacher(torch.tensor(idx).reshape(2, 3, 4), torch.tensor(lp).reshape(2, 3, 4),
-                          tail=tail)  # fmt: skip
+    teacher = TopKTeacher(
+        torch.tensor(idx).reshape(2, 3, 4), torch.tensor(lp).reshape(2, 3, 4), tail=tail
+    )
     return torch.tensor(z).reshape(2, 3, 17), teacher, labels.reshape(2, 3)
 
 
@@ -111,8 +112,9 @@ def test_torch_compile_fullgraph_distillation_loss(rng, backend, tail):
 
     torch._dynamo.reset()
     z, teacher, labels = _compile_case(rng, tail)
-    loss = DistillationLoss("kl", reduction="none",
-                            temperature=1.0 if tail == "tail_bucket" else 1.5)  # fmt: skip
+    loss = DistillationLoss(
+        "kl", reduction="none", temperature=1.0 if tail == "tail_bucket" else 1.5
+    )
     results = []
     for fn in (loss, torch.compile(loss, fullgraph=True, backend=backend)):
         zt = z.clone().requires_grad_(True)
@@ -140,8 +142,10 @@ def test_no_host_sync_without_check(rng):
     renorm = dataclasses.replace(bucket, tail="renormalize")
 
     def fn(x):
-        return sum(topk_distillation_rows(kind, x, t, **PARAMS.get(kind, {})).nansum()
-                   for kind, t in (("kl", bucket), ("js", renorm)))  # fmt: skip
+        return sum(
+            topk_distillation_rows(kind, x, t, **PARAMS.get(kind, {})).nansum()
+            for kind, t in (("kl", bucket), ("js", renorm))
+        )
 
     zt = z.clone().requires_grad_(True)
     torch.compile(fn, fullgraph=True, backend="eager")(zt).backward()
@@ -194,8 +198,13 @@ def test_hand_derived_case():
     # dKL/dz_v = q_v − p_v on the ids, q_v·(1 − p_tail/q_tail) outside them
     kl.sum().backward()
     torch.testing.assert_close(
-        z.grad, torch.tensor([[0.1 - 0.3, 0.2 * (1 - 0.4), 0.4 - 0.5, 0.3 * (1 - 0.4)]],
-                             dtype=torch.float64), rtol=1e-12, atol=1e-14)  # fmt: skip
+        z.grad,
+        torch.tensor(
+            [[0.1 - 0.3, 0.2 * (1 - 0.4), 0.4 - 0.5, 0.3 * (1 - 0.4)]], dtype=torch.float64
+        ),
+        rtol=1e-12,
+        atol=1e-14,
+    )
     tv = topk_distillation_rows("tv", z.detach(), bucket)
     assert tv.item() == pytest.approx(0.5 * (0.1 + 0.2 + 0.3), rel=1e-14)
     # renormalize: teacher (0.625, 0.375), student (0.8, 0.2) on ids (2, 0)
@@ -224,8 +233,9 @@ def test_tail_bucket_is_a_lower_bound_equal_at_full_vocabulary(rng, kind):
     # with every id stored, renormalize is the full divergence too, at any temperature
     teacher = TopKTeacher.from_logits(teacher_logits, v, tail="renormalize")
     got = topk_distillation_rows(kind, z, teacher, temperature=1.6, **kw)
-    full_t = kldiv.divergence(teacher_logits, z, kind, form="logits", temperature=1.6,
-                              reduction="none", **kw)  # fmt: skip
+    full_t = kldiv.divergence(
+        teacher_logits, z, kind, form="logits", temperature=1.6, reduction="none", **kw
+    )
     torch.testing.assert_close(got, full_t, rtol=1e-10, atol=1e-13)
 
 
@@ -333,9 +343,12 @@ def test_confident_float32_student_keeps_its_tail(kind):
     fn = lambda x: topk_distillation_rows(kind, x, teacher, **PARAMS.get(kind, {}))  # noqa: E731
     got, g = values_and_grads(fn, z, w)
     ref, gref = values_and_grads(
-        lambda x: reference(kind, x, ids.numpy(), teacher.log_probs.double().numpy(), "tail_bucket"),
-        z.double(), w,
-    )  # fmt: skip
+        lambda x: reference(
+            kind, x, ids.numpy(), teacher.log_probs.double().numpy(), "tail_bucket"
+        ),
+        z.double(),
+        w,
+    )
     # float32 rounding of logits of size 25 is ~2e-6 absolute in the log-probabilities
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=2e-6)
     torch.testing.assert_close(g.double(), gref, rtol=1e-4, atol=2e-6)
@@ -375,8 +388,9 @@ def test_stored_sum_above_one_within_tolerance_is_rounding(rng):
 def test_leading_dims_and_flatten(rng):
     z, idx, lp = case(rng, n=6)
     keep = torch.tensor([True, True, False, True, True, True])
-    teacher = TopKTeacher(torch.tensor(idx).reshape(2, 3, -1), torch.tensor(lp).reshape(2, 3, -1),
-                          tail="tail_bucket")  # fmt: skip
+    teacher = TopKTeacher(
+        torch.tensor(idx).reshape(2, 3, -1), torch.tensor(lp).reshape(2, 3, -1), tail="tail_bucket"
+    )
     assert teacher.token_shape == (2, 3) and teacher.flatten().token_shape == (6,)
     zt = torch.tensor(z)
     got = topk_distillation_rows("js", zt.reshape(2, 3, -1), teacher, keep.reshape(2, 3))
@@ -430,25 +444,73 @@ DIST6 = np.array([0.3, 0.25, 0.2, 0.1, 0.1, 0.05])  # a valid teacher over V = 6
 # Data that breaks one rule: (ids, log_probs, tail, student logits or None for zeros(1, 6),
 # the check=True message, the flat kept rows that break it).
 BROKEN = [
-    ([[0, 2, 2]], LOG([[0.2, 0.3, 0.1]]), "tail_bucket", None,
-     r"distinct `teacher.indices`.*id 2 twice in row 0.*negative id", [0]),
-    ([[0, 1], [0, 9]], LOG([[0.2, 0.3], [0.2, 0.3]]), "tail_bucket", np.zeros((2, 6)),
-     r"in \[0, 6\) \(negative = padding\), got 9 in row 1", [1]),
-    ([[0, 1]], [[0.5, -1.0]], "tail_bucket", None, r"log_probs` ≤ 0.*got 0.5 in row 0, entry 0",
-     [0]),
+    (
+        [[0, 2, 2]],
+        LOG([[0.2, 0.3, 0.1]]),
+        "tail_bucket",
+        None,
+        r"distinct `teacher.indices`.*id 2 twice in row 0.*negative id",
+        [0],
+    ),
+    (
+        [[0, 1], [0, 9]],
+        LOG([[0.2, 0.3], [0.2, 0.3]]),
+        "tail_bucket",
+        np.zeros((2, 6)),
+        r"in \[0, 6\) \(negative = padding\), got 9 in row 1",
+        [1],
+    ),
+    (
+        [[0, 1]],
+        [[0.5, -1.0]],
+        "tail_bucket",
+        None,
+        r"log_probs` ≤ 0.*got 0.5 in row 0, entry 0",
+        [0],
+    ),
     ([[0, 1]], LOG([[0.6, 0.5]]), "tail_bucket", None, r"sum to at most 1.*got 1.1 in row 0", [0]),
     ([[0, 1]], [[np.nan, -1.0]], "renormalize", None, r"no NaN.*row 0, entry 0", [0]),
-    ([[0, 1, 2, 3, 4, 5]], LOG([[0.1] * 6]), "tail_bucket", None,
-     r"sum to 1 where the ids cover all 6", [0]),
-    ([[0, 1]], [[-np.inf, -np.inf]], "renormalize", None,
-     r"at least one stored entry with probability > 0.*row 0", [0]),
-    ([[0, 1]], LOG([[0.2, 0.3]]), "renormalize", [[-np.inf, -np.inf, 0, 0, 0, 0]],
-     r"student to give probability > 0.*row 0", [0]),
-    ([[0, 1]], LOG([[0.2, 0.3]]), "tail_bucket", [[-np.inf] * 6],
-     r"at least one entry > -inf in every kept token, got only -inf in row 0", [0]),
-    ([[[0, 1]], [[0, 1]]], LOG([[[0.2, 0.3]], [[0.9, 0.7]]]), "tail_bucket",
-     np.zeros((2, 1, 6)), r"sum to at most 1.*in token \(1, 0\)", [1]),
-]  # fmt: skip
+    (
+        [[0, 1, 2, 3, 4, 5]],
+        LOG([[0.1] * 6]),
+        "tail_bucket",
+        None,
+        r"sum to 1 where the ids cover all 6",
+        [0],
+    ),
+    (
+        [[0, 1]],
+        [[-np.inf, -np.inf]],
+        "renormalize",
+        None,
+        r"at least one stored entry with probability > 0.*row 0",
+        [0],
+    ),
+    (
+        [[0, 1]],
+        LOG([[0.2, 0.3]]),
+        "renormalize",
+        [[-np.inf, -np.inf, 0, 0, 0, 0]],
+        r"student to give probability > 0.*row 0",
+        [0],
+    ),
+    (
+        [[0, 1]],
+        LOG([[0.2, 0.3]]),
+        "tail_bucket",
+        [[-np.inf] * 6],
+        r"at least one entry > -inf in every kept token, got only -inf in row 0",
+        [0],
+    ),
+    (
+        [[[0, 1]], [[0, 1]]],
+        LOG([[[0.2, 0.3]], [[0.9, 0.7]]]),
+        "tail_bucket",
+        np.zeros((2, 1, 6)),
+        r"sum to at most 1.*in token \(1, 0\)",
+        [1],
+    ),
+]
 
 
 def _broken(case_, check):
@@ -507,8 +569,9 @@ def test_check_false_equals_check_true_on_valid_data(rng, tail):
         for check in (False, True):
             teacher = TopKTeacher(torch.tensor(idx), torch.tensor(lp), tail=tail, check=check)
             zt = torch.tensor(z, requires_grad=True)
-            out = topk_distillation_rows(kind, zt, teacher, keep, temperature=t,
-                                         **PARAMS.get(kind, {}))  # fmt: skip
+            out = topk_distillation_rows(
+                kind, zt, teacher, keep, temperature=t, **PARAMS.get(kind, {})
+            )
             torch.where(torch.isfinite(out), out, 0.0).sum().backward()
             got.append((out, zt.grad))
         assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), kind
@@ -519,16 +582,18 @@ def test_check_false_equals_check_true_on_valid_data(rng, tail):
     lps = torch.tensor(LOG([[0.5, 0.3, 0.2 + 5e-5], [0.7, 0.3 - 1e-6, 1.0]]), dtype=torch.float32)
     zs = torch.tensor(np.array([rng.normal(size=8), [0.0, 1.0] + [-inf] * 6]))
     for check in (False, True):
-        kl = topk_distillation_rows("kl", zs, TopKTeacher(ids, lps, tail="tail_bucket",
-                                                          check=check))  # fmt: skip
+        kl = topk_distillation_rows(
+            "kl", zs, TopKTeacher(ids, lps, tail="tail_bucket", check=check)
+        )
         assert torch.isfinite(kl).all() and (kl >= 0).all()
 
 
 def test_check_true_is_refused_under_torch_compile():
     torch._dynamo.reset()
     teacher = _t([[0, 1]], LOG([[0.2, 0.3]]), check=True)
-    compiled = torch.compile(lambda z: topk_distillation_rows("kl", z, teacher), fullgraph=True,
-                             backend="eager")  # fmt: skip
+    compiled = torch.compile(
+        lambda z: topk_distillation_rows("kl", z, teacher), fullgraph=True, backend="eager"
+    )
     with pytest.raises(Exception, match="cannot run under jax.jit, vmap or torch.compile"):
         compiled(torch.zeros(1, 6, dtype=torch.float64))
 
@@ -581,10 +646,17 @@ def test_distillation_loss_takes_a_topk_teacher(rng, tail, reduction):
     labels = torch.tensor(rng.integers(0, 30, size=(3, 4)))
     labels[0, 1] = labels[2, 3] = -1
     temperature = 1.0 if tail == "tail_bucket" else 2.0
-    teacher = TopKTeacher(torch.tensor(idx).reshape(3, 4, 6), torch.tensor(lp).reshape(3, 4, 6),
-                          tail=tail)  # fmt: skip
-    loss = DistillationLoss("js", beta=0.3, temperature=temperature, ignore_index=-1,
-                            scale_by_temperature_squared=True, reduction=reduction)  # fmt: skip
+    teacher = TopKTeacher(
+        torch.tensor(idx).reshape(3, 4, 6), torch.tensor(lp).reshape(3, 4, 6), tail=tail
+    )
+    loss = DistillationLoss(
+        "js",
+        beta=0.3,
+        temperature=temperature,
+        ignore_index=-1,
+        scale_by_temperature_squared=True,
+        reduction=reduction,
+    )
     num_items = 7.0 if reduction == "mean" else None
     zt = torch.tensor(z, requires_grad=True)
     out = loss(zt, teacher, labels, num_items=num_items)
@@ -592,8 +664,9 @@ def test_distillation_loss_takes_a_topk_teacher(rng, tail, reduction):
     keep = (labels != -1).reshape(-1)
     ref_rows = reference("js", torch.tensor(z).reshape(12, 30), idx, lp, tail, temperature)
     ref_rows = torch.where(keep, ref_rows * temperature**2, 0.0)
-    want = {"none": ref_rows.reshape(3, 4), "sum": ref_rows.sum(),
-            "mean": ref_rows.sum() / 7.0}[reduction]  # fmt: skip
+    want = {"none": ref_rows.reshape(3, 4), "sum": ref_rows.sum(), "mean": ref_rows.sum() / 7.0}[
+        reduction
+    ]
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     out.sum().backward()
     assert torch.equal(zt.grad[labels == -1], torch.zeros(2, 30, dtype=torch.float64))

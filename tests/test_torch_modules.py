@@ -30,7 +30,11 @@ PER_CALL = ("mask", "weight", "num_items")
 def test_every_kind_has_a_module_and_the_public_surface_lists_them():
     assert set(MODULES) == set(KINDS)
     names = {c.__name__ for c in MODULES.values()} | {
-        "Divergence", "DistillationLoss", "FusedLinearDistillationLoss", "TopKTeacher"}
+        "Divergence",
+        "DistillationLoss",
+        "FusedLinearDistillationLoss",
+        "TopKTeacher",
+    }
     assert set(kt.__all__) == names
 
 
@@ -141,8 +145,9 @@ def test_compile_with_changing_temperature():
     for temperature in (2.0, 3.0, 4.0):
         m = kt.KLDivergence(form="logits", temperature=temperature)
         torch.testing.assert_close(torch.compile(m, fullgraph=True)(t, s), m(t, s))
-    f = torch.compile(lambda a, b, T: kldiv.kl_div(a, b, form="logits", temperature=T),
-                      fullgraph=True)  # fmt: skip
+    f = torch.compile(
+        lambda a, b, T: kldiv.kl_div(a, b, form="logits", temperature=T), fullgraph=True
+    )
     for temperature in (2.0, 3.0):
         torch.testing.assert_close(
             f(t, s, temperature), kldiv.kl_div(t, s, form="logits", temperature=temperature)

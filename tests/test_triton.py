@@ -44,8 +44,16 @@ def make(rng, n, v, dtype, scale=2.0):
 def reference(kind, st, tt, keep, temperature, w, go):
     s64 = st.double().cpu().requires_grad_(True)
     params = {PARAM[kind]: w} if kind in PARAM else {}
-    ref = kldiv.divergence(tt.double().cpu(), s64, kind, form="logits", temperature=temperature,
-                           mask=keep.cpu(), reduction="none", **params)  # fmt: skip
+    ref = kldiv.divergence(
+        tt.double().cpu(),
+        s64,
+        kind,
+        form="logits",
+        temperature=temperature,
+        mask=keep.cpu(),
+        reduction="none",
+        **params,
+    )
     ref = torch.where(keep.cpu(), ref, 0.0)
     (g,) = torch.autograd.grad((ref * go.double().cpu()).sum(), s64)
     return ref.detach(), torch.where(keep.cpu()[:, None], g, 0.0)
@@ -131,8 +139,9 @@ def test_distillation_loss_options_through_the_kernels(rng, kind, reduction):
     st = torch.tensor(s, dtype=torch.float32, device=DEVICE, requires_grad=True)
     tt = torch.tensor(t, dtype=torch.float32, device=DEVICE)
     lab = torch.tensor(labels, device=DEVICE)
-    opts = dict(temperature=2.0, scale_by_temperature_squared=True, ignore_index=-1,
-                reduction=reduction)  # fmt: skip
+    opts = dict(
+        temperature=2.0, scale_by_temperature_squared=True, ignore_index=-1, reduction=reduction
+    )
     fast = DistillationLoss(kind, fast_path="triton", **opts)
     core = DistillationLoss(kind, fast_path=False, **opts)
     assert fast._path(st, tt) == "triton"

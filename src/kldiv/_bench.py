@@ -127,8 +127,9 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
 
 
-def measure(variant: str, kind: str, n: int, v: int, dtype: str, device: str,
-            iters: int) -> dict[str, Any]:  # fmt: skip
+def measure(
+    variant: str, kind: str, n: int, v: int, dtype: str, device: str, iters: int
+) -> dict[str, Any]:
     """One variant in this process: times of ``iters`` steps after two warm-ups, the first
     call, the value, and peak extra memory (MiB)."""
     import torch
@@ -213,8 +214,11 @@ def environment(device: str) -> dict[str, Any]:
 
     import kldiv
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "kldiv": kldiv.__version__}  # fmt: skip
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "kldiv": kldiv.__version__,
+    }
     for name in ("triton", "liger_kernel"):
         try:
             from importlib.metadata import version
@@ -222,8 +226,11 @@ def environment(device: str) -> dict[str, Any]:
             versions[name] = version(name.replace("_", "-"))
         except Exception:  # noqa: BLE001 - absent or unversioned: simply not reported
             pass
-    machine = {"platform": platform.platform(), "cores_visible": len(os.sched_getaffinity(0)),
-               "torch_threads": torch.get_num_threads()}  # fmt: skip
+    machine = {
+        "platform": platform.platform(),
+        "cores_visible": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+    }
     try:
         from pathlib import Path
 
@@ -238,18 +245,31 @@ def environment(device: str) -> dict[str, Any]:
     return {"machine": machine, "versions": versions}
 
 
-def run(device: str, n: int, v: int, dtype: str, kinds: tuple[str, ...],
-        variants: tuple[str, ...], rounds: int, iters: int,
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    device: str,
+    n: int,
+    v: int,
+    dtype: str,
+    kinds: tuple[str, ...],
+    variants: tuple[str, ...],
+    rounds: int,
+    iters: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Every variant × kind, alternating the order over rounds; returns the raw runs and a
     summary with the ratios ``variant median / kldiv median`` (> 1: kldiv is faster)."""
     cuda = device.startswith("cuda")
     result: dict[str, Any] = {
         "benchmark": "distillation loss, forward + backward to the student logits",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": device, "shape": {"N": n, "V": v}, "dtype": dtype,
-        "rounds": rounds, "iters": iters, **environment(device), "kinds": {},
-    }  # fmt: skip
+        "device": device,
+        "shape": {"N": n, "V": v},
+        "dtype": dtype,
+        "rounds": rounds,
+        "iters": iters,
+        **environment(device),
+        "kinds": {},
+    }
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     if cuda:
         bw = copy_bandwidth(device)
@@ -318,6 +338,14 @@ def csv_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows = [["kind", "variant", "median_s", "first_call_s", "peak_extra_mib", "kldiv_speedup"]]
     for kind, entry in result["kinds"].items():
         for variant, s in entry["summary"].items():
-            rows.append([kind, variant, s.get("median_s", ""), s.get("first_call_s", ""),
-                         s.get("peak_extra_mib", ""), s.get("kldiv_speedup", "")])  # fmt: skip
+            rows.append(
+                [
+                    kind,
+                    variant,
+                    s.get("median_s", ""),
+                    s.get("first_call_s", ""),
+                    s.get("peak_extra_mib", ""),
+                    s.get("kldiv_speedup", ""),
+                ]
+            )
     return rows

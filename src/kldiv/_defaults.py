@@ -13,5 +13,8 @@ JS_BETA = 0.5
 SKEW_ALPHA = 0.1
 
 # The extra keyword each kind takes, with its default (for shells that dispatch by name).
-KIND_PARAMS = {"js": {"beta": JS_BETA}, "skew_kl": {"alpha": SKEW_ALPHA},
-               "skew_reverse_kl": {"alpha": SKEW_ALPHA}}  # fmt: skip
+KIND_PARAMS = {
+    "js": {"beta": JS_BETA},
+    "skew_kl": {"alpha": SKEW_ALPHA},
+    "skew_reverse_kl": {"alpha": SKEW_ALPHA},
+}

@@ -28,8 +28,13 @@ LR = 1e-2
 
 STUDENTS = ("hard labels", "forward KL", "reverse KL", "JSD")
 # One colour per model in every figure.
-COLORS = {"teacher": "0.25", "hard labels": "tab:orange", "forward KL": "tab:blue",
-          "reverse KL": "tab:red", "JSD": "tab:green"}  # fmt: skip
+COLORS = {
+    "teacher": "0.25",
+    "hard labels": "tab:orange",
+    "forward KL": "tab:blue",
+    "reverse KL": "tab:red",
+    "JSD": "tab:green",
+}
 
 
 @dataclass
@@ -135,9 +140,16 @@ def _evaluate(
     acc = float((student.argmax(-1) == labels).double().mean())
     probs = np.exp(_math.log_softmax(np, student.numpy().astype(np.float64), -1))
     return Result(
-        name, acc, r.top1_agreement, r.top1_agreement_stderr, r.kl_mean, r.kl_stderr,
-        seconds, losses, probs,
-    )  # fmt: skip
+        name,
+        acc,
+        r.top1_agreement,
+        r.top1_agreement_stderr,
+        r.kl_mean,
+        r.kl_stderr,
+        seconds,
+        losses,
+        probs,
+    )
 
 
 def table(results: list[Result]) -> str:

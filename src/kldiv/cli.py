@@ -292,9 +292,14 @@ def compare(args: argparse.Namespace, out=None) -> int:
         chunk = max(1, CHUNK_BYTES // max(1, vocab * itemsize))
         ax = args.axis % ndim
         bar = tqdm(
-            total=n, unit="tok", unit_scale=True, desc="comparing", file=sys.stderr,
-            disable=args.quiet or None, leave=False,
-        )  # fmt: skip
+            total=n,
+            unit="tok",
+            unit_scale=True,
+            desc="comparing",
+            file=sys.stderr,
+            disable=args.quiet or None,
+            leave=False,
+        )
         start = 0
         pairs = _prefetched(zip(ref.rows(ax, chunk), cand.rows(ax, chunk), strict=True))
         for r_block, c_block in pairs:
@@ -447,8 +452,10 @@ def bench(args: argparse.Namespace, out=None) -> int:
         raise UsageError(f"--device {device}: no such CUDA device here")
     kinds = tuple(args.kinds.split(","))
     variants = tuple(args.variants.split(","))
-    for name, got, allowed in (("--kinds", kinds, _bench.KINDS),
-                               ("--variants", variants, _bench.VARIANTS)):  # fmt: skip
+    for name, got, allowed in (
+        ("--kinds", kinds, _bench.KINDS),
+        ("--variants", variants, _bench.VARIANTS),
+    ):
         bad = [x for x in got if x not in allowed]
         if bad:
             raise UsageError(f"{name}: unknown {bad[0]!r}; expected some of {', '.join(allowed)}")
@@ -463,18 +470,34 @@ def bench(args: argparse.Namespace, out=None) -> int:
         _check_out(dest)
     if n < 1 or v < 1 or args.rounds < 1 or args.iters < 1:
         raise UsageError("--n, --v, --rounds and --iters must be positive")
-    bar = tqdm(total=len(kinds) * len(variants) * args.rounds, desc="benchmarking",
-               file=sys.stderr, disable=args.quiet or None, leave=False)  # fmt: skip
-    result = _bench.run(device, n, v, dtype, kinds, variants, args.rounds, args.iters,
-                        progress=lambda _: bar.update(1))  # fmt: skip
+    bar = tqdm(
+        total=len(kinds) * len(variants) * args.rounds,
+        desc="benchmarking",
+        file=sys.stderr,
+        disable=args.quiet or None,
+        leave=False,
+    )
+    result = _bench.run(
+        device,
+        n,
+        v,
+        dtype,
+        kinds,
+        variants,
+        args.rounds,
+        args.iters,
+        progress=lambda _: bar.update(1),
+    )
     bar.close()
     result["command"] = "kldiv bench " + " ".join(sys.argv[2:] if args.argv is None else args.argv)
     if args.json:
         print(json.dumps(result, indent=2), file=out)
     else:
-        print(f"{device} ({result['machine'].get('gpu') or result['machine'].get('cpu', '?')}), "
-              f"N={n} V={v} {dtype}, forward+backward, median of {args.iters} × {args.rounds}",
-              file=out)  # fmt: skip
+        print(
+            f"{device} ({result['machine'].get('gpu') or result['machine'].get('cpu', '?')}), "
+            f"N={n} V={v} {dtype}, forward+backward, median of {args.iters} × {args.rounds}",
+            file=out,
+        )
         print(_bench.table(result), file=out)
     if dest is not None:
         _write_bench(dest, result)
@@ -527,9 +550,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_cmp.add_argument("ref", help="the reference model's outputs (the distributions P)")
     p_cmp.add_argument("cand", help="the candidate model's outputs (the distributions Q)")
     p_cmp.add_argument(
-        "--form", type=_forms, default=("logits", "logits"),
+        "--form",
+        type=_forms,
+        default=("logits", "logits"),
         help="logits (default), log_probs or probs; 'log_probs,logits' gives each file's",
-    )  # fmt: skip
+    )
     p_cmp.add_argument("--labels", help="integer token ids, the token shape (.npy, ...)")
     p_cmp.add_argument("--axis", type=int, default=-1, help="the category axis (default -1)")
     p_cmp.add_argument("--out", help="a new directory for report.json and kl_histogram.png")

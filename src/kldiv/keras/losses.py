@@ -72,9 +72,14 @@ class Divergence(keras.losses.Loss):
     def call(self, y_true: Any, y_pred: Any) -> Any:
         form = self.form if isinstance(self.form, str) else tuple(self.form)
         return KINDS[self.kind](
-            y_true, y_pred, form=form, axis=self.axis, temperature=self.temperature,
-            reduction="none", **self.params,
-        )  # fmt: skip
+            y_true,
+            y_pred,
+            form=form,
+            axis=self.axis,
+            temperature=self.temperature,
+            reduction="none",
+            **self.params,
+        )
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

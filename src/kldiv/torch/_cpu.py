@@ -364,9 +364,15 @@ class ChunkedDivergence(torch.autograd.Function):
         alpha: float = SKEW_ALPHA,
     ) -> torch.Tensor:
         values, grad = chunked_forward(
-            kind, student.detach(), teacher.detach(), keep, temperature, student.requires_grad,
-            beta, alpha=alpha,
-        )  # fmt: skip
+            kind,
+            student.detach(),
+            teacher.detach(),
+            keep,
+            temperature,
+            student.requires_grad,
+            beta,
+            alpha=alpha,
+        )
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.student_dtype = student.dtype
         ctx.has_grad = grad is not None

@@ -109,8 +109,14 @@ def _build(directory: Path) -> Path:
         version = subprocess.run([*cc, "--version"], capture_output=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"the C compiler {cc[0]} does not run: {e}") from e
-    parts = [SOURCE.read_bytes(), " ".join(cc).encode(), version, platform.machine().encode(),
-             _cpu_flags(), repr((_FLAG_SETS, _COMMON)).encode()]  # fmt: skip
+    parts = [
+        SOURCE.read_bytes(),
+        " ".join(cc).encode(),
+        version,
+        platform.machine().encode(),
+        _cpu_flags(),
+        repr((_FLAG_SETS, _COMMON)).encode(),
+    ]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"cpu_kernel_{key}.so"
@@ -162,8 +168,24 @@ def _load() -> None:
         return
     fn = lib.kldiv_cpu_rows
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ctypes.c_int, i64, i64, p, i64, p, i64, p, ctypes.c_float, p, i64, p,
-                   ctypes.c_float, p, p, p]  # fmt: skip
+    fn.argtypes = [
+        ctypes.c_int,
+        i64,
+        i64,
+        p,
+        i64,
+        p,
+        i64,
+        p,
+        ctypes.c_float,
+        p,
+        i64,
+        p,
+        ctypes.c_float,
+        p,
+        p,
+        p,
+    ]
     fn.restype = None
     _state.update(fn=fn, path=path)
 
@@ -232,11 +254,23 @@ def rows(
         if a == b:
             return
         fn(
-            code, b - a, v, student[a].data_ptr(), student.stride(0), teacher[a].data_ptr(),
-            teacher.stride(0), None if keep is None else keep[a:].data_ptr(), inv_t,
-            None if grad is None else grad[a].data_ptr(), 0 if grad is None else grad.stride(0),
-            None, 1.0, scratch[k].data_ptr(), values[a:].data_ptr(), flags[a:].data_ptr(),
-        )  # fmt: skip
+            code,
+            b - a,
+            v,
+            student[a].data_ptr(),
+            student.stride(0),
+            teacher[a].data_ptr(),
+            teacher.stride(0),
+            None if keep is None else keep[a:].data_ptr(),
+            inv_t,
+            None if grad is None else grad[a].data_ptr(),
+            0 if grad is None else grad.stride(0),
+            None,
+            1.0,
+            scratch[k].data_ptr(),
+            values[a:].data_ptr(),
+            flags[a:].data_ptr(),
+        )
 
     if parts == 1:
         call(0)

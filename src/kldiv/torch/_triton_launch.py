@@ -70,10 +70,20 @@ def forward(
     b, warps = _block(v, block)
     keep_arg = keep if keep is not None else out[0]  # unused when HAS_KEEP is False
     K.distill_forward_kernel[(n,)](
-        student, teacher, keep_arg, *out,
-        student.stride(0), teacher.stride(0), v, inv_t, w,
-        HAS_KEEP=keep is not None, KIND=KIND_IDS[kind], BLOCK=b, num_warps=warps,
-    )  # fmt: skip
+        student,
+        teacher,
+        keep_arg,
+        *out,
+        student.stride(0),
+        teacher.stride(0),
+        v,
+        inv_t,
+        w,
+        HAS_KEEP=keep is not None,
+        KIND=KIND_IDS[kind],
+        BLOCK=b,
+        num_warps=warps,
+    )
     return out
 
 
@@ -99,9 +109,22 @@ def backward(
     go = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
     keep_arg = keep if keep is not None else stats[0]
     K.distill_backward_kernel[(n,)](
-        student, teacher, keep_arg, go, *stats, grad,
-        student.stride(0), teacher.stride(0), grad.stride(0), go.stride(0) if go.ndim else 0,
-        v, inv_t, w,
-        HAS_KEEP=keep is not None, KIND=KIND_IDS[kind], BLOCK=b, num_warps=warps,
-    )  # fmt: skip
+        student,
+        teacher,
+        keep_arg,
+        go,
+        *stats,
+        grad,
+        student.stride(0),
+        teacher.stride(0),
+        grad.stride(0),
+        go.stride(0) if go.ndim else 0,
+        v,
+        inv_t,
+        w,
+        HAS_KEEP=keep is not None,
+        KIND=KIND_IDS[kind],
+        BLOCK=b,
+        num_warps=warps,
+    )
     return grad

@@ -53,8 +53,7 @@ def distill_rows_backward(
     w: float,
     block: int,
 ) -> torch.Tensor:
-    return L.backward(grad_out, student, teacher, keep, tuple(stats), kind, inv_t, w,
-                      block or None)  # fmt: skip
+    return L.backward(grad_out, student, teacher, keep, tuple(stats), kind, inv_t, w, block or None)
 
 
 @distill_rows_backward.register_fake

@@ -125,8 +125,16 @@ class DistillationLoss(torch.nn.Module):
         fast_path: bool = True,
     ) -> None:
         super().__init__()
-        configure(self, divergence, beta, alpha, temperature, scale_by_temperature_squared,
-                  ignore_index, reduction)  # fmt: skip
+        configure(
+            self,
+            divergence,
+            beta,
+            alpha,
+            temperature,
+            scale_by_temperature_squared,
+            ignore_index,
+            reduction,
+        )
         if fast_path not in _FAST_PATHS:
             raise ValueError(
                 f"Expected `fast_path` to be True, False, 'triton' or 'chunked', got {fast_path!r}."
@@ -161,9 +169,15 @@ class DistillationLoss(torch.nn.Module):
             loss = self._fast(path, student_logits, teacher_logits, keep, num_items)
         else:
             loss = KINDS[self.divergence](
-                teacher_logits, student_logits, form="logits", temperature=self.temperature,
-                mask=keep, reduction=self.reduction, num_items=num_items, **self._params(),
-            )  # fmt: skip
+                teacher_logits,
+                student_logits,
+                form="logits",
+                temperature=self.temperature,
+                mask=keep,
+                reduction=self.reduction,
+                num_items=num_items,
+                **self._params(),
+            )
         return loss * scale if scale != 1.0 else loss
 
     def _weight(self) -> float:
@@ -193,8 +207,9 @@ class DistillationLoss(torch.nn.Module):
             )
         keep = self._keep(labels, tuple(student.shape[:-1]))
         num_items = _check.check_num_items(num_items, self.reduction)
-        rows = topk_distillation_rows(self.divergence, student, teacher, keep,
-                                      self.temperature, self.beta, self.alpha)  # fmt: skip
+        rows = topk_distillation_rows(
+            self.divergence, student, teacher, keep, self.temperature, self.beta, self.alpha
+        )
         if self.scale_by_temperature_squared:
             rows = rows * self.temperature**2
         return _reduce_rows(rows, keep, self.reduction, num_items)
@@ -232,14 +247,23 @@ class DistillationLoss(torch.nn.Module):
             from . import _triton_ops
 
             rows = _triton_ops.per_row(
-                self.divergence, student.reshape(-1, v), teacher.reshape(-1, v), flat_keep,
-                self.temperature, self._weight(),
-            )  # fmt: skip
+                self.divergence,
+                student.reshape(-1, v),
+                teacher.reshape(-1, v),
+                flat_keep,
+                self.temperature,
+                self._weight(),
+            )
         else:
             rows = _cpu.per_row(
-                self.divergence, student.reshape(-1, v), teacher.reshape(-1, v), flat_keep,
-                self.temperature, self.beta, alpha=self.alpha,
-            )  # fmt: skip
+                self.divergence,
+                student.reshape(-1, v),
+                teacher.reshape(-1, v),
+                flat_keep,
+                self.temperature,
+                self.beta,
+                alpha=self.alpha,
+            )
         out_dtype = torch.promote_types(student.dtype, torch.float32)
         return _reduce_rows(rows.to(out_dtype).reshape(tokens), keep, self.reduction, num_items)
 
@@ -251,8 +275,9 @@ def _reduce_rows(
     tokens (or by ``num_items``; 0 when nothing is kept), "sum", or "none"."""
     if reduction == "none":
         return rows
-    return _reduce_total(rows.sum(), rows.numel() if keep is None else keep.sum(), reduction,
-                         num_items)  # fmt: skip
+    return _reduce_total(
+        rows.sum(), rows.numel() if keep is None else keep.sum(), reduction, num_items
+    )
 
 
 def _reduce_total(total: torch.Tensor, count: Any, reduction: str, num_items: Any) -> torch.Tensor:

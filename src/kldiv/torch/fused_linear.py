@@ -70,8 +70,9 @@ def _logit_chunk(
             if need_grad:
                 ones = torch.ones((), dtype=torch.float32, device=student_logits.device)
                 go = ones.expand(student_logits.shape[0])
-                grad = L.backward(go, student_logits, teacher_logits, keep, stats[1:],
-                                  kernel_kind, inv_t, w)  # fmt: skip
+                grad = L.backward(
+                    go, student_logits, teacher_logits, keep, stats[1:], kernel_kind, inv_t, w
+                )
             return stats[0], grad
     return _cpu.chunked_forward(
         kind, student_logits, teacher_logits, keep, temperature, need_grad, beta, alpha=alpha
@@ -223,8 +224,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
             cfg, hidden, weight, bias, teacher, index, (False, False, False), per_row=True
         )
         ctx.need = need
-        ctx.save_for_backward(hidden, weight, bias, teacher_src, teacher_weight, teacher_bias,
-                              index)  # fmt: skip
+        ctx.save_for_backward(
+            hidden, weight, bias, teacher_src, teacher_weight, teacher_bias, index
+        )
         return values
 
     @staticmethod
@@ -237,9 +239,15 @@ class _FusedLinearDivergence(torch.autograd.Function):
         else:
             hidden, weight, bias, t_src, t_w, t_b, index = ctx.saved_tensors
             _, grads = _fused_pass(
-                ctx.cfg, hidden, weight, bias, (t_src, t_w, t_b), index, ctx.need,
+                ctx.cfg,
+                hidden,
+                weight,
+                bias,
+                (t_src, t_w, t_b),
+                index,
+                ctx.need,
                 row_scale=grad_out,
-            )  # fmt: skip
+            )
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
         return (*out, None, None, None, None, None, None, None)
 
@@ -322,8 +330,16 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        configure(self, divergence, beta, alpha, temperature, scale_by_temperature_squared,
-                  ignore_index, reduction)  # fmt: skip
+        configure(
+            self,
+            divergence,
+            beta,
+            alpha,
+            temperature,
+            scale_by_temperature_squared,
+            ignore_index,
+            reduction,
+        )
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -370,11 +386,20 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         cfg = _Config(self.divergence, self.temperature, self.beta, self.alpha, self.chunk_size)
         reduce = self.reduction != "none"
         out = _fused_apply(
-            hidden.reshape(n, hidden.shape[-1]), weight, bias, t_src, t_w, t_b, index, cfg,
-            reduce, torch.is_grad_enabled(),
-        )  # fmt: skip
-        out = out.to(torch.promote_types(torch.promote_types(hidden.dtype, t_src.dtype),
-                                         torch.float32))  # fmt: skip
+            hidden.reshape(n, hidden.shape[-1]),
+            weight,
+            bias,
+            t_src,
+            t_w,
+            t_b,
+            index,
+            cfg,
+            reduce,
+            torch.is_grad_enabled(),
+        )
+        out = out.to(
+            torch.promote_types(torch.promote_types(hidden.dtype, t_src.dtype), torch.float32)
+        )
         if self.reduction == "none":
             loss = out.reshape(tokens)
         else:
@@ -403,8 +428,11 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             )
         v = weight.shape[0]
         tokens = tuple(hidden.shape[:-1])
-        for name, x in (("student_hidden", hidden), ("student_weight", weight),
-                        ("student_bias", bias)):  # fmt: skip
+        for name, x in (
+            ("student_hidden", hidden),
+            ("student_weight", weight),
+            ("student_bias", bias),
+        ):
             if x is not None:
                 _check_float(name, x)
                 if x.dtype != hidden.dtype:
@@ -450,8 +478,11 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                 raise ValueError(
                     f"Expected `teacher_bias` of shape [{v}], got {tuple(teacher_bias.shape)}."
                 )
-            teacher = {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight,
-                       "teacher_bias": teacher_bias}  # fmt: skip
+            teacher = {
+                "teacher_hidden": teacher_hidden,
+                "teacher_weight": teacher_weight,
+                "teacher_bias": teacher_bias,
+            }
         for name, x in teacher.items():
             if x is None:
                 continue

@@ -122,9 +122,14 @@ def _module(kind: str, name: str, params: dict[str, float], doc: str) -> type:
         for k, v in params.items():
             kw.setdefault(k, v)
         _DivergenceModule.__init__(
-            self, form=form, axis=axis, reduction=reduction, temperature=temperature,
-            check=check, **kw,
-        )  # fmt: skip
+            self,
+            form=form,
+            axis=axis,
+            reduction=reduction,
+            temperature=temperature,
+            check=check,
+            **kw,
+        )
 
     fn = KINDS[kind]
     cls = type(

@@ -135,8 +135,9 @@ class _Rows(torch.autograd.Function):
         grad_enabled: bool,
     ) -> torch.Tensor:
         need = grad_enabled and student.requires_grad  # nothing to compute under no_grad
-        values, grad = _forward(kind, student.detach(), teacher, keep, temperature, params, group,
-                                need)  # fmt: skip
+        values, grad = _forward(
+            kind, student.detach(), teacher, keep, temperature, params, group, need
+        )
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.student_dtype = student.dtype
         ctx.has_grad = grad is not None
@@ -276,8 +277,9 @@ def vocab_parallel_rows(
     handles the data-parallel group); two collectives on ``vocab_group``, none in backward.
     """
     params = {name: {"beta": beta, "alpha": alpha}[name] for name in KIND_PARAMS.get(kind, {})}
-    return _Rows.apply(student, teacher, keep, kind, temperature, params, vocab_group,
-                       torch.is_grad_enabled())  # fmt: skip
+    return _Rows.apply(
+        student, teacher, keep, kind, temperature, params, vocab_group, torch.is_grad_enabled()
+    )
 
 
 @torch.compiler.disable
@@ -343,8 +345,16 @@ class ParallelDistillationLoss(torch.nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        configure(self, divergence, beta, alpha, temperature, scale_by_temperature_squared,
-                  ignore_index, reduction)  # fmt: skip
+        configure(
+            self,
+            divergence,
+            beta,
+            alpha,
+            temperature,
+            scale_by_temperature_squared,
+            ignore_index,
+            reduction,
+        )
         _configure_groups(self, vocab_group, data_group, vocab_size, validate)
 
     def extra_repr(self) -> str:
@@ -382,10 +392,15 @@ class ParallelDistillationLoss(torch.nn.Module):
         flat_keep = None if keep is None else keep.reshape(-1)
         n = math.prod(tokens)  # not reshape(-1, v): v may be 0 on a rank
         rows = vocab_parallel_rows(
-            self.divergence, student_logits.reshape(n, v), teacher_logits.reshape(n, v),
-            flat_keep, temperature=self.temperature, beta=self.beta, alpha=self.alpha,
+            self.divergence,
+            student_logits.reshape(n, v),
+            teacher_logits.reshape(n, v),
+            flat_keep,
+            temperature=self.temperature,
+            beta=self.beta,
+            alpha=self.alpha,
             vocab_group=self.vocab_group,
-        ).reshape(tokens)  # fmt: skip
+        ).reshape(tokens)
         wide = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
         rows = rows.to(torch.promote_types(wide, torch.float32))
         if self.scale_by_temperature_squared:
@@ -411,10 +426,19 @@ class ParallelDistillationLoss(torch.nn.Module):
         if student.dtype not in _DTYPES or teacher.dtype not in _DTYPES:
             local.append("the logits are not floating point")
         width = student.shape[-1] if student.ndim else 0
-        facts = {"rows": math.prod(student.shape[:-1]), "width": width,
-                 "dtypes": [str(student.dtype), str(teacher.dtype)]}  # fmt: skip
-        _validate(self, local + _num_items_problem(num_items, self.reduction), facts,
-                  labels is not None, num_items is not None, student.device)  # fmt: skip
+        facts = {
+            "rows": math.prod(student.shape[:-1]),
+            "width": width,
+            "dtypes": [str(student.dtype), str(teacher.dtype)],
+        }
+        _validate(
+            self,
+            local + _num_items_problem(num_items, self.reduction),
+            facts,
+            labels is not None,
+            num_items is not None,
+            student.device,
+        )
 
 
 _TEACHER_GRAD = "the teacher requires a gradient (detach it; the student gets one)"
@@ -443,15 +467,25 @@ def _validate(
     all-gather of a few KiB of JSON per rank; reading it back waits for the device."""
     me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     config = {
-        "divergence": module.divergence, "beta": module.beta, "alpha": module.alpha,
-        "temperature": module.temperature, "reduction": module.reduction,
-        "ignore_index": module.ignore_index, "T^2": module.scale_by_temperature_squared,
-        "labels given": labels_given, "num_items given": num_items_given,
-        "vocab_size": module.vocab_size, "dtypes": facts["dtypes"],
+        "divergence": module.divergence,
+        "beta": module.beta,
+        "alpha": module.alpha,
+        "temperature": module.temperature,
+        "reduction": module.reduction,
+        "ignore_index": module.ignore_index,
+        "T^2": module.scale_by_temperature_squared,
+        "labels given": labels_given,
+        "num_items given": num_items_given,
+        "vocab_size": module.vocab_size,
+        "dtypes": facts["dtypes"],
         **facts.get("config", {}),
-    }  # fmt: skip
-    mine = {"problems": [f"rank {me}: {msg}" for msg in local], "config": config,
-            "rows": facts["rows"], "width": facts["width"]}  # fmt: skip
+    }
+    mine = {
+        "problems": [f"rank {me}: {msg}" for msg in local],
+        "config": config,
+        "rows": facts["rows"],
+        "width": facts["width"],
+    }
     problems = mine["problems"]
     vocab, data = module.vocab_group, module.data_group
     if _world(vocab) > 1:
@@ -464,8 +498,9 @@ def _validate(
         widths = [facts["width"]]
     total = sum(widths)
     if module.vocab_size is not None and total != module.vocab_size:
-        problems.append(f"the slices' widths {widths} add up to {total}, "
-                        f"not vocab_size={module.vocab_size}")  # fmt: skip
+        problems.append(
+            f"the slices' widths {widths} add up to {total}, not vocab_size={module.vocab_size}"
+        )
     if _world(data) > 1:
         every = _gather_json({**mine, "problems": problems}, data, device)
         problems = _union(every)
@@ -516,14 +551,16 @@ def _data_parallel_reduce(
     return _global_total(rows.sum(), count, reduction, num_items, group)
 
 
-def _global_total(local: torch.Tensor, count: Any, reduction: str, num_items: Any,
-                  group: Any) -> torch.Tensor:  # fmt: skip
+def _global_total(
+    local: torch.Tensor, count: Any, reduction: str, num_items: Any, group: Any
+) -> torch.Tensor:
     """``"mean"``/``"sum"`` from this rank's sum and count of kept tokens: one all-reduce of
     (sum, count) over ``group``, never a mean of means. The value is the global one on every
     rank; its gradient with respect to this rank's sum is the global loss's (1, or 1/count),
     since the other ranks' sums enter as constants. An empty mean is 0."""
-    packed = torch.stack([local.detach().double(),
-                          torch.as_tensor(count, device=local.device).double()])  # fmt: skip
+    packed = torch.stack(
+        [local.detach().double(), torch.as_tensor(count, device=local.device).double()]
+    )
     _sum(packed, group)
     total = _GlobalSum.apply(local, packed[0].to(local.dtype))
     return _reduce_total(total, packed[1].to(total.dtype), reduction, num_items)
@@ -661,14 +698,11 @@ class _FusedRows(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         teacher = (t_src, t_w, t_b)
         if reduce:
-            state, grads = _fused_linear(cfg, hidden, weight, bias, teacher, keep, need, None,
-                                         None)  # fmt: skip
+            state, grads = _fused_linear(cfg, hidden, weight, bias, teacher, keep, need, None, None)
             ctx.save_for_backward(*grads)
             return state["values"].sum()
-        state, _ = _fused_linear(cfg, hidden, weight, bias, teacher, keep, (False,) * 3, None,
-                                 None)  # fmt: skip
-        ctx.save_for_backward(hidden, weight, bias, t_src, t_w, t_b, state["norms"],
-                              state["sum_h"])  # fmt: skip
+        state, _ = _fused_linear(cfg, hidden, weight, bias, teacher, keep, (False,) * 3, None, None)
+        ctx.save_for_backward(hidden, weight, bias, t_src, t_w, t_b, state["norms"], state["sum_h"])
         return state["values"]
 
     @staticmethod
@@ -679,8 +713,17 @@ class _FusedRows(torch.autograd.Function):
         else:
             hidden, weight, bias, t_src, t_w, t_b, norms, sum_h = ctx.saved_tensors
             state = {"norms": norms, "sum_h": sum_h}
-            _, grads = _fused_linear(ctx.cfg, hidden, weight, bias, (t_src, t_w, t_b), ctx.keep,
-                                     ctx.need, grad_out, state)  # fmt: skip
+            _, grads = _fused_linear(
+                ctx.cfg,
+                hidden,
+                weight,
+                bias,
+                (t_src, t_w, t_b),
+                ctx.keep,
+                ctx.need,
+                grad_out,
+                state,
+            )
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
         return (*out,) + (None,) * 7
 
@@ -725,8 +768,16 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        configure(self, divergence, beta, alpha, temperature, scale_by_temperature_squared,
-                  ignore_index, reduction)  # fmt: skip
+        configure(
+            self,
+            divergence,
+            beta,
+            alpha,
+            temperature,
+            scale_by_temperature_squared,
+            ignore_index,
+            reduction,
+        )
         _configure_groups(self, vocab_group, data_group, vocab_size, validate)
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
@@ -749,9 +800,18 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         teacher_weight: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return _eager(self._forward, student_hidden, student_weight, teacher_logits, labels,
-                      num_items, student_bias, teacher_hidden, teacher_weight,
-                      teacher_bias)  # fmt: skip
+        return _eager(
+            self._forward,
+            student_hidden,
+            student_weight,
+            teacher_logits,
+            labels,
+            num_items,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+        )
 
     def _forward(
         self,
@@ -768,44 +828,78 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         hidden, weight, bias = student_hidden, student_weight, student_bias
         tokens = tuple(hidden.shape[:-1]) if hidden.ndim else ()
         v = weight.shape[0] if weight.ndim == 2 else 0
-        student_ok = (hidden.ndim >= 1 and weight.ndim == 2 and weight.shape[1] == hidden.shape[-1]
-                      and (bias is None or tuple(bias.shape) == (v,)))  # fmt: skip
+        student_ok = (
+            hidden.ndim >= 1
+            and weight.ndim == 2
+            and weight.shape[1] == hidden.shape[-1]
+            and (bias is None or tuple(bias.shape) == (v,))
+        )
         if teacher_weight is None:
             t_src, t_w, t_b = teacher_logits, None, None
-            teacher_ok = (teacher_logits is not None and teacher_hidden is None
-                          and teacher_bias is None
-                          and tuple(teacher_logits.shape) == (*tokens, v))  # fmt: skip
+            teacher_ok = (
+                teacher_logits is not None
+                and teacher_hidden is None
+                and teacher_bias is None
+                and tuple(teacher_logits.shape) == (*tokens, v)
+            )
         else:
             t_src, t_w, t_b = teacher_hidden, teacher_weight, teacher_bias
-            teacher_ok = (teacher_hidden is not None and teacher_logits is None
-                          and teacher_weight.ndim == 2 and teacher_weight.shape[0] == v
-                          and tuple(teacher_hidden.shape) == (*tokens, teacher_weight.shape[1])
-                          and (teacher_bias is None
-                               or tuple(teacher_bias.shape) == (v,)))  # fmt: skip
+            teacher_ok = (
+                teacher_hidden is not None
+                and teacher_logits is None
+                and teacher_weight.ndim == 2
+                and teacher_weight.shape[0] == v
+                and tuple(teacher_hidden.shape) == (*tokens, teacher_weight.shape[1])
+                and (teacher_bias is None or tuple(teacher_bias.shape) == (v,))
+            )
         teacher_parts = [x for x in (t_src, t_w, t_b) if x is not None]
         # the hidden states' all-reduce runs where their gradient is wanted: everywhere or
         # nowhere, which validation checks with the settings
-        grads = [torch.is_grad_enabled() and x is not None and x.requires_grad
-                 for x in (hidden, weight, bias)]  # fmt: skip
+        grads = [
+            torch.is_grad_enabled() and x is not None and x.requires_grad
+            for x in (hidden, weight, bias)
+        ]
         if self.validate:
-            local = [msg for bad, msg in (
-                (labels is not None and tuple(labels.shape) != tokens,
-                 "labels are not of the token shape"),
-                (any(x.requires_grad for x in teacher_parts), _TEACHER_GRAD),
-                (not all(x.is_floating_point() for x in [hidden, weight, *teacher_parts]),
-                 "the inputs are not floating point"),
-                (not student_ok,
-                 "the student's hidden states, LM-head slice or bias do not fit together"),
-                (not teacher_ok, "the teacher's inputs do not fit the student's"),
-            ) if bad]  # fmt: skip
+            local = [
+                msg
+                for bad, msg in (
+                    (
+                        labels is not None and tuple(labels.shape) != tokens,
+                        "labels are not of the token shape",
+                    ),
+                    (any(x.requires_grad for x in teacher_parts), _TEACHER_GRAD),
+                    (
+                        not all(x.is_floating_point() for x in [hidden, weight, *teacher_parts]),
+                        "the inputs are not floating point",
+                    ),
+                    (
+                        not student_ok,
+                        "the student's hidden states, LM-head slice or bias do not fit together",
+                    ),
+                    (not teacher_ok, "the teacher's inputs do not fit the student's"),
+                )
+                if bad
+            ]
             dtypes = [str(hidden.dtype), str(None if t_src is None else t_src.dtype)]
-            facts = {"rows": math.prod(tokens), "width": v, "dtypes": dtypes,
-                     "config": {"gradients (hidden, weight, bias)": grads}}  # fmt: skip
-            _validate(self, local + _num_items_problem(num_items, self.reduction), facts,
-                      labels is not None, num_items is not None, hidden.device)  # fmt: skip
+            facts = {
+                "rows": math.prod(tokens),
+                "width": v,
+                "dtypes": dtypes,
+                "config": {"gradients (hidden, weight, bias)": grads},
+            }
+            _validate(
+                self,
+                local + _num_items_problem(num_items, self.reduction),
+                facts,
+                labels is not None,
+                num_items is not None,
+                hidden.device,
+            )
         elif not (student_ok and teacher_ok):
-            raise ValueError("Expected student and teacher inputs that fit together (see the "
-                             "class docstring); validate=True names what does not.")  # fmt: skip
+            raise ValueError(
+                "Expected student and teacher inputs that fit together (see the "
+                "class docstring); validate=True names what does not."
+            )
         elif any(x.requires_grad for x in teacher_parts):
             raise ValueError(f"Expected no gradient for the teacher: {_TEACHER_GRAD}.")
         num_items = _check.check_num_items(num_items, self.reduction)
@@ -816,13 +910,25 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         else:
             t_src = t_src.reshape(n, t_w.shape[1])
         params = tuple((k, getattr(self, k)) for k in KIND_PARAMS.get(self.divergence, {}))
-        cfg = _FusedConfig(self.divergence, self.temperature, params, self.chunk_size,
-                           self.vocab_group)  # fmt: skip
+        cfg = _FusedConfig(
+            self.divergence, self.temperature, params, self.chunk_size, self.vocab_group
+        )
         reduce = self.reduction != "none"
-        out = _fused_apply(hidden.reshape(n, hidden.shape[-1]), weight, bias, t_src, t_w, t_b,
-                           keep, cfg, reduce, torch.is_grad_enabled())  # fmt: skip
-        out = out.to(torch.promote_types(torch.promote_types(hidden.dtype, t_src.dtype),
-                                         torch.float32))  # fmt: skip
+        out = _fused_apply(
+            hidden.reshape(n, hidden.shape[-1]),
+            weight,
+            bias,
+            t_src,
+            t_w,
+            t_b,
+            keep,
+            cfg,
+            reduce,
+            torch.is_grad_enabled(),
+        )
+        out = out.to(
+            torch.promote_types(torch.promote_types(hidden.dtype, t_src.dtype), torch.float32)
+        )
         if self.scale_by_temperature_squared:
             out = out * self.temperature**2
         if not reduce:

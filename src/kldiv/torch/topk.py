@@ -444,33 +444,47 @@ def _raise_teacher_fault(
         pos = _first(bad)
         where = _where(tokens, pos[0])
         if name == "range":
-            msg = (f"Expected `teacher.indices` in [0, {v}) (negative = padding), got "
-                   f"{int(idx[pos])} in {where}.")  # fmt: skip
+            msg = (
+                f"Expected `teacher.indices` in [0, {v}) (negative = padding), got "
+                f"{int(idx[pos])} in {where}."
+            )
         elif name == "nan":
-            msg = (f"Expected no NaN in `teacher.log_probs` of kept tokens, got NaN in {where}, "
-                   f"entry {pos[1]}.")  # fmt: skip
+            msg = (
+                f"Expected no NaN in `teacher.log_probs` of kept tokens, got NaN in {where}, "
+                f"entry {pos[1]}."
+            )
         elif name == "dup":
             s = torch.where(idx >= 0, idx, -1)[pos[0]].sort().values
-            msg = (f"Expected distinct `teacher.indices` within a token, got id "
-                   f"{int(s[pos[1] + 1])} twice in {where} (pad unused entries with a negative "
-                   "id, e.g. -1, not with a repeated id).")  # fmt: skip
+            msg = (
+                f"Expected distinct `teacher.indices` within a token, got id "
+                f"{int(s[pos[1] + 1])} twice in {where} (pad unused entries with a negative "
+                "id, e.g. -1, not with a repeated id)."
+            )
         elif name == "entry":
-            msg = (f"Expected `teacher.log_probs` ≤ 0 (tolerance {tol:g} for {dt}), got "
-                   f"{float(lp[pos]):g} in {where}, entry {pos[1]} (log-probs of the full "
-                   "softmax are expected, not logits).")  # fmt: skip
+            msg = (
+                f"Expected `teacher.log_probs` ≤ 0 (tolerance {tol:g} for {dt}), got "
+                f"{float(lp[pos]):g} in {where}, entry {pos[1]} (log-probs of the full "
+                "softmax are expected, not logits)."
+            )
         elif name == "sum":
-            msg = (f"Expected the stored teacher probabilities to sum to at most 1 (log-space "
-                   f"tolerance {tol:g} for {dt}), got {math.exp(float(a_sum[pos])):.6g} in "
-                   f"{where}; log_probs must come from a softmax over the full "
-                   "vocabulary.")  # fmt: skip
+            msg = (
+                f"Expected the stored teacher probabilities to sum to at most 1 (log-space "
+                f"tolerance {tol:g} for {dt}), got {math.exp(float(a_sum[pos])):.6g} in "
+                f"{where}; log_probs must come from a softmax over the full "
+                "vocabulary."
+            )
         elif name == "short":
-            msg = (f"Expected the stored teacher probabilities to sum to 1 where the ids cover "
-                   f"all {v} vocabulary entries (log-space tolerance {tol:g}), got "
-                   f"{math.exp(float(a_sum[pos])):.6g} in {where}.")  # fmt: skip
+            msg = (
+                f"Expected the stored teacher probabilities to sum to 1 where the ids cover "
+                f"all {v} vocabulary entries (log-space tolerance {tol:g}), got "
+                f"{math.exp(float(a_sum[pos])):.6g} in {where}."
+            )
         else:  # "empty"
-            msg = ("Expected at least one stored entry with probability > 0 in every kept "
-                   "token for tail='renormalize' (the renormalised teacher is undefined "
-                   f"otherwise), got none in {where}.")  # fmt: skip
+            msg = (
+                "Expected at least one stored entry with probability > 0 in every kept "
+                "token for tail='renormalize' (the renormalised teacher is undefined "
+                f"otherwise), got none in {where}."
+            )
         raise ValueError(msg)
 
 
