@@ -20,7 +20,7 @@ from .divergences import (
     tv_distance,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "KINDS",
