@@ -143,8 +143,8 @@ def mxnet_kl_div_loss(
     ``sample_weight``, then one value per sample over every axis but ``batch_axis``:
     ``average=False`` (the default) *sums* over those axes, which is what MXNet 1.9.1 does
     (checked against the real package: ``tests/fixtures/make_mxnet_fixtures.py``);
-    ``average=True`` takes the mean instead, as the Gluon docs, older releases and the MXNet
-    seed tutorial do ("smaller than the true definition by a factor of the number of
+    ``average=True`` takes the mean instead, as the Gluon docs, older releases and the Gluon
+    ``KLDivLoss`` tutorial do ("smaller than the true definition by a factor of the number of
     categories").
 
     Quirks kept: the ``1e-12`` inside the log (a label of 0 contributes 0, but ``pred = -inf``

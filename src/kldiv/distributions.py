@@ -555,7 +555,7 @@ def bernoulli_kl(
     log-sigmoid, so saturated units keep finite values and gradients. Zero support is exact:
     a term with ``p = 0`` (or ``1 − p = 0``) is 0 with gradient 0; ``q = 0`` where ``p > 0``
     (or ``q = 1`` where ``p < 1``) gives +inf — a dead or saturated unit is infinitely far
-    from a target in (0, 1), which the Keras seed's clipping hides.
+    from a target in (0, 1), which Keras' clipping to [1e-7, 1] hides.
     """
     fp, fq = _check.check_forms(form)
     for f in (fp, fq):
