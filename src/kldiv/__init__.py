@@ -8,6 +8,7 @@ returns an array of the caller's framework. Importing kldiv imports no framework
 from __future__ import annotations
 
 from . import distributions, estimators, metrics
+from ._version import __version__
 from .divergences import (
     KINDS,
     divergence,
@@ -19,8 +20,6 @@ from .divergences import (
     symmetric_kl_div,
     tv_distance,
 )
-
-from ._version import __version__
 
 __all__ = [
     "KINDS",
