@@ -38,14 +38,14 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/kldiv demo
 
 lint: $(VENV)/.test-installed
-	$(BIN)/python -m ruff check src tests benchmarks examples
-	$(BIN)/python -m ruff format --check src tests benchmarks examples
+	$(BIN)/python -m ruff check src tests benchmarks examples docs/_ext
+	$(BIN)/python -m ruff format --check src tests benchmarks examples docs/_ext
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/python -m mypy
 
 docs-build: $(VENV)/.test-installed
-	$(BIN)/python -m mkdocs build --strict --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir $(VENV)/site
 
 test: lint typecheck docs-build
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
@@ -54,7 +54,7 @@ soak: $(VENV)/.test-installed
 	$(BIN)/python tests/soak.py --seeds $(SOAK_SEEDS)
 
 docs: $(VENV)/.test-installed
-	$(BIN)/python -m mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs serve
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_core_cpu.py
