@@ -1,10 +1,12 @@
 """The kldiv command: compare (every format, every error path, through main() and a
-subprocess), the demo's training run, and info."""
+subprocess), the demo's training run, bench, info, --version and `python -m kldiv`, and each
+command where its optional packages are missing (tests/test_wheel.py: on real installs)."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -12,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Imported at collection: scikit-learn's first import draws from Python's `random`, which the
+# conftest would otherwise pin on test_demo_trains_and_writes_figures (the demo seeds its own).
+import sklearn.datasets  # noqa: F401
 import torch
 
 from kldiv import cli
@@ -260,7 +266,7 @@ def test_compare_through_a_subprocess(tmp_path, rng):
     np.save(tmp_path / "a.npy", a)
     np.save(tmp_path / "b.npy", b)
     ok = subprocess.run(
-        [sys.executable, "-m", "kldiv.cli", "compare", "a.npy", "b.npy", "--json"],
+        [sys.executable, "-m", "kldiv", "compare", "a.npy", "b.npy", "--json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -268,7 +274,7 @@ def test_compare_through_a_subprocess(tmp_path, rng):
     assert ok.returncode == 0, ok.stderr
     check_report(json.loads(ok.stdout), a, b)
     bad = subprocess.run(
-        [sys.executable, "-m", "kldiv.cli", "compare", "a.npy", "missing.npy"],
+        [sys.executable, "-m", "kldiv", "compare", "a.npy", "missing.npy"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -298,6 +304,14 @@ def test_info_reports_tools_and_fused_path():
     code, out, _ = run(["info"])
     assert code == 0
     assert "scipy" in out and "matplotlib" in out and "DistillationLoss paths:" in out
+    # every optional package, with its version and the extra that installs it
+    from importlib.metadata import version
+
+    lines = out.splitlines()
+    for dist, extra in OPTIONAL_DISTS:
+        line = next(ln for ln in lines if ln.split()[:1] == [dist])
+        assert line.split()[1] == version(dist) and line.endswith(extra), line
+    assert f"torch             {torch.__version__}" in out
     triton_line = next(ln for ln in out.splitlines() if "Triton kernels" in ln)
     assert ("available" in triton_line) == torch.cuda.is_available()
     # the test environment has a C compiler: the CPU kernel is built (or found in the cache)
@@ -391,7 +405,7 @@ def test_bench_through_a_subprocess(tmp_path):
         [
             sys.executable,
             "-m",
-            "kldiv.cli",
+            "kldiv",
             "bench",
             "--device",
             "cpu",
@@ -418,7 +432,7 @@ def test_bench_through_a_subprocess(tmp_path):
     result = json.loads(ok.stdout)
     assert set(result["kinds"]["kl"]["summary"]) == {"eager", "kldiv"}
     bad = subprocess.run(
-        [sys.executable, "-m", "kldiv.cli", "bench", "--variants", "jax"],
+        [sys.executable, "-m", "kldiv", "bench", "--variants", "jax"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -427,3 +441,161 @@ def test_bench_through_a_subprocess(tmp_path):
     assert bad.stderr.strip() == (
         "kldiv bench: error: --variants: unknown 'jax'; expected some of eager, compile, liger, kldiv, tensor"
     )
+
+
+# (distribution name, what `kldiv info` names as its source), in the order info lists them
+OPTIONAL_DISTS = [
+    ("torch", "kldiv[torch]"),
+    ("jax", "kldiv[jax]"),
+    ("keras", "kldiv[keras]"),
+    ("scipy", "kldiv[numpy]"),
+    ("matplotlib", "kldiv[cli]"),
+    ("safetensors", "kldiv[cli]"),
+    ("scikit-learn", "kldiv[cli]"),
+    ("triton", "with PyTorch's CUDA builds"),
+]
+
+# Runs `kldiv` in a fresh interpreter where the named packages cannot be imported, as on an
+# install without their extra (tests/test_wheel.py does the same on real installs): a finder
+# ahead of all others answers ModuleNotFoundError for them, as Python does for a package that
+# is not installed. (A None in sys.modules would not do: array-api-compat reads sys.modules.)
+WITHOUT = """
+import sys
+
+BLOCKED = set(sys.argv[1].split(","))
+
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+from kldiv.cli import main
+
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+def kldiv_without(blocked, argv, cwd):
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT, ",".join(blocked), *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def one_line_error(proc, command, *needles):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kldiv {command}: error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("blocked", "missing"),
+    [(["torch"], "PyTorch"), (["sklearn", "matplotlib"], "scikit-learn, matplotlib")],
+)
+def test_demo_without_its_extras_is_one_line_and_creates_nothing(tmp_path, blocked, missing):
+    proc = kldiv_without(blocked, ["demo"], tmp_path)
+    one_line_error(proc, "demo", f"missing here: {missing}", 'pip install "kldiv[torch,cli]"')
+    assert "--no-train" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no demo-output/
+
+
+def test_demo_no_train_needs_no_extra(tmp_path):
+    proc = kldiv_without(["torch", "sklearn", "matplotlib"], ["demo", "--no-train"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "TensorFlow tutorial" in proc.stdout and "0.453418" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_without_torch_is_one_line_and_creates_nothing(tmp_path):
+    proc = kldiv_without(["torch"], ["bench", "--out", str(tmp_path / "b")], tmp_path)
+    one_line_error(proc, "bench", "needs PyTorch", 'pip install "kldiv[torch]"')
+    assert list(tmp_path.iterdir()) == []
+
+
+def save_pair(tmp_path, shape=(6, 9)):
+    a = np.linspace(-2.0, 2.0, math.prod(shape)).reshape(shape).astype(np.float32)
+    b = np.flip(a, -1).copy()
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    return a, b
+
+
+def test_compare_without_matplotlib_still_writes_the_report(tmp_path):
+    a, b = save_pair(tmp_path)
+    for extra in ([], ["--json"]):
+        dest = tmp_path / f"rep{len(extra)}"
+        proc = kldiv_without(
+            ["matplotlib"], ["compare", "a.npy", "b.npy", "--out", dest.name, *extra], tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(p.name for p in dest.iterdir()) == ["report.json"]
+        check_report(json.loads((dest / "report.json").read_text()), a, b)
+        note = proc.stderr.strip().splitlines()
+        assert len(note) == 1 and note[0].startswith("kldiv compare: note: "), proc.stderr
+        assert "histogram" in note[0] and 'pip install "kldiv[cli]"' in note[0]
+        if extra:  # stdout stays one JSON document
+            check_report(json.loads(proc.stdout), a, b)
+        else:
+            assert "Mean KL" in proc.stdout
+            assert proc.stdout.strip().splitlines()[-1] == f"wrote {dest.name}/report.json"
+
+
+def test_compare_without_safetensors_or_torch_names_the_extra(tmp_path):
+    save_pair(tmp_path)
+    (tmp_path / "a.safetensors").write_bytes(b"")  # never opened: the package check comes first
+    (tmp_path / "a.pt").write_bytes(b"")
+    proc = kldiv_without(["safetensors"], ["compare", "a.safetensors", "b.npy"], tmp_path)
+    one_line_error(proc, "compare", "a.safetensors: ", 'pip install "kldiv[cli]"')
+    proc = kldiv_without(["torch"], ["compare", "a.npy", "a.pt"], tmp_path)
+    one_line_error(proc, "compare", "a.pt: ", 'pip install "kldiv[torch]"')
+
+
+def test_info_without_the_extras_says_what_is_missing(tmp_path):
+    blocked = ["torch", "jax", "keras", "scipy", "matplotlib", "safetensors", "sklearn", "triton"]
+    proc = kldiv_without(blocked, ["info"], tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    for dist, extra in OPTIONAL_DISTS:
+        line = next(ln for ln in lines if ln.split()[:1] == [dist])
+        assert "not installed" in line and line.endswith(extra), line
+    assert 'DistillationLoss: needs PyTorch, pip install "kldiv[torch]"' in lines
+    # the CPU paths are listed only where PyTorch imports
+    assert not any("CPU kernel" in ln or "chunked CPU path" in ln for ln in lines)
+
+
+def test_info_names_the_keras_backend_and_whether_it_is_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    proc = kldiv_without([], ["info"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend jax (from KERAS_BACKEND), installed" in proc.stdout
+    # Keras installed without the backend it would load: it would not import
+    proc = kldiv_without(["torch", "jax"], ["info"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend jax (from KERAS_BACKEND), NOT installed" in proc.stdout
+
+
+def test_version_from_python_m_and_the_console_script(tmp_path):
+    import kldiv
+
+    script = Path(sys.executable).with_name("kldiv")
+    for cmd in ([sys.executable, "-m", "kldiv", "--version"], [str(script), "--version"]):
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout == f"kldiv {kldiv.__version__}\n", proc
+
+
+def test_help_speaks_of_the_worked_examples_and_the_extras():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kldiv", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "worked examples" in proc.stdout and "seed" not in proc.stdout.lower()
+    assert "kldiv[torch,cli]" in proc.stdout and "kldiv[torch]" in proc.stdout

@@ -30,7 +30,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from kldiv._defaults import DistillationKind
 
 # "tensor": kldiv's CPU path with its compiled kernel switched off (KLDIV_NATIVE=0)
 VARIANTS = ("eager", "compile", "liger", "kldiv", "tensor")
@@ -84,7 +87,8 @@ def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
     if variant in ("kldiv", "tensor"):
         from kldiv.torch import DistillationLoss
 
-        loss = DistillationLoss(kind)
+        # the caller checked `kind` against KINDS
+        loss = DistillationLoss(cast("DistillationKind", kind))
         return loss if variant == "kldiv" else _without_native(loss)
     if variant == "compile":
         import torch

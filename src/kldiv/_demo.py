@@ -3,7 +3,8 @@ and JSD, beside a student trained on hard labels, and save the figures.
 
 Data: the 8×8 handwritten digits that scikit-learn ships (1,797 images, no download). Models:
 small PyTorch MLPs on the CPU, full-batch Adam, fixed seeds, so a run takes seconds and prints
-the same table every time on the same machine.
+the same table every time on the same machine. It needs PyTorch, scikit-learn and matplotlib
+(``pip install "kldiv[torch,cli]"``); ``kldiv demo`` checks that before it starts.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _loss(name: str, student: Any, teacher: Any, labels: Any) -> Any:
 
     if name == "hard labels":
         return torch.nn.functional.cross_entropy(student, labels)
-    kw = {"form": "logits", "temperature": TEMPERATURE}
+    kw: dict[str, Any] = {"form": "logits", "temperature": TEMPERATURE}
     if name == "forward KL":  # KL(teacher‖student): mass-covering
         return kldiv.kl_div(teacher, student, **kw)
     if name == "reverse KL":  # KL(student‖teacher): mode-seeking
@@ -87,6 +88,15 @@ def _loss(name: str, student: Any, teacher: Any, labels: Any) -> Any:
 
 def train(out_dir: Path, out: TextIO, progress: bool = True) -> list[Result]:
     """Train the teacher and the four students; write the figures; return the results."""
+    import torch
+
+    # The run seeds PyTorch's generator for its fixed results; a caller's own random stream
+    # (``kldiv.cli.demo`` called from Python) continues afterwards as if it had not run.
+    with torch.random.fork_rng(devices=[]):
+        return _train(out_dir, out, progress)
+
+
+def _train(out_dir: Path, out: TextIO, progress: bool) -> list[Result]:
     import torch
     from tqdm.auto import tqdm
 

@@ -4,7 +4,8 @@ Formats: ``.npy`` (memory-mapped; pages are handed back to the kernel after each
 resident set stays at one chunk however large the file), ``.npz`` (members read sequentially
 from the zip stream, compressed or not), ``.safetensors`` (sliced through ``safe_open``) and
 ``.pt``/``.pth`` (``torch.load(mmap=True, weights_only=True)``). A file holding several arrays
-takes ``FILE::NAME`` to say which one.
+takes ``FILE::NAME`` to say which one. ``.safetensors`` needs the safetensors package
+(``kldiv[cli]``) and ``.pt`` needs PyTorch (``kldiv[torch]``); NumPy formats need nothing extra.
 
 Every failure is an :class:`InputError` whose message starts with the file's name, ready to be
 printed as a one-line error.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 __all__ = ["InputError", "ArrayFile", "open_array", "SUFFIXES"]
 
@@ -63,7 +65,7 @@ class ArrayFile:
     """One array in a file: ``shape``, ``dtype`` and ``rows(axis, chunk)``, which yields
     ``[rows, V]`` blocks with the category ``axis`` last, in order, each a fresh array."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: DTypeLike) -> None:
         self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
 
     @property
@@ -230,8 +232,8 @@ class _SafeTensors(ArrayFile):
             from safetensors import safe_open
         except ImportError:
             raise InputError(
-                f"{path}: reading .safetensors needs the safetensors package "
-                "(pip install safetensors, or kldiv[cli])"
+                f"{path}: reading .safetensors needs the safetensors package, not installed "
+                'here: pip install "kldiv[cli]"'
             ) from None
         try:
             self._handle = safe_open(str(path), framework="numpy")
@@ -243,7 +245,12 @@ class _SafeTensors(ArrayFile):
         sl = self._f.get_slice(self._key)
         dtype_name = sl.get_dtype()
         self._bf16 = dtype_name == "BF16"
-        dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.float32}
+        dtypes: dict[str, DTypeLike] = {
+            "F64": np.float64,
+            "F32": np.float32,
+            "F16": np.float16,
+            "BF16": np.float32,
+        }
         dtypes |= {"I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8}
         if dtype_name not in dtypes:
             raise InputError(f"{path}: tensor {self._key!r} has unsupported dtype {dtype_name}")
@@ -290,7 +297,10 @@ class _Torch(ArrayFile):
         try:
             import torch
         except ImportError:
-            raise InputError(f"{path}: reading .pt files needs PyTorch") from None
+            raise InputError(
+                f"{path}: reading .pt files needs PyTorch, not installed here: "
+                'pip install "kldiv[torch]"'
+            ) from None
         try:
             try:
                 obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

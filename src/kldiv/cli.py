@@ -1,8 +1,14 @@
-"""The ``kldiv`` command: ``demo``, ``compare``, ``bench`` and ``info``.
+"""The ``kldiv`` command (also ``python -m kldiv``): ``demo``, ``compare``, ``bench`` and
+``info``.
 
 Every error a user can cause (a missing or corrupt file, mismatched shapes, invalid values, an
-output directory that exists) prints one line, ``kldiv <command>: error: <file>: <problem>``,
-and exits with status 2, leaving no partial output behind.
+output directory that exists, an optional package that is not installed) prints one line,
+``kldiv <command>: error: <file>: <problem>``, and exits with status 2, leaving no partial
+output behind.
+
+``compare`` and ``info`` run on the base install. ``demo`` trains with PyTorch and needs
+``pip install "kldiv[torch,cli]"`` (``demo --no-train`` runs on the base install); ``bench``
+needs ``pip install "kldiv[torch]"``.
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
 import kldiv
 
-# The seed texts' inputs (shared/seeds): a TensorFlow tutorial, a Keras answer, an MXNet
-# tutorial. Their reported numbers are printed beside kldiv's.
+# The inputs of three worked examples that users meet today: the TensorFlow tutorial's KL
+# from softmax cross-entropies, the Keras answer's sparsity regularizer and the MXNet Gluon
+# tutorial's KLDivLoss. Their reported numbers are printed beside kldiv's.
 TF_LOGITS_P = [[0.05, 0.16, 0.9], [0.8, 4.15, 0.05]]
 TF_LOGITS_Q = [[0.7, 0.2, 0.1], [0.15, 0.9, 0.05]]
 TF_REPORTED = [0.1879, 0.4534]
@@ -48,25 +55,29 @@ class UsageError(Exception):
     """A problem with the user's input; printed as one line, exit status 2."""
 
 
-def seed_examples(out=None) -> int:
+def worked_examples(out: TextIO | None = None) -> int:
+    """Print three worked examples from other libraries' docs beside kldiv's values: the
+    TensorFlow tutorial's softmax-cross-entropy KL, the MXNet Gluon tutorial's ``KLDivLoss``
+    and the Keras answer's sparsity regularizer."""
     out = out or sys.stdout
     w = lambda s="": print(s, file=out)  # noqa: E731
-    w("kldiv demo: the worked examples of the three seed texts, recomputed with kldiv")
+    w("kldiv demo: three worked examples from other libraries' docs, recomputed with kldiv")
     w("(kldiv.kl_div(p, q) is KL(P‖Q) = Σ p·(log p − log q), p the reference, q the model)")
     w()
-    w("1. TensorFlow tutorial: KL(softmax(a)‖softmax(b)) per row, from logits")
+    w("1. TensorFlow tutorial, KL from softmax cross-entropies: KL(softmax(a)‖softmax(b)) per row")
     kl_tf = kldiv.kl_div(
         np.array(TF_LOGITS_P), np.array(TF_LOGITS_Q), form="logits", reduction="none"
     )
-    w(f"   {'row':<5}{'text reports':<15}{'kldiv':<12}")
+    w(f"   {'row':<5}{'tutorial':<15}{'kldiv':<12}")
     for i, (rep, got) in enumerate(zip(TF_REPORTED, kl_tf, strict=True)):
         w(f"   {i:<5}{rep:<15}{_fmt(float(got)):<12}")
     w("   call: kldiv.kl_div(a, b, form='logits', reduction='none')")
     w()
-    w("2. MXNet Gluon KLDivLoss tutorial. Its kl_divergence(a, b) passes log(a) as the prediction")
-    w("   and b as the label, i.e. KL(b‖a), averaged over the 4 categories (the text: 'smaller")
-    w("   than the true definition by a factor of the number of categories'; MXNet 1.9.1 sums).")
-    w(f"   {'compared':<12}{'text says':<38}{'kldiv KL(b‖a)':<16}{'÷ 4 (tutorial)':<16}")
+    w("2. MXNet Gluon tutorial, KLDivLoss. Its kl_divergence(a, b) passes log(a) as the")
+    w("   prediction and b as the label, i.e. KL(b‖a), averaged over the 4 categories (the")
+    w("   tutorial: 'smaller than the true definition by a factor of the number of categories';")
+    w("   MXNet 1.9.1 sums).")
+    w(f"   {'compared':<12}{'tutorial says':<38}{'kldiv KL(b‖a)':<16}{'÷ 4 (tutorial)':<16}")
     says = {
         (1, 2): "smaller than 1 & 3",
         (1, 3): "larger than 1 & 2",
@@ -82,21 +93,21 @@ def seed_examples(out=None) -> int:
     rev = float(kldiv.kl_div(np.array(MX[4]), np.array(MX[1])))
     w(f"   KL(dist_4‖dist_1) is finite, 0.9·log(0.9/0.5) = {_fmt(rev)} (p = 0 terms count 0).")
     w()
-    w("3. Keras sparse-autoencoder regularizer: 0.01·[KL(0.05‖ρ̂) + KL(0.95‖1−ρ̂)], where ρ̂ are")
+    w("3. Keras answer, sparsity regularizer: 0.01·[KL(0.05‖ρ̂) + KL(0.95‖1−ρ̂)], where ρ̂ are")
     w("   the units' mean activations. Calling a categorical KL twice on scalars is a Bernoulli")
     w("   KL per unit, summed over units; kldiv says so directly:")
     rho_hat = np.array([0.01, 0.05, 0.2, 0.5, 0.9])
     p = np.stack([np.full_like(rho_hat, KERAS_TARGET), 1 - np.full_like(rho_hat, KERAS_TARGET)], -1)
     q = np.stack([rho_hat, 1 - rho_hat], -1)
     ours = KERAS_WEIGHT * float(kldiv.kl_div(p, q, reduction="sum"))
-    eps = 1e-7  # keras.backend.epsilon(), the text's clip
+    eps = 1e-7  # keras.backend.epsilon(), the answer's clip
     t = np.clip(KERAS_TARGET, eps, 1)
     keras_formula = KERAS_WEIGHT * float(
         np.sum(t * np.log(t / np.clip(rho_hat, eps, 1)))
         + np.sum((1 - t) * np.log((1 - t) / np.clip(1 - rho_hat, eps, 1)))
     )
     w(f"   ρ̂ = {rho_hat.tolist()}")
-    w(f"   the text's formula (clipped at 1e-7): {keras_formula:.6f}")
+    w(f"   the answer's formula (clipped at 1e-7): {keras_formula:.6f}")
     w(f"   kldiv: 0.01·kl_div([ρ, 1−ρ], [ρ̂, 1−ρ̂], reduction='sum') = {ours:.6f}")
     dead = np.array([0.0])
     kl_dead = float(kldiv.kl_div(np.array([[t, 1 - t]]), np.stack([dead, 1 - dead], -1)))
@@ -106,10 +117,49 @@ def seed_examples(out=None) -> int:
     return 0
 
 
-def demo(out_dir: str = "demo-output", train: bool = True, out=None, progress=None) -> int:
-    """The seed texts' examples, then a distillation run on scikit-learn's digits."""
+def _require(packages: Sequence[tuple[str, str]], what: str, install: str) -> None:
+    """Raise a one-line :class:`UsageError` unless every ``(module, name)`` imports.
+
+    Checked before any output or file exists, so that a missing extra costs nothing."""
+    missing = []
+    for module, name in packages:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and e.name.split(".")[0] != module:
+                missing.append(f"{name} (it does not import: {e})")
+            else:
+                missing.append(name)
+        except ImportError as e:  # installed but broken, e.g. a missing shared library
+            missing.append(f"{name} (it does not import: {e})")
+    if missing:
+        needed = ", ".join(name for _, name in packages)
+        raise UsageError(
+            f"{what} needs {needed}; missing here: {', '.join(missing)}. Install them with "
+            f"pip install {install}"
+        )
+
+
+DEMO_EXTRA = '"kldiv[torch,cli]"'
+BENCH_EXTRA = '"kldiv[torch]"'
+
+
+def demo(
+    out_dir: str = "demo-output",
+    train: bool = True,
+    out: TextIO | None = None,
+    progress: bool | None = None,
+) -> int:
+    """Three worked examples from other libraries' docs, then a distillation run on
+    scikit-learn's digits (PyTorch, scikit-learn and matplotlib: ``kldiv[torch,cli]``)."""
     out = out or sys.stdout
-    seed_examples(out)
+    if train:
+        _require(
+            (("torch", "PyTorch"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")),
+            "the distillation run",
+            f"{DEMO_EXTRA} (kldiv demo --no-train prints the worked examples alone)",
+        )
+    worked_examples(out)
     if not train:
         return 0
     from . import _demo
@@ -211,7 +261,7 @@ def _histogram(stats: Any, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if positive.size:
         lo, hi = np.log10(positive.min()), np.log10(positive.max())
-        bins = np.logspace(lo, hi if hi > lo else lo + 1, 60)
+        bins = np.logspace(lo, hi if hi > lo else lo + 1, 60).tolist()
         ax.hist(positive, bins=bins, color="tab:blue")
         ax.set_xscale("log")
     ax.set_yscale("log")
@@ -332,18 +382,42 @@ def compare(args: argparse.Namespace, out=None) -> int:
         print(f"ref: {ref.path}  cand: {cand.path}  form: {args.form[0]}/{args.form[1]}", file=out)
         print(report.to_text(), file=out)
     if dest is not None:
-        _write_outputs(dest, stats, report, f"{ref.path.name} vs {cand.path.name}")
+        figure = _write_outputs(dest, stats, report, f"{ref.path.name} vs {cand.path.name}")
         if not args.json:
-            print(f"wrote {dest / 'report.json'} and {dest / 'kl_histogram.png'}", file=out)
+            wrote = [dest / "report.json"] + ([dest / "kl_histogram.png"] if figure else [])
+            print("wrote " + " and ".join(map(str, wrote)), file=out)
+        if not figure:  # on stderr, so that --json output stays one JSON document
+            print(
+                "kldiv compare: note: kl_histogram.png not written; the histogram figure needs "
+                f"matplotlib: pip install {CLI_EXTRA}",
+                file=sys.stderr,
+            )
     return 0
 
 
-def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> None:
+CLI_EXTRA = '"kldiv[cli]"'
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> bool:
+    """Write report.json and, when matplotlib is installed, kl_histogram.png into ``dest``;
+    return whether the figure was written. The report never depends on the figure."""
+    figure = _have_matplotlib()
+
     def write(tmp: Path) -> None:
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        _histogram(stats, tmp / "kl_histogram.png", f"per-token KL: {title}")
+        if figure:
+            _histogram(stats, tmp / "kl_histogram.png", f"per-token KL: {title}")
 
     _atomic_dir(dest, write)
+    return figure
 
 
 def _atomic_dir(dest: Path, write: Any) -> None:
@@ -366,61 +440,109 @@ def _atomic_dir(dest: Path, write: Any) -> None:
         raise
 
 
-def info(out=None) -> int:
-    """Versions, backends, devices, and which optional pieces are usable here."""
+# What each optional package enables, and the extra that installs it. Triton has no extra:
+# PyTorch's CUDA builds for Linux bring it.
+OPTIONAL = (
+    ("torch", "torch", "kldiv.torch, kldiv bench and demo, .pt input", "kldiv[torch]"),
+    ("jax", "jax", "the core on JAX arrays", "kldiv[jax]"),
+    ("keras", "keras", "kldiv.keras losses and regularizer", "kldiv[keras]"),
+    ("scipy", "scipy", "kldiv.distributions on NumPy arrays", "kldiv[numpy]"),
+    ("matplotlib", "matplotlib", "figures of kldiv demo and compare", "kldiv[cli]"),
+    ("safetensors", "safetensors", "kldiv compare reads .safetensors", "kldiv[cli]"),
+    ("sklearn", "scikit-learn", "the digits data of kldiv demo", "kldiv[cli]"),
+    ("triton", "triton", "DistillationLoss's GPU kernels", "with PyTorch's CUDA builds"),
+)
+# Importing these would load a framework (Keras loads its backend, Triton its compiler): the
+# version comes from the installed metadata instead, and Keras' backend is reported apart.
+NOT_IMPORTED = ("keras", "triton")
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be found, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # raised by import hooks, or for a half-imported module
+        return False
+
+
+def _version(module: str, dist: str) -> str | None:
+    """The installed version of ``dist`` when ``module`` imports (or, for the modules in
+    NOT_IMPORTED, is installed), else None."""
+    from importlib import metadata
+
+    if module in NOT_IMPORTED:
+        if not _installed(module):
+            return None
+    else:
+        try:
+            mod = importlib.import_module(module)
+        except Exception:  # not installed, or installed but broken: unusable either way
+            return None
+        if isinstance(getattr(mod, "__version__", None), str):
+            return str(mod.__version__)
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def _keras_backend() -> tuple[str, str]:
+    """The backend Keras will load and where that choice comes from, found the way Keras
+    finds it (KERAS_BACKEND, else keras.json under KERAS_HOME or ~/.keras, else TensorFlow)."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"], "KERAS_BACKEND"
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    try:
+        backend = json.loads((home / "keras.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        backend = None
+    if isinstance(backend, str) and backend:
+        return backend, str(home / "keras.json")
+    return "tensorflow", "Keras' default"
+
+
+def info(out: TextIO | None = None) -> int:
+    """Versions, optional packages and what each enables, devices, and which
+    DistillationLoss paths run here."""
     out = out or sys.stdout
     w = lambda s="": print(s, file=out)  # noqa: E731
     w(f"kldiv {kldiv.__version__} on Python {platform.python_version()} ({platform.machine()})")
-    w("backends:")
-    for name in ("numpy", "array_api_compat", "torch", "jax", "scipy"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            w(f"  {name:<17} not installed")
-            continue
-        extra = ""
-        if name == "torch":
-            cuda = mod.cuda.is_available()
-            devs = [mod.cuda.get_device_name(i) for i in range(mod.cuda.device_count())]
-            extra = f" (CUDA: {', '.join(devs) if cuda else 'not available'})"
-        if name == "jax":
-            extra = f" (devices: {', '.join(str(d) for d in mod.devices())})"
-        if name == "scipy":
-            extra = " (special functions for kldiv.distributions on NumPy)"
-        w(f"  {name:<17} {getattr(mod, '__version__', '?')}{extra}")
-    w("tools:")
-    for name, use in (
-        ("tqdm", "progress bars"),
-        ("matplotlib", "figures of demo and compare"),
-        ("safetensors", "compare reads .safetensors"),
-        ("sklearn", "the demo's digits data"),
-        ("triton", "fused GPU kernels"),
-    ):
-        try:
-            mod = importlib.import_module(name)
-            w(f"  {name:<17} {getattr(mod, '__version__', '?')} ({use})")
-        except ImportError:
-            w(f"  {name:<17} not installed ({use} unavailable)")
+    w("required:")
+    for module, dist in (("numpy", "numpy"), ("array_api_compat", "array-api-compat")):
+        w(f"  {dist:<18}{_version(module, dist) or 'not importable'}")
+    w(f"  {'tqdm':<18}{_version('tqdm', 'tqdm') or 'not importable'}")
+    w("optional (each installed by the extra on the right):")
+    found: dict[str, bool] = {}
+    for module, dist, use, extra in OPTIONAL:
+        version = _version(module, dist)
+        found[module] = version is not None
+        w(f"  {dist:<18}{version or 'not installed':<16}{use:<46}{extra}")
+        if module == "keras" and version is not None:
+            backend, source = _keras_backend()
+            state = "installed" if _installed(backend) else "NOT installed"
+            w(f"  {'':<18}backend {backend} (from {source}), {state}")
+    if found["jax"]:
+        import jax
+
+        w(f"JAX devices: {', '.join(str(d) for d in jax.devices())}")
+    if not found["torch"]:
+        w('DistillationLoss: needs PyTorch, pip install "kldiv[torch]"')
+        return 0
+    import torch
+
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    cuda = torch.cuda.is_available() and bool(devices)
+    w(f"PyTorch devices: CPU{', CUDA: ' + ', '.join(devices) if cuda else ' (no CUDA device)'}")
     w("DistillationLoss paths:")
-    w("  chunked CPU path  available (float32/bfloat16/float16 CPU logits)")
-    try:
-        from kldiv.torch import _cpu_native
+    w("  chunked CPU path  available (float32/bfloat16/float16 CPU logits, every divergence)")
+    from kldiv.torch import _cpu_native
 
-        w(f"  CPU kernel        KL and reverse KL: {_cpu_native.status()}")
-    except ImportError:
-        w("  CPU kernel        not used here (no PyTorch)")
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except ImportError:
-        cuda = False
-    triton = importlib.util.find_spec("triton") is not None
-    if cuda and triton:
+    w(f"  CPU kernel        KL and reverse KL: {_cpu_native.status()}")
+    if cuda and found["triton"]:
         w("  Triton kernels    available (CUDA logits)")
     else:
         why = " and ".join(
-            x for x, ok in (("no CUDA device", cuda), ("no Triton", triton)) if not ok
+            x for x, ok in (("no CUDA device", cuda), ("no Triton", found["triton"])) if not ok
         )
         w(f"  Triton kernels    not used here ({why}); the CPU path or the core runs instead")
     return 0
@@ -428,15 +550,13 @@ def info(out=None) -> int:
 
 def bench(args: argparse.Namespace, out=None) -> int:
     """``kldiv bench``: DistillationLoss against the anchors installed here, side by side."""
+    out = out or sys.stdout
+    _require((("torch", "PyTorch"),), "the benchmark", BENCH_EXTRA)
+    import torch
     from tqdm.auto import tqdm
 
     from . import _bench
 
-    out = out or sys.stdout
-    try:
-        import torch
-    except ImportError:
-        raise UsageError("PyTorch is not installed (pip install 'kldiv[torch]')") from None
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -533,9 +653,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kldiv", description="The Kullback–Leibler divergence family, exact and explicit."
     )
+    parser.add_argument("--version", action="version", version=f"kldiv {kldiv.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser(
-        "demo", help="the seed texts' worked examples, then a distillation run on real data"
+        "demo",
+        help="three worked examples from other libraries' docs, then a distillation run on "
+        'real data (needs pip install "kldiv[torch,cli]")',
+        description="Recomputes with kldiv the worked examples of the TensorFlow tutorial "
+        "(KL from softmax cross-entropies), the MXNet Gluon tutorial (KLDivLoss) and the "
+        "Keras answer (a sparsity regularizer), then distils a digits classifier with forward "
+        "KL, reverse KL and JSD. The training run needs PyTorch, scikit-learn and matplotlib: "
+        'pip install "kldiv[torch,cli]"; --no-train runs on the base install.',
     )
     p_demo.add_argument("--out", default="demo-output", help="where the figures go")
     p_demo.add_argument("--no-train", action="store_true", help="only the worked examples")
@@ -545,7 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Streams two files of per-token distributions (.npy memory-mapped, .npz, "
         ".safetensors, .pt; FILE::NAME picks an array) and reports the per-token "
         "KL(REF‖CAND): mean ± standard error, percentiles, max, top-1 agreement and, with "
-        "--labels, Δp of the correct token and the perplexity ratio.",
+        "--labels, Δp of the correct token and the perplexity ratio. Runs on the base install; "
+        '.safetensors input and the histogram figure need pip install "kldiv[cli]", .pt input '
+        'needs "kldiv[torch]".',
     )
     p_cmp.add_argument("ref", help="the reference model's outputs (the distributions P)")
     p_cmp.add_argument("cand", help="the candidate model's outputs (the distributions Q)")
@@ -557,16 +687,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_cmp.add_argument("--labels", help="integer token ids, the token shape (.npy, ...)")
     p_cmp.add_argument("--axis", type=int, default=-1, help="the category axis (default -1)")
-    p_cmp.add_argument("--out", help="a new directory for report.json and kl_histogram.png")
+    p_cmp.add_argument(
+        "--out",
+        help="a new directory for report.json and kl_histogram.png (the figure needs "
+        'matplotlib: pip install "kldiv[cli]")',
+    )
     p_cmp.add_argument("--json", action="store_true", help="print the report as JSON")
     p_cmp.add_argument("--quiet", action="store_true", help="no progress bar")
     p_bench = sub.add_parser(
         "bench",
-        help="time DistillationLoss against PyTorch eager, torch.compile and Liger Kernel",
+        help="time DistillationLoss against PyTorch eager, torch.compile and Liger Kernel "
+        '(needs pip install "kldiv[torch]")',
         description="Forward + backward of the distillation loss on random logits on this "
         "device, kldiv beside the anchors that are installed; prints the table of ratios and, "
         "with --out, writes bench.json and bench.csv. Defaults: N=4096, V=32000 float32 on "
-        "CPU; N=8192, V=128256 bfloat16 on CUDA.",
+        'CPU; N=8192, V=128256 bfloat16 on CUDA. Needs PyTorch: pip install "kldiv[torch]".',
     )
     p_bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:i]")
     p_bench.add_argument("--n", type=int, help="rows (tokens)")
@@ -583,7 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument("--out", help="a new directory for bench.json and bench.csv")
     p_bench.add_argument("--json", action="store_true", help="print the results as JSON")
     p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    sub.add_parser("info", help="versions, backends and devices detected")
+    sub.add_parser(
+        "info",
+        help="versions, optional packages and what they enable, devices, DistillationLoss paths",
+    )
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)[1:]
     try:

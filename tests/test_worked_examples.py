@@ -1,4 +1,6 @@
-"""The seed texts' worked examples (shared/seeds), with every expected number derived here."""
+"""The three worked examples of `kldiv demo` (the TensorFlow tutorial's softmax-cross-entropy KL,
+the Keras answer's sparsity regularizer, the MXNet Gluon tutorial's `KLDivLoss`), with every
+expected number derived here."""
 
 from __future__ import annotations
 
@@ -32,14 +34,14 @@ def test_tensorflow_tutorial_values(xp):
             xp.asarray(np.array(a)), xp.asarray(np.array(b)), form="logits", reduction="none"
         )
     )
-    # The text prints k1 = k2 = [0.1879 0.4534] (TensorFlow, 4 decimals).
+    # The tutorial prints k1 = k2 = [0.1879 0.4534] (TensorFlow, 4 decimals).
     np.testing.assert_array_equal(np.round(out, 4), [0.1879, 0.4534])
     expected = [hand_kl(softmax(ra), softmax(rb)) for ra, rb in zip(a, b, strict=True)]
     np.testing.assert_allclose(out, expected, rtol=1e-13)
 
 
 def test_tensorflow_cross_entropy_trick_is_the_same_kl(xp):
-    # The text's klx: -H(p, p) + H(p, q) with H the softmax cross-entropy, computed by hand.
+    # The tutorial's klx: -H(p, p) + H(p, q) with H the softmax cross-entropy, by hand.
     a = [[0.05, 0.16, 0.9], [0.8, 4.15, 0.05]]
     b = [[0.7, 0.2, 0.1], [0.15, 0.9, 0.05]]
 
@@ -86,7 +88,7 @@ def test_mxnet_tutorial_facts(xp):
     assert mx(MX1, MX3) == pytest.approx(d13, rel=1e-13)
     assert mx(MX1, MX2) < mx(MX1, MX3)  # "smaller KL divergence for distributions 1 & 2"
     assert mx(MX1, MX1) == 0.0  # "KL divergence of a distribution with itself is 0"
-    # The text gets nan for "4 compared with 1": dist_1 has mass where dist_4 has none, so the
+    # The tutorial gets nan for "4 compared with 1": dist_1 has mass where dist_4 has none, so the
     # exact value is +inf; the other direction is finite.
     assert mx(MX4, MX1) == math.inf
     assert mx(MX1, MX4) == pytest.approx(0.9 * math.log(0.9 / 0.5), rel=1e-13)
@@ -102,7 +104,7 @@ def test_mxnet_tutorial_facts(xp):
 
 
 def test_keras_sparsity_regularizer_is_a_bernoulli_kl_per_unit(xp):
-    # 0.01·Σ_j [ρ log(ρ/ρ̂_j) + (1−ρ) log((1−ρ)/(1−ρ̂_j))], the text's two calls spelled out.
+    # 0.01·Σ_j [ρ log(ρ/ρ̂_j) + (1−ρ) log((1−ρ)/(1−ρ̂_j))], the answer's two calls spelled out.
     rho, rho_hat = 0.05, np.array([0.01, 0.05, 0.2, 0.5, 0.9])
     expected = 0.01 * sum(
         rho * math.log(rho / r) + (1 - rho) * math.log((1 - rho) / (1 - r)) for r in rho_hat
@@ -113,9 +115,9 @@ def test_keras_sparsity_regularizer_is_a_bernoulli_kl_per_unit(xp):
     assert got == pytest.approx(expected, rel=1e-13)
 
 
-def test_demo_prints_each_seed_value_beside_kldivs():
+def test_demo_prints_each_reported_value_beside_kldivs():
     buf = io.StringIO()
-    assert cli.seed_examples(out=buf) == 0
+    assert cli.worked_examples(out=buf) == 0
     lines = buf.getvalue().splitlines()
     a = [[0.05, 0.16, 0.9], [0.8, 4.15, 0.05]]
     b = [[0.7, 0.2, 0.1], [0.15, 0.9, 0.05]]
@@ -157,9 +159,12 @@ def test_main_dispatches_and_info_lists_backends():
 
 def test_console_script_runs_in_a_subprocess():
     out = subprocess.run(
-        [sys.executable, "-m", "kldiv.cli", "demo", "--no-train"],
+        [sys.executable, "-m", "kldiv", "demo", "--no-train"],
         capture_output=True,
         text=True,
         check=True,
     )
     assert "TensorFlow tutorial" in out.stdout and "0.453418" in out.stdout
+    assert "MXNet Gluon tutorial, KLDivLoss" in out.stdout
+    assert "Keras answer, sparsity regularizer" in out.stdout
+    assert "seed" not in out.stdout.lower()
