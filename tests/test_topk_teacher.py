@@ -630,8 +630,10 @@ def test_construction_errors():
         topk_distillation_rows("symmetric", torch.zeros(1, 4), teacher)
     with pytest.raises(TypeError, match="floating `student_logits`"):
         topk_distillation_rows("kl", torch.zeros(1, 4, dtype=torch.long), teacher)
-    with pytest.raises(TypeError, match="bool tensor"):
+    with pytest.raises(TypeError, match="`keep` to be a boolean array or an integer array"):
         topk_distillation_rows("kl", torch.zeros(1, 4), teacher, torch.ones(1))
+    with pytest.raises(ValueError, match=r"`keep` to hold only 0 and 1.*got 2 at index \(0,\)"):
+        topk_distillation_rows("kl", torch.zeros(1, 4), teacher, torch.tensor([2]))
     with pytest.raises(ValueError, match=r"`beta` to be in \[0, 1\]"):
         topk_distillation_rows("js", torch.zeros(1, 4), teacher, beta=1.5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import numpy as np
@@ -90,9 +91,11 @@ def test_mixed_frameworks():
 
 def test_mask_and_weight():
     with raises(
-        TypeError, "Expected `mask` to be a boolean array (True keeps a distribution), got dtype"
+        TypeError,
+        "Expected `mask` to be a boolean array or an integer array of 0 and 1 (True or 1 keeps "
+        "an entry), got dtype float64. For real-valued weights use `weight=`.",
     ):
-        kldiv.kl_div(P, Q, mask=np.array([1, 0]))
+        kldiv.kl_div(P, Q, mask=np.array([1.0, 0.0]))
     with raises(ValueError, "Expected `mask` to be broadcastable to the batch shape (2,)"):
         kldiv.kl_div(P, Q, mask=np.array([True, False, True]))
     with raises(ValueError, "got shape (2, 2)"):
@@ -282,3 +285,326 @@ def test_jax_array_with_a_numpy_mask_is_refused():
 
     with raises(TypeError, "`p` is a jax array, `mask` is a numpy array"):
         kldiv.kl_div(jnp.asarray(P), jnp.asarray(Q), mask=np.array([True, False]))
+
+
+# --- integer masks (Hugging Face's attention_mask) ---------------------------------------------
+
+INT_MASK_DTYPES = ["int64", "int32", "uint8"]
+FAMILY = [
+    kldiv.kl_div,
+    kldiv.reverse_kl_div,
+    kldiv.js_div,
+    kldiv.skew_kl_div,
+    kldiv.skew_reverse_kl_div,
+    kldiv.symmetric_kl_div,
+    kldiv.tv_distance,
+]
+KEEP = np.array([[1, 1, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0]])  # a (B, T) attention_mask
+
+
+def _logits(rng):
+    return rng.normal(size=(3, 4, 5)), rng.normal(size=(3, 4, 5))
+
+
+@pytest.mark.parametrize("dtype", INT_MASK_DTYPES)
+def test_integer_mask_equals_bool_mask_in_the_family(xp, rng, dtype):
+    a, b = _logits(rng)
+    a[KEEP == 0] = np.nan  # padding may hold garbage, with an integer mask too
+    for fn in FAMILY:
+        for reduction in ("mean", "none"):
+            got, want = (
+                xp.to_numpy(
+                    fn(xp.asarray(a), xp.asarray(b), form="logits", reduction=reduction, mask=m)
+                )
+                for m in (xp.asarray(KEEP, dtype), xp.asarray(KEEP.astype(bool)))
+            )
+            np.testing.assert_array_equal(got, want, err_msg=fn.__name__)
+    # broadcast from the right, as bool masks are
+    t_only = KEEP[0]
+    np.testing.assert_array_equal(
+        xp.to_numpy(
+            kldiv.kl_div(
+                xp.asarray(b), xp.asarray(b[::-1]), form="logits", mask=xp.asarray(t_only, dtype)
+            )
+        ),
+        xp.to_numpy(
+            kldiv.kl_div(
+                xp.asarray(b),
+                xp.asarray(b[::-1]),
+                form="logits",
+                mask=xp.asarray(t_only.astype(bool)),
+            )
+        ),
+    )
+
+
+@pytest.mark.parametrize("dtype", INT_MASK_DTYPES)
+def test_integer_mask_gradients_equal_bool_mask_gradients(ad, rng, dtype):
+    a, b = _logits(rng)
+    for fn in (kldiv.kl_div, kldiv.js_div, kldiv.tv_distance):
+        grads = [
+            ad.grad(
+                lambda p, q, m=m, fn=fn: fn(p, q, form="logits", mask=m),
+                ad.asarray(a),
+                ad.asarray(b),
+            )
+            for m in (ad.asarray(KEEP, dtype), ad.asarray(KEEP.astype(bool)))
+        ]
+        for g_int, g_bool in zip(*grads, strict=True):
+            np.testing.assert_array_equal(g_int, g_bool)
+
+
+@pytest.mark.parametrize("dtype", INT_MASK_DTYPES)
+def test_integer_mask_in_kl_estimate(xp, rng, dtype):
+    from kldiv.estimators import kl_estimate
+
+    lp, lq = rng.normal(size=(2, 3, 4)) - 2
+    lp[KEEP == 0] = -np.inf  # padding, which the mask drops before any exp
+    for est in ("k1", "k2", "k3"):
+        got, want = (
+            xp.to_numpy(kl_estimate(xp.asarray(lp), xp.asarray(lq), estimator=est, mask=m))
+            for m in (xp.asarray(KEEP, dtype), xp.asarray(KEEP.astype(bool)))
+        )
+        np.testing.assert_array_equal(got, want)
+    if xp.name != "numpy":
+        grads = [
+            xp.grad(lambda p, q, m=m: kl_estimate(p, q, mask=m), xp.asarray(lp), xp.asarray(lq))
+            for m in (xp.asarray(KEEP, dtype), xp.asarray(KEEP.astype(bool)))
+        ]
+        for g_int, g_bool in zip(*grads, strict=True):
+            np.testing.assert_array_equal(g_int, g_bool)
+
+
+@pytest.mark.parametrize("dtype", INT_MASK_DTYPES)
+def test_integer_mask_in_the_torch_modules(rng, dtype):
+    from kldiv.torch import Divergence, KLDivergence, TVDistance
+
+    a, b = (torch.tensor(x) for x in _logits(rng))
+    keep = torch.tensor(KEEP).to(getattr(torch, dtype))
+    for module in (KLDivergence(form="logits"), TVDistance(form="logits"), Divergence("js")):
+        if module.kind == "js":
+            a_, b_ = a.softmax(-1), b.softmax(-1)
+        else:
+            a_, b_ = a, b
+        grads = []
+        for m in (keep, keep.bool()):
+            q = b_.clone().requires_grad_(True)
+            value = module(a_, q, mask=m)
+            value.backward()
+            grads.append((value.detach(), q.grad))
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", INT_MASK_DTYPES)
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_integer_mask_in_distillation_loss(rng, dtype, fast_path):
+    from kldiv.torch import DistillationLoss
+
+    s, t = (torch.tensor(x, dtype=torch.float32) for x in _logits(rng))
+    keep = torch.tensor(KEEP).to(getattr(torch, dtype))
+    labels = torch.tensor(rng.integers(0, 5, size=KEEP.shape))
+    loss = DistillationLoss(fast_path=fast_path)
+    results = []
+    for kw in (
+        {"mask": keep},
+        {"mask": keep.bool()},
+        {"labels": torch.where(keep.bool(), labels, -100)},
+    ):
+        x = s.clone().requires_grad_(True)
+        value = loss(x, t, **kw)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    torch.testing.assert_close(results[0], results[2])
+    # with labels too: kept where the label is not ignore_index and the mask is 1
+    labels[0, 0] = -100
+    both = loss(s, t, labels=labels, mask=keep)
+    torch.testing.assert_close(both, loss(s, t, mask=keep.bool() & (labels != -100)))
+
+
+def test_integer_mask_in_fused_linear_and_parallel_losses(rng):
+    from kldiv.torch import FusedLinearDistillationLoss
+    from kldiv.torch.parallel import (
+        ParallelDistillationLoss,
+        ParallelFusedLinearDistillationLoss,
+    )
+
+    h, w = torch.tensor(rng.normal(size=(3, 4, 6))), torch.tensor(rng.normal(size=(5, 6)))
+    t = torch.tensor(rng.normal(size=(3, 4, 5)))
+    s = h @ w.T
+    keep = torch.tensor(KEEP)
+    for loss in (FusedLinearDistillationLoss(), ParallelFusedLinearDistillationLoss()):
+        torch.testing.assert_close(loss(h, w, t, mask=keep), loss(h, w, t, mask=keep.bool()))
+    par = ParallelDistillationLoss()
+    torch.testing.assert_close(par(s, t, mask=keep), par(s, t, mask=keep.bool()))
+    torch.testing.assert_close(par(s, t, mask=keep), kldiv.kl_div(t, s, form="logits", mask=keep))
+    bad = keep.clone()
+    bad[2, 1] = -1
+    for call in (
+        lambda: FusedLinearDistillationLoss()(h, w, t, mask=bad),
+        lambda: ParallelFusedLinearDistillationLoss()(h, w, t, mask=bad),
+        lambda: par(s, t, mask=bad),
+        lambda: ParallelDistillationLoss(validate=False)(s, t, mask=bad),
+    ):
+        with raises(
+            ValueError, "Expected `mask` to hold only 0 and 1 (or booleans), got -1 at index (2, 1)"
+        ):
+            call()
+
+
+@pytest.mark.parametrize("value", [2, -1])
+def test_integer_mask_with_other_values_names_the_first(xp, value):
+    from kldiv.estimators import kl_estimate
+    from kldiv.torch import DistillationLoss, KLDivergence
+
+    mask = KEEP.copy()
+    mask[1, 3] = value
+    mask[2, 2] = value  # a later one: the message names the first, in C order
+    a = np.zeros((3, 4, 5))
+    msg = f"Expected `mask` to hold only 0 and 1 (or booleans), got {value} at index (1, 3)."
+    dtype = "int64"
+    with raises(ValueError, msg):
+        kldiv.kl_div(xp.asarray(a), xp.asarray(a), form="logits", mask=xp.asarray(mask, dtype))
+    with raises(ValueError, msg):
+        kl_estimate(xp.asarray(a[..., 0]), xp.asarray(a[..., 0]), mask=xp.asarray(mask, dtype))
+    if xp.name == "torch":
+        ta, tm = torch.tensor(a), torch.tensor(mask)
+        with raises(ValueError, msg):
+            KLDivergence(form="logits")(ta, ta, mask=tm)
+        for fast_path in (True, False):
+            with raises(ValueError, msg):
+                DistillationLoss(fast_path=fast_path)(ta.float(), ta.float(), mask=tm)
+    if value == 2:  # unsigned: only too-large values exist
+        with raises(ValueError, msg):
+            kldiv.kl_div(
+                xp.asarray(a), xp.asarray(a), form="logits", mask=xp.asarray(mask, "uint8")
+            )
+
+
+def test_float_masks_point_only_to_arguments_that_exist():
+    from kldiv.estimators import kl_estimate
+    from kldiv.torch import DistillationLoss
+
+    with raises(TypeError, "got dtype float64. For real-valued weights use `weight=`."):
+        kldiv.kl_div(P, Q, mask=np.array([1.0, 0.0]))
+    with raises(TypeError, "got dtype float64. Convert it explicitly, e.g. `mask > 0`"):
+        kl_estimate(np.zeros(2), np.zeros(2), mask=np.array([1.0, 0.0]))
+    with raises(TypeError, "got dtype float32. Convert it explicitly, e.g. `mask > 0`"):
+        DistillationLoss()(torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(2))
+    # a boolean mask passed as labels would silently keep every token (True != -100)
+    with raises(TypeError, "Expected `labels` to hold token ids"):
+        DistillationLoss()(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, dtype=bool))
+    with raises(ValueError, "Expected `mask` of the token shape (2,), got (3,)"):
+        DistillationLoss()(torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(3, dtype=int))
+
+
+def test_integer_mask_under_jax_jit_is_mask_not_equal_zero():
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.asarray(np.eye(4)[:3] + 0.1), jnp.asarray(np.ones((3, 4)))
+    fn = jax.jit(lambda p, q, m: kldiv.kl_div(p, q, form="logits", reduction="none", mask=m))
+    want = kldiv.kl_div(
+        a, b, form="logits", reduction="none", mask=jnp.asarray([True, False, True])
+    )
+    np.testing.assert_array_equal(fn(a, b, jnp.asarray([1, 0, 1])), want)
+    # traced: nothing value-dependent runs, and any non-zero value keeps the distribution
+    np.testing.assert_array_equal(fn(a, b, jnp.asarray([2, 0, -1])), want)
+    grad = jax.grad(lambda q, m: kldiv.kl_div(a, q, form="logits", mask=m))
+    np.testing.assert_array_equal(
+        jax.jit(grad)(b, jnp.asarray([1, 0, 1])), grad(b, jnp.asarray([True, False, True]))
+    )
+    with raises(ValueError, "got 2 at index (0,)"):  # eager: checked
+        kldiv.kl_div(a, b, form="logits", mask=jnp.asarray([2, 0, 1]))
+
+
+def test_integer_mask_under_torch_compile_fullgraph():
+    from kldiv.torch import DistillationLoss
+
+    torch._dynamo.reset()
+    loss = DistillationLoss()
+
+    def both(s, t, m):
+        return kldiv.kl_div(t, s, form="logits", mask=m), loss(s, t, mask=m)
+
+    compiled = torch.compile(both, fullgraph=True)
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    keep = torch.tensor([1, 0, 1])
+    for got, want in zip(compiled(s, t, keep), both(s, t, keep.bool()), strict=True):
+        torch.testing.assert_close(got, want)
+    # traced: the value check does not run and any non-zero value keeps the token
+    for got, want in zip(
+        compiled(s, t, torch.tensor([2, 0, 1])), both(s, t, keep.bool()), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+# --- every suggested argument exists -------------------------------------------------------------
+
+
+def _suggested(message: str) -> set[str]:
+    """Keywords a message tells the user to pass (``name=``), comparisons excluded."""
+    return set(re.findall(r"\b([a-z_][a-z0-9_]*)=(?!=)", message))
+
+
+def _parameters(*callables) -> set[str]:
+    return {name for c in callables for name in inspect.signature(c).parameters}
+
+
+def _suggestion_cases():
+    from kldiv import distributions as D
+    from kldiv.estimators import kl_estimate
+    from kldiv.torch import DistillationLoss, KLDivergence
+    from kldiv.torch.fused_linear import FusedLinearDistillationLoss
+    from kldiv.torch.parallel import ParallelDistillationLoss
+    from kldiv.torch.parallel import ParallelFusedLinearDistillationLoss as PFL
+    from kldiv.torch.topk import TopKTeacher, topk_distillation_rows
+
+    z2, t23 = np.zeros(2), torch.zeros(2, 3)
+    teacher = TopKTeacher(torch.tensor([[0]]), torch.tensor([[-1.0]]), tail="tail_bucket")
+    DL = (DistillationLoss, DistillationLoss.forward)
+    return [
+        # (call that raises, the callables whose arguments the message may suggest)
+        (lambda: kldiv.kl_div(P, Q, mask=np.ones(2)), (kldiv.kl_div,)),
+        (lambda: kldiv.js_div(P, Q, mask=np.ones(2)), (kldiv.js_div,)),
+        (lambda: kl_estimate(z2, z2, mask=np.ones(2)), (kl_estimate,)),
+        (lambda: KLDivergence()(P, Q, mask=np.ones(2)), (KLDivergence, KLDivergence.forward)),
+        (lambda: DistillationLoss()(t23, t23, mask=torch.ones(2)), DL),
+        (lambda: DistillationLoss()(t23, t23, torch.ones(2, dtype=bool)), DL),
+        (lambda: DistillationLoss()(t23, t23, mask=torch.tensor([2, 1])), DL),
+        (lambda: kldiv.kl_div(P, Q, reduction="sum", num_items=2), (kldiv.kl_div,)),
+        (lambda: kldiv.kl_div(P, Q, temperature=2.0), (kldiv.kl_div,)),
+        (lambda: DistillationLoss(fast_path="chunked")(t23.double(), t23), DL),
+        (
+            lambda: DistillationLoss(fast_path="triton")(torch.zeros(1, 4), teacher),
+            DL,
+        ),
+        (
+            lambda: topk_distillation_rows("kl", torch.zeros(1, 4), teacher, temperature=2.0),
+            (topk_distillation_rows, TopKTeacher),
+        ),
+        (
+            lambda: FusedLinearDistillationLoss()(
+                torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, 4), mask=torch.ones(2)
+            ),
+            (FusedLinearDistillationLoss, FusedLinearDistillationLoss.forward),
+        ),
+        (
+            lambda: ParallelDistillationLoss()(t23, t23, mask=torch.ones(2)),
+            (ParallelDistillationLoss, ParallelDistillationLoss.forward),
+        ),
+        (
+            lambda: PFL(validate=False)(t23, torch.zeros(4, 2), torch.zeros(2, 4)),
+            (PFL, PFL.forward),
+        ),
+        (lambda: D.kl(D.Cauchy(0.0, 1.0), D.Normal(0.0, 1.0)), (D.kl,)),
+        (lambda: D.Normal(0.0, 1.0).sample(2, key=0), (D.Normal.sample,)),
+    ]
+
+
+def test_error_messages_suggest_only_arguments_that_exist():
+    for call, callables in _suggestion_cases():
+        with pytest.raises((TypeError, ValueError, NotImplementedError)) as info:
+            call()
+        missing = _suggested(str(info.value)) - _parameters(*callables)
+        assert not missing, f"{info.value!s} suggests {missing}, not arguments of {callables}"

@@ -2,7 +2,8 @@
 
 Static checks look at Python values, shapes and dtypes only, so they cost nothing and work under
 ``jax.jit``, ``vmap`` and ``torch.compile``. Value checks read the data, so they are opt-in,
-eager only, and name the first offending distribution.
+eager only, and name the first offending distribution. One value check runs by default:
+integer masks must hold only 0 and 1 (:func:`as_mask`), and only where the data is concrete.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _namespace as ns
-from ._defaults import FORMS, REDUCTIONS
+from ._defaults import FORMS, REDUCTIONS, Form, Reduction
 
 __all__ = [
     "check_forms",
@@ -26,6 +27,7 @@ __all__ = [
     "check_num_items",
     "distribution_shape",
     "check_values",
+    "as_mask",
 ]
 
 
@@ -33,7 +35,7 @@ def _quote(options: tuple[str, ...]) -> str:
     return ", ".join(repr(o) for o in options)
 
 
-def check_forms(form: Any) -> tuple[str, str]:
+def check_forms(form: Any) -> tuple[Form, Form]:
     """Normalise ``form`` to a ``(form_p, form_q)`` pair."""
     pair = form if isinstance(form, tuple | list) else (form, form)
     if len(pair) != 2:
@@ -51,7 +53,7 @@ def check_forms(form: Any) -> tuple[str, str]:
     return pair[0], pair[1]
 
 
-def check_reduction(reduction: Any) -> str:
+def check_reduction(reduction: Any) -> Reduction:
     if reduction in REDUCTIONS:
         return reduction
     hint = ""
@@ -193,14 +195,15 @@ def distribution_shape(p: Any, q: Any, axis: Any) -> tuple[int, tuple[int, ...],
 
 
 def check_row_array(name: str, a: Any, batch: tuple, xp: ModuleType, kind: str) -> None:
-    """``mask`` (bool) and ``weight`` (float) are per distribution: broadcastable to the batch."""
-    if kind == "mask" and not xp.isdtype(a.dtype, "bool"):
-        raise TypeError(
-            f"Expected `mask` to be a boolean array (True keeps a distribution), got dtype "
-            f"{a.dtype}. For real-valued weights use `weight=`."
-        )
+    """``weight`` (float) is per distribution: broadcastable to the batch. (Masks go through
+    :func:`as_mask`, which also makes integer masks boolean.)"""
     if kind == "weight" and not xp.isdtype(a.dtype, "real floating"):
         raise TypeError(f"Expected `weight` to have a real floating dtype, got {a.dtype}.")
+    check_row_shape(name, a, batch)
+
+
+def check_row_shape(name: str, a: Any, batch: tuple) -> None:
+    """A per-distribution array must broadcast to ``batch`` without growing it."""
     shape = tuple(a.shape)
     try:
         ok = len(shape) <= len(batch) and np.broadcast_shapes(shape, batch) == batch
@@ -211,6 +214,70 @@ def check_row_array(name: str, a: Any, batch: tuple, xp: ModuleType, kind: str) 
             f"Expected `{name}` to be broadcastable to the batch shape {batch} (the input shape "
             f"without the category axis), got shape {shape}."
         )
+
+
+_INTEGER_DTYPES = frozenset(
+    ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+)
+
+
+def _check_mask_dtype(name: str, a: Any, weights_hint: str | None) -> bool:
+    """Return whether ``a`` is an integer mask; raise ``TypeError`` unless bool or integer.
+
+    Checked by dtype name, which NumPy, PyTorch, JAX and TensorFlow dtypes all give (the
+    Keras stand-in namespace has no "integral" kind). ``weights_hint`` names the caller's
+    argument for real-valued weights, or is None where the caller has none, so that the
+    message never points to an argument that does not exist.
+    """
+    dtype = ns._dtype_name(a.dtype)
+    if dtype == "bool":
+        return False
+    if dtype in _INTEGER_DTYPES:
+        return True
+    hint = (
+        f" For real-valued weights use {weights_hint}."
+        if weights_hint
+        else f" Convert it explicitly, e.g. `{name} > 0`, if that is what it means."
+    )
+    raise TypeError(
+        f"Expected `{name}` to be a boolean array or an integer array of 0 and 1 (True or 1 "
+        f"keeps an entry), got dtype {dtype}.{hint}"
+    )
+
+
+def as_mask(
+    name: str, a: Any, batch: tuple | None = None, *, weights_hint: str | None = None
+) -> Any:
+    """A keep-mask as booleans: the one place where integer masks become ``mask != 0``.
+
+    Boolean masks pass through untouched. Integer masks (Hugging Face's ``attention_mask``,
+    int64 0/1) must hold only 0 and 1: a 2 or a -1 is more likely a label or an index passed
+    by mistake than a mask. That check reads the data, so it runs only where the data is
+    concrete: NumPy arrays, PyTorch tensors outside ``torch.compile`` tracing and JAX arrays
+    that are not tracers (under ``jax.jit``/``vmap``/``grad`` the mask is a tracer). There,
+    and for TensorFlow tensors, nothing value-dependent runs (DESIGN §1) and any non-zero
+    value keeps the entry. Eagerly on an accelerator the check costs one device-to-host
+    synchronisation per call; boolean masks never pay it. Float masks raise ``TypeError``
+    (pointing to ``weights_hint`` where the caller has such an argument). With ``batch``,
+    the shape must broadcast to it (checked before the values).
+    """
+    integer = _check_mask_dtype(name, a, weights_hint)
+    if batch is not None:
+        check_row_shape(name, a, batch)
+    if not integer:
+        return a
+    eager = ns.is_numpy_array(a) or (
+        (ns.is_torch_array(a) or ns.is_jax_array(a)) and not ns.is_traced(a)
+    )
+    if eager:
+        bad = (a != 0) & (a != 1)
+        if bool(bad.any()):
+            idx = _first_bad(ns.to_host_bool(bad))
+            value = int(a[idx])
+            raise ValueError(
+                f"Expected `{name}` to hold only 0 and 1 (or booleans), got {value} at index {idx}."
+            )
+    return a != 0
 
 
 def _first_bad(bad: np.ndarray) -> tuple[int, ...]:

@@ -9,10 +9,12 @@ core runs unchanged on it. Only the functions the core calls are here; shapes ma
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import numpy as np
 
+# `bool` shadows the builtin (a namespace attribute, as in NumPy): annotations use builtins.bool
 float16, bfloat16, float32, float64, bool = "float16", "bfloat16", "float32", "float64", "bool"  # noqa: A001
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -30,7 +32,7 @@ def _name(dtype: Any) -> str:
     return keras.backend.standardize_dtype(dtype)
 
 
-def isdtype(dtype: Any, kind: str) -> bool:
+def isdtype(dtype: Any, kind: str) -> builtins.bool:
     name = _name(dtype)
     if kind == "real floating":
         return name in _FLOATS
@@ -80,15 +82,15 @@ def abs(x: Any) -> Any:  # noqa: A001
     return _ops().abs(x)
 
 
-def sum(x: Any, axis: Any = None, keepdims: bool = False) -> Any:  # noqa: A001
+def sum(x: Any, axis: Any = None, keepdims: builtins.bool = False) -> Any:  # noqa: A001
     return _ops().sum(x, axis=axis, keepdims=keepdims)
 
 
-def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+def mean(x: Any, axis: Any = None, keepdims: builtins.bool = False) -> Any:
     return _ops().mean(x, axis=axis, keepdims=keepdims)
 
 
-def max(x: Any, axis: Any = None, keepdims: bool = False) -> Any:  # noqa: A001
+def max(x: Any, axis: Any = None, keepdims: builtins.bool = False) -> Any:  # noqa: A001
     return _ops().max(x, axis=axis, keepdims=keepdims)
 
 

@@ -254,7 +254,8 @@ def widest_float(xp: ModuleType) -> Any:
     if backend_name(xp) == "jax":
         import jax
 
-        if not jax.config.jax_enable_x64:
+        # the flags are set on jax.config at run time, its type does not declare them
+        if not jax.config.jax_enable_x64:  # type: ignore[attr-defined]
             return xp.float32
     return xp.float64
 

@@ -10,12 +10,14 @@ peer clips.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
 from . import _math
 from . import _namespace as ns
+from ._defaults import TorchReduction, TrlReduction, VerlKLPenalty
 
 Array = Any
 
@@ -39,12 +41,16 @@ def _xp(*arrays: Array) -> tuple[Any, list[Array]]:
     return ns.namespace(*arrays)
 
 
-def _peer(fn: Any) -> Any:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _peer(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Reproducing a peer's NaN and inf is the point here: silence NumPy's warnings about it."""
     import functools
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if any(ns.is_numpy_array(a) for a in (*args, *kwargs.values())):
             with np.errstate(all="ignore"):
                 return fn(*args, **kwargs)
@@ -69,7 +75,7 @@ def _reduce_torch(xp: Any, loss: Array, reduction: str, batch: int) -> Array:
 
 @_peer
 def torch_kl_div(
-    input: Array, target: Array, reduction: str = "mean", log_target: bool = False
+    input: Array, target: Array, reduction: TorchReduction = "mean", log_target: bool = False
 ) -> Array:
     """``torch.nn.functional.kl_div(input, target, reduction, log_target)``, exactly.
 
@@ -262,7 +268,7 @@ def trl_generalized_jsd_loss(
     labels: Array | None = None,
     beta: float = 0.5,
     temperature: float = 1.0,
-    reduction: str = "batchmean",
+    reduction: TrlReduction = "batchmean",
     num_items_in_batch: Any = None,
 ) -> Array:
     """TRL's ``GKDTrainer.generalized_jsd_loss`` (``trl.experimental.gkd``, TRL 1.x), exactly.
@@ -313,7 +319,9 @@ def trl_generalized_jsd_loss(
 
 
 @_peer
-def verl_kl_penalty(logprob: Array, ref_logprob: Array, kl_penalty: str = "low_var_kl") -> Array:
+def verl_kl_penalty(
+    logprob: Array, ref_logprob: Array, kl_penalty: VerlKLPenalty = "low_var_kl"
+) -> Array:
     """verl's ``core_algos.kl_penalty(logprob, ref_logprob, kl_penalty)`` (verl 0.9), exactly.
 
     Per-token estimates of KL(policy‖reference) from the sampled tokens' log-probabilities,

@@ -14,8 +14,8 @@ KL(P‖Q) = E_P[log P − log Q] ≥ 0; parameters broadcast against each other 
 welcome and take the dtype of the array arguments); the result has the framework, device and
 floating dtype of the array arguments (float32 for half precision); +inf where the support of
 P is not inside the support of Q; no epsilon anywhere. Gradients are finite wherever the value
-is: boundary terms (a probability of 0 or 1, a Poisson rate of 0) use the double-``where``
-primitives of :mod:`kldiv._math`, so they give gradient 0 rather than NaN. ``check=True``
+is: boundary terms (a probability of 0 or 1, a Poisson rate of 0) are computed with a
+double ``where``, so they give gradient 0 rather than NaN. ``check=True``
 validates the parameter domains eagerly and raises ``ValueError`` naming the parameter (off by
 default, like the core, because it needs the values on the host).
 
@@ -29,12 +29,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from . import _check, _math
 from . import _namespace as ns
+from ._defaults import BernoulliForm, FormSpec
 from .divergences import kl_div
 
 Array = Any
@@ -378,7 +379,7 @@ def student_t_kl(
     c_left, s_left = xp.where(p_left, mp, mq), xp.where(p_left, sp_, sq)
     c_right, s_right = xp.where(p_left, mq, mp), xp.where(p_left, sq, sp_)
     split = (c_left * s_right + c_right * s_left) / (s_left + s_right)
-    total = 0.0
+    total: Array = 0.0
     for c, s, sign in ((c_right, s_right, 1.0), (c_left, s_left, -1.0)):
         # The half-line from `split` away from c's side, as θ ∈ (θ0, π/2) with θ0 ≤ 0; its
         # tail end is ε = π/2 − θ = length·r, so t = tan θ = 1/tan ε stays exact there.
@@ -545,7 +546,11 @@ def _bernoulli_logs(xp: ModuleType, x: Array, form: str) -> tuple[Array, Array, 
 
 
 def bernoulli_kl(
-    p: Array, q: Array, *, form: str | tuple[str, str] = "probs", check: bool = False
+    p: Array,
+    q: Array,
+    *,
+    form: BernoulliForm | tuple[BernoulliForm, BernoulliForm] = "probs",
+    check: bool = False,
 ) -> Array:
     """KL(Bernoulli(p) ‖ Bernoulli(q)) = ``p log(p/q) + (1 − p) log((1 − p)/(1 − q))``.
 
@@ -574,7 +579,7 @@ def categorical_kl(
     p: Array,
     q: Array,
     *,
-    form: str | tuple[str, str] = "probs",
+    form: FormSpec = "probs",
     axis: int = -1,
     check: bool = False,
 ) -> Array:
@@ -889,7 +894,7 @@ class _Rng:
         elif self.backend == "torch":
             import torch
 
-            self.gen = torch.Generator(device=self.device)
+            self.gen: Any = torch.Generator(device=self.device)
             if seed is None:
                 self.gen.seed()
             else:
@@ -908,7 +913,7 @@ class _Rng:
         if self.backend == "jax":
             import jax
 
-            u = jax.random.uniform(self._key(), shape, dtype=self.dtype)
+            u: Array = jax.random.uniform(self._key(), shape, dtype=self.dtype)
         elif self.backend == "torch":
             import torch
 
@@ -1056,6 +1061,8 @@ class Distribution:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Normal(Distribution):
+    """Normal distribution N(loc, scale²)."""
+
     loc: Array = 0.0
     scale: Array = 1.0
     PARAMS = (("loc", "real"), ("scale", "positive"))
@@ -1158,6 +1165,8 @@ class LowRankMultivariateNormal(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Laplace(Distribution):
+    """Laplace distribution, density exp(−|x − loc| / scale) / (2·scale)."""
+
     loc: Array = 0.0
     scale: Array = 1.0
     PARAMS = (("loc", "real"), ("scale", "positive"))
@@ -1176,6 +1185,8 @@ class Laplace(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Gumbel(Distribution):
+    """Gumbel (maximum-value) distribution with location ``loc`` and scale ``scale``."""
+
     loc: Array = 0.0
     scale: Array = 1.0
     PARAMS = (("loc", "real"), ("scale", "positive"))
@@ -1192,6 +1203,8 @@ class Gumbel(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Cauchy(Distribution):
+    """Cauchy distribution with location ``loc`` and scale ``scale``."""
+
     loc: Array = 0.0
     scale: Array = 1.0
     PARAMS = (("loc", "real"), ("scale", "positive"))
@@ -1208,6 +1221,8 @@ class Cauchy(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class StudentT(Distribution):
+    """Student's t distribution: ``df`` degrees of freedom, location ``loc``, scale ``scale``."""
+
     df: Array = 1.0
     loc: Array = 0.0
     scale: Array = 1.0
@@ -1226,6 +1241,8 @@ class StudentT(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Uniform(Distribution):
+    """Uniform distribution on the interval [``low``, ``high``]."""
+
     low: Array = 0.0
     high: Array = 1.0
     PARAMS = (("low", "real"), ("high", "real"))
@@ -1250,6 +1267,8 @@ class Uniform(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Exponential(Distribution):
+    """Exponential distribution with rate ``rate`` (mean 1 / rate)."""
+
     rate: Array = 1.0
     PARAMS = (("rate", "positive"),)
     SUPPORT = "positive"
@@ -1265,6 +1284,8 @@ class Exponential(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Gamma(Distribution):
+    """Gamma distribution with shape ``concentration`` and rate ``rate``."""
+
     concentration: Array = 1.0
     rate: Array = 1.0
     PARAMS = (("concentration", "positive"), ("rate", "positive"))
@@ -1286,6 +1307,8 @@ class Gamma(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Beta(Distribution):
+    """Beta distribution on [0, 1] with shape parameters ``alpha`` and ``beta``."""
+
     alpha: Array = 1.0
     beta: Array = 1.0
     PARAMS = (("alpha", "positive"), ("beta", "positive"))
@@ -1312,6 +1335,8 @@ class Beta(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Dirichlet(Distribution):
+    """Dirichlet distribution on the simplex, ``concentration`` > 0, event axis last."""
+
     concentration: Array = None
     PARAMS = (("concentration", "positive"),)
     SUPPORT = "simplex"
@@ -1339,6 +1364,8 @@ def _one_of(obj: Any, a: str, b: str) -> None:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Bernoulli(Distribution):
+    """Bernoulli distribution from ``probs`` (the probability of 1) or ``logits``: give one."""
+
     probs: Array = None
     logits: Array = None
     PARAMS = (("probs", "unit"), ("logits", "logit"))
@@ -1354,7 +1381,7 @@ class Bernoulli(Distribution):
         return _params(((name, getattr(self, name), "any"),), False)
 
     @property
-    def form(self) -> str:
+    def form(self) -> BernoulliForm:
         return "probs" if self.probs is not None else "logits"
 
     def log_prob(self, x: Array) -> Array:
@@ -1388,7 +1415,7 @@ class Categorical(Distribution):
         return _params(((name, getattr(self, name), "any"),), False)
 
     @property
-    def form(self) -> str:
+    def form(self) -> BernoulliForm:
         return "probs" if self.probs is not None else "logits"
 
     def _log_probs(self) -> tuple[ModuleType, Array]:
@@ -1416,6 +1443,8 @@ class Categorical(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Poisson(Distribution):
+    """Poisson distribution with ``rate`` ≥ 0 (rate 0 is a point mass at 0)."""
+
     rate: Array = 1.0
     PARAMS = (("rate", "nonneg"),)
     SUPPORT = "nonneg_int"
@@ -1451,6 +1480,8 @@ class Geometric(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Binomial(Distribution):
+    """Binomial distribution: successes in ``total_count`` trials of probability ``probs``."""
+
     total_count: Array = 1
     probs: Array = 0.5
     PARAMS = (("total_count", "count"), ("probs", "unit"))
@@ -1471,14 +1502,16 @@ class Binomial(Distribution):
         return rng.binomial(n, p, shape)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 # The registry: (type of P, type of Q) -> KL(P‖Q) from the objects' parameters.
 _REGISTRY: dict[tuple[type, type], Callable[[Any, Any], Array]] = {}
 
 
-def register_kl(type_p: type, type_q: type) -> Callable[[Callable], Callable]:
+def register_kl(type_p: type, type_q: type) -> Callable[[_F], _F]:
     """Decorator registering ``fn(p, q) -> KL(p‖q)`` for a pair of distribution types."""
 
-    def deco(fn: Callable) -> Callable:
+    def deco(fn: _F) -> _F:
         _REGISTRY[(type_p, type_q)] = fn
         return fn
 

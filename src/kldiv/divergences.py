@@ -10,11 +10,21 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _check, _math
 from . import _namespace as ns
-from ._defaults import AXIS, FORM, JS_BETA, REDUCTION, SKEW_ALPHA, TEMPERATURE
+from ._defaults import (
+    AXIS,
+    FORM,
+    JS_BETA,
+    REDUCTION,
+    SKEW_ALPHA,
+    TEMPERATURE,
+    FormSpec,
+    Kind,
+    Reduction,
+)
 from ._reduce import reduce
 
 __all__ = [
@@ -48,11 +58,15 @@ _SHARED_DOC = """
         ``"mean"`` (default) averages the per-distribution divergence over distributions (what
         PyTorch calls ``"batchmean"`` for 2-D input, a per-token mean for ``(B, T, V)``);
         ``"sum"`` sums it; ``"none"`` returns one value per distribution.
-    mask : bool array, optional
+    mask : bool or 0/1 integer array, optional
         Per distribution (broadcastable, NumPy-style from the right, to the input shape without
-        ``axis``: for a ``(B, T)`` batch pass ``(B, T)`` or ``(T,)``); False drops the
+        ``axis``: for a ``(B, T)`` batch pass ``(B, T)`` or ``(T,)``); False (or 0) drops the
         distribution from the value, the mean's denominator and the gradient. Masked rows may
-        hold anything, NaN included. An all-masked batch gives 0.
+        hold anything, NaN included. An all-masked batch gives 0. Integer masks such as
+        Hugging Face's ``attention_mask`` give the same result as ``mask != 0``; values other
+        than 0 and 1 raise ``ValueError`` naming the first one, checked eagerly only (under
+        ``jax.jit``, ``vmap`` or ``torch.compile`` nothing reads the data, and any non-zero
+        value keeps the distribution). Float masks raise ``TypeError``: use ``weight``.
     weight : float array, optional
         Per-distribution weights, multiplied in before reduction. ``"mean"`` still divides by
         the number of unmasked distributions; pass ``num_items`` for another denominator.
@@ -75,7 +89,10 @@ _SHARED_DOC = """
 """
 
 
-def _doc(func: Callable) -> Callable:
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _doc(func: _F) -> _F:
     func.__doc__ = (func.__doc__ or "").rstrip() + "\n" + _SHARED_DOC
     return func
 
@@ -144,7 +161,7 @@ def _evaluate(
     p, q = _lift(xp, p, len(batch) + 1), _lift(xp, q, len(batch) + 1)
     keep = None
     if mask is not None:
-        _check.check_row_array("mask", mask, batch, xp, "mask")
+        mask = _check.as_mask("mask", mask, batch, weights_hint="`weight=`")
         mask = _lift(xp, mask, len(batch))
         keep = xp.expand_dims(mask, axis=ax)
     if weight is not None:
@@ -214,9 +231,9 @@ def kl_div(
     p: Array,
     q: Array,
     *,
-    form: Any = FORM,
+    form: FormSpec = FORM,
     axis: int = AXIS,
-    reduction: str = REDUCTION,
+    reduction: Reduction = REDUCTION,
     mask: Array | None = None,
     weight: Array | None = None,
     num_items: Any = None,
@@ -258,9 +275,9 @@ def reverse_kl_div(
     p: Array,
     q: Array,
     *,
-    form: Any = FORM,
+    form: FormSpec = FORM,
     axis: int = AXIS,
-    reduction: str = REDUCTION,
+    reduction: Reduction = REDUCTION,
     mask: Array | None = None,
     weight: Array | None = None,
     num_items: Any = None,
@@ -299,9 +316,9 @@ def js_div(
     q: Array,
     *,
     beta: float = JS_BETA,
-    form: Any = FORM,
+    form: FormSpec = FORM,
     axis: int = AXIS,
-    reduction: str = REDUCTION,
+    reduction: Reduction = REDUCTION,
     mask: Array | None = None,
     weight: Array | None = None,
     num_items: Any = None,
@@ -343,9 +360,9 @@ def skew_kl_div(
     q: Array,
     *,
     alpha: float = SKEW_ALPHA,
-    form: Any = FORM,
+    form: FormSpec = FORM,
     axis: int = AXIS,
-    reduction: str = REDUCTION,
+    reduction: Reduction = REDUCTION,
     mask: Array | None = None,
     weight: Array | None = None,
     num_items: Any = None,
@@ -387,9 +404,9 @@ def skew_reverse_kl_div(
     q: Array,
     *,
     alpha: float = SKEW_ALPHA,
-    form: Any = FORM,
+    form: FormSpec = FORM,
     axis: int = AXIS,
-    reduction: str = REDUCTION,
+    reduction: Reduction = REDUCTION,
     mask: Array | None = None,
     weight: Array | None = None,
     num_items: Any = None,
@@ -429,9 +446,9 @@ def symmetric_kl_div(
     p: Array,
     q: Array,
     *,
-    form: Any = FORM,
+    form: FormSpec = FORM,
     axis: int = AXIS,
-    reduction: str = REDUCTION,
+    reduction: Reduction = REDUCTION,
     mask: Array | None = None,
     weight: Array | None = None,
     num_items: Any = None,
@@ -467,9 +484,9 @@ def tv_distance(
     p: Array,
     q: Array,
     *,
-    form: Any = FORM,
+    form: FormSpec = FORM,
     axis: int = AXIS,
-    reduction: str = REDUCTION,
+    reduction: Reduction = REDUCTION,
     mask: Array | None = None,
     weight: Array | None = None,
     num_items: Any = None,
@@ -508,9 +525,10 @@ KINDS: dict[str, Callable[..., Array]] = {
     "symmetric_kl": symmetric_kl_div,
     "tv": tv_distance,
 }
+"""The divergence family by name, as :func:`divergence` and the ``kind=`` options accept it."""
 
 
-def divergence(p: Array, q: Array, kind: str = "kl", **kwargs: Any) -> Array:
+def divergence(p: Array, q: Array, kind: Kind = "kl", **kwargs: Any) -> Array:
     """Dispatch by name, for configuration files: ``divergence(p, q, "js", beta=0.3)``.
 
     ``kind`` is one of ``"kl"``, ``"reverse_kl"``, ``"js"``, ``"skew_kl"``,

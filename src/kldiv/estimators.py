@@ -50,20 +50,21 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from . import _check
 from . import _namespace as ns
-from ._defaults import REDUCTION
+from ._defaults import REDUCTION, Estimator, Reduction
 from ._reduce import reduce
 
 Array = Any
 
 __all__ = ["ESTIMATORS", "kl_estimate", "k1", "k2", "k3"]
 
-ESTIMATORS = ("k1", "k2", "k3")
+ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
+"""The names that ``kl_estimate(..., estimator=, grad_estimator=)`` accepts."""
 
 
 def _clamp(xp: Any, x: Array, c: float | None) -> Array:
@@ -111,11 +112,11 @@ def kl_estimate(
     log_p: Array,
     log_q: Array,
     *,
-    estimator: str = "k3",
-    grad_estimator: str | None = None,
+    estimator: Estimator = "k3",
+    grad_estimator: Estimator | None = None,
     log_sampling: Array | None = None,
     mask: Array | None = None,
-    reduction: str = REDUCTION,
+    reduction: Reduction = REDUCTION,
     num_items: Any = None,
     clamp_log_ratio: float | None = None,
     clamp_value: float | None = None,
@@ -129,16 +130,20 @@ def kl_estimate(
     log_p, log_q : array
         ``log P(x)`` and ``log Q(x)`` per sample, same (broadcastable) shape; NumPy, PyTorch
         or JAX, one framework. Half precision is computed in float32.
-    estimator : {"k1", "k2", "k3"}
+    estimator : {"k3", "k1", "k2"}
         Whose value is returned (default ``"k3"``: unbiased, non-negative, low variance).
-    grad_estimator : {"k1", "k2", "k3"}, optional
+    grad_estimator : "k1", "k2" or "k3", optional
         Whose gradient is followed (straight-through); default: the same as ``estimator``.
     log_sampling : array, optional
         ``log S(x)`` when the samples came from S rather than P: values are weighted by
         ``P(x)/S(x)`` (differentiable in ``log_p``).
-    mask : bool array, optional
-        False marks padding: excluded from the value, the mean's denominator and the gradient,
-        applied before any ``exp``.
+    mask : bool or 0/1 integer array, optional
+        False (or 0) marks padding: excluded from the value, the mean's denominator and the
+        gradient, applied before any ``exp``. Broadcastable to the shape of the inputs.
+        Integer masks such as Hugging Face's ``attention_mask`` mean ``mask != 0``; values
+        other than 0 and 1 raise ``ValueError`` naming the first one, checked eagerly only
+        (under ``jax.jit``, ``vmap`` or ``torch.compile`` any non-zero value keeps the sample).
+        Float masks raise ``TypeError``; to weight samples, multiply the ``"none"`` result.
     reduction : {"mean", "sum", "none"}
         Mean over unmasked samples (default), sum, or per-sample values (masked ones 0).
     num_items : float or 0-d array, optional
@@ -176,7 +181,7 @@ def kl_estimate(
         num_items = xp.astype(num_items, dtype)
     log_p, log_q = xp.astype(log_p, dtype), xp.astype(log_q, dtype)
     if mask is not None:
-        _check.check_row_array("mask", mask, batch, xp, "mask")
+        mask = _check.as_mask("mask", mask, batch)
         # before anything else: padded positions become ℓ = 0 (and w = 1) with zero gradient
         log_p = xp.where(mask, log_p, 0.0)
         log_q = xp.where(mask, log_q, 0.0)

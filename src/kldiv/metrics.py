@@ -48,21 +48,22 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast, get_args
 
 import array_api_compat.numpy as _xp
 import numpy as np
 
 from . import _check, _math
 from . import _namespace as ns
+from ._defaults import FormSpec, LabelStatistic, PlainStatistic, Statistic
 
 __all__ = ["TokenStats", "KLReport", "PERCENTILES", "IGNORE_INDEX"]
 
-#: The percentiles every report holds, in the order the text table prints them.
 PERCENTILES: tuple[float, ...] = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
+"""The percentiles every report holds, in the order the text table prints them."""
 
-#: The label value that marks a token to skip (PyTorch's ``cross_entropy`` default).
 IGNORE_INDEX = -100
+"""The label value that marks a token to skip (PyTorch's ``cross_entropy`` default)."""
 
 # Rows per block are chosen so that one float64 [rows, V] buffer holds about this many elements
 # (2 MiB; update() keeps four such buffers, reused across blocks). Measured on 2048 x 32000
@@ -100,8 +101,8 @@ def _pool() -> Any:
     return _POOL
 
 
-_STATS_PLAIN = ("kl", "top1")
-_STATS_LABELS = ("dp", "nll_ref", "nll_cand")
+_STATS_PLAIN: tuple[PlainStatistic, ...] = get_args(PlainStatistic)
+_STATS_LABELS: tuple[LabelStatistic, ...] = get_args(LabelStatistic)
 
 Array = Any
 
@@ -458,7 +459,8 @@ def _block_values(
         # The same formula on both sides, so that identical inputs give Δp = 0 exactly (the
         # normalised exp that p holds for logits differs from exp(lp) in the last bit).
         p_y = p[rows, labels] if forms[0] == "probs" else np.exp(lp_y)
-        q_y = q[rows, labels] if forms[1] == "probs" else np.exp(lq_y)
+        # (with form "probs" _side returns q even when not asked for it)
+        q_y = cast(np.ndarray, q)[rows, labels] if forms[1] == "probs" else np.exp(lq_y)
         out["dp"] = q_y - p_y
         out["nll_ref"] = -lp_y
         out["nll_cand"] = -lq_y
@@ -568,7 +570,7 @@ class TokenStats:
             f"vocab_size={self._vocab_size}, has_labels={self._has_labels})"
         )
 
-    def values(self, name: str = "kl") -> np.ndarray:
+    def values(self, name: Statistic = "kl") -> np.ndarray:
         """The stored per-token values, in update order, as one float64 (``"top1"``: bool) array.
 
         ``name`` is ``"kl"``, ``"top1"``, or with labels ``"dp"``, ``"nll_ref"``, ``"nll_cand"``.
@@ -587,7 +589,7 @@ class TokenStats:
         ref: Array,
         cand: Array,
         *,
-        form: Any = "logits",
+        form: FormSpec = "logits",
         labels: Array | None = None,
         axis: int = -1,
         ignore_index: int = IGNORE_INDEX,
@@ -597,7 +599,7 @@ class TokenStats:
 
         Parameters
         ----------
-        ref, cand : array, shape ``(..., V)``
+        ref, cand : array of shape (..., V)
             The same tokens from the reference and the candidate model: NumPy arrays, PyTorch
             tensors (any device; copied to the host), JAX arrays or anything ``np.asarray``
             accepts, with a real floating dtype (float16, bfloat16, float32, float64). Every
@@ -634,6 +636,8 @@ class TokenStats:
             or rows of only -inf logits, with the same tolerances as ``kl_div(check=True)``.
             A failed update adds nothing.
 
+        Notes
+        -----
         Tokens whose per-token KL is infinite (``cand`` gives probability 0 where ``ref`` does
         not) are kept; they make the mean +inf and are counted in the report.
         """

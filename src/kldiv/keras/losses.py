@@ -15,7 +15,7 @@ from typing import Any
 import keras
 
 from .. import _check
-from .._defaults import AXIS, FORM, KIND_PARAMS, TEMPERATURE
+from .._defaults import AXIS, FORM, KIND_PARAMS, TEMPERATURE, FormSpec, KerasReduction, Kind
 from ..divergences import KINDS
 
 __all__ = [
@@ -41,12 +41,12 @@ class Divergence(keras.losses.Loss):
 
     def __init__(
         self,
-        kind: str = "kl",
+        kind: Kind = "kl",
         *,
-        form: Any = FORM,
+        form: FormSpec = FORM,
         axis: int = AXIS,
         temperature: float = TEMPERATURE,
-        reduction: str = "sum_over_batch_size",
+        reduction: KerasReduction | None = "sum_over_batch_size",
         name: str | None = None,
         dtype: Any = None,
         **params: float,
@@ -88,7 +88,7 @@ class Divergence(keras.losses.Loss):
         return config
 
 
-def _named(kind: str, cls_name: str, doc: str) -> type:
+def _named(kind: Kind, cls_name: str, doc: str) -> type[Divergence]:
     def __init__(self: Any, *, name: str | None = None, **kwargs: Any) -> None:
         Divergence.__init__(self, kind, name=name, **kwargs)
 

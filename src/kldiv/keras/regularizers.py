@@ -16,10 +16,10 @@ class KLSparsityRegularizer(keras.regularizers.Regularizer):
 
     Use as ``activity_regularizer=`` of a layer whose activations lie in [0, 1] (sigmoid): ρ̂ is
     the mean of each unit over the batch (every axis but the last), and the penalty pushes it
-    towards ``target``. This is the Keras seed text's regularizer, which computes the same
-    Bernoulli KL by calling a categorical KL twice, on ρ and on 1 − ρ; here it is one call to
+    towards ``target``. The usual Keras recipe computes the same Bernoulli KL by calling
+    ``keras.losses.kl_divergence`` twice, on ρ and on 1 − ρ; here it is one call to
     :func:`kldiv.distributions.bernoulli_kl`, exact at the boundary: a unit that never fires
-    (ρ̂ = 0) or always fires (ρ̂ = 1) gives +inf, where the seed text's 1e-7 clipping reports
+    (ρ̂ = 0) or always fires (ρ̂ = 1) gives +inf, where the recipe's 1e-7 clipping reports
     a finite 0.6 and hides it. Gradients are finite for ρ̂ in (0, 1).
 
     Under a float16 mixed-precision policy a sigmoid saturates to exactly 1.0 from inputs of

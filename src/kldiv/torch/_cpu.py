@@ -305,6 +305,7 @@ def _native_chunk(
                 val.dtype
             )
             if g is not None:
+                assert gp is not None  # allocated above whenever g is
                 g[part] = gp
     return val
 
@@ -326,6 +327,7 @@ def _tensor_chunk(
         t = t * inv_t
     partial = k is not None and not bool(k.all())
     if partial:
+        assert k is not None  # partial implies a mask
         # masked rows may hold anything (NaN included): overwrite before any arithmetic
         s = torch.where(k[:, None], s, 0.0)
         t = torch.where(k[:, None], t, 0.0)
@@ -342,8 +344,10 @@ def _tensor_chunk(
         if temperature != 1.0:
             g.mul_(inv_t)
         if partial:
+            assert k is not None
             g.masked_fill_(~k[:, None], 0.0)
     if partial:
+        assert k is not None
         val = torch.where(k, val, 0.0)
     return val
 

@@ -8,6 +8,8 @@ imported); that is how the tests exercise them on machines without a GPU.
 
 from __future__ import annotations
 
+from typing import TypeAlias, cast
+
 import torch
 import triton
 
@@ -25,6 +27,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Columns per loop step. 4096 float32 per program keeps the loop body in registers on Hopper
 # with 8 warps; small vocabularies take the next power of two.
 MAX_BLOCK = 4096
+
+# forward's (loss, m_s, lz_s, m_t, lz_t, c)
+RowStats: TypeAlias = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]
 
 
 def _block(v: int, block: int | None) -> tuple[int, int]:
@@ -58,13 +65,16 @@ def forward(
     inv_t: float,
     w: float,
     block: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> RowStats:
     """``(loss, m_s, lz_s, m_t, lz_t, c)``, each ``[N]`` float32, for ``[N, V]`` logits:
     the per-row divergences and the statistics the backward needs."""
     n, v = student.shape
     student, teacher = _rows(student), _rows(teacher)
     # four separate buffers: a custom op's outputs may not alias one another
-    out = tuple(torch.empty(n, dtype=torch.float32, device=student.device) for _ in range(6))
+    out = cast(
+        RowStats,
+        tuple(torch.empty(n, dtype=torch.float32, device=student.device) for _ in range(6)),
+    )
     if n == 0:
         return out
     b, warps = _block(v, block)

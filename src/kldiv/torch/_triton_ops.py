@@ -36,7 +36,7 @@ def distill_rows(
 
 
 @distill_rows.register_fake
-def _(student, teacher, keep, kind, inv_t, w, block):  # type: ignore[no-untyped-def]
+def _(student, teacher, keep, kind, inv_t, w, block):
     n = student.shape[0]
     return tuple(student.new_empty(n, dtype=torch.float32) for _ in range(6))
 
@@ -57,7 +57,7 @@ def distill_rows_backward(
 
 
 @distill_rows_backward.register_fake
-def _(grad_out, student, teacher, keep, stats, kind, inv_t, w, block):  # type: ignore[no-untyped-def]
+def _(grad_out, student, teacher, keep, stats, kind, inv_t, w, block):
     return torch.empty_like(student)
 
 

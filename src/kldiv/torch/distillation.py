@@ -5,31 +5,55 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .. import _check
-from .._defaults import JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
+from .._defaults import (
+    DISTILLATION_KINDS,
+    FAST_PATHS,
+    JS_BETA,
+    KIND_PARAMS,
+    REDUCTION,
+    SKEW_ALPHA,
+    TEMPERATURE,
+    DistillationKind,
+    FastPath,
+    Reduction,
+)
 from ..divergences import KINDS
 from . import _cpu
 from .topk import TopKTeacher, topk_distillation_rows
 
 __all__ = ["DistillationLoss"]
 
-DIVERGENCES = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
-_FAST_PATHS = (True, False, "triton", "chunked")
+DIVERGENCES = DISTILLATION_KINDS
+_FAST_PATHS = FAST_PATHS
+
+
+class DistillationConfig(Protocol):
+    """The shared configuration that :func:`configure` sets on the distillation losses (each
+    declares these attributes, so that type checkers know them on the ``nn.Module``)."""
+
+    divergence: DistillationKind
+    beta: float
+    alpha: float
+    temperature: float
+    scale_by_temperature_squared: bool
+    ignore_index: int
+    reduction: Reduction
 
 
 def configure(
-    module: torch.nn.Module,
-    divergence: str,
+    module: DistillationConfig,
+    divergence: DistillationKind,
     beta: float,
     alpha: float,
     temperature: float,
     scale_by_temperature_squared: bool,
     ignore_index: int,
-    reduction: str,
+    reduction: Reduction,
 ) -> None:
     """Validate the distillation losses' shared configuration and set it on ``module``."""
     if divergence not in DIVERGENCES:
@@ -49,7 +73,41 @@ def configure(
     module.reduction = _check.check_reduction(reduction)
 
 
-def config_repr(module: torch.nn.Module) -> list[str]:
+def token_keep(
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    tokens: tuple[int, ...],
+    ignore_index: int,
+) -> torch.Tensor | None:
+    """The tokens to keep, a bool tensor of the token shape (None: all of them), shared by
+    the distillation losses: ``labels != ignore_index``, and ``mask`` where given (boolean
+    or 0/1 integer, e.g. Hugging Face's ``attention_mask``; made boolean by the core's
+    :func:`kldiv._check.as_mask`, value check included)."""
+    keep = None
+    if labels is not None:
+        if tuple(labels.shape) != tokens:
+            raise ValueError(
+                f"Expected `labels` of the token shape {tokens}, got {tuple(labels.shape)}."
+            )
+        if labels.dtype == torch.bool:
+            # `labels != ignore_index` would keep every token of a boolean mask: refuse it
+            # rather than silently ignore what was meant as a mask
+            raise TypeError(
+                "Expected `labels` to hold token ids (ignore_index marks tokens to skip), got "
+                "dtype torch.bool. Pass a keep-mask as `mask=`."
+            )
+        keep = labels != ignore_index
+    if mask is not None:
+        if tuple(mask.shape) != tokens:
+            raise ValueError(
+                f"Expected `mask` of the token shape {tokens}, got {tuple(mask.shape)}."
+            )
+        mask = _check.as_mask("mask", mask)
+        keep = mask if keep is None else keep & mask
+    return keep
+
+
+def config_repr(module: DistillationConfig) -> list[str]:
     """The set parts of the shared configuration, for ``extra_repr``."""
     parts = [f"divergence={module.divergence!r}"]
     if module.divergence == "js":
@@ -72,12 +130,17 @@ class DistillationLoss(torch.nn.Module):
     logits are divided by ``temperature``; ``scale_by_temperature_squared=True`` multiplies
     the loss by T² (Hinton et al.'s gradient-scale correction; off by default, never implied).
 
-    ``forward(student_logits, teacher_logits, labels=None, num_items=None)``: logits
-    ``[..., V]`` (any float dtype; computed in float32 or wider), ``labels`` the token shape
-    with ``ignore_index`` marking tokens to skip (they may hold garbage, NaN included), and
+    ``forward(student_logits, teacher_logits, labels=None, num_items=None, *, mask=None)``:
+    logits ``[..., V]`` (any float dtype; computed in float32 or wider), ``labels`` the token
+    shape with ``ignore_index`` marking tokens to skip (they may hold garbage, NaN included),
     ``num_items`` the denominator of ``"mean"`` (e.g. the global count of valid tokens under
-    gradient accumulation). ``reduction``: ``"mean"`` over valid tokens (0 when there are
-    none), ``"sum"``, or ``"none"`` (per token, skipped tokens 0).
+    gradient accumulation), and ``mask`` a keep-mask of the token shape, boolean or 0/1
+    integer (Hugging Face's ``attention_mask`` as it comes; other values raise
+    ``ValueError``, checked eagerly only: under ``torch.compile`` any non-zero value keeps
+    the token). With both, a token is kept where its label is not ``ignore_index`` and its
+    mask is set. Pass an ``attention_mask`` as ``mask=``, never as ``labels``: its 0s are not
+    ``ignore_index``, so as labels it would skip nothing. ``reduction``: ``"mean"`` over valid
+    tokens (0 when there are none), ``"sum"``, or ``"none"`` (per token, skipped tokens 0).
 
     ``teacher_logits`` may instead be a :class:`~kldiv.torch.TopKTeacher` (``indices`` and
     ``log_probs`` ``[..., K]`` as offline pipelines store them, with a required tail policy,
@@ -112,17 +175,25 @@ class DistillationLoss(torch.nn.Module):
     ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU).
     """
 
+    divergence: DistillationKind
+    beta: float
+    alpha: float
+    temperature: float
+    scale_by_temperature_squared: bool
+    ignore_index: int
+    reduction: Reduction
+
     def __init__(
         self,
-        divergence: str = "kl",
+        divergence: DistillationKind = "kl",
         *,
         beta: float = JS_BETA,
         alpha: float = SKEW_ALPHA,
         temperature: float = TEMPERATURE,
         scale_by_temperature_squared: bool = False,
         ignore_index: int = -100,
-        reduction: str = REDUCTION,
-        fast_path: bool = True,
+        reduction: Reduction = REDUCTION,
+        fast_path: bool | FastPath = True,
     ) -> None:
         super().__init__()
         configure(
@@ -153,15 +224,17 @@ class DistillationLoss(torch.nn.Module):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor | None = None,
         num_items: Any = None,
+        *,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if isinstance(teacher_logits, TopKTeacher):
-            return self._topk(student_logits, teacher_logits, labels, num_items)
+            return self._topk(student_logits, teacher_logits, labels, num_items, mask)
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
                 f"Expected student and teacher logits of the same shape, got "
                 f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}."
             )
-        keep = self._keep(labels, tuple(student_logits.shape[:-1]))
+        keep = token_keep(labels, mask, tuple(student_logits.shape[:-1]), self.ignore_index)
         num_items = _check.check_num_items(num_items, self.reduction)
         scale = self.temperature**2 if self.scale_by_temperature_squared else 1.0
         path = self._path(student_logits, teacher_logits)
@@ -183,21 +256,13 @@ class DistillationLoss(torch.nn.Module):
     def _weight(self) -> float:
         return self.beta if self.divergence == "js" else self.alpha
 
-    def _keep(self, labels: torch.Tensor | None, tokens: tuple[int, ...]) -> torch.Tensor | None:
-        if labels is None:
-            return None
-        if tuple(labels.shape) != tokens:
-            raise ValueError(
-                f"Expected `labels` of the token shape {tokens}, got {tuple(labels.shape)}."
-            )
-        return labels != self.ignore_index
-
     def _topk(
         self,
         student: torch.Tensor,
         teacher: TopKTeacher,
         labels: torch.Tensor | None,
         num_items: Any,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """D(teacher‖student) for a top-k sparse teacher (see :mod:`kldiv.torch.topk`)."""
         if self.fast_path in ("triton", "chunked"):
@@ -205,7 +270,7 @@ class DistillationLoss(torch.nn.Module):
                 f"fast_path={self.fast_path!r} cannot take these inputs: a TopKTeacher goes "
                 "through the top-k path (use fast_path=True or False)."
             )
-        keep = self._keep(labels, tuple(student.shape[:-1]))
+        keep = token_keep(labels, mask, tuple(student.shape[:-1]), self.ignore_index)
         num_items = _check.check_num_items(num_items, self.reduction)
         rows = topk_distillation_rows(
             self.divergence, student, teacher, keep, self.temperature, self.beta, self.alpha

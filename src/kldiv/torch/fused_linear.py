@@ -19,9 +19,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _check
-from .._defaults import JS_BETA, REDUCTION, SKEW_ALPHA, TEMPERATURE
+from .._defaults import (
+    JS_BETA,
+    REDUCTION,
+    SKEW_ALPHA,
+    TEMPERATURE,
+    DistillationKind,
+    Reduction,
+)
 from . import _cpu
-from .distillation import _reduce_total, config_repr, configure
+from .distillation import _reduce_total, config_repr, configure, token_keep
 
 __all__ = ["FusedLinearDistillationLoss"]
 
@@ -271,12 +278,13 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     (KL(teacher‖student)), ``"reverse_kl"`` (KL(student‖teacher)), ``"js"`` (weight
     ``beta`` on the teacher), ``"skew_kl"``, ``"skew_reverse_kl"`` (``alpha``), ``"tv"``;
     times T² if ``scale_by_temperature_squared``; tokens whose ``labels`` equal
-    ``ignore_index`` are skipped (their hidden states and teacher logits are never read, so
-    they may hold anything, NaN included); ``reduction`` ``"mean"`` over kept tokens (or
-    divided by ``num_items``; 0 when none are kept), ``"sum"``, or ``"none"`` (token shape,
-    skipped tokens 0). Zero support is the core's: ``-inf`` logits (e.g. a ``-inf`` bias
-    entry) are zero probabilities, values may be ``+inf`` where the core's are, and
-    gradients stay finite.
+    ``ignore_index``, or whose keyword ``mask`` (token shape, boolean or 0/1 integer such as
+    Hugging Face's ``attention_mask``) is False or 0, are skipped (their hidden states and
+    teacher logits are never read, so they may hold anything, NaN included); ``reduction``
+    ``"mean"`` over kept tokens (or divided by ``num_items``; 0 when none are kept),
+    ``"sum"``, or ``"none"`` (token shape, skipped tokens 0). Zero support is the core's:
+    ``-inf`` logits (e.g. a ``-inf`` bias entry) are zero probabilities, values may be
+    ``+inf`` where the core's are, and gradients stay finite.
 
     Gradients: the student's hidden states, weight and bias get theirs; the teacher gets
     none, and teacher tensors that require a gradient are refused with a ``ValueError``
@@ -317,16 +325,24 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     (torch.Size([6, 8]), True)
     """
 
+    divergence: DistillationKind
+    beta: float
+    alpha: float
+    temperature: float
+    scale_by_temperature_squared: bool
+    ignore_index: int
+    reduction: Reduction
+
     def __init__(
         self,
-        divergence: str = "kl",
+        divergence: DistillationKind = "kl",
         *,
         beta: float = JS_BETA,
         alpha: float = SKEW_ALPHA,
         temperature: float = TEMPERATURE,
         scale_by_temperature_squared: bool = False,
         ignore_index: int = -100,
-        reduction: str = REDUCTION,
+        reduction: Reduction = REDUCTION,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -364,6 +380,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         teacher_hidden: torch.Tensor | None = None,
         teacher_weight: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden, weight, bias = student_hidden, student_weight, student_bias
         teacher = self._check_inputs(
@@ -371,12 +388,9 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         )
         tokens = tuple(hidden.shape[:-1])
         index = None
-        if labels is not None:
-            if tuple(labels.shape) != tokens:
-                raise ValueError(
-                    f"Expected `labels` of the token shape {tokens}, got {tuple(labels.shape)}."
-                )
-            keep = (labels != self.ignore_index).reshape(-1)
+        keep = token_keep(labels, mask, tokens, self.ignore_index)
+        if keep is not None:
+            keep = keep.reshape(-1)
             if not bool(keep.all()):
                 index = keep.nonzero().squeeze(1)
         num_items = _check.check_num_items(num_items, self.reduction)
@@ -457,7 +471,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                     f"`student_hidden` and V of `student_weight`), got "
                     f"{tuple(teacher_logits.shape)}."
                 )
-            teacher = {"teacher_logits": teacher_logits}
+            teacher: dict[str, torch.Tensor | None] = {"teacher_logits": teacher_logits}
         else:
             if teacher_hidden is None or teacher_logits is not None:
                 raise ValueError(

@@ -17,12 +17,23 @@ KLDivergence(form='logits', reduction='mean', temperature=2.0)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from .. import _check
-from .._defaults import AXIS, FORM, JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
+from .._defaults import (
+    AXIS,
+    FORM,
+    JS_BETA,
+    KIND_PARAMS,
+    REDUCTION,
+    SKEW_ALPHA,
+    TEMPERATURE,
+    FormSpec,
+    Kind,
+    Reduction,
+)
 from ..divergences import KINDS
 
 __all__ = [
@@ -52,9 +63,9 @@ class _DivergenceModule(torch.nn.Module):
     def __init__(
         self,
         *,
-        form: Any = FORM,
+        form: FormSpec = FORM,
         axis: int = AXIS,
-        reduction: str = REDUCTION,
+        reduction: Reduction = REDUCTION,
         temperature: float = TEMPERATURE,
         check: bool = False,
         **params: float,
@@ -106,15 +117,15 @@ class _DivergenceModule(torch.nn.Module):
         return ", ".join(shown)
 
 
-def _module(kind: str, name: str, params: dict[str, float], doc: str) -> type:
+def _module(kind: Kind, name: str, params: dict[str, float], doc: str) -> type[_DivergenceModule]:
     param_doc = "".join(f", {k}={v}" for k, v in params.items())
 
     def __init__(
         self: Any,
         *,
-        form: Any = FORM,
+        form: FormSpec = FORM,
         axis: int = AXIS,
-        reduction: str = REDUCTION,
+        reduction: Reduction = REDUCTION,
         temperature: float = TEMPERATURE,
         check: bool = False,
         **kw: float,
@@ -150,7 +161,8 @@ def _module(kind: str, name: str, params: dict[str, float], doc: str) -> type:
             ),
         },
     )
-    return cls
+    # type() with these bases makes a _DivergenceModule subclass; mypy only knows "type"
+    return cast("type[_DivergenceModule]", cls)
 
 
 KLDivergence = _module("kl", "KLDivergence", {}, "KL(P‖Q), P the target/teacher.")
@@ -176,7 +188,7 @@ class Divergence(_DivergenceModule):
     """Any divergence of the family by name, for configuration files:
     ``Divergence("js", beta=0.3, form="logits")``."""
 
-    def __init__(self, kind: str = "kl", **kwargs: Any) -> None:
+    def __init__(self, kind: Kind = "kl", **kwargs: Any) -> None:
         if kind not in KINDS:
             raise ValueError(f"Unknown divergence {kind!r}; expected one of {sorted(KINDS)}.")
         defaults = KIND_PARAMS.get(kind, {})

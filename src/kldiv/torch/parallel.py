@@ -55,17 +55,32 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from .. import _check
-from .._defaults import JS_BETA, KIND_PARAMS, REDUCTION, SKEW_ALPHA, TEMPERATURE
+from .._defaults import (
+    JS_BETA,
+    KIND_PARAMS,
+    REDUCTION,
+    SKEW_ALPHA,
+    TEMPERATURE,
+    DistillationKind,
+    Reduction,
+)
 from ..divergences import KINDS
 from . import fused_linear as fl
-from .distillation import _reduce_rows, _reduce_total, config_repr, configure
+from .distillation import (
+    DistillationConfig,
+    _reduce_rows,
+    _reduce_total,
+    config_repr,
+    configure,
+    token_keep,
+)
 
 __all__ = [
     "ParallelDistillationLoss",
@@ -240,6 +255,7 @@ def _forward(
         b = min(n, a + rows)
         sums[0, a:b], h, _ = _slice_terms(kind, params, get, norms, a, b, need_grad)
         if grad is not None:
+            assert h is not None  # need_grad: the terms' gradient was computed
             sums[1, a:b] = h.sum(-1)
             grad[a:b] = h
     _sum(sums, group)  # collective 2
@@ -291,8 +307,17 @@ def _eager(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     return fn(*args)
 
 
+class _ParallelConfig(DistillationConfig, Protocol):
+    """The distillation configuration plus what :func:`_configure_groups` sets."""
+
+    vocab_group: Any
+    data_group: Any
+    vocab_size: int | None
+    validate: bool
+
+
 def _configure_groups(
-    module: torch.nn.Module, vocab_group: Any, data_group: Any, vocab_size: Any, validate: Any
+    module: _ParallelConfig, vocab_group: Any, data_group: Any, vocab_size: Any, validate: Any
 ) -> None:
     if vocab_size is not None and (
         isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
@@ -314,10 +339,12 @@ class ParallelDistillationLoss(torch.nn.Module):
     every rank. The value equals ``DistillationLoss`` on the full logits of the whole batch; see
     the module docstring for the method and :doc:`docs/parallel.md` for examples.
 
-    ``forward(student_logits, teacher_logits, labels=None, num_items=None)``: this rank's
-    ``[..., V_r]`` slices of both logits (the same tokens on every rank of ``vocab_group``),
-    labels of the token shape with ``ignore_index`` marking tokens to skip, and ``num_items``
-    the *global* denominator of ``"mean"`` if given (else the kept tokens are counted over
+    ``forward(student_logits, teacher_logits, labels=None, num_items=None, *, mask=None)``:
+    this rank's ``[..., V_r]`` slices of both logits (the same tokens on every rank of
+    ``vocab_group``), labels of the token shape with ``ignore_index`` marking tokens to skip,
+    ``mask`` a keep-mask of the token shape (boolean or 0/1 integer such as Hugging Face's
+    ``attention_mask``, as in :class:`~kldiv.torch.DistillationLoss`), and ``num_items`` the
+    *global* denominator of ``"mean"`` if given (else the kept tokens are counted over
     ``data_group``). The teacher must not require a gradient (the student gets one; detach
     the teacher).
 
@@ -329,16 +356,28 @@ class ParallelDistillationLoss(torch.nn.Module):
     forward pass and scaled in place).
     """
 
+    divergence: DistillationKind
+    beta: float
+    alpha: float
+    temperature: float
+    scale_by_temperature_squared: bool
+    ignore_index: int
+    reduction: Reduction
+    vocab_group: Any
+    data_group: Any
+    vocab_size: int | None
+    validate: bool
+
     def __init__(
         self,
-        divergence: str = "kl",
+        divergence: DistillationKind = "kl",
         *,
         beta: float = JS_BETA,
         alpha: float = SKEW_ALPHA,
         temperature: float = TEMPERATURE,
         scale_by_temperature_squared: bool = False,
         ignore_index: int = -100,
-        reduction: str = REDUCTION,
+        reduction: Reduction = REDUCTION,
         vocab_group: Any = None,
         data_group: Any = None,
         vocab_size: int | None = None,
@@ -371,8 +410,10 @@ class ParallelDistillationLoss(torch.nn.Module):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor | None = None,
         num_items: Any = None,
+        *,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return _eager(self._forward, student_logits, teacher_logits, labels, num_items)
+        return _eager(self._forward, student_logits, teacher_logits, labels, num_items, mask)
 
     def _forward(
         self,
@@ -380,15 +421,18 @@ class ParallelDistillationLoss(torch.nn.Module):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor | None,
         num_items: Any,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        tokens = tuple(student_logits.shape[:-1]) if student_logits.ndim else ()
+        keep, keep_problems = _token_keep(self, labels, mask, tokens)
         if self.validate:
-            self._check_consistency(student_logits, teacher_logits, labels, num_items)
+            self._check_consistency(
+                student_logits, teacher_logits, labels, num_items, keep_problems, mask
+            )
         elif teacher_logits.requires_grad:
             raise ValueError(f"Expected no gradient for the teacher: {_TEACHER_GRAD}.")
         num_items = _check.check_num_items(num_items, self.reduction)
         v = student_logits.shape[-1]
-        tokens = tuple(student_logits.shape[:-1])
-        keep = None if labels is None else labels != self.ignore_index
         flat_keep = None if keep is None else keep.reshape(-1)
         n = math.prod(tokens)  # not reshape(-1, v): v may be 0 on a rank
         rows = vocab_parallel_rows(
@@ -413,8 +457,10 @@ class ParallelDistillationLoss(torch.nn.Module):
         teacher: torch.Tensor,
         labels: torch.Tensor | None,
         num_items: Any,
+        keep_problems: list[str],
+        mask: torch.Tensor | None,
     ) -> None:
-        local = []
+        local = list(keep_problems)
         if student.shape != teacher.shape:
             local.append("student and teacher logits differ in shape")
         if student.ndim < 1:
@@ -430,6 +476,7 @@ class ParallelDistillationLoss(torch.nn.Module):
             "rows": math.prod(student.shape[:-1]),
             "width": width,
             "dtypes": [str(student.dtype), str(teacher.dtype)],
+            "config": {"mask given": mask is not None},
         }
         _validate(
             self,
@@ -444,6 +491,25 @@ class ParallelDistillationLoss(torch.nn.Module):
 _TEACHER_GRAD = "the teacher requires a gradient (detach it; the student gets one)"
 
 
+def _token_keep(
+    module: _ParallelConfig,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    tokens: tuple[int, ...],
+) -> tuple[torch.Tensor | None, list[str]]:
+    """:func:`token_keep`, and its complaint as a problem for validation to share, so that a
+    bad ``labels`` or ``mask`` on one rank raises on every rank instead of hanging the others
+    in the next collective (without validation it raises here, on this rank)."""
+    if module.validate and labels is not None and tuple(labels.shape) != tokens:
+        return None, []  # validation reports it as "labels are not of the token shape"
+    try:
+        return token_keep(labels, mask, tokens, module.ignore_index), []
+    except (TypeError, ValueError) as e:
+        if not module.validate:
+            raise
+        return None, [str(e).rstrip(".")]
+
+
 def _num_items_problem(num_items: Any, reduction: str) -> list[str]:
     # checked among the other local facts, so that a bad value raises on every rank
     try:
@@ -454,7 +520,7 @@ def _num_items_problem(num_items: Any, reduction: str) -> list[str]:
 
 
 def _validate(
-    module: torch.nn.Module,
+    module: _ParallelConfig,
     local: list[str],
     facts: dict[str, Any],
     labels_given: bool,
@@ -596,7 +662,7 @@ def _fused_linear(
     bias: torch.Tensor | None,
     teacher: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     keep: torch.Tensor | None,
-    need: tuple[bool, bool, bool],
+    need: tuple[bool, ...],
     row_scale: torch.Tensor | None,
     state: dict[str, torch.Tensor] | None,
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
@@ -643,6 +709,7 @@ def _fused_linear(
         for a in range(0, n, rows):
             b_ = min(n, a + rows)
             sums[0, a:b_], h, _ = _slice_terms(cfg.kind, params, get, norms, a, b_, True)
+            assert h is not None  # need_h=True
             sums[1, a:b_] = h.sum(-1)
         _sum(sums, cfg.group)  # collective 2
         values = sums[0] if keep is None else torch.where(keep, sums[0], 0.0)
@@ -656,6 +723,7 @@ def _fused_linear(
     for a in range(0, n, rows):
         b_ = min(n, a + rows)
         _, h, lq = _slice_terms(cfg.kind, params, get, state["norms"], a, b_, True)
+        assert h is not None  # need_h=True
         g = h.sub_(lq.exp_().mul_(state["sum_h"][a:b_, None])).mul_(inv_t)
         if row_scale is not None:
             g.mul_(row_scale[a:b_, None].to(g.dtype))
@@ -734,10 +802,11 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
 
     ``forward(student_hidden, student_weight, teacher_logits=None, labels=None,
     num_items=None, *, student_bias=None, teacher_hidden=None, teacher_weight=None,
-    teacher_bias=None)``: the student's hidden states ``[..., H]`` (the same on every rank of
-    the vocab group), this rank's rows ``[V_r, H]`` of its LM head (and ``[V_r]`` of its
-    bias), and the teacher as this rank's ``[..., V_r]`` logits or as hidden states with its
-    own head's ``[V_r, H_t]`` rows. Configuration, validation and reductions are those of
+    teacher_bias=None, mask=None)``: the student's hidden states ``[..., H]`` (the same on
+    every rank of the vocab group), this rank's rows ``[V_r, H]`` of its LM head (and
+    ``[V_r]`` of its bias), and the teacher as this rank's ``[..., V_r]`` logits or as hidden
+    states with its own head's ``[V_r, H_t]`` rows; ``mask`` as in
+    :class:`ParallelDistillationLoss`. Configuration, validation and reductions are those of
     :class:`ParallelDistillationLoss`; the value equals ``FusedLinearDistillationLoss`` on the
     full heads and the whole batch.
 
@@ -751,16 +820,28 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
     ``reduction="none"``), plus one on ``data_group``.
     """
 
+    divergence: DistillationKind
+    beta: float
+    alpha: float
+    temperature: float
+    scale_by_temperature_squared: bool
+    ignore_index: int
+    reduction: Reduction
+    vocab_group: Any
+    data_group: Any
+    vocab_size: int | None
+    validate: bool
+
     def __init__(
         self,
-        divergence: str = "kl",
+        divergence: DistillationKind = "kl",
         *,
         beta: float = JS_BETA,
         alpha: float = SKEW_ALPHA,
         temperature: float = TEMPERATURE,
         scale_by_temperature_squared: bool = False,
         ignore_index: int = -100,
-        reduction: str = REDUCTION,
+        reduction: Reduction = REDUCTION,
         vocab_group: Any = None,
         data_group: Any = None,
         vocab_size: int | None = None,
@@ -799,6 +880,7 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         teacher_hidden: torch.Tensor | None = None,
         teacher_weight: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _eager(
             self._forward,
@@ -811,6 +893,7 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
             teacher_hidden,
             teacher_weight,
             teacher_bias,
+            mask,
         )
 
     def _forward(
@@ -824,9 +907,11 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         teacher_hidden: torch.Tensor | None,
         teacher_weight: torch.Tensor | None,
         teacher_bias: torch.Tensor | None,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         hidden, weight, bias = student_hidden, student_weight, student_bias
         tokens = tuple(hidden.shape[:-1]) if hidden.ndim else ()
+        keep, keep_problems = _token_keep(self, labels, mask, tokens)
         v = weight.shape[0] if weight.ndim == 2 else 0
         student_ok = (
             hidden.ndim >= 1
@@ -879,13 +964,16 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
                     (not teacher_ok, "the teacher's inputs do not fit the student's"),
                 )
                 if bad
-            ]
+            ] + keep_problems
             dtypes = [str(hidden.dtype), str(None if t_src is None else t_src.dtype)]
             facts = {
                 "rows": math.prod(tokens),
                 "width": v,
                 "dtypes": dtypes,
-                "config": {"gradients (hidden, weight, bias)": grads},
+                "config": {
+                    "gradients (hidden, weight, bias)": grads,
+                    "mask given": mask is not None,
+                },
             }
             _validate(
                 self,
@@ -904,7 +992,8 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
             raise ValueError(f"Expected no gradient for the teacher: {_TEACHER_GRAD}.")
         num_items = _check.check_num_items(num_items, self.reduction)
         n = math.prod(tokens)
-        keep = None if labels is None else (labels != self.ignore_index).reshape(-1)
+        keep = None if keep is None else keep.reshape(-1)
+        assert t_src is not None  # teacher_ok, checked above
         if t_w is None:
             t_src = t_src.reshape(n, v)
         else:

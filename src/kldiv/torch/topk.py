@@ -94,19 +94,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import cast, get_args
 
 import numpy as np
 import torch
 
 from .. import _check
-from .._defaults import JS_BETA, KIND_PARAMS, SKEW_ALPHA, TEMPERATURE
+from .._defaults import (
+    DISTILLATION_KINDS,
+    JS_BETA,
+    KIND_PARAMS,
+    SKEW_ALPHA,
+    TEMPERATURE,
+    DistillationKind,
+    TailPolicy,
+)
 from ..divergences import KINDS as _CORE_KINDS
 
 __all__ = ["TopKTeacher", "topk_distillation_rows", "TAIL_POLICIES", "TOLERANCE"]
 
 INF = math.inf
-TAIL_POLICIES = ("tail_bucket", "renormalize")
-KINDS = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
+TAIL_POLICIES: tuple[TailPolicy, ...] = get_args(TailPolicy)
+KINDS = DISTILLATION_KINDS
 
 # Default tolerance (in log space) for stored log-probs above 0 and for Σ exp(log_probs) above 1,
 # by the dtype the log-probs are stored in. Measured worst excess of Σp over 1 for top-k
@@ -146,7 +155,7 @@ class TopKTeacher:
 
     indices: torch.Tensor
     log_probs: torch.Tensor
-    tail: str = dataclasses.field(kw_only=True)
+    tail: TailPolicy = dataclasses.field(kw_only=True)
     tolerance: float | None = dataclasses.field(default=None, kw_only=True)
     check: bool = dataclasses.field(default=False, kw_only=True)
 
@@ -223,7 +232,7 @@ class TopKTeacher:
         logits: torch.Tensor,
         k: int,
         *,
-        tail: str,
+        tail: TailPolicy,
         tolerance: float | None = None,
         check: bool = False,
     ) -> TopKTeacher:
@@ -269,7 +278,7 @@ def _log1mexp(a: torch.Tensor) -> torch.Tensor:
 
 
 def topk_distillation_rows(
-    kind: str,
+    kind: DistillationKind,
     student_logits: torch.Tensor,
     teacher: TopKTeacher,
     keep: torch.Tensor | None = None,
@@ -283,9 +292,12 @@ def topk_distillation_rows(
     ``"skew_kl"``, ``"skew_reverse_kl"`` (``alpha``) or ``"tv"``, each with the core's meaning
     (``kldiv.divergence(teacher, student, kind)``) on the distributions that ``teacher.tail``
     defines. ``student_logits``: ``[..., V]``, any float dtype. ``teacher``: ``[..., K]`` with
-    the same leading (token) shape. ``keep``: bool of the token shape or None; False rows give
-    exactly 0 and no gradient, whatever they hold. ``temperature`` divides the student logits
-    and the teacher log-probs (``"renormalize"`` only; ``"tail_bucket"`` needs 1).
+    the same leading (token) shape. ``keep``: bool or 0/1 integer (e.g. an
+    ``attention_mask``) of the token shape, or None; False (0) rows give exactly 0 and no
+    gradient, whatever they hold. Other integers raise ``ValueError`` eagerly; under
+    ``torch.compile`` nothing reads them and any non-zero value keeps the row.
+    ``temperature`` divides the student logits and the teacher log-probs (``"renormalize"``
+    only; ``"tail_bucket"`` needs 1).
 
     Returns the token shape, float32 (float64 when the student logits or the teacher log-probs
     are float64), differentiable with respect to ``student_logits``. No reduction and no T²
@@ -320,13 +332,13 @@ def topk_distillation_rows(
             f"{teacher.indices.device}."
         )
     if keep is not None:
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-            got = getattr(keep, "dtype", keep)
-            raise TypeError(f"Expected `keep` to be a bool tensor, got {got!r}.")
+        if not isinstance(keep, torch.Tensor):
+            raise TypeError(f"Expected `keep` to be a tensor, got {type(keep).__name__}.")
         if tuple(keep.shape) != tokens:
             raise ValueError(
                 f"Expected `keep` of the token shape {tokens}, got {tuple(keep.shape)}."
             )
+        keep = _check.as_mask("keep", keep)
     t = _check.check_temperature(temperature, ("logits", "logits"))
     if teacher.tail == "tail_bucket" and t != 1.0:
         raise ValueError(
@@ -367,7 +379,7 @@ def topk_distillation_rows(
         _raise_teacher_fault(teacher, faults, idx, lp, a_sum, v, tokens)
     if teacher.tail == "tail_bucket":
         b, empty, student_fault = _student_tail_bucket(z, idx, live, flat_keep, cdtype)
-        a = _teacher_tail_bucket(x, a_sum, empty, teacher.tolerance)
+        a = _teacher_tail_bucket(x, a_sum, empty, cast(float, teacher.tolerance))
     else:
         a, live_r = _teacher_renormalized(x, live, flat_keep, t)
         b, student_fault = _student_renormalized(z, idx, live_r, flat_keep, t, cdtype)
@@ -405,7 +417,7 @@ def _teacher_faults(
 ) -> dict[str, torch.Tensor]:
     """The teacher's data rules, as masks over kept rows ([N, ·] or [N]; True = broken), in
     the order the errors are reported. Tensor ops only ([N, K] work and one [N, K] sort)."""
-    tol = teacher.tolerance
+    tol = cast(float, teacher.tolerance)  # None only before __post_init__ sets the default
     covers = live.sum(-1) == v  # with distinct ids: "the ids are the whole vocabulary"
     faults = {
         "range": listed & (idx >= v),
