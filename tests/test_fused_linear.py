@@ -303,6 +303,7 @@ def test_errors_are_clear():
     )
 
 
+@pytest.mark.seeded  # the doctest draws from torch's global generator
 def test_docstring_example():
     result = doctest.testmod(fl, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 5 and result.failed == 0

@@ -13,12 +13,17 @@ import pytest
 SCRIPT = Path(__file__).with_name("keras_backend_check.py")
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
-def test_losses_regularizer_and_fit_on_each_backend(backend, rng):
+def test_losses_regularizer_and_fit_on_each_backend(backend, seed):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    seed = str(int(rng.integers(2**31)))
+    # the test's own seed (conftest), so its replay command replays the subprocess too
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), seed], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(SCRIPT), str(seed)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"OK {backend}" in out.stdout

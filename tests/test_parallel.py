@@ -8,7 +8,6 @@ too."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -275,10 +274,9 @@ def reference(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return loss.detach(), s.grad
 
 
-def launch(world: int, tmp: Path) -> tuple[list[dict], list[dict]]:
-    seed = int(os.environ.get("KLDIV_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"rng seed: {seed}")
-    cases = make_cases(world, np.random.default_rng(seed))
+def launch(world: int, tmp: Path, rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
+    # the ranks read their data from cases.pt: the test's rng alone decides it
+    cases = make_cases(world, rng)
     torch.save(cases, tmp / "cases.pt")
     # the OS picks the port; the workers join this store, so nothing is hard-coded
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -365,12 +363,13 @@ def check_fused(case: dict, results: list[dict], world: int) -> None:
         assert got["backward_collectives"] == expected_backward(case), (label, got)
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("world", [2, 4])
-def test_ranks_against_the_unsharded_core(world, tmp_path):
+def test_ranks_against_the_unsharded_core(world, tmp_path, rng):
     """One launch of ``world`` Gloo ranks runs every case; then, per case and rank: the loss
     and the gradient slice against the unsharded core, the collectives counted by
     torch.profiler, and (2 ranks) the errors for inconsistent slices."""
-    cases, results = launch(world, tmp_path)
+    cases, results = launch(world, tmp_path, rng)
     checked = 0
     for case in cases:
         if case["name"].startswith("bad-"):
