@@ -221,11 +221,12 @@ def error_cases(tmp_path, rng):
         ([f"{t}", f"{t}/b.npy"], "is a directory"),
         (
             [f"{t}/a.npy", f"{t}/b.npy", "--labels", f"{t}/labels_none.npy"],
-            "a.npy: No tokens to report on",
+            "labels_none.npy: No tokens to report on: all 4 tokens seen had labels == ignore_index",
         ),
         ([f"{t}/empty.npy", f"{t}/empty.npy"], "empty.npy: has shape (0, 6), no tokens"),
         ([f"{t}/novocab.npy", f"{t}/novocab.npy"], "novocab.npy: has no categories"),
         ([f"{t}/comp.npz", f"{t}/comp.npz"], "comp.npz: member x.npy is not a valid array"),
+        ([f"{t}/a.npy", f"{t}/b.npy", "--out", ""], "--out: expected a directory name"),
         (
             [f"{t}/a.npy", f"{t}/b.npy", "--out", f"{t}/nodir/report"],
             "nodir: the parent of --out is not a writable directory",
@@ -248,11 +249,18 @@ def test_every_error_is_one_line_exit_2_and_leaves_nothing(tmp_path, rng):
     assert (tmp_path / "exists").is_dir() and not any((tmp_path / "exists").iterdir())
 
 
-def test_demo_out_is_checked_before_training(tmp_path):
+def test_demo_out_is_checked_before_any_output(tmp_path):
     (tmp_path / "afile").write_text("x")
-    code, out, err = run(["demo", "--out", str(tmp_path / "afile")])
-    assert code == 2 and "cannot create the output directory" in err
-    assert "Distillation on real data" in out and "test acc" not in out  # no training happened
+    for bad, message in [
+        (str(tmp_path / "afile"), "afile: cannot create the output directory"),
+        ("", "--out: expected a directory name"),
+    ]:
+        code, out, err = run(["demo", "--out", bad])
+        assert code == 2 and out == "", err  # not even the worked examples
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kldiv demo: error: "), err
+        assert message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_bad_form_is_an_argparse_error(tmp_path):
@@ -367,6 +375,8 @@ def test_bench_errors_are_one_line(tmp_path):
         (["--variants", "jax"], "--variants: unknown 'jax'"),
         (["--device", "cuda:99"], "--device cuda:99: no such CUDA device here"),
         (["--device", "tpu"], "--device tpu: expected auto, cpu or cuda[:index]"),
+        (["--device", "cpu:1"], "--device cpu:1: expected auto, cpu or cuda[:index]"),
+        (["--out", ""], "--out: expected a directory name"),
         (["--out", str(tmp_path / "taken")], "taken: already exists"),
         (["--n", "0"], "must be positive"),
         # checked before the (long) run, not after it
@@ -548,6 +558,45 @@ def test_compare_without_matplotlib_still_writes_the_report(tmp_path):
         else:
             assert "Mean KL" in proc.stdout
             assert proc.stdout.strip().splitlines()[-1] == f"wrote {dest.name}/report.json"
+
+
+# matplotlib that imports but cannot plot (a broken backend or font cache): importing pyplot
+# raises, as it does on such installs
+BROKEN_PYPLOT = """
+import sys
+
+
+class Broken:
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib.pyplot":
+            raise RuntimeError("the backend cannot start")
+        return None
+
+
+sys.meta_path.insert(0, Broken())
+from kldiv.cli import main
+
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_compare_keeps_the_report_when_plotting_fails(tmp_path):
+    a, b = save_pair(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", BROKEN_PYPLOT, "compare", "a.npy", "b.npy", "--out", "rep"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["report.json"]
+    check_report(json.loads((tmp_path / "rep" / "report.json").read_text()), a, b)
+    note = proc.stderr.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith("kldiv compare: note: "), proc.stderr
+    assert "RuntimeError: the backend cannot start" in note[0]
+    assert proc.stdout.strip().splitlines()[-1] == "wrote rep/report.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "rep"]
 
 
 def test_compare_without_safetensors_or_torch_names_the_extra(tmp_path):

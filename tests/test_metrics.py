@@ -479,9 +479,7 @@ def test_custom_ignore_index_and_an_all_ignored_chunk(rng):
     stats = TokenStats()
     stats.update(ref, cand, labels=np.full(6, 7), ignore_index=7)
     assert stats.num_tokens == 0 and stats.num_ignored == 6
-    with raises(
-        ValueError, "No tokens to report on: all 6 tokens so far had labels == ignore_index"
-    ):
+    with raises(ValueError, "No tokens to report on: all 6 tokens seen had labels == ignore_index"):
         stats.report()
     stats.update(ref, cand, labels=np.array([0, 1, 2, 3, 7, 7]), ignore_index=7)
     assert stats.num_tokens == 4 and stats.num_ignored == 8

@@ -539,6 +539,70 @@ def test_integer_mask_under_torch_compile_fullgraph():
         torch.testing.assert_close(got, want)
 
 
+def test_integer_mask_under_torch_func_vmap_and_on_meta_tensors():
+    """Under ``torch.func.vmap`` values cannot be read (reading one raises), and meta or fake
+    tensors have none: an integer mask is then ``mask != 0`` with no value check, as under
+    ``torch.compile``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kldiv.torch import DistillationLoss
+
+    s, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    keep = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    loss = DistillationLoss(fast_path=False)
+
+    def per_sample(s1, t1, m1):
+        return kldiv.kl_div(t1, s1, form="logits", mask=m1), loss(s1, t1, mask=m1)
+
+    got = torch.func.vmap(per_sample)(s, t, keep)
+    for i in range(4):
+        want = per_sample(s[i], t[i], keep[i].bool())
+        torch.testing.assert_close((got[0][i], got[1][i]), want)
+    grad = torch.func.vmap(torch.func.grad(lambda s1, t1, m1: per_sample(s1, t1, m1)[0]))
+    want = torch.stack(
+        [
+            torch.func.grad(lambda s1, i=i: per_sample(s1, t[i], keep[i].bool())[0])(s[i])
+            for i in range(4)
+        ]
+    )
+    torch.testing.assert_close(grad(s, t, keep), want)
+    meta = kldiv.kl_div(
+        t.to("meta"), s.to("meta"), form="logits", reduction="none", mask=keep.to("meta")
+    )
+    assert meta.shape == (4, 3) and meta.device.type == "meta"
+    with FakeTensorMode() as mode:
+        fs, ft = mode.from_tensor(s), mode.from_tensor(t)
+        fake = loss(fs, ft, mask=mode.from_tensor(keep))
+    assert fake.shape == () and fake.dtype == torch.float32
+
+
+def test_distillation_masks_and_labels_must_be_tensors_on_the_logits_device():
+    from kldiv.torch import DistillationLoss, FusedLinearDistillationLoss, TopKTeacher
+    from kldiv.torch.parallel import ParallelDistillationLoss
+
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    top = TopKTeacher(*reversed(torch.topk(t.log_softmax(-1), 2)), tail="renormalize")
+    # (call, the error type): the parallel loss shares every rank's complaint as one
+    # ValueError on all ranks, so that no rank is left waiting in a collective
+    calls = [
+        (lambda **kw: DistillationLoss()(s, t, **kw), TypeError),
+        (lambda **kw: DistillationLoss()(s, top, **kw), TypeError),
+        (lambda **kw: FusedLinearDistillationLoss()(h, w, t, **kw), TypeError),
+        (lambda **kw: ParallelDistillationLoss()(s, t, **kw), ValueError),
+    ]
+    for call, error in calls:
+        for name, value in [
+            ("mask", np.array([1, 0, 1])),
+            ("labels", np.array([1, 2, 3])),
+            ("mask", [True, False, True]),
+        ]:
+            with raises(error, f"Expected `{name}` to be a torch.Tensor, got"):
+                call(**{name: value})
+        with raises(ValueError, "Expected `mask` on the logits' device cpu, got meta"):
+            call(mask=torch.ones(3, dtype=torch.bool, device="meta"))
+
+
 # --- every suggested argument exists -------------------------------------------------------------
 
 

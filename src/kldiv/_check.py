@@ -253,7 +253,8 @@ def as_mask(
     Boolean masks pass through untouched. Integer masks (Hugging Face's ``attention_mask``,
     int64 0/1) must hold only 0 and 1: a 2 or a -1 is more likely a label or an index passed
     by mistake than a mask. That check reads the data, so it runs only where the data is
-    concrete: NumPy arrays, PyTorch tensors outside ``torch.compile`` tracing and JAX arrays
+    concrete: NumPy arrays, PyTorch tensors that can be read (not under ``torch.compile``,
+    ``torch.func.vmap`` or CUDA graph capture, not fake or on the meta device) and JAX arrays
     that are not tracers (under ``jax.jit``/``vmap``/``grad`` the mask is a tracer). There,
     and for TensorFlow tensors, nothing value-dependent runs (DESIGN §1) and any non-zero
     value keeps the entry. Eagerly on an accelerator the check costs one device-to-host

@@ -230,16 +230,28 @@ def compiling() -> bool:
 
 
 def is_traced(x: Any) -> bool:
-    """True when ``x`` has no concrete value: a JAX tracer or a tensor inside torch.compile."""
+    """True when ``x`` has no concrete value to read: a JAX tracer, or a torch tensor inside
+    ``torch.compile``, under a ``torch.func`` transform (``vmap`` forbids reading values),
+    fake or on the meta device (``make_fx``, shape propagation), or during CUDA graph capture
+    (a device-to-host read would break the capture)."""
     if is_jax_array(x):
         import jax
 
         return isinstance(x, jax.core.Tracer)
     if is_torch_array(x):
-        import torch
-
-        return bool(torch.compiler.is_compiling())
+        return _torch_traced(x)
     return False
+
+
+def _torch_traced(x: Any) -> bool:
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type == "meta":
+        return True
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or is_fake(x):
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def to_host_bool(x: Any) -> np.ndarray:

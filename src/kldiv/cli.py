@@ -130,8 +130,8 @@ def _require(packages: Sequence[tuple[str, str]], what: str, install: str) -> No
                 missing.append(f"{name} (it does not import: {e})")
             else:
                 missing.append(name)
-        except ImportError as e:  # installed but broken, e.g. a missing shared library
-            missing.append(f"{name} (it does not import: {e})")
+        except Exception as e:  # installed but broken, e.g. a missing shared library
+            missing.append(f"{name} (it does not import: {type(e).__name__}: {e})")
     if missing:
         needed = ", ".join(name for _, name in packages)
         raise UsageError(
@@ -159,6 +159,11 @@ def demo(
             "the distillation run",
             f"{DEMO_EXTRA} (kldiv demo --no-train prints the worked examples alone)",
         )
+        dest = _out_path(out_dir)
+        try:  # before any output: a bad --out must fail at once, not after the run
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"{dest}: cannot create the output directory ({e.strerror})") from None
     worked_examples(out)
     if not train:
         return 0
@@ -175,11 +180,6 @@ def demo(
         file=out,
     )
     print("   kldiv.kl_div (forward KL), kldiv.reverse_kl_div and kldiv.js_div:", file=out)
-    dest = Path(out_dir)
-    try:  # before training: a bad --out must fail in a second, not after the run
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{dest}: cannot create the output directory ({e.strerror})") from None
     show = sys.stderr.isatty() if progress is None else progress
     results = _demo.train(dest, sys.stderr, progress=show)
     print(file=out)
@@ -309,6 +309,13 @@ def _prefetched(blocks: Any) -> Any:
         yield item
 
 
+def _out_path(value: str) -> Path:
+    """--out as a path; an empty value is refused rather than read as "no --out"."""
+    if not value.strip():
+        raise UsageError("--out: expected a directory name, got an empty string")
+    return Path(value)
+
+
 def _check_out(dest: Path) -> None:
     """--out must be new, in a writable directory."""
     if dest.exists() or dest.is_symlink():
@@ -327,7 +334,7 @@ def compare(args: argparse.Namespace, out=None) -> int:
     from .metrics import TokenStats
 
     out = out or sys.stdout
-    dest = Path(args.out) if args.out else None
+    dest = _out_path(args.out) if args.out is not None else None
     if dest is not None:  # before any work: a bad --out must not cost a long run
         _check_out(dest)
     from . import _io
@@ -372,24 +379,28 @@ def compare(args: argparse.Namespace, out=None) -> int:
     except _io.InputError as e:  # raised while streaming (e.g. a truncated .npz member)
         raise UsageError(str(e)) from None
     except ValueError as e:  # e.g. every token's label is ignore_index
-        raise UsageError(f"{ref.path}: {e}") from None
+        raise UsageError(f"{args.labels or ref.path}: {e}") from None
     finally:
         for f in (ref, cand):
             f.close()
+    # --out first: if writing fails, the command fails before printing anything
+    figure_problem = None
+    if dest is not None:
+        title = f"{ref.path.name} vs {cand.path.name}"
+        figure_problem = _write_outputs(dest, stats, report, title)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2), file=out)
     else:
         print(f"ref: {ref.path}  cand: {cand.path}  form: {args.form[0]}/{args.form[1]}", file=out)
         print(report.to_text(), file=out)
     if dest is not None:
-        figure = _write_outputs(dest, stats, report, f"{ref.path.name} vs {cand.path.name}")
         if not args.json:
-            wrote = [dest / "report.json"] + ([dest / "kl_histogram.png"] if figure else [])
+            figure = [] if figure_problem else [dest / "kl_histogram.png"]
+            wrote = [dest / "report.json", *figure]
             print("wrote " + " and ".join(map(str, wrote)), file=out)
-        if not figure:  # on stderr, so that --json output stays one JSON document
+        if figure_problem:  # on stderr, so that --json output stays one JSON document
             print(
-                "kldiv compare: note: kl_histogram.png not written; the histogram figure needs "
-                f"matplotlib: pip install {CLI_EXTRA}",
+                f"kldiv compare: note: kl_histogram.png not written; {figure_problem}",
                 file=sys.stderr,
             )
     return 0
@@ -398,26 +409,27 @@ def compare(args: argparse.Namespace, out=None) -> int:
 CLI_EXTRA = '"kldiv[cli]"'
 
 
-def _have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> bool:
-    """Write report.json and, when matplotlib is installed, kl_histogram.png into ``dest``;
-    return whether the figure was written. The report never depends on the figure."""
-    figure = _have_matplotlib()
+def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> str | None:
+    """Write report.json and, when matplotlib works, kl_histogram.png into ``dest``; return
+    why the figure is missing (None when it was written). The report never depends on the
+    figure: a plotting failure of any kind costs the figure alone."""
+    problem: list[str] = []
 
     def write(tmp: Path) -> None:
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        if figure:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            problem.append(f"the histogram figure needs matplotlib: pip install {CLI_EXTRA}")
+            return
+        try:
             _histogram(stats, tmp / "kl_histogram.png", f"per-token KL: {title}")
+        except Exception as e:  # a broken font cache or backend must not lose the report
+            (tmp / "kl_histogram.png").unlink(missing_ok=True)
+            problem.append(f"matplotlib failed: {type(e).__name__}: {e}")
 
     _atomic_dir(dest, write)
-    return figure
+    return problem[0] if problem else None
 
 
 def _atomic_dir(dest: Path, write: Any) -> None:
@@ -564,7 +576,7 @@ def bench(args: argparse.Namespace, out=None) -> int:
         dev = torch.device(device)
     except RuntimeError:
         raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index]") from None
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index]")
     if dev.type == "cuda" and (
         not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
@@ -585,7 +597,7 @@ def bench(args: argparse.Namespace, out=None) -> int:
     n = args.n if args.n is not None else (8192 if gpu else 4096)
     v = args.v if args.v is not None else (128256 if gpu else 32000)
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    dest = Path(args.out) if args.out else None
+    dest = _out_path(args.out) if args.out is not None else None
     if dest is not None:  # before any work: a bad --out must not cost a long run
         _check_out(dest)
     if n < 1 or v < 1 or args.rounds < 1 or args.iters < 1:

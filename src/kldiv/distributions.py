@@ -167,7 +167,8 @@ def _loc_scale_pair(
 def _check_domain(name: str, a: Array, domain: str) -> None:
     if ns.is_traced(a):
         raise ValueError(
-            "check=True needs concrete values; it cannot run under jax.jit or torch.compile. "
+            "check=True needs concrete values; it cannot run under jax.jit, torch.compile or "
+            "vmap. "
             "Validate outside the compiled function."
         )
     ok, desc = _DOMAINS[domain]

@@ -799,7 +799,7 @@ class TokenStats:
         n = self.num_tokens
         if n == 0:
             why = (
-                f"all {self._num_ignored} tokens so far had labels == ignore_index"
+                f"all {self._num_ignored} tokens seen had labels == ignore_index"
                 if self._num_ignored
                 else "call update() first"
             )

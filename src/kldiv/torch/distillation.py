@@ -78,11 +78,21 @@ def token_keep(
     mask: torch.Tensor | None,
     tokens: tuple[int, ...],
     ignore_index: int,
+    device: torch.device,
 ) -> torch.Tensor | None:
     """The tokens to keep, a bool tensor of the token shape (None: all of them), shared by
     the distillation losses: ``labels != ignore_index``, and ``mask`` where given (boolean
     or 0/1 integer, e.g. Hugging Face's ``attention_mask``; made boolean by the core's
-    :func:`kldiv._check.as_mask`, value check included)."""
+    :func:`kldiv._check.as_mask`, value check included). Both must be tensors on ``device``
+    (the logits'): a NumPy mask or a CPU mask beside CUDA logits is refused here, by name,
+    instead of failing deep inside a kernel."""
+    for name, x in (("labels", labels), ("mask", mask)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Expected `{name}` to be a torch.Tensor, got {type(x).__name__}.")
+        if x.device != device:
+            raise ValueError(f"Expected `{name}` on the logits' device {device}, got {x.device}.")
     keep = None
     if labels is not None:
         if tuple(labels.shape) != tokens:
@@ -234,7 +244,9 @@ class DistillationLoss(torch.nn.Module):
                 f"Expected student and teacher logits of the same shape, got "
                 f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}."
             )
-        keep = token_keep(labels, mask, tuple(student_logits.shape[:-1]), self.ignore_index)
+        keep = token_keep(
+            labels, mask, tuple(student_logits.shape[:-1]), self.ignore_index, student_logits.device
+        )
         num_items = _check.check_num_items(num_items, self.reduction)
         scale = self.temperature**2 if self.scale_by_temperature_squared else 1.0
         path = self._path(student_logits, teacher_logits)
@@ -270,7 +282,9 @@ class DistillationLoss(torch.nn.Module):
                 f"fast_path={self.fast_path!r} cannot take these inputs: a TopKTeacher goes "
                 "through the top-k path (use fast_path=True or False)."
             )
-        keep = token_keep(labels, mask, tuple(student.shape[:-1]), self.ignore_index)
+        keep = token_keep(
+            labels, mask, tuple(student.shape[:-1]), self.ignore_index, student.device
+        )
         num_items = _check.check_num_items(num_items, self.reduction)
         rows = topk_distillation_rows(
             self.divergence, student, teacher, keep, self.temperature, self.beta, self.alpha

@@ -388,7 +388,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         )
         tokens = tuple(hidden.shape[:-1])
         index = None
-        keep = token_keep(labels, mask, tokens, self.ignore_index)
+        keep = token_keep(labels, mask, tokens, self.ignore_index, hidden.device)
         if keep is not None:
             keep = keep.reshape(-1)
             if not bool(keep.all()):

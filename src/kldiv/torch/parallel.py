@@ -424,7 +424,7 @@ class ParallelDistillationLoss(torch.nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         tokens = tuple(student_logits.shape[:-1]) if student_logits.ndim else ()
-        keep, keep_problems = _token_keep(self, labels, mask, tokens)
+        keep, keep_problems = _token_keep(self, labels, mask, tokens, student_logits.device)
         if self.validate:
             self._check_consistency(
                 student_logits, teacher_logits, labels, num_items, keep_problems, mask
@@ -496,14 +496,15 @@ def _token_keep(
     labels: torch.Tensor | None,
     mask: torch.Tensor | None,
     tokens: tuple[int, ...],
+    device: torch.device,
 ) -> tuple[torch.Tensor | None, list[str]]:
     """:func:`token_keep`, and its complaint as a problem for validation to share, so that a
     bad ``labels`` or ``mask`` on one rank raises on every rank instead of hanging the others
     in the next collective (without validation it raises here, on this rank)."""
-    if module.validate and labels is not None and tuple(labels.shape) != tokens:
+    if module.validate and isinstance(labels, torch.Tensor) and tuple(labels.shape) != tokens:
         return None, []  # validation reports it as "labels are not of the token shape"
     try:
-        return token_keep(labels, mask, tokens, module.ignore_index), []
+        return token_keep(labels, mask, tokens, module.ignore_index, device), []
     except (TypeError, ValueError) as e:
         if not module.validate:
             raise
@@ -911,7 +912,7 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
     ) -> torch.Tensor:
         hidden, weight, bias = student_hidden, student_weight, student_bias
         tokens = tuple(hidden.shape[:-1]) if hidden.ndim else ()
-        keep, keep_problems = _token_keep(self, labels, mask, tokens)
+        keep, keep_problems = _token_keep(self, labels, mask, tokens, hidden.device)
         v = weight.shape[0] if weight.ndim == 2 else 0
         student_ok = (
             hidden.ndim >= 1

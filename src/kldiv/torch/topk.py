@@ -100,6 +100,7 @@ import numpy as np
 import torch
 
 from .. import _check
+from .. import _namespace as ns
 from .._defaults import (
     DISTILLATION_KINDS,
     JS_BETA,
@@ -350,7 +351,7 @@ def topk_distillation_rows(
     params = {}
     for name in KIND_PARAMS.get(kind, {}):
         params[name] = _check.check_unit_interval(name, {"beta": beta, "alpha": alpha}[name])
-    if teacher.check and torch.compiler.is_compiling():
+    if teacher.check and (ns.is_traced(teacher.log_probs) or ns.is_traced(student_logits)):
         raise ValueError(
             "`check=True` reads the data and cannot run under jax.jit, vmap or torch.compile; "
             "run it once eagerly (e.g. on the first batch) and trace a TopKTeacher with "
