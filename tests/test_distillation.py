@@ -245,6 +245,38 @@ def test_infinite_rows_match_the_core_in_value_and_gradient(kind, path):
     torch.testing.assert_close(fast_s.grad.double().cpu(), s64.grad, rtol=1e-5, atol=1e-6)
 
 
+# Rows whose shifted logits overflow float32 (x − max reads ±inf for finite logits near
+# ±3e38): the true KL exceeds the float32 range (+inf) at T = 1 and is ~3e38 at T = 2.
+HUGE_STUDENT = [[-3e38, 3e38, 0.0], [0.0, -3e38, 1.0], [-1.5e38, 1.5e38, 0.0], [1.0, 2.0, 3.0]]
+HUGE_TEACHER = [[3e38, -3e38, 0.0], [0.5, 0.0, -3e38], [1.5e38, -1.5e38, 0.0], [3e38, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("path", ["chunked", "tensor", "triton"])
+@pytest.mark.parametrize("kind", DIVS)
+def test_logits_near_the_float32_limit_match_the_core(kind, path, temperature, monkeypatch):
+    """Every path gives the float32 core's value (+inf where it overflows, never NaN) and a
+    NaN-free gradient equal to the core's wherever the value is finite."""
+    if path == "tensor":
+        monkeypatch.setenv("KLDIV_NATIVE", "0")
+    s, t = torch.tensor(HUGE_STUDENT), torch.tensor(HUGE_TEACHER)
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    fast_s = s.clone().to(device).requires_grad_(True)
+    options = {"alpha": 0.2, "temperature": temperature, "reduction": "none"}
+    fast_path = "triton" if path == "triton" else "chunked"
+    out = DistillationLoss(kind, fast_path=fast_path, **options)(fast_s, t.to(device))
+    out.sum().backward()
+    core_s = s.clone().requires_grad_(True)
+    ref = DistillationLoss(kind, fast_path=False, **options)(core_s, t)
+    ref.sum().backward()
+    assert not out.isnan().any() and not fast_s.grad.isnan().any(), (out, fast_s.grad)
+    assert torch.equal(out.isinf().cpu(), ref.isinf())
+    fin = ref.isfinite()
+    # float32 rounding of values up to ~3e38: relative error a few ulp of the largest term
+    torch.testing.assert_close(out.cpu()[fin], ref.detach()[fin], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_s.grad.cpu()[fin], core_s.grad[fin], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["kl", "reverse_kl"])
 @pytest.mark.parametrize("where_inf", ["none", "teacher", "student", "both"])
 def test_chunks_from_raw_logits_against_the_core(rng, kind, where_inf, monkeypatch):

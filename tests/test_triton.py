@@ -89,6 +89,43 @@ def test_kernels_against_the_core(rng, kind, dtype):
     torch.testing.assert_close(g.double().cpu()[rows], gref[rows], rtol=2 * eps, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", DIVS)
+def test_logits_near_the_float32_limit_in_a_later_block(rng, kind):
+    """The online pass meets logits near ±3e38 only after its first block has set the
+    running maxima: no NaN, the float64 core's value rounded to float32 (+inf where it
+    exceeds the float32 range) and its gradient wherever the value is finite."""
+    n, v = 6, 40
+    s = rng.uniform(-1.0, 1.0, size=(n, v))
+    t = rng.uniform(-1.0, 1.0, size=(n, v))
+    big = [
+        (3e38, -3e38),
+        (-3e38, 3e38),
+        (1.5e38, -1.5e38),
+        (3e38, 0.0),
+        (0.0, 3e38),
+        (-3e38, -3e38),
+    ]
+    for i, (a, b) in enumerate(big):
+        s[i, 20 + i], t[i, 20 + i] = a, b
+        t[i, 33] = -a  # a second huge entry, in the last (partial) block
+    st = torch.tensor(s, dtype=torch.float32, device=DEVICE)
+    tt = torch.tensor(t, dtype=torch.float32, device=DEVICE)
+    keep = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    go = torch.ones(n, dtype=torch.float32, device=DEVICE)
+    for temperature in (1.0, 2.0):
+        x = st.clone().requires_grad_(True)
+        out = O.per_row(kind, x, tt, keep, temperature, 0.3, block=16)
+        (g,) = torch.autograd.grad(out.sum(), x)
+        assert not out.isnan().any() and not g.isnan().any(), (temperature, out, g)
+        ref, gref = reference(kind, st, tt, keep, temperature, 0.3, go)
+        # a value above the float32 range is +inf in float32; every other one is rounded
+        # once (relative 2^-24) after sums whose terms are up to 3e38: a few ulp of that
+        expect = torch.where(ref > torch.finfo(torch.float32).max, math.inf, ref)
+        close_or_both_inf(out, expect, rtol=1e-5, atol=1e-5)
+        fin = expect.isfinite()
+        torch.testing.assert_close(g.double().cpu()[fin], gref[fin], rtol=1e-5, atol=1e-5)
+
+
 def comparable_tv_rows(st, tt, keep, temperature):
     """TV's gradient holds sign(q − p): where float32 cannot resolve q − p the sign is a coin
     toss that moves the whole row (through Σh), so such rows are not comparable (seed

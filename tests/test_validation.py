@@ -672,3 +672,36 @@ def test_error_messages_suggest_only_arguments_that_exist():
             call()
         missing = _suggested(str(info.value)) - _parameters(*callables)
         assert not missing, f"{info.value!s} suggests {missing}, not arguments of {callables}"
+
+
+# --- one validation in front of every distillation path ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_distillation_losses_refuse_non_floating_logits_on_every_path(dtype):
+    from kldiv.torch import DistillationLoss, FusedLinearDistillationLoss
+
+    good = torch.randn(3, 5)
+    bad = torch.ones(3, 5, dtype=dtype)
+    for fast_path in (True, False, "chunked"):
+        loss = DistillationLoss(fast_path=fast_path)
+        for args, name in (((good, bad), "teacher_logits"), ((bad, good), "student_logits")):
+            with raises(TypeError, f"Expected `{name}` to have a real floating dtype"):
+                loss(*args)
+    with raises(TypeError, "Expected `teacher_logits` to have a real floating dtype"):
+        FusedLinearDistillationLoss()(torch.randn(3, 4), torch.randn(5, 4), bad)
+    with raises(TypeError, "Expected `student_logits` to be a torch.Tensor, got ndarray"):
+        DistillationLoss()(np.zeros((3, 5), np.float32), good)
+    with raises(TypeError, "Expected `teacher_logits` to be a torch.Tensor, got NoneType"):
+        DistillationLoss()(good, None)
+    with raises(TypeError, "Expected `student_hidden` to be a torch.Tensor, got list"):
+        FusedLinearDistillationLoss()([[0.0] * 4], torch.randn(5, 4), good[:1])
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.0, "auto", None])
+def test_fast_path_takes_only_its_documented_values(value):
+    from kldiv.torch import DistillationLoss
+
+    # 0 and 1 equal False and True; before, they passed and acted as a forced "chunked"
+    with raises(ValueError, "Expected `fast_path` to be True, False, 'triton' or 'chunked'"):
+        DistillationLoss(fast_path=value)

@@ -155,15 +155,18 @@ def _logits_kl(
     constant offset between teacher and student (logits near 1000 against logits near 0)
     then costs no precision. A teacher's −inf logits shift to the most negative float: p = 0
     there exactly and no 0·inf appears (an all −inf row still reads NaN through m_t = −inf).
+    The same clamp catches a finite span that overflows (logits near ±3e38). A student chunk
+    whose span is not finite (a −inf logit, or s − m_s overflowing to −inf) goes to
+    :func:`_chunk_kl` instead.
     """
-    if bool(s.amin() == -math.inf):
+    if not _finite_span(s):
         return None
     r = s.shape[0]
     p, d, e = (w[:r] for w in work)
     m_s = s.amax(-1, keepdim=True)
     m_t = t.amax(-1, keepdim=True)
     torch.sub(t, m_t, out=d)
-    if bool(t.amin() == -math.inf):
+    if not _finite_span(t):
         d.clamp_min_(torch.finfo(d.dtype).min)
     z_t = torch.exp(d, out=p).sum(-1, keepdim=True)
     p.div_(z_t)
@@ -183,9 +186,11 @@ def _logits_reverse_kl(
     """KL(S‖T) per row straight from (tempered) logits, or None where a teacher logit is
     −inf (then :func:`_chunk_reverse_kl` takes the chunk); the mirror of :func:`_logits_kl`:
     with ``δ = (s − m_s) − (t − m_t)``, ``R = Σ q·δ − log(z_s/z_t)`` and the gradient is
-    ``q ⊙ (δ − log(z_s/z_t) − R)``.
+    ``q ⊙ (δ − log(z_s/z_t) − R)``. Where that could overflow (a teacher span that is not
+    finite, or some ``|R|`` above 2^100, where ``δ − R`` may reach −inf on a q = 0 term and
+    read 0·inf) the chunk goes to :func:`_chunk_reverse_kl`, whose masks keep it exact.
     """
-    if bool(t.amin() == -math.inf):
+    if not _finite_span(t):
         return None
     r = s.shape[0]
     e, d, _ = (w[:r] for w in work)
@@ -193,7 +198,7 @@ def _logits_reverse_kl(
     m_s = s.amax(-1, keepdim=True)
     m_t = t.amax(-1, keepdim=True)
     torch.sub(s, m_s, out=d)
-    if bool(s.amin() == -math.inf):
+    if not _finite_span(s):
         d.clamp_min_(torch.finfo(d.dtype).min)
     z_s = torch.exp(d, out=q).sum(-1, keepdim=True)
     q.div_(z_s)
@@ -206,9 +211,21 @@ def _logits_reverse_kl(
     d.sub_(tt)
     log_ratio = torch.log(z_s / z_t)
     value = torch.linalg.vecdot(q, d).sub_(log_ratio.squeeze(-1))
+    if bool(value.abs().amax() > _SAFE_VALUE):  # NaN compares False: NaN rows stay NaN
+        return None
     if grad is not None:
         grad.mul_(d.sub_(log_ratio + value[:, None]))
     return value
+
+
+# Below 2^100, x − R cannot overflow for any float32 x ≥ −max (the ulp of max is 2^104).
+_SAFE_VALUE = 2.0**100
+
+
+def _finite_span(x: torch.Tensor) -> bool:
+    """Whether every ``x − max`` in the chunk is finite: no −inf, and no span that overflows.
+    Two reductions over the chunk, cheaper than a comparison over every element."""
+    return bool(torch.isfinite(x.amax() - x.amin()))
 
 
 _CHUNKS: dict[str, Kernel] = {"kl": _chunk_kl, "reverse_kl": _chunk_reverse_kl, "tv": _chunk_tv}

@@ -11,9 +11,9 @@ respect to the student's logits is, through the softmax,
 The forward kernel computes the row statistics (the maxima ``m`` and ``log z``, ``z = Σ
 e^(x − m)``, the loss and ``c``), the backward kernel one pass that reads both rows and writes
 the gradient. For KL and reverse KL the forward is a single online pass (the loss is
-``Σ p·δ − ((m_t − r_t) − (m_s − r_s) + log(z_t/z_s))`` with ``δ = (t' − r_t) − (s' − r_s)``,
-accumulated with running-max rescaling; ``r`` are per-row reference shifts, so that logits are
-never differenced raw and a constant offset between the two costs no precision); the mixture
+``Σ p·δ − log(z_t/z_s)`` with ``δ = (t' − m_t) − (s' − m_s)``, accumulated against the
+running maxima and rebased when a block raises them, so that logits are never differenced raw
+and a constant offset between the two costs no precision); the mixture
 divergences and TV need the normalisers first, so they read the rows twice. Log-probabilities
 are always formed as ``(x' − m) − log z``, never ``x' − lse``. Nothing of size ``[N, V]`` is
 allocated besides the gradient, in the student's dtype.
@@ -36,6 +36,11 @@ SKEW_KL: tl.constexpr = 3
 SKEW_REVERSE_KL: tl.constexpr = 4
 TV: tl.constexpr = 5
 
+# The online sums Σ e·δ are kept scaled by 2^-32: unnormalised (e ≤ 1, so up to V·max|δ|) they
+# would overflow float32 for logits near 3e38 where the normalised value does not. A power of
+# two costs no precision (terms below 2^-94 turn subnormal, far under the rounding of the row).
+ACC_SCALE: tl.constexpr = 2.0**-32
+ACC_UNSCALE: tl.constexpr = 2.0**32
 NEG_INF: tl.constexpr = float("-inf")
 POS_INF: tl.constexpr = float("inf")
 
@@ -119,58 +124,67 @@ def distill_forward_kernel(
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
     cols0 = tl.arange(0, BLOCK)
-    # Reference shifts: the first block's maxima. Logits are differenced only after each is
-    # shifted by its own row's reference (as a log-softmax shifts by the max), so a constant
-    # offset between teacher and student costs no precision.
-    first = cols0 < n_cols
-    r_s = tl.max(tl.load(s_row + cols0, mask=first, other=NEG_INF).to(tl.float32) * inv_t, 0)
-    r_t = tl.max(tl.load(t_row + cols0, mask=first, other=NEG_INF).to(tl.float32) * inv_t, 0)
-    r_s = tl.where(r_s == NEG_INF, 0.0, r_s)
-    r_t = tl.where(r_t == NEG_INF, 0.0, r_t)
-
     m_s = tl.full((), NEG_INF, tl.float32)
     m_t = tl.full((), NEG_INF, tl.float32)
     z_s = tl.zeros((), tl.float32)
     z_t = tl.zeros((), tl.float32)
-    # Σ e^(t'−m_t)·δ_ts for KL, Σ e^(s'−m_s)·δ_st for RKL, δ_ts = (t'−r_t) − (s'−r_s) = −δ_st
+    # KL: acc = Σ e^(t'−m_t)·δ with δ = (t' − m_t) − (s' − m_s), over the summed terms, whose
+    # weights Σ e^(t'−m_t) are w_in; reverse KL the mirror (e^(s'−m_s), δ = (s'−m_s) − (t'−m_t)).
+    # Both are kept against the running maxima: when a block raises them, the old terms'
+    # weights scale by e^(m − m_new) and their δ moves by the increments (the online softmax
+    # rebase), so no logit is differenced against a stale reference and a row whose maximum
+    # comes late loses no precision. Logits are shifted by their own row's maximum before the
+    # two are differenced, so a constant offset between teacher and student costs none either.
     acc = tl.zeros((), tl.float32)
+    w_in = tl.zeros((), tl.float32)
     inf_hit = tl.zeros((), tl.float32)  # a p > 0 = q term (KL) or q > 0 = p term (RKL)
-    z_live = tl.zeros((), tl.float32)  # RKL: Σ e^(s'−m_s) over the terms with p > 0
     for off in range(0, n_cols, BLOCK):
         cols = off + cols0
         inside = cols < V
         s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
         t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+        m_s_old = m_s
+        m_t_old = m_t
         m_s, z_s, scale_s, e_s = _online_update(m_s, z_s, s)
         m_t, z_t, scale_t, e_t = _online_update(m_t, z_t, t)
         live = (s != NEG_INF) & (t != NEG_INF)
+        # Logits near ±3e38 overflow a shifted difference to ±inf. δ = +inf is a p > 0 = q
+        # term (KL; q > 0 = p for RKL) whatever the weight, as in the core; it is counted in
+        # inf_hit, never summed (inf·0 after a rescale would be NaN). A zero weight is a
+        # zero term: its δ may be −inf or NaN.
         if KIND == KL:
-            term = tl.where(live, e_t * ((t - r_t) - (s - r_s)), 0.0)
-            acc = acc * scale_t + tl.sum(term, 0)
-            hit = (t != NEG_INF) & (s == NEG_INF)
+            d = (t - m_t) - (s - m_s)
+            hit = (t != NEG_INF) & ((s == NEG_INF) | (d == POS_INF))
+            summed = live & ~hit & (e_t > 0.0)
+            moved = (m_s - m_s_old) - (m_t - m_t_old)  # NaN/inf only while w_in = 0
+            acc = tl.where(w_in > 0.0, (acc + w_in * (moved * ACC_SCALE)) * scale_t, 0.0)
+            acc += tl.sum(tl.where(summed, e_t * (d * ACC_SCALE), 0.0), 0)
+            w_in = w_in * scale_t + tl.sum(tl.where(summed, e_t, 0.0), 0)
             inf_hit = tl.maximum(inf_hit, tl.max(hit.to(tl.float32), 0))
         elif KIND == REVERSE_KL:
-            term = tl.where(live, e_s * ((s - r_s) - (t - r_t)), 0.0)
-            acc = acc * scale_s + tl.sum(term, 0)
-            z_live = z_live * scale_s + tl.sum(tl.where(live, e_s, 0.0), 0)
-            hit = (s != NEG_INF) & (t == NEG_INF)
+            d = (s - m_s) - (t - m_t)
+            hit = (s != NEG_INF) & ((t == NEG_INF) | (d == POS_INF))
+            summed = live & ~hit & (e_s > 0.0)
+            moved = (m_t - m_t_old) - (m_s - m_s_old)
+            acc = tl.where(w_in > 0.0, (acc + w_in * (moved * ACC_SCALE)) * scale_s, 0.0)
+            acc += tl.sum(tl.where(summed, e_s * (d * ACC_SCALE), 0.0), 0)
+            w_in = w_in * scale_s + tl.sum(tl.where(summed, e_s, 0.0), 0)
             inf_hit = tl.maximum(inf_hit, tl.max(hit.to(tl.float32), 0))
 
     lz_s = tl.log(z_s)
     lz_t = tl.log(z_t)
     if KIND == KL:
-        # lp − lq = δ_ts − ((m_t − r_t) − (m_s − r_s) + log(z_t/z_s))
-        shift = (m_t - r_t) - (m_s - r_s) + tl.log(z_t / z_s)
-        loss = _with_inf(acc / z_t - shift, inf_hit, z_s, z_t)
+        # lp − lq = δ − log(z_t/z_s)
+        loss = _with_inf((acc / z_t) * ACC_UNSCALE - tl.log(z_t / z_s), inf_hit, z_s, z_t)
         c = tl.full((), -1.0, tl.float32)  # Σ h = −Σ p = −1: the gradient is q − p
     elif KIND == REVERSE_KL:
-        # Σ_live q·(lq − lp) and Σ_live q; without q > 0 = p terms Σ_live q = 1. Where there
-        # are such terms the value is +inf and, as in the core, they are left out of the
-        # gradient: h = 0 there and c sums the finite terms only.
-        shift = (m_s - r_s) - (m_t - r_t) + tl.log(z_s / z_t)
-        finite = (acc - shift * z_live) / z_s
+        # Σ q·(lq − lp) over the summed terms, whose Σ q is w_in/z_s (1 without q > 0 = p
+        # terms). Where there are such terms the value is +inf and, as in the core, they are
+        # left out of the gradient: h = 0 there and c sums the finite terms only.
+        q_in = w_in / z_s
+        finite = (acc / z_s) * ACC_UNSCALE - tl.log(z_s / z_t) * q_in
         loss = _with_inf(finite, inf_hit, z_s, z_t)
-        c = finite + z_live / z_s
+        c = finite + q_in
     else:
         loss = tl.zeros((), tl.float32)
         c = tl.zeros((), tl.float32)
@@ -231,7 +245,8 @@ def distill_backward_kernel(
             if KIND == KL:
                 g = q - tl.exp(lp)
             elif KIND == REVERSE_KL:
-                h = tl.where((lq == NEG_INF) | (lp == NEG_INF), 0.0, q * (lq - lp + 1.0))
+                # q = 0 terms carry no gradient (lq − lp may read −inf or NaN there)
+                h = tl.where((q == 0.0) | (lp == NEG_INF), 0.0, q * (lq - lp + 1.0))
                 g = h - q * c
             else:
                 f, h = _terms(lp, lq, w, KIND)

@@ -73,6 +73,18 @@ def configure(
     module.reduction = _check.check_reduction(reduction)
 
 
+def check_float_tensor(name: str, x: Any) -> None:
+    """A floating-point torch tensor, or ``TypeError`` naming the argument: integer, boolean
+    and complex logits are refused on every path, as the core refuses them."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"Expected `{name}` to have a real floating dtype (float16, bfloat16, float32, "
+            f"float64), got {x.dtype}. Cast explicitly, e.g. to float32."
+        )
+
+
 def token_keep(
     labels: torch.Tensor | None,
     mask: torch.Tensor | None,
@@ -216,7 +228,10 @@ class DistillationLoss(torch.nn.Module):
             ignore_index,
             reduction,
         )
-        if fast_path not in _FAST_PATHS:
+        # by identity: 0 and 1 equal False and True, and would pass a membership test
+        if not any(
+            fast_path is p or (isinstance(fast_path, str) and fast_path == p) for p in _FAST_PATHS
+        ):
             raise ValueError(
                 f"Expected `fast_path` to be True, False, 'triton' or 'chunked', got {fast_path!r}."
             )
@@ -237,8 +252,17 @@ class DistillationLoss(torch.nn.Module):
         *,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        check_float_tensor("student_logits", student_logits)
         if isinstance(teacher_logits, TopKTeacher):
             return self._topk(student_logits, teacher_logits, labels, num_items, mask)
+        check_float_tensor("teacher_logits", teacher_logits)
+        if student_logits.ndim == 0:
+            raise ValueError("Expected logits of shape [..., V], got 0-d tensors.")
+        if student_logits.device != teacher_logits.device:
+            raise ValueError(
+                f"Expected the teacher's logits on the student's device {student_logits.device}, "
+                f"got {teacher_logits.device}."
+            )
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
                 f"Expected student and teacher logits of the same shape, got "

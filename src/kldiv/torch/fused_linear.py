@@ -28,7 +28,7 @@ from .._defaults import (
     Reduction,
 )
 from . import _cpu
-from .distillation import _reduce_total, config_repr, configure, token_keep
+from .distillation import _reduce_total, check_float_tensor, config_repr, configure, token_keep
 
 __all__ = ["FusedLinearDistillationLoss"]
 
@@ -259,11 +259,6 @@ class _FusedLinearDivergence(torch.autograd.Function):
         return (*out, None, None, None, None, None, None, None)
 
 
-def _check_float(name: str, x: torch.Tensor) -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"Expected `{name}` to be a floating-point tensor, got {x.dtype}.")
-
-
 class FusedLinearDistillationLoss(torch.nn.Module):
     """D(teacher‖student) per token from the student's hidden states and LM head, without the
     student's ``[N, V]`` logits.
@@ -433,6 +428,17 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         teacher_weight: torch.Tensor | None,
         teacher_bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        for name, x in (
+            ("student_hidden", hidden),
+            ("student_weight", weight),
+            ("student_bias", bias),
+            ("teacher_logits", teacher_logits),
+            ("teacher_hidden", teacher_hidden),
+            ("teacher_weight", teacher_weight),
+            ("teacher_bias", teacher_bias),
+        ):
+            if x is not None or name in ("student_hidden", "student_weight"):
+                check_float_tensor(name, x)
         if hidden.ndim < 1:
             raise ValueError("Expected `student_hidden` of shape [..., H], got a 0-d tensor.")
         if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -448,7 +454,6 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             ("student_bias", bias),
         ):
             if x is not None:
-                _check_float(name, x)
                 if x.dtype != hidden.dtype:
                     raise TypeError(
                         f"Expected `{name}` to have the dtype of `student_hidden` "
@@ -500,7 +505,6 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         for name, x in teacher.items():
             if x is None:
                 continue
-            _check_float(name, x)
             if x.device != hidden.device:
                 raise ValueError(f"Expected `{name}` on {hidden.device}, got {x.device}.")
             if x.requires_grad:
