@@ -816,3 +816,35 @@ def test_stats_pickle_and_merge_across_processes(rng):
     one.update(ref, cand)
     assert merged.report() == one.report()
     merged.update(ref, cand)  # the restored lock works
+
+
+def test_the_mean_of_huge_finite_kls_is_finite():
+    """Ten tokens of KL ≈ 5.7e307 each (a candidate logit of −5.7e307 where the reference
+    puts all its mass): their sum overflows float64, their mean (5.7e307) does not."""
+    ref = np.tile([0.0, -math.inf], (10, 1))
+    cand = np.tile([-5.7e307, 0.0], (10, 1))
+    cand[::2, 0] = -5.6e307
+    stats = TokenStats()
+    stats.update(ref, cand, form="logits")
+    r = stats.report()
+    # KL = −log q where the reference's mass is: 5.6e307 and 5.7e307, five of each; every
+    # deviation from the mean is ±0.05e307, so std(ddof=1) = 0.05e307·√(10/9) and the
+    # standard error std/√10 = 0.05e307/3 (a naive variance would square 5.7e307: inf)
+    assert r.kl_num_inf == 0 and r.kl_max == 5.7e307
+    assert r.kl_mean == pytest.approx(5.65e307, rel=1e-15)
+    assert r.kl_stderr == pytest.approx(0.05e307 / 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["uint64", "uint32", "int64"])
+def test_labels_are_checked_in_their_own_dtype(dtype):
+    """A uint64 label of 2**64 − 100 is out of range, not ignore_index = −100 after a cast."""
+    ref = np.log(np.full((3, 4), 0.25))
+    info = np.iinfo(dtype)
+    big = info.max - 99 if info.min == 0 else info.max
+    labels = np.array([1, big, 2], dtype=dtype)
+    stats = TokenStats()
+    with pytest.raises(ValueError, match=re.escape(f"got {big} at token index (1,)")):
+        stats.update(ref, ref, form="log_probs", labels=labels)
+    ok = np.array([1, 3, 2], dtype=dtype)
+    stats.update(ref, ref, form="log_probs", labels=ok)
+    assert stats.num_tokens == 3 and stats.num_ignored == 0

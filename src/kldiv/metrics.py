@@ -304,14 +304,27 @@ def _percentiles(s: np.ndarray) -> dict[float, float]:
 
 
 def _mean_stderr(s: np.ndarray) -> tuple[float, float]:
-    """Mean and ddof=1 standard error of the mean; (±inf, inf) with infinite values."""
+    """Mean and ddof=1 standard error of the mean; (±inf, inf) with infinite values.
+
+    Finite values are summed scaled by a power of two (exact) that brings the largest near 1:
+    n values near 1e308 would otherwise overflow the sum (and their squares the variance)
+    although their mean is finite."""
     n = s.size
     if not np.isfinite(s[0]) or not np.isfinite(s[-1]):  # sorted: infinities at the ends
         return float(s[-1] if s[-1] == math.inf else s[0]), math.inf
-    mean = float(np.mean(s))
+    _, e = math.frexp(float(max(abs(s[0]), abs(s[-1]))))
+    scaled = np.ldexp(s, -e)
+    mean = math.ldexp(float(np.mean(scaled)), e)
     if n < 2:
         return mean, math.inf
-    return mean, float(np.std(s, ddof=1)) / math.sqrt(n)
+    return mean, _ldexp(float(np.std(scaled, ddof=1)), e) / math.sqrt(n)
+
+
+def _ldexp(x: float, e: int) -> float:
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:  # a spread wider than the float range: the honest answer is inf
+        return math.inf
 
 
 def _exp(x: float) -> float:
@@ -870,7 +883,8 @@ def _check_labels(
             f"Expected `labels` to have the token shape {tokens} (the shape of `ref` without "
             f"axis {axis}), got {lab.shape}."
         )
-    flat = lab.reshape(-1).astype(np.int64, copy=False)
+    # compared in the labels' own dtype: cast first, a uint64 2**64 - 100 would read as -100
+    flat = lab.reshape(-1)
     keep = flat != ignore_index
     bad = keep & ((flat < 0) | (flat >= vocab))
     if bad.any():
@@ -880,7 +894,8 @@ def _check_labels(
             f"{int(flat[i])} at token index {_token_index(i, tokens)} "
             f"({int(np.count_nonzero(bad))} out of range)."
         )
-    return flat, keep
+    # every kept label is in [0, vocab) now; the ignored ones are never read
+    return np.where(keep, flat, 0).astype(np.int64), keep
 
 
 def _value_error(
