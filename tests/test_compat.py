@@ -162,10 +162,13 @@ def test_scipy_parity(xp, rng):
         atol=1e-16,
     )
     # SciPy's own branches: near x = y, ratios that overflow or underflow, float32 stays float32
-    x = np.array([1e300, 2.0, 1e-3, 0.3, 1e-310, 3.0, 0.25])
-    y = np.array([1e-300, 1e-320, 1e-3 * (1 + 1e-13), 0.7, 1e300, 1e-200, 0.25 * (1 - 1e-9)])
-    if xp.name == "jax":  # XLA on CPU flushes subnormals (1e-320, 1e-310) to zero
-        x, y = np.delete(x, [1, 4]), np.delete(y, [1, 4])
+    # 2.22e-308/1e15 and 1e-290/1e20 are subnormal ratios: SciPy's gh-20710 takes log x − log y
+    x = np.array([1e300, 2.0, 1e-3, 0.3, 1e-310, 3.0, 0.25, 2.22e-308, 1e-290])
+    y = np.array(
+        [1e-300, 1e-320, 1e-3 * (1 + 1e-13), 0.7, 1e300, 1e-200, 0.25 * (1 - 1e-9), 1e15, 1e20]
+    )
+    if xp.name == "jax":  # XLA on CPU flushes subnormals (1e-320, 1e-310, x/y) to zero
+        x, y = np.delete(x, [1, 4, 7, 8]), np.delete(y, [1, 4, 7, 8])
     same(
         xp.to_numpy(compat.scipy_rel_entr(xp.asarray(x), xp.asarray(y))),
         special.rel_entr(x, y),
@@ -174,6 +177,11 @@ def test_scipy_parity(xp, rng):
     )
     f32 = compat.scipy_rel_entr(xp.asarray(a, "float32"), xp.asarray(b, "float32"))
     assert xp.dtype_name(f32) == "float32"
+    # integers compute in float64, as SciPy does
+    ia, ib = np.array([3, 0, 2, 1]), np.array([1, 1, 0, 4])
+    ints = compat.scipy_rel_entr(xp.asarray(ia), xp.asarray(ib))
+    assert xp.dtype_name(ints) == "float64"
+    same(xp.to_numpy(ints), special.rel_entr(ia, ib), rtol=1e-14, atol=0)
     # the core agrees with SciPy wherever the semantics do (normalised inputs)
     p = np.exp(log_probs(rng, (6, 9)))
     q = np.exp(log_probs(rng, (6, 9)))
