@@ -597,9 +597,9 @@ def binomial_kl(
 ) -> Array:
     """KL(Bin(n, p) ‖ Bin(n, q)) = ``n · KL(Bernoulli(p) ‖ Bernoulli(q))`` for the same ``n``.
 
-    ``total_count`` may be an integer array. With different counts the KL has no closed form
-    (and is +inf when n_p > n_q); build :class:`Binomial` objects and pass ``samples=`` to
-    :func:`kl` for an estimate.
+    ``total_count`` may be an integer array. With different counts the KL has no closed form;
+    ``kl(Binomial(n_p, p), Binomial(n_q, q))`` computes it exactly as a sum over the support
+    of P (+inf where P can reach a count that Q cannot: n_p > n_q with p > 0).
     """
     xp, (n, a, b) = _params(
         (
@@ -1581,10 +1581,6 @@ _pair(Exponential, Gamma, lambda p, q: exponential_gamma_kl(p.rate, q.concentrat
 _pair(Gamma, Exponential, lambda p, q: gamma_exponential_kl(p.concentration, p.rate, q.rate))
 
 
-class _NoClosedForm(Exception):
-    """Raised by a registered pair when these particular parameters have no closed form."""
-
-
 def _binomial_pair(p: Binomial, q: Binomial) -> Array:
     _, (n_p, _) = p.arrays()
     _, (n_q, _) = q.arrays()
@@ -1592,11 +1588,22 @@ def _binomial_pair(p: Binomial, q: Binomial) -> Array:
         # Equal counts cannot be verified on traced values; the closed form assumes them.
         return binomial_kl(p.total_count, p.probs, q.probs)
     if not (_host(n_p) == _host(n_q)).all():
-        raise _NoClosedForm(
-            "Binomial || Binomial has a closed form only for equal total_count (with "
-            "different counts it is +inf where n_p > n_q and needs a sum otherwise)"
-        )
+        return _binomial_sum(p, q, int(np.max(_host(n_p))))
     return binomial_kl(p.total_count, p.probs, q.probs)
+
+
+def _binomial_sum(p: Binomial, q: Binomial, most: int) -> Array:
+    """KL(Bin(n_p, p) ‖ Bin(n_q, q)) for different counts: the exact sum over k = 0..max n_p
+    of ``P(k)·(log P(k) − log Q(k))`` (no closed form exists: the lnC(n_p,k) − lnC(n_q,k)
+    term needs its expectation). Exact zero support through the core's terms: +inf where P
+    puts mass on a k that Q cannot reach (k > n_q, e.g. n_p > n_q with p > 0), and finite
+    where it does not (p = 0 is the point mass at 0, whatever n_p). O(max n_p) per element."""
+    xp, (n_p, probs_p) = p.arrays()
+    k = xp.arange(most + 1, dtype=probs_p.dtype, device=ns.device_of(probs_p))
+    k = xp.reshape(k, (most + 1,) + (1,) * len(p.batch_shape()))
+    with np.errstate(divide="ignore"):  # log 0 outside a support is meant (NumPy arrays)
+        lp, lq = p.log_prob(k), q.log_prob(k)
+    return xp.sum(_math.kl_terms(xp, lp, lq), axis=0)
 
 
 _pair(Binomial, Binomial, _binomial_pair)
@@ -1659,10 +1666,7 @@ def kl(
     fn = _REGISTRY.get((type(p), type(q)))
     reason = f"No closed-form KL({type(p).__name__} || {type(q).__name__})"
     if fn is not None:
-        try:
-            return fn(p, q)
-        except _NoClosedForm as e:
-            reason = str(e)
+        return fn(p, q)
     if p.DISCRETE != q.DISCRETE:
         raise ValueError(
             f"KL({type(p).__name__} || {type(q).__name__}) compares a "
