@@ -5,6 +5,11 @@
 Joins a Gloo process group through the TCP store the test holds (its port picked free by
 the OS), runs every case of CASES.pt on this rank's slice of the inputs, and saves the
 losses, gradient slices, collective counts and error messages to OUT_DIR/rank<RANK>.pt.
+
+A case's ``tweaks`` give what one rank gets wrong, ``{rank: {tweak: value}}``: a setting of
+the loss (``"temperature": 2.0``), ``"replace"`` (``{argument: value}``, e.g. a None or a
+list), ``"convert"`` (``{argument: one of CONVERT}``, applied to this rank's own value), and
+the older shorthands ``rows``, ``dtype``, ``labels`` and ``num_items``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,19 @@ import torch
 import torch.distributed as dist
 
 from kldiv.torch.parallel import ParallelDistillationLoss, ParallelFusedLinearDistillationLoss
+
+# what a rank can do to one of its arguments (a tweak's "convert")
+CONVERT = {
+    "numpy": lambda x: x.detach().numpy(),
+    "list": lambda x: x.tolist(),
+    "float": lambda x: x.double(),
+    "float32": lambda x: x.detach().float().requires_grad_(x.requires_grad),
+    "meta": lambda x: x.detach().to("meta"),
+    "detach": lambda x: x.detach(),
+    "requires_grad": lambda x: x.detach().clone().requires_grad_(True),
+    "widen": lambda x: torch.cat([x, torch.zeros_like(x[..., :1])], -1),  # one more unit
+    "shorten": lambda x: x[:-1],  # one token fewer
+}
 
 
 def widths(v: int, parts: int) -> list[int]:
@@ -56,6 +74,30 @@ def collectives(prof: torch.profiler.profile) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("c10d::"))
 
 
+def options(case: dict, tweaks: dict) -> dict:
+    """The loss's settings: the case's, with this rank's tweaks to them."""
+    opts = {
+        "divergence": case["kind"],
+        "temperature": case["temperature"],
+        "beta": case.get("beta", 0.5),
+        "alpha": case.get("alpha", 0.1),
+        "reduction": case["reduction"],
+        "ignore_index": -100,
+        "scale_by_temperature_squared": False,
+        "vocab_size": case.get("vocab_size"),
+        "validate": case.get("validate", True),
+    }
+    return {k: tweaks.get(k, v) for k, v in opts.items()}
+
+
+def arguments(args: dict, tweaks: dict) -> dict:
+    """The forward's keyword arguments, with this rank's replaced or converted ones."""
+    args = {**args, **tweaks.get("replace", {})}
+    for name, how in tweaks.get("convert", {}).items():
+        args[name] = CONVERT[how](args[name])
+    return args
+
+
 def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
     where = place(case, rank, world)
     layout = case["layout"]
@@ -66,14 +108,14 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
     else:
         vocab_group = all_groups[("vocab", where["vocab"])]
         data_group = all_groups[("data", where["data"])]
+    tweaks = case.get("tweaks", {}).get(rank, {})
     if "hidden" in case:
-        return run_fused_case(case, where, vocab_group, data_group)
+        return run_fused_case(case, where, tweaks, vocab_group, data_group)
     s = case["student"][where["rows"], where["cols"]].clone().requires_grad_(True)
     t = case["teacher"][where["rows"], where["cols"]].clone()
     labels = case["labels"][where["rows"]]
-    opts = {"reduction": case["reduction"], "ignore_index": -100}
     num_items = case.get("num_items")
-    for tweak, value in case.get("tweaks", {}).get(rank, {}).items():
+    for tweak, value in tweaks.items():
         if tweak == "rows":
             s = s[:value].detach().requires_grad_(True)
             t, labels = t[:value], labels[:value]
@@ -82,24 +124,17 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
             t = t.to(value)
         if tweak == "labels":
             labels = labels[:value]
-        if tweak in opts:
-            opts[tweak] = value
         if tweak == "num_items":
             num_items = value
     loss_fn = ParallelDistillationLoss(
-        case["kind"],
-        temperature=case["temperature"],
-        beta=case.get("beta", 0.5),
-        alpha=case.get("alpha", 0.1),
-        vocab_group=vocab_group,
-        data_group=data_group,
-        vocab_size=case.get("vocab_size"),
-        validate=case.get("validate", True),
-        **opts,
+        vocab_group=vocab_group, data_group=data_group, **options(case, tweaks)
     )
+    args = {"student_logits": s, "teacher_logits": t, "labels": labels, "num_items": num_items}
+    if "mask" in case:
+        args["mask"] = case["mask"][where["rows"]]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         try:
-            loss = loss_fn(s, t, labels, num_items)
+            loss = loss_fn(**arguments(args, tweaks))
         except ValueError as e:
             return {"error": str(e)}
     forward = collectives(prof)
@@ -117,31 +152,35 @@ def run_case(case: dict, rank: int, world: int, all_groups: dict) -> dict:
     }
 
 
-def run_fused_case(case: dict, where: dict, vocab_group, data_group) -> dict:
+def run_fused_case(case: dict, where: dict, tweaks: dict, vocab_group, data_group) -> dict:
     """ParallelFusedLinearDistillationLoss: this rank's tokens of the hidden states and its
     vocabulary rows of both LM heads (or its slice of the teacher's logits)."""
     rows, cols = where["rows"], where["cols"]
     hidden = case["hidden"][rows].clone().requires_grad_(True)
     weight = case["weight"][cols].clone().requires_grad_(True)
     bias = case["bias"][cols].clone().requires_grad_(True)
+    args = {
+        "student_hidden": hidden,
+        "student_weight": weight,
+        "student_bias": bias,
+        "labels": case["labels"][rows],
+        "num_items": case.get("num_items"),
+    }
     if "teacher_weight" in case:
-        teacher = {
-            "teacher_hidden": case["teacher_hidden"][rows],
-            "teacher_weight": case["teacher_weight"][cols],
-        }
-        logits = None
+        args["teacher_hidden"] = case["teacher_hidden"][rows]
+        args["teacher_weight"] = case["teacher_weight"][cols]
     else:
-        teacher, logits = {}, case["teacher"][rows, cols]
+        args["teacher_logits"] = case["teacher"][rows, cols]
+    if "mask" in case:
+        args["mask"] = case["mask"][rows]
     loss_fn = ParallelFusedLinearDistillationLoss(
-        case["kind"],
-        temperature=case["temperature"],
-        reduction=case["reduction"],
-        vocab_group=vocab_group,
-        data_group=data_group,
-        chunk_size=3,
+        vocab_group=vocab_group, data_group=data_group, chunk_size=3, **options(case, tweaks)
     )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        loss = loss_fn(hidden, weight, logits, case["labels"][rows], student_bias=bias, **teacher)
+        try:
+            loss = loss_fn(**arguments(args, tweaks))
+        except ValueError as e:
+            return {"error": str(e)}
     forward = collectives(prof)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         if case["reduction"] == "none":

@@ -274,9 +274,10 @@ def reference(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return loss.detach(), s.grad
 
 
-def launch(world: int, tmp: Path, rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
+def launch(world: int, tmp: Path, cases: list[dict], timeout: float = 120) -> list[dict]:
+    """Every rank's results of every case, from one launch of ``world`` Gloo ranks; fails
+    the test if they do not finish within ``timeout`` seconds (a hang, not a slow run)."""
     # the ranks read their data from cases.pt: the test's rng alone decides it
-    cases = make_cases(world, rng)
     torch.save(cases, tmp / "cases.pt")
     # the OS picks the port; the workers join this store, so nothing is hard-coded
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -297,7 +298,7 @@ def launch(world: int, tmp: Path, rng: np.random.Generator) -> tuple[list[dict],
         )
         for r in range(world)
     ]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     try:
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -311,10 +312,10 @@ def launch(world: int, tmp: Path, rng: np.random.Generator) -> tuple[list[dict],
             )[-1]
             for p in procs
         ]
-        pytest.fail(f"the ranks hung (killed after 120 s); last lines: {last}")
+        pytest.fail(f"the ranks hung (killed after {timeout} s); last lines: {last}")
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n{p.stdout.read()[-3000:]}"
-    return cases, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 
 def expected_collectives(case: dict) -> int:
@@ -369,7 +370,8 @@ def test_ranks_against_the_unsharded_core(world, tmp_path, rng):
     """One launch of ``world`` Gloo ranks runs every case; then, per case and rank: the loss
     and the gradient slice against the unsharded core, the collectives counted by
     torch.profiler, and (2 ranks) the errors for inconsistent slices."""
-    cases, results = launch(world, tmp_path, rng)
+    cases = make_cases(world, rng)
+    results = launch(world, tmp_path, cases)
     checked = 0
     for case in cases:
         if case["name"].startswith("bad-"):
@@ -432,10 +434,207 @@ def test_ranks_against_the_unsharded_core(world, tmp_path, rng):
 def assert_same_error(results: list[dict], expected: dict, world: int) -> None:
     """Every rank raised, with the same message, containing the expected fragment."""
     for name, fragment in expected.items():
-        errors = [results[r][name].get("error") for r in range(world)]
-        assert errors[0] is not None and all(e == errors[0] for e in errors), (name, errors)
+        got = [results[r][name] for r in range(world)]
+        errors = [g.get("error") for g in got]
+        assert errors[0] is not None and all(e == errors[0] for e in errors), (name, got)
         assert errors[0].startswith("Inconsistent parallel inputs: ")
         assert fragment in errors[0], errors[0]
+
+
+# ---- what one rank gets wrong raises the same error on every rank ----
+# Each test below starts its ranks once for all of its cases (a start costs seconds); a
+# case's tweaks say what one rank gets wrong (see parallel_worker.py). Before validation
+# shared these problems, such a rank raised alone (or passed a mismatched size to Gloo,
+# which aborts) while the others waited in a collective: the launch's timeout turns that
+# hang into a failure.
+
+
+def broken(rng, name: str, tweaks: dict, layout: str = "tp", fused: str | None = None, **extra):
+    """A case that ``tweaks`` break on some ranks: logits, or (``fused``: "head" or
+    "logits", the teacher's form) the fused loss's hidden states and heads."""
+    if fused is not None:
+        case = fused_case(rng, name, layout, "kl", fused, "mean")
+    else:
+        base = {"layout": layout, "kind": "kl", "temperature": 1.0, "reduction": "mean"}
+        case = {"name": name, **base, **inputs(rng)}
+    return {**case, "tweaks": tweaks, **extra}
+
+
+@pytest.mark.spawns
+def test_a_bad_input_on_one_rank_raises_on_every_rank(tmp_path, rng):
+    """Inputs that are not tensors, or on another device, or a mask of the wrong dtype, on
+    one rank: described in the shared error instead of an AttributeError on that rank."""
+    mask = torch.tensor(rng.random(N) < 0.8)
+    cases = [
+        (
+            broken(rng, "teacher-none", {1: {"replace": {"teacher_logits": None}}}),
+            "rank 1: Expected `teacher_logits` to be a torch.Tensor, got NoneType",
+        ),
+        (
+            broken(rng, "student-numpy", {0: {"convert": {"student_logits": "numpy"}}}),
+            "rank 0: Expected `student_logits` to be a torch.Tensor, got ndarray",
+        ),
+        (
+            broken(rng, "labels-list", {1: {"convert": {"labels": "list"}}}),
+            "rank 1: Expected `labels` to be a torch.Tensor, got list",
+        ),
+        (
+            broken(rng, "num-items-str", {1: {"num_items": "17"}}, num_items=17.0),
+            "rank 1: Expected `num_items` to be a number or a 0-d array, got str",
+        ),
+        (
+            broken(rng, "mask-float", {1: {"convert": {"mask": "float"}}}, mask=mask),
+            "rank 1: Expected `mask` to be a boolean array or an integer array of 0 and 1",
+        ),
+        (
+            broken(rng, "mask-meta", {0: {"convert": {"mask": "meta"}}}, mask=mask),
+            "rank 0: Expected `mask` on the logits' device cpu, got meta",
+        ),
+        (
+            broken(rng, "teacher-meta", {1: {"convert": {"teacher_logits": "meta"}}}),
+            "rank 1: Expected `teacher_logits` on the student's device cpu, got meta",
+        ),
+        (
+            broken(rng, "teacher-grad", {1: {"convert": {"teacher_logits": "requires_grad"}}}),
+            "rank 1: the teacher requires a gradient",
+        ),
+        (
+            broken(rng, "dp-teacher-none", {0: {"replace": {"teacher_logits": None}}}, "dp"),
+            "rank 0: Expected `teacher_logits` to be a torch.Tensor, got NoneType",
+        ),
+        (
+            broken(
+                rng, "fused-hidden-none", {1: {"replace": {"student_hidden": None}}}, fused="logits"
+            ),
+            "rank 1: Expected `student_hidden` to be a torch.Tensor, got NoneType",
+        ),
+        (
+            broken(
+                rng, "fused-weight-none", {0: {"replace": {"student_weight": None}}}, fused="head"
+            ),
+            "rank 0: Expected `student_weight` to be a torch.Tensor, got NoneType",
+        ),
+        (
+            broken(
+                rng,
+                "fused-teacher-numpy",
+                {1: {"convert": {"teacher_hidden": "numpy"}}},
+                fused="head",
+            ),
+            "rank 1: Expected `teacher_hidden` to be a torch.Tensor, got ndarray",
+        ),
+        (
+            broken(
+                rng,
+                "fused-teacher-none",
+                {1: {"replace": {"teacher_logits": None}}},
+                fused="logits",
+            ),
+            "rank 1: Expected `teacher_logits` to be a torch.Tensor, got NoneType",
+        ),
+        (
+            broken(
+                rng, "fused-dp-labels-list", {1: {"convert": {"labels": "list"}}}, "dp", "logits"
+            ),
+            "rank 1: Expected `labels` to be a torch.Tensor, got list",
+        ),
+    ]
+    results = launch(2, tmp_path, [case for case, _ in cases], timeout=90)
+    assert_same_error(results, {case["name"]: fragment for case, fragment in cases}, 2)
+
+
+@pytest.mark.spawns
+def test_fused_sizes_that_enter_a_collective_are_compared(tmp_path, rng):
+    """The fused loss on a 2 × 2 mesh and a vocab group of 4: a hidden size, a teacher
+    hidden size, a row count or a dtype that differs on one rank (or one vocab group)
+    raises the same error on all four, where Gloo used to abort on mismatched sizes."""
+    widen = {"convert": {"student_hidden": "widen", "student_weight": "widen"}}
+    widen_teacher = {"convert": {"teacher_hidden": "widen", "teacher_weight": "widen"}}
+    shorten = {"convert": {k: "shorten" for k in ("student_hidden", "teacher_logits", "labels")}}
+    single = {"convert": {"student_hidden": "float32", "student_weight": "float32"}}
+    cases = [
+        (
+            broken(rng, "mesh-hidden-size", {1: widen}, "mesh", "logits"),
+            "the hidden sizes differ over the vocab group: [6, 7]",
+        ),
+        (
+            broken(rng, "mesh-hidden-size-over-data", {2: widen, 3: widen}, "mesh", "logits"),
+            "the hidden sizes differ over the data group: [6, 7]",
+        ),
+        (
+            broken(rng, "mesh-teacher-hidden-size", {3: widen_teacher}, "mesh", "head"),
+            "the teacher's hidden sizes differ over the vocab group: [4, 5]",
+        ),
+        (
+            broken(rng, "tp-hidden-size", {2: widen}, "tp", "head"),
+            "the hidden sizes differ over the vocab group: [6, 6, 7, 6]",
+        ),
+        (
+            broken(rng, "mesh-rows", {0: shorten}, "mesh", "logits"),
+            "the row counts differ over the vocab group: [4, 5]",
+        ),
+        (
+            broken(rng, "mesh-dtype", {0: single}, "mesh", "logits"),
+            "the settings differ over the vocab group: {'dtypes': [['torch.float32', 'torch.float32', 'torch.float64']",
+        ),
+    ]
+    results = launch(4, tmp_path, [case for case, _ in cases], timeout=90)
+    assert_same_error(results, {case["name"]: fragment for case, fragment in cases}, 4)
+
+
+@pytest.mark.spawns
+def test_settings_that_differ_on_one_rank_raise_on_every_rank(tmp_path, rng):
+    """Options, num_items, dtypes, labels or a mask given on one rank only, and which inputs
+    want gradients: compared over the vocab group and over the data group."""
+    mask = torch.tensor(rng.random(N) < 0.8)
+    cases = [
+        (
+            broken(rng, "temperature", {1: {"temperature": 2.0}}),
+            "the settings differ over the vocab group: {'temperature': [1.0, 2.0]}",
+        ),
+        (
+            broken(rng, "divergence", {0: {"divergence": "js"}}),
+            "the settings differ over the vocab group: {'divergence': ['js', 'kl']}",
+        ),
+        (
+            broken(rng, "t-squared", {1: {"scale_by_temperature_squared": True}}),
+            "the settings differ over the vocab group: {'T^2': [False, True]}",
+        ),
+        (
+            broken(rng, "num-items", {1: {"num_items": 16.0}}, "dp", num_items=17.0),
+            "the settings differ over the data group: {'num_items': [17.0, 16.0]}",
+        ),
+        (
+            broken(rng, "labels-on-one-rank", {1: {"replace": {"labels": None}}}, "dp"),
+            "the settings differ over the data group: {'labels given': [True, False]}",
+        ),
+        (
+            broken(rng, "mask-on-one-rank", {0: {"replace": {"mask": None}}}, mask=mask),
+            "the settings differ over the vocab group: {'mask given': [False, True]}",
+        ),
+        (
+            broken(rng, "dp-dtype", {1: {"dtype": torch.float32}}, "dp"),
+            "the settings differ over the data group: {'dtypes': "
+            "[['torch.float64', 'torch.float64'], ['torch.float32', 'torch.float32']]}",
+        ),
+        (
+            broken(
+                rng, "fused-gradients", {1: {"convert": {"student_hidden": "detach"}}}, fused="head"
+            ),
+            "the settings differ over the vocab group: {'gradients (hidden, weight, bias)': "
+            "[[True, True, True], [False, True, True]]}",
+        ),
+        (
+            broken(rng, "fused-temperature", {0: {"temperature": 1.0}}, fused="logits"),
+            "the settings differ over the vocab group: {'temperature': [1.0, 1.7]}",
+        ),
+        (
+            broken(rng, "fused-dp-reduction", {1: {"reduction": "sum"}}, "dp", "logits"),
+            "the settings differ over the data group: {'reduction': ['mean', 'sum']}",
+        ),
+    ]
+    results = launch(2, tmp_path, [case for case, _ in cases], timeout=90)
+    assert_same_error(results, {case["name"]: fragment for case, fragment in cases}, 2)
 
 
 # ---- single process: no group ----
@@ -532,7 +731,8 @@ def test_fused_local_problems_are_named():
         loss(h, torch.randn(9, 4), torch.randn(4, 9))
     with pytest.raises(ValueError, match="the teacher requires a gradient"):
         loss(h, w, torch.randn(4, 9, requires_grad=True))
-    with pytest.raises(ValueError, match="fit together"):
+    # without validation the same checks raise on this rank alone
+    with pytest.raises(ValueError, match="Invalid inputs on this rank: the teacher's inputs"):
         ParallelFusedLinearDistillationLoss("kl", validate=False)(h, w, torch.randn(4, 8))
     with pytest.raises(ValueError, match="the teacher requires a gradient"):
         ParallelFusedLinearDistillationLoss("kl", validate=False)(

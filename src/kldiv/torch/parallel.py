@@ -38,10 +38,18 @@ keep the global loss's gradient under DDP, multiply the loss by the data-paralle
 (``docs/parallel.md``).
 
 ``validate=True`` (the default) adds small collectives before the others: one all-gather
-per group given, and one more on the vocab group when both are. Through them every rank
-shares its local problems, shapes, dtypes and settings. Every rank then raises the same
-``ValueError`` for inconsistent inputs, rather than hanging in a collective with mismatched
-sizes. Reading the result back costs a host synchronisation per step.
+per group given, and one more on the vocab group when both are. A rank's checks of its own
+inputs (types, shapes, dtypes, devices, labels, mask, ``num_items``, a teacher that requires
+a gradient) only collect problems, which the gathers share. If no rank has one, they compare
+what must agree: over the vocab group the token count (and the fused loss's hidden sizes),
+over the data group the slice width (and hidden sizes), over both the dtypes and every
+setting, ``num_items``'s value included. Every rank then raises the same ``ValueError``,
+``"Inconsistent parallel inputs: rank 1: ..."``, rather than one rank raising alone (or a
+size mismatch reaching a collective) while the others hang. Validation cannot check what it
+runs over: ``validate`` and the groups must be the same on every rank. Its buffer is a CPU
+tensor where the group's backend takes one (Gloo); on an NCCL-only group reading it back
+costs a host synchronisation per step. ``validate=False`` runs the same local checks and
+raises on the rank that fails them, alone.
 
 ``vocab_group=None`` (or a group of size 1) means the logits hold the whole vocabulary.
 ``data_group=None`` means there is no data parallelism. This is the same code path with the
@@ -54,7 +62,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -349,9 +357,12 @@ class ParallelDistillationLoss(torch.nn.Module):
     the teacher).
 
     ``vocab_size``: if given, the slices' widths must add up to it (checked by ``validate``).
-    ``validate=False`` drops the consistency collectives and their host synchronisation; do
-    that only once the inputs are known to agree, since mismatched shapes can then hang or
-    fail inside the collectives. Under ``torch.compile`` the loss runs eagerly (one graph
+    With ``validate=True`` anything wrong with one rank's inputs, or anything that differs
+    between ranks, raises the same ``ValueError`` on every rank (see the module docstring);
+    ``validate`` itself and the groups must agree on every rank. ``validate=False`` drops the
+    consistency collectives; do that only once the inputs are known to agree, since a problem
+    then raises on one rank only and mismatched shapes can hang or fail inside the
+    collectives. Under ``torch.compile`` the loss runs eagerly (one graph
     break). A second backward through the same graph raises (the gradient is computed in the
     forward pass and scaled in place).
     """
@@ -423,115 +434,166 @@ class ParallelDistillationLoss(torch.nn.Module):
         num_items: Any,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        tokens = tuple(student_logits.shape[:-1]) if student_logits.ndim else ()
-        keep, keep_problems = _token_keep(self, labels, mask, tokens, student_logits.device)
-        if self.validate:
-            self._check_consistency(
-                student_logits, teacher_logits, labels, num_items, keep_problems, mask
-            )
-        elif teacher_logits.requires_grad:
-            raise ValueError(f"Expected no gradient for the teacher: {_TEACHER_GRAD}.")
-        num_items = _check.check_num_items(num_items, self.reduction)
-        v = student_logits.shape[-1]
+        s, t = student_logits, teacher_logits
+        keep, num_items = _settle(self, self._inspect(s, t, labels, num_items, mask), (s, t))
+        v = s.shape[-1]
+        tokens = tuple(s.shape[:-1])
         flat_keep = None if keep is None else keep.reshape(-1)
         n = math.prod(tokens)  # not reshape(-1, v): v may be 0 on a rank
         rows = vocab_parallel_rows(
             self.divergence,
-            student_logits.reshape(n, v),
-            teacher_logits.reshape(n, v),
+            s.reshape(n, v),
+            t.reshape(n, v),
             flat_keep,
             temperature=self.temperature,
             beta=self.beta,
             alpha=self.alpha,
             vocab_group=self.vocab_group,
         ).reshape(tokens)
-        wide = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+        wide = torch.promote_types(s.dtype, t.dtype)
         rows = rows.to(torch.promote_types(wide, torch.float32))
         if self.scale_by_temperature_squared:
             rows = rows * self.temperature**2
         return _data_parallel_reduce(rows, keep, self.reduction, num_items, self.data_group)
 
-    def _check_consistency(
-        self,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        labels: torch.Tensor | None,
-        num_items: Any,
-        keep_problems: list[str],
-        mask: torch.Tensor | None,
-    ) -> None:
-        local = list(keep_problems)
-        if student.shape != teacher.shape:
-            local.append("student and teacher logits differ in shape")
-        if student.ndim < 1:
-            local.append("the logits have no vocabulary axis")
-        if labels is not None and tuple(labels.shape) != tuple(student.shape[:-1]):
-            local.append("labels are not of the token shape")
-        if teacher.requires_grad:
-            local.append(_TEACHER_GRAD)
-        if student.dtype not in _DTYPES or teacher.dtype not in _DTYPES:
-            local.append("the logits are not floating point")
-        width = student.shape[-1] if student.ndim else 0
+    def _inspect(self, s: Any, t: Any, labels: Any, num_items: Any, mask: Any) -> _Inspection:
+        num_items, problems, value = _num_items(num_items, self)
+        problems += _not_tensors({"student_logits": s, "teacher_logits": t})
+        if problems:
+            return _Inspection(problems, num_items=num_items)
+        if s.ndim < 1:
+            problems.append("the logits have no vocabulary axis")
+        if s.shape != t.shape:
+            problems.append(
+                f"student and teacher logits differ in shape: {tuple(s.shape)} and {tuple(t.shape)}"
+            )
+        if s.dtype not in _DTYPES or t.dtype not in _DTYPES:
+            problems.append(
+                "the logits are not floating point (float16, bfloat16, float32 or float64): "
+                f"{s.dtype} and {t.dtype}"
+            )
+        problems += _off_device(s.device, {"teacher_logits": t})
+        if t.requires_grad:
+            problems.append(_TEACHER_GRAD)
+        tokens = tuple(s.shape[:-1])
+        keep, more = _token_keep(self, labels, mask, tokens, s.device)
+        problems += more
+        if problems:
+            return _Inspection(problems, num_items=num_items)
+        width = s.shape[-1]
         facts = {
-            "rows": math.prod(student.shape[:-1]),
+            "config": {
+                "dtypes": [str(s.dtype), str(t.dtype)],
+                "labels given": labels is not None,
+                "mask given": mask is not None,
+                "num_items": value,
+            },
+            "vocab": {"the row counts": math.prod(tokens)},
+            "data": {"the slice widths": width},
             "width": width,
-            "dtypes": [str(student.dtype), str(teacher.dtype)],
-            "config": {"mask given": mask is not None},
         }
-        _validate(
-            self,
-            local + _num_items_problem(num_items, self.reduction),
-            facts,
-            labels is not None,
-            num_items is not None,
-            student.device,
-        )
+        return _Inspection(problems, facts, keep, num_items)
 
 
 _TEACHER_GRAD = "the teacher requires a gradient (detach it; the student gets one)"
+_TEACHER_FORMS = (
+    "Expected the teacher either as `teacher_logits` or as `teacher_hidden` with "
+    "`teacher_weight` (and optionally `teacher_bias`)"
+)
+
+
+@dataclass
+class _Inspection:
+    """One rank's look at its inputs before any collective: what is wrong with them, the
+    facts that validation compares over the groups (empty if anything is wrong: a rank's
+    facts mean little then), and the kept tokens and ``num_items`` for the forward pass."""
+
+    problems: list[str]
+    facts: dict[str, Any] = field(
+        default_factory=lambda: {"config": {}, "vocab": {}, "data": {}, "width": None}
+    )
+    keep: torch.Tensor | None = None
+    num_items: Any = None
+
+
+def _settle(module: _ParallelConfig, seen: _Inspection, inputs: tuple[Any, ...]) -> tuple[Any, Any]:
+    """Raises for the problems ``seen``: with ``validate``, on every rank, after sharing them
+    (:func:`_validate`); without, on this rank alone. Else the kept tokens and ``num_items``.
+
+    Every local check runs before this point and only collects problems: a rank that raised
+    on its own (an AttributeError on a None input, say) would leave the others waiting in
+    the exchange, or matching their collectives with its next call."""
+    if module.validate:
+        _validate(module, seen.problems, seen.facts, inputs)
+    elif seen.problems:
+        raise ValueError("Invalid inputs on this rank: " + "; ".join(seen.problems) + ".")
+    return seen.keep, seen.num_items
+
+
+def _not_tensors(named: dict[str, Any], optional: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"Expected `{name}` to be a torch.Tensor, got {type(x).__name__}"
+        for name, x in named.items()
+        if not isinstance(x, torch.Tensor) and not (x is None and name in optional)
+    ]
+
+
+def _off_device(device: torch.device, named: dict[str, torch.Tensor | None]) -> list[str]:
+    return [
+        f"Expected `{name}` on the student's device {device}, got {x.device}"
+        for name, x in named.items()
+        if x is not None and x.device != device
+    ]
+
+
+def _shapes(named: dict[str, torch.Tensor | None]) -> str:
+    return ", ".join(f"`{k}` {tuple(x.shape)}" for k, x in named.items() if x is not None)
 
 
 def _token_keep(
     module: _ParallelConfig,
-    labels: torch.Tensor | None,
-    mask: torch.Tensor | None,
+    labels: Any,
+    mask: Any,
     tokens: tuple[int, ...],
     device: torch.device,
 ) -> tuple[torch.Tensor | None, list[str]]:
-    """:func:`token_keep`, and its complaint as a problem for validation to share, so that a
-    bad ``labels`` or ``mask`` on one rank raises on every rank instead of hanging the others
-    in the next collective (without validation it raises here, on this rank)."""
-    if module.validate and isinstance(labels, torch.Tensor) and tuple(labels.shape) != tokens:
-        return None, []  # validation reports it as "labels are not of the token shape"
+    """:func:`token_keep`, and its complaints as problems for :func:`_settle`."""
+    problems = []
+    if isinstance(labels, torch.Tensor) and tuple(labels.shape) != tokens:
+        problems.append(f"labels are not of the token shape {tokens}: got {tuple(labels.shape)}")
+        labels = None  # still check the mask
     try:
-        return token_keep(labels, mask, tokens, module.ignore_index, device), []
-    except (TypeError, ValueError) as e:
-        if not module.validate:
-            raise
-        return None, [str(e).rstrip(".")]
+        return token_keep(labels, mask, tokens, module.ignore_index, device), problems
+    except (TypeError, ValueError, RuntimeError) as e:
+        return None, [*problems, str(e).rstrip(".")]
 
 
-def _num_items_problem(num_items: Any, reduction: str) -> list[str]:
-    # checked among the other local facts, so that a bad value raises on every rank
+def _num_items(num_items: Any, module: _ParallelConfig) -> tuple[Any, list[str], float | None]:
+    """``num_items`` checked, its complaint as a problem, and (when validating) its value,
+    which every rank must share: it is the *global* denominator."""
     try:
-        _check.check_num_items(num_items, reduction)
-    except (TypeError, ValueError) as e:
-        return [str(e).rstrip(".")]
-    return []
+        checked = _check.check_num_items(num_items, module.reduction)
+        value = float(checked) if module.validate and checked is not None else None
+    except (TypeError, ValueError, RuntimeError) as e:
+        return None, [str(e).rstrip(".")], None
+    return checked, [], value
 
 
 def _validate(
     module: _ParallelConfig,
     local: list[str],
     facts: dict[str, Any],
-    labels_given: bool,
-    num_items_given: bool,
-    device: torch.device,
+    inputs: tuple[Any, ...],
 ) -> None:
     """Share every rank's facts and problems over the vocab group, then the data group, then
     (when there are both) the vocab group again, so that every rank of a full mesh ends
     with the same list and raises the same ``ValueError``, or none does. Each round is one
-    all-gather of a few KiB of JSON per rank; reading it back waits for the device."""
+    all-gather of a few KiB of JSON per rank.
+
+    ``facts``: ``"config"``, settings that every rank must share; ``"vocab"`` and ``"data"``,
+    sizes that must agree over that group, by name (those its collectives exchange first);
+    ``"width"``, this rank's slice of the vocabulary. They are compared only when no rank
+    has a problem of its own, whose facts may be missing or meaningless."""
     me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     config = {
         "divergence": module.divergence,
@@ -541,40 +603,33 @@ def _validate(
         "reduction": module.reduction,
         "ignore_index": module.ignore_index,
         "T^2": module.scale_by_temperature_squared,
-        "labels given": labels_given,
-        "num_items given": num_items_given,
         "vocab_size": module.vocab_size,
-        "dtypes": facts["dtypes"],
-        **facts.get("config", {}),
+        **facts["config"],
     }
     mine = {
         "problems": [f"rank {me}: {msg}" for msg in local],
         "config": config,
-        "rows": facts["rows"],
+        "vocab": facts["vocab"],
+        "data": facts["data"],
         "width": facts["width"],
     }
     problems = mine["problems"]
     vocab, data = module.vocab_group, module.data_group
+    widths = [facts["width"]]
     if _world(vocab) > 1:
-        every = _gather_json(mine, vocab, device)
-        problems = _union(every)
-        problems += _differ("the row counts", [m["rows"] for m in every], "vocab")
-        problems += _differ("the settings", [m["config"] for m in every], "vocab")
+        every = _gather_json(mine, vocab, inputs)
+        problems = _union(every) or _compare(every, "vocab")
         widths = [m["width"] for m in every]
-    else:
-        widths = [facts["width"]]
-    total = sum(widths)
-    if module.vocab_size is not None and total != module.vocab_size:
-        problems.append(
-            f"the slices' widths {widths} add up to {total}, not vocab_size={module.vocab_size}"
-        )
+    if not problems and module.vocab_size is not None and sum(widths) != module.vocab_size:
+        problems = [
+            f"the slices' widths {widths} add up to {sum(widths)}, not "
+            f"vocab_size={module.vocab_size}"
+        ]
     if _world(data) > 1:
-        every = _gather_json({**mine, "problems": problems}, data, device)
-        problems = _union(every)
-        problems += _differ("the slice widths", [m["width"] for m in every], "data")
-        problems += _differ("the settings", [m["config"] for m in every], "data")
+        every = _gather_json({**mine, "problems": problems}, data, inputs)
+        problems = _union(every) or _compare(every, "data")
         if _world(vocab) > 1:  # tell the vocab group what the data groups found
-            problems = _union(_gather_json({"problems": problems}, vocab, device))
+            problems = _union(_gather_json({"problems": problems}, vocab, inputs))
     if problems:
         raise ValueError("Inconsistent parallel inputs: " + "; ".join(problems) + ".")
 
@@ -582,24 +637,49 @@ def _validate(
 _JSON_BYTES = 4096
 
 
-def _gather_json(obj: dict, group: Any, device: torch.device) -> list[dict]:
+def _gather_json(obj: dict, group: Any, inputs: tuple[Any, ...]) -> list[dict]:
     """Every rank's ``obj``, through one all-gather of a fixed-size byte buffer."""
-    raw = json.dumps(obj, sort_keys=True).encode()
-    if len(raw) > _JSON_BYTES:  # only a long problem list gets here: keep its start
-        raw = json.dumps({**obj, "problems": obj["problems"][:10]}, sort_keys=True).encode()
+    raw = json.dumps(obj, sort_keys=True).encode()  # ASCII: no NUL byte
+    if len(raw) > _JSON_BYTES:  # only long problems get here: keep their starts
+        short = [p[:200] for p in obj["problems"][:10]]
+        raw = json.dumps({**obj, "problems": short}, sort_keys=True).encode()
     buf = torch.zeros(_JSON_BYTES, dtype=torch.uint8)
     buf[: len(raw)] = torch.frombuffer(bytearray(raw[:_JSON_BYTES]), dtype=torch.uint8)
-    # JSON holds no NUL byte: the text ends at the buffer's last nonzero byte
-    every = _gather(buf.to(device), group).cpu()
+    every = _gather(buf.to(_exchange_device(group, inputs)), group).cpu()
+    # the text ends at the buffer's last nonzero byte
     return [json.loads(bytes(row[row != 0].tolist())) for row in every]
+
+
+def _exchange_device(group: Any, inputs: tuple[Any, ...]) -> torch.device:
+    """Where validation's buffer goes: the CPU if the group's backend takes CPU tensors
+    (Gloo, or Gloo beside NCCL: no device synchronisation then), else the first input on a
+    device it takes, else that device type's current device. Never read from one input
+    alone: a rank whose input is None or a NumPy array must still take part."""
+    config = dist.get_backend_config(group)  # e.g. "cpu:gloo,cuda:nccl"
+    types = [part.split(":")[0].strip() for part in config.split(",") if ":" in part]
+    if not types or "cpu" in types:
+        return torch.device("cpu")
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.device.type in types:
+            return x.device
+    return torch.device(types[0], getattr(torch, types[0]).current_device())
 
 
 def _union(every: list[dict]) -> list[str]:
     return sorted({p for m in every for p in m["problems"]})
 
 
+def _compare(every: list[dict], group: str) -> list[str]:
+    """What differs over ``group``: the sizes its collectives need equal, and the settings."""
+    sizes = every[0][group]
+    found = [p for k in sizes for p in _differ(k, [m[group][k] for m in every], group)]
+    return found + _differ("the settings", [m["config"] for m in every], group)
+
+
 def _differ(what: str, values: list[Any], group: str) -> list[str]:
-    if all(v == values[0] for v in values):
+    # compared as JSON text: a NaN num_items equals itself there
+    text = [json.dumps(v, sort_keys=True) for v in values]
+    if all(x == text[0] for x in text):
         return []
     if all(isinstance(v, dict) for v in values):
         keys = sorted(k for k in values[0] if len({json.dumps(v.get(k)) for v in values}) > 1)
@@ -818,7 +898,10 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
     ``[N, H]``, as any vocab-parallel LM head needs), this rank's weight rows and bias. The
     teacher gets none. Collectives per forward: validation's gathers, the statistics' gather,
     the terms' all-reduce and the hidden gradient's all-reduce (in backward instead for
-    ``reduction="none"``), plus one on ``data_group``.
+    ``reduction="none"``: backward must then run on every rank of the vocab group), plus one
+    on ``data_group``. Since that all-reduce and the statistics' gather need equal sizes and
+    dtypes, validation also compares the student's and the teacher's hidden sizes, the
+    dtypes and which inputs want gradients.
     """
 
     divergence: DistillationKind
@@ -911,94 +994,19 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         hidden, weight, bias = student_hidden, student_weight, student_bias
-        tokens = tuple(hidden.shape[:-1]) if hidden.ndim else ()
-        keep, keep_problems = _token_keep(self, labels, mask, tokens, hidden.device)
-        v = weight.shape[0] if weight.ndim == 2 else 0
-        student_ok = (
-            hidden.ndim >= 1
-            and weight.ndim == 2
-            and weight.shape[1] == hidden.shape[-1]
-            and (bias is None or tuple(bias.shape) == (v,))
-        )
-        if teacher_weight is None:
-            t_src, t_w, t_b = teacher_logits, None, None
-            teacher_ok = (
-                teacher_logits is not None
-                and teacher_hidden is None
-                and teacher_bias is None
-                and tuple(teacher_logits.shape) == (*tokens, v)
-            )
+        by_head = teacher_hidden is not None or teacher_weight is not None
+        if by_head:
+            teacher, stray = (teacher_hidden, teacher_weight, teacher_bias), teacher_logits
         else:
-            t_src, t_w, t_b = teacher_hidden, teacher_weight, teacher_bias
-            teacher_ok = (
-                teacher_hidden is not None
-                and teacher_logits is None
-                and teacher_weight.ndim == 2
-                and teacher_weight.shape[0] == v
-                and tuple(teacher_hidden.shape) == (*tokens, teacher_weight.shape[1])
-                and (teacher_bias is None or tuple(teacher_bias.shape) == (v,))
-            )
-        teacher_parts = [x for x in (t_src, t_w, t_b) if x is not None]
-        # the hidden states' all-reduce runs where their gradient is wanted: everywhere or
-        # nowhere, which validation checks with the settings
-        grads = [
-            torch.is_grad_enabled() and x is not None and x.requires_grad
-            for x in (hidden, weight, bias)
-        ]
-        if self.validate:
-            local = [
-                msg
-                for bad, msg in (
-                    (
-                        labels is not None and tuple(labels.shape) != tokens,
-                        "labels are not of the token shape",
-                    ),
-                    (any(x.requires_grad for x in teacher_parts), _TEACHER_GRAD),
-                    (
-                        not all(x.is_floating_point() for x in [hidden, weight, *teacher_parts]),
-                        "the inputs are not floating point",
-                    ),
-                    (
-                        not student_ok,
-                        "the student's hidden states, LM-head slice or bias do not fit together",
-                    ),
-                    (not teacher_ok, "the teacher's inputs do not fit the student's"),
-                )
-                if bad
-            ] + keep_problems
-            dtypes = [str(hidden.dtype), str(None if t_src is None else t_src.dtype)]
-            facts = {
-                "rows": math.prod(tokens),
-                "width": v,
-                "dtypes": dtypes,
-                "config": {
-                    "gradients (hidden, weight, bias)": grads,
-                    "mask given": mask is not None,
-                },
-            }
-            _validate(
-                self,
-                local + _num_items_problem(num_items, self.reduction),
-                facts,
-                labels is not None,
-                num_items is not None,
-                hidden.device,
-            )
-        elif not (student_ok and teacher_ok):
-            raise ValueError(
-                "Expected student and teacher inputs that fit together (see the "
-                "class docstring); validate=True names what does not."
-            )
-        elif any(x.requires_grad for x in teacher_parts):
-            raise ValueError(f"Expected no gradient for the teacher: {_TEACHER_GRAD}.")
-        num_items = _check.check_num_items(num_items, self.reduction)
-        n = math.prod(tokens)
+            teacher, stray = (teacher_logits, None, None), teacher_bias
+        seen = self._inspect(hidden, weight, bias, teacher, by_head, stray, labels, num_items, mask)
+        keep, num_items = _settle(self, seen, (hidden, weight, *teacher))
+        t_src, t_w, t_b = teacher
+        assert t_src is not None  # settled: the teacher is given
+        tokens = tuple(hidden.shape[:-1])
+        n, v = math.prod(tokens), weight.shape[0]
         keep = None if keep is None else keep.reshape(-1)
-        assert t_src is not None  # teacher_ok, checked above
-        if t_w is None:
-            t_src = t_src.reshape(n, v)
-        else:
-            t_src = t_src.reshape(n, t_w.shape[1])
+        t_src = t_src.reshape(n, v if t_w is None else t_w.shape[1])
         params = tuple((k, getattr(self, k)) for k in KIND_PARAMS.get(self.divergence, {}))
         cfg = _FusedConfig(
             self.divergence, self.temperature, params, self.chunk_size, self.vocab_group
@@ -1027,6 +1035,95 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         if _world(self.data_group) > 1:
             return _global_total(out, count, self.reduction, num_items, self.data_group)
         return _reduce_total(out, count, self.reduction, num_items)
+
+    def _inspect(
+        self,
+        hidden: Any,
+        weight: Any,
+        bias: Any,
+        teacher: tuple[Any, Any, Any],
+        by_head: bool,
+        stray: Any,
+        labels: Any,
+        num_items: Any,
+        mask: Any,
+    ) -> _Inspection:
+        """``teacher``: ``(teacher_logits, None, None)``, or ``(teacher_hidden,
+        teacher_weight, teacher_bias)`` if ``by_head``; ``stray``: the other form's argument
+        (``teacher_bias`` or ``teacher_logits``), which must be None."""
+        num_items, problems, value = _num_items(num_items, self)
+        t_src, t_w, t_b = teacher
+        inputs = {"student_hidden": hidden, "student_weight": weight, "student_bias": bias}
+        if by_head:
+            inputs |= {"teacher_hidden": t_src, "teacher_weight": t_w, "teacher_bias": t_b}
+        else:
+            inputs["teacher_logits"] = t_src
+        problems += _not_tensors(inputs, optional=("student_bias", "teacher_bias"))
+        if stray is not None:
+            problems.append(_TEACHER_FORMS)
+        if problems:
+            return _Inspection(problems, num_items=num_items)
+        given = {k: x for k, x in inputs.items() if x is not None}
+        tokens = tuple(hidden.shape[:-1])
+        v = weight.shape[0] if weight.ndim == 2 else 0
+        if not (
+            hidden.ndim >= 1
+            and weight.ndim == 2
+            and weight.shape[1] == hidden.shape[-1]
+            and (bias is None or tuple(bias.shape) == (v,))
+        ):
+            problems.append(
+                "the student's hidden states, LM-head slice or bias do not fit together: "
+                + _shapes({k: x for k, x in given.items() if k.startswith("student")})
+            )
+        elif not (
+            t_w.ndim == 2
+            and t_w.shape[0] == v
+            and tuple(t_src.shape) == (*tokens, t_w.shape[1])
+            and (t_b is None or tuple(t_b.shape) == (v,))
+            if by_head
+            else tuple(t_src.shape) == (*tokens, v)
+        ):
+            problems.append(
+                f"the teacher's inputs do not fit the student's tokens {tokens} and {v} "
+                "vocabulary rows: "
+                + _shapes({k: x for k, x in given.items() if k.startswith("teacher")})
+            )
+        not_float = [f"`{k}` {x.dtype}" for k, x in given.items() if not x.is_floating_point()]
+        if not_float:
+            problems.append("the inputs are not floating point: " + ", ".join(not_float))
+        problems += _off_device(hidden.device, given)
+        if any(x.requires_grad for k, x in given.items() if k.startswith("teacher")):
+            problems.append(_TEACHER_GRAD)
+        keep, more = _token_keep(self, labels, mask, tokens, hidden.device)
+        problems += more
+        if problems:
+            return _Inspection(problems, num_items=num_items)
+        # the hidden states' all-reduce runs where their gradient is wanted: everywhere or
+        # nowhere, which validation checks with the settings
+        grads = [
+            torch.is_grad_enabled() and x is not None and x.requires_grad
+            for x in (hidden, weight, bias)
+        ]
+        sizes = {
+            "the hidden sizes": hidden.shape[-1],
+            "the teacher's hidden sizes": None if t_w is None else t_w.shape[1],
+        }
+        facts = {
+            "config": {
+                "dtypes": [str(x.dtype) for x in (hidden, weight, t_src)],
+                # the dtype of the hidden states' gradient, which the vocab group sums
+                "matmul dtype": str(fl._matmul_dtype(hidden.dtype, hidden.device)),
+                "gradients (hidden, weight, bias)": grads,
+                "labels given": labels is not None,
+                "mask given": mask is not None,
+                "num_items": value,
+            },
+            "vocab": {"the row counts": math.prod(tokens), **sizes},
+            "data": {"the slice widths": v, **sizes},
+            "width": v,
+        }
+        return _Inspection(problems, facts, keep, num_items)
 
 
 def _fused_apply(*args: Any) -> torch.Tensor:
