@@ -1,16 +1,19 @@
 """The compiled CPU kernel (``_cpu_kernel.c`` through ``_cpu_native``) against the core in
 float64: values and student gradients of KL and reverse KL, zero support, flagged rows,
 strides, threads, half-precision inputs; and its build: cached, and a clean fallback to
-tensor code when no compiler works."""
+tensor code when no compiler works, a cache that verifies what it loads, and $CC flags that
+cannot change the kernel's floating-point semantics."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -303,9 +306,9 @@ def test_kldiv_native_off_selects_tensor_code(rng, calls, monkeypatch, value):
     assert calls == [] and "KLDIV_NATIVE=0" in _cpu_native.status()
 
 
-def _python(code: str, env: dict[str, str]) -> dict:
+def _python(code: str, env: dict[str, str], *args: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -346,11 +349,12 @@ def test_the_build_is_cached_and_a_missing_compiler_falls_back(tmp_path):
     # a private directory, loads, and leaves nothing behind; CC may carry arguments
     blocked = tmp_path / "blocked"
     blocked.write_text("not a directory")
-    before = set(os.listdir(tempfile.gettempdir()))
-    private = _python(PROBE, {"KLDIV_CACHE_DIR": str(blocked / "kldiv"), "CC": "cc -DUNUSED=1"})
+    tmp = tmp_path / "tmp"  # its own, so other tests' private builds cannot show up in it
+    tmp.mkdir()
+    env = {"KLDIV_CACHE_DIR": str(blocked / "kldiv"), "CC": "cc -DUNUSED=1", "TMPDIR": str(tmp)}
+    private = _python(PROBE, env)
     assert private["status"].startswith("compiled (") and private["fast"] == first["fast"]
-    assert not os.path.exists(private["path"])
-    assert {p for p in set(os.listdir(tempfile.gettempdir())) - before if "kldiv" in p} == set()
+    assert not os.path.exists(private["path"]) and os.listdir(tmp) == []
     # a corrupt library under the cache's name is rebuilt, not trusted
     Path(first["path"]).write_bytes(b"garbage")
     again = _python(PROBE, env)
@@ -383,3 +387,223 @@ def test_a_forked_child_runs_the_kernel(rng):
     with os.fdopen(read) as f:
         child = float(f.read())
     assert child == parent
+
+
+# The losses of the logits saved in argv[1], from a fresh interpreter: a library that kills the
+# process it is loaded into (SIGBUS from a truncated file) fails the test instead of pytest.
+LOSSES = """
+import json, sys
+import numpy as np, torch
+from kldiv.torch import DistillationLoss, _cpu_native
+native = []
+launch = _cpu_native.rows
+def counted(kind, s, *args):
+    native.append(kind)
+    return launch(kind, s, *args)
+_cpu_native.rows = counted
+data = np.load(sys.argv[1])
+s, t = torch.from_numpy(data["s"]), torch.from_numpy(data["t"])
+out = {k: DistillationLoss(k, reduction="none")(s, t).tolist() for k in ("kl", "reverse_kl")}
+print(json.dumps({**out, "native": native, "status": _cpu_native.status(),
+                  "path": str(_cpu_native._state.get("path")),
+                  "flushes_subnormals": sys.float_info.min / 4 == 0}))
+"""
+
+
+def edge_logits(rng, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 logits with -inf on either side and both, equal rows, and a subnormal
+    probability that carries the value, saved to ``path`` for :data:`LOSSES`."""
+    s, t = batch(rng, 12, 67, "both")
+    s[0] = t[0] = 0.0
+    # p = e^-88 (subnormal in float32) against a log-ratio of 3e38: a term of 1.8, which
+    # a build that flushes subnormals to zero would lose; row 2 is the same for reverse KL
+    s[1], t[1] = 0.0, -1e3
+    s[1, 1::2] = -3e38
+    t[1, :2] = (0.0, -88.0)
+    s[2], t[2] = t[1], s[1]
+    np.savez(path, s=s, t=t)
+    return s, t
+
+
+def assert_matches_the_core(s, t, got):
+    """Both divergences against the core in float64, with the tolerance of the tests above."""
+    t64, s64 = t.astype(np.float64), s.astype(np.float64)
+    for kind, fn in (("kl", kldiv.kl_div), ("reverse_kl", kldiv.reverse_kl_div)):
+        ref = torch.as_tensor(fn(t64, s64, form="logits", reduction="none"))
+        out = torch.tensor(got[kind], dtype=torch.float64)
+        assert torch.equal(out.isposinf(), ref.isposinf()) and not out.isnan().any(), kind
+        fin = ref.isfinite()
+        torch.testing.assert_close(out[fin], ref[fin], rtol=2e-5, atol=2e-6)
+    assert not got["flushes_subnormals"]
+
+
+def cached(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> Path:
+    """A library the launcher built and installed, with this environment's $CC."""
+    cache = tmp_path_factory.mktemp("genuine")
+    code = "from kldiv.torch import _cpu_native; _cpu_native.kernel(); "
+    code += "import json; print(json.dumps(str(_cpu_native._state.get('path'))))"
+    path = Path(_python(code, {"KLDIV_CACHE_DIR": str(cache)}))
+    assert path.parent == cache and path.name == f"{path.name.rsplit('_', 1)[0]}_{sha256(path)}.so"
+    return path
+
+
+def foreign_library(tmp_path: Path) -> Path:
+    """A valid shared library that is not the kernel."""
+    src = tmp_path / "foreign.c"
+    src.write_text("int f(void) { return 1; }\n")
+    out = tmp_path / "foreign.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(out), str(src)], check=True, timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "foreign_under_its_hash", "symlink"])
+def test_a_cached_library_that_is_not_the_kernel_is_rebuilt(rng, tmp_path, genuine, damage):
+    """Loading a truncated library killed the process (SIGBUS), and a foreign one raised
+    `undefined symbol` on every call: a cached file is loaded only when it is a regular file
+    whose SHA-256 is the one in its name and which exports the kernel."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = cache / genuine.name
+    if damage == "truncated":
+        target.write_bytes(genuine.read_bytes()[: genuine.stat().st_size // 2])
+    elif damage == "foreign":
+        shutil.copy(foreign_library(tmp_path), target)
+    elif damage == "foreign_under_its_hash":  # passes the hash check, lacks the symbol
+        foreign = foreign_library(tmp_path)
+        key = genuine.name.rsplit("_", 1)[0]
+        shutil.copy(foreign, cache / f"{key}_{sha256(foreign)}.so")
+    else:
+        elsewhere = tmp_path / "elsewhere.so"
+        shutil.copy(genuine, elsewhere)
+        target.symlink_to(elsewhere)
+    s, t = edge_logits(rng, tmp_path / "logits.npz")
+    got = _python(LOSSES, {"KLDIV_CACHE_DIR": str(cache)}, str(tmp_path / "logits.npz"))
+    assert got["status"] == f"compiled ({target})" and "kl" in got["native"]
+    assert_matches_the_core(s, t, got)
+    assert cached(cache) == [genuine.name] and not target.is_symlink()
+    assert sha256(target) == sha256(genuine)
+
+
+@pytest.mark.parametrize(
+    ("cc", "reason"),
+    [
+        ('cc "-O2', "cannot be parsed"),  # shlex.split raised ValueError out of the loss
+        ("true", "wrote no library"),
+        ("cc -Dkldiv_cpu_rows=renamed", "does not export kldiv_cpu_rows"),
+    ],
+)
+def test_an_unusable_compiler_falls_back_to_tensor_code(rng, tmp_path, cc, reason):
+    s, t = edge_logits(rng, tmp_path / "logits.npz")
+    env = {"KLDIV_CACHE_DIR": str(tmp_path / "cache"), "CC": cc}
+    got = _python(LOSSES, env, str(tmp_path / "logits.npz"))
+    assert got["status"].startswith("unavailable (") and reason in got["status"]
+    assert got["native"] == []
+    assert_matches_the_core(s, t, got)
+    assert not (tmp_path / "cache").exists() or cached(tmp_path / "cache") == []
+
+
+def test_fast_math_flags_in_cc_change_nothing(rng, tmp_path):
+    """CC="gcc -ffast-math" changed KL (0.9353 against 0.9226) and, through crtfastmath.o,
+    made the whole process flush subnormals to zero. The build overrides such flags, so the
+    values are the plain build's, bit for bit."""
+    s, t = edge_logits(rng, tmp_path / "logits.npz")
+    data = str(tmp_path / "logits.npz")
+    plain = _python(LOSSES, {"KLDIV_CACHE_DIR": str(tmp_path / "plain"), "CC": "cc"}, data)
+    assert plain["status"].startswith("compiled (") and "kl" in plain["native"]
+    assert_matches_the_core(s, t, plain)
+    # the reported flag, then the rest at once (any one of them left in force would show)
+    for flags in (
+        "-ffast-math",
+        "-Ofast -funsafe-math-optimizations -ffinite-math-only -fno-signed-zeros"
+        " -mpc32 -mfpmath=387",
+    ):
+        env = {"KLDIV_CACHE_DIR": str(tmp_path / "fast"), "CC": f"cc {flags}"}
+        got = _python(LOSSES, env, data)
+        assert got["status"].startswith("compiled (") and got["native"] == plain["native"]
+        assert not got["flushes_subnormals"], flags
+        assert (got["kl"], got["reverse_kl"]) == (plain["kl"], plain["reverse_kl"]), flags
+    # one library per effective command line
+    assert len(cached(tmp_path / "fast")) == 2
+
+
+def test_a_cache_that_cannot_hold_the_library_builds_elsewhere(rng, tmp_path, genuine):
+    s, t = edge_logits(rng, tmp_path / "logits.npz")
+    data = str(tmp_path / "logits.npz")
+    # a missing cache directory is created
+    nested = tmp_path / "missing" / "kldiv"
+    got = _python(LOSSES, {"KLDIV_CACHE_DIR": str(nested)}, data)
+    assert got["status"] == f"compiled ({nested / genuine.name})"
+    assert_matches_the_core(s, t, got)
+    # a directory where the library should go: a private build, loaded, then removed
+    blocked = tmp_path / "blocked"
+    (blocked / genuine.name).mkdir(parents=True)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    got = _python(LOSSES, {"KLDIV_CACHE_DIR": str(blocked), "TMPDIR": str(tmp)}, data)
+    assert got["status"].startswith("compiled (") and not os.path.exists(got["path"])
+    assert got["path"].startswith(str(tmp)) and os.listdir(tmp) == []
+    assert_matches_the_core(s, t, got)
+    # a cache path below a regular file cannot be created, by root either (a permission bit
+    # would not stop root, who runs CI): a private build again
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    got = _python(LOSSES, {"KLDIV_CACHE_DIR": str(afile / "kldiv"), "TMPDIR": str(tmp)}, data)
+    assert got["status"].startswith("compiled (") and got["path"].startswith(str(tmp))
+    assert os.listdir(tmp) == [] and afile.read_text() == "not a directory"
+    assert_matches_the_core(s, t, got)
+
+
+def test_concurrent_builds_install_one_whole_file(rng, tmp_path):
+    """Processes building into one empty cache at once each load a whole library (built into
+    a temporary file, renamed into place) and leave one file behind."""
+    s, t = edge_logits(rng, tmp_path / "logits.npz")
+    env = {**os.environ, "KLDIV_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-c", textwrap.dedent(LOSSES), str(tmp_path / "logits.npz")]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for got in results:
+        assert got["status"].startswith("compiled (") and got["path"] == results[0]["path"]
+        assert (got["kl"], got["reverse_kl"]) == (results[0]["kl"], results[0]["reverse_kl"])
+    assert_matches_the_core(s, t, results[0])
+    assert cached(tmp_path / "cache") == [os.path.basename(results[0]["path"])]
+
+
+def test_a_hung_compiler_times_out_and_leaves_nothing_running(rng, tmp_path):
+    """A compiler that answers --version but never finishes the build (its children holding
+    the output pipes open): killed with its whole process group after the timeout."""
+    marker = f"3127.{os.getpid()}"  # sleep's argument, to find this run's survivors
+    script = (
+        f'if [ "$1" = --version ]; then echo hung-cc 1; else sleep {marker} & sleep {marker}; fi'
+    )
+    env = {"KLDIV_CACHE_DIR": str(tmp_path / "cache"), "CC": shlex.join(["sh", "-c", script, "cc"])}
+    s, t = edge_logits(rng, tmp_path / "logits.npz")
+    code = "from kldiv.torch import _cpu_native\n_cpu_native._TIMEOUT = 2.0\n" + LOSSES
+    start = time.monotonic()
+    got = _python(code, env, str(tmp_path / "logits.npz"))
+    assert time.monotonic() - start < 60
+    assert "did not compile _cpu_kernel.c in 2 s" in got["status"] and got["native"] == []
+    assert_matches_the_core(s, t, got)
+    survivors = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes() == f"sleep\0{marker}\0".encode():
+                survivors.append(cmdline.parent.name)
+        except OSError:
+            pass
+    assert not survivors

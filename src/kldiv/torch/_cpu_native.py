@@ -9,25 +9,47 @@ in one call, reading the logits from memory once. PyTorch's elementwise operator
 a pass per operation, and torch.compile would cost seconds on the first call; this kernel
 is what lets the CPU path beat both.
 
-It is compiled on first use by the system C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``), with ``-O3 -march=native`` so the vector code fits the CPU it runs on. It takes
-about 0.3 s. The shared library is cached under ``$KLDIV_CACHE_DIR``, else
-``$XDG_CACHE_HOME/kldiv``, else ``~/.cache/kldiv``. The cache key is the source, the
-compiler and the CPU's feature flags.
+It is compiled on first use by the system C compiler (``$CC``, which may carry arguments,
+else ``cc``, ``gcc`` or ``clang``), with ``-O3 -march=native`` so the vector code fits the CPU
+it runs on. It takes about 0.3 s. Flags in ``$CC`` cannot change the kernel's floating-point
+semantics: the build appends the flags that turn off ``-ffast-math``, ``-Ofast`` and their
+parts (``-fno-fast-math``, ``-fno-unsafe-math-optimizations``, ``-fno-associative-math``,
+``-fno-reciprocal-math``, ``-fsigned-zeros``, ``-fno-finite-math-only``; the compiler obeys
+the last of a flag and its negation), and drops ``-mpc32``, ``-mpc64``, ``-mpc80`` and
+``-mdaz-ftz`` (they link start-up code that sets the floating-point mode of the whole
+process) and ``-mfpmath=`` (x87 extended precision). A compiler that rejects these flags is
+not used.
 
-Without a compiler, or with ``KLDIV_NATIVE=0`` set, the chunked path runs in tensor code
-instead: the same values, about 1.8× slower (see ``kldiv info``). ctypes releases the GIL
-during the call, so plain Python threads run the row ranges in parallel.
+The shared library is cached under ``$KLDIV_CACHE_DIR``, else ``$XDG_CACHE_HOME/kldiv``, else
+``~/.cache/kldiv``, as ``cpu_kernel_<key>_<sha256>.so``. The key is the source, the compile
+commands (flags included), the compiler's version and the CPU's feature flags; the second
+part is the SHA-256 of the file itself. A build is compiled into a temporary file in the
+cache, loaded and checked (it must export ``kldiv_cpu_rows``), and only then renamed to its
+name, atomically, so concurrent processes never see a partial file. A cached file is loaded
+only when it is a regular file whose SHA-256 matches its name and which exports the kernel:
+a truncated, corrupted or foreign file, or a link to elsewhere, is removed and the kernel
+rebuilt. A cache that cannot be written or mapped (a read-only or ``noexec`` directory)
+builds in a private temporary directory instead. The compiler gets 120 s.
+
+Without a usable compiler (none found, ``$CC`` unparsable, a failed or hung build, a library
+that does not load), or with ``KLDIV_NATIVE=0`` set, the chunked path runs in tensor code
+instead: the same values, about 1.8× slower; ``kldiv info`` (:func:`status`) says why.
+ctypes releases the GIL during the call, so plain Python threads run the row ranges in
+parallel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -39,11 +61,29 @@ import torch
 
 KINDS = {"kl": 0, "reverse_kl": 1}
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
+SYMBOL = "kldiv_cpu_rows"
 # The second set is for compilers that do not know -march=native (some non-x86 clangs).
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+# After $CC's own flags, so they win: the kernel relies on IEEE infinities, NaN tests and
+# signed zeros (-inf logits are zero probabilities), and for -ffast-math, -Ofast or
+# -funsafe-math-optimizations GCC (12 at least) links crtfastmath.o even into a shared
+# library, whose start-up code makes the whole process flush subnormals to zero.
+_STRICT = (
+    "-fno-fast-math",
+    "-fno-unsafe-math-optimizations",
+    "-fno-associative-math",
+    "-fno-reciprocal-math",
+    "-fsigned-zeros",
+    "-fno-finite-math-only",
+)
+# Removed from $CC, having no negation that undoes them: -mpc* and -mdaz-ftz link start-up
+# code that sets the whole process's x87 precision or flush-to-zero on load, and
+# -mfpmath=387 moves the kernel's scalar arithmetic to x87's extended precision.
+_DROPPED = re.compile(r"-mpc(32|64|80)|-mdaz-ftz|-mfpmath=.*")
 # Fused multiply-adds on purpose (10% faster here, and more accurate): the one place where
 # they change a result's range, the row maximum's shift, is guarded in the kernel.
 _COMMON = ("-std=gnu11", "-ffp-contract=fast", "-shared", "-fPIC")
+_TIMEOUT = 120.0
 _OFF = ("0", "false", "off", "no")
 # Below this many elements a thread pool costs more than it saves.
 _PARALLEL_MIN = 1 << 16
@@ -76,15 +116,42 @@ def cache_dir() -> Path:
     return Path(base) / "kldiv"
 
 
-def _compiler() -> list[str] | None:
-    cc = shlex.split(os.environ.get("CC", ""))  # "ccache gcc", "gcc -m64"
-    if cc:
-        return [shutil.which(cc[0]) or cc[0], *cc[1:]]
+def _compiler() -> list[str]:
+    cc = os.environ.get("CC", "")
+    try:
+        args = shlex.split(cc)  # "ccache gcc", "gcc -m64"
+    except ValueError as e:
+        raise RuntimeError(f"CC={cc!r} cannot be parsed: {e}") from None
+    if args:
+        return [
+            shutil.which(args[0]) or args[0],
+            *(a for a in args[1:] if not _DROPPED.fullmatch(a)),
+        ]
     for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
             return [path]
-    return None
+    raise RuntimeError("no C compiler found (cc, gcc or clang; or set CC)")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    # Its own process group, killed whole on a timeout: a hung driver's children (cc1, as,
+    # ld) would otherwise hold the pipes open and block us after the driver is killed.
+    with subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(OSError):  # already gone
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _cpu_flags() -> bytes:
@@ -100,93 +167,105 @@ def _cpu_flags() -> bytes:
     return platform.processor().encode()
 
 
-def _build(directory: Path) -> Path:
-    """The kernel's shared library in ``directory`` (compiled unless already there)."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (cc, gcc or clang; or set CC)")
+def _digest(path: Path) -> str | None:
+    """The SHA-256 of the regular file at ``path``; None for anything else (a symbolic link,
+    a directory, nothing)."""
     try:
-        version = subprocess.run([*cc, "--version"], capture_output=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"the C compiler {cc[0]} does not run: {e}") from e
-    parts = [
-        SOURCE.read_bytes(),
-        " ".join(cc).encode(),
-        version,
-        platform.machine().encode(),
-        _cpu_flags(),
-        repr((_FLAG_SETS, _COMMON)).encode(),
-    ]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"cpu_kernel_{key}.so"
-    if target.exists():
-        return target
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _dlopen(path: Path) -> Any:
+    """The kernel in the library at ``path``, typed. OSError when the library does not load,
+    RuntimeError when it lacks the kernel."""
+    fn = getattr(ctypes.CDLL(str(path)), SYMBOL, None)
+    if fn is None:
+        raise RuntimeError(f"the compiled library does not export {SYMBOL}")
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    fn.argtypes = [ctypes.c_int, i64, i64, p, i64, p, i64, p, f32, p, i64, p, f32, p, p, p]
+    fn.restype = None
+    return fn
+
+
+def _compile(commands: list[list[str]], out: str) -> None:
     error = ""
-    for flags in _FLAG_SETS:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
-        os.close(fd)
-        cmd = [*cc, *flags, *_COMMON, "-o", tmp, str(SOURCE), "-lm"]
+    for cmd in commands:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            proc, error = None, str(e)
-        if proc is not None and proc.returncode == 0:
-            os.replace(tmp, target)  # atomic: concurrent processes each install a whole file
-            return target
-        os.unlink(tmp)
-        if proc is not None:
-            lines = (proc.stderr or proc.stdout or "").strip().splitlines()
-            error = lines[-1] if lines else f"exit status {proc.returncode}"
-    raise RuntimeError(f"{cc[0]} could not compile {SOURCE.name}: {error}")
+            proc = _run([*cmd, "-o", out, str(SOURCE), "-lm"])
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"{cmd[0]} did not compile {SOURCE.name} in {_TIMEOUT:g} s"
+            ) from None
+        except OSError as e:
+            raise RuntimeError(f"the C compiler {cmd[0]} does not run: {e}") from e
+        if proc.returncode == 0:
+            if os.path.getsize(out) == 0:
+                raise RuntimeError(f"{cmd[0]} exited 0 but wrote no library")
+            return
+        lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+        error = lines[-1] if lines else f"exit status {proc.returncode}"
+    raise RuntimeError(f"{commands[0][0]} could not compile {SOURCE.name}: {error}")
 
 
-def _open(directory: Path) -> tuple[Any, Path]:
-    path = _build(directory)
+def _open(directory: Path, commands: list[list[str]], key: str) -> tuple[Any, Path]:
+    """The kernel from ``directory``: a verified cached build, else a fresh one installed
+    there. OSError when the directory cannot be used, RuntimeError when no build works."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in sorted(directory.glob(f"cpu_kernel_{key}_*.so")):
+        if path.name == f"cpu_kernel_{key}_{_digest(path)}.so":
+            # a file that is what its name says but does not load points at the directory
+            # (noexec), so OSError goes up; one without the kernel is foreign
+            with contextlib.suppress(RuntimeError):
+                return _dlopen(path), path
+        with contextlib.suppress(OSError):
+            path.unlink()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
+    os.close(fd)
     try:
-        return ctypes.CDLL(str(path)), path
-    except OSError:  # a truncated or foreign file under our name: build it again
-        path.unlink(missing_ok=True)
-        path = _build(directory)
-        return ctypes.CDLL(str(path)), path
+        _compile(commands, tmp)
+        fn = _dlopen(Path(tmp))
+        path = directory / f"cpu_kernel_{key}_{_digest(Path(tmp))}.so"
+        os.replace(tmp, path)  # atomic: other processes see the whole file or none
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return fn, path
 
 
 def _load() -> None:
     try:
+        cc = _compiler()
         try:
-            lib, path = _open(cache_dir())
+            version = _run([*cc, "--version"]).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RuntimeError(f"the C compiler {cc[0]} does not run: {e}") from e
+        commands = [[*cc, *flags, *_STRICT, *_COMMON] for flags in _FLAG_SETS]
+        parts = [
+            SOURCE.read_bytes(),
+            repr(commands).encode(),
+            version.encode(),
+            platform.machine().encode(),
+            _cpu_flags(),
+        ]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+        try:
+            fn, path = _open(cache_dir(), commands, key)
         except OSError:
-            # a cache that cannot be written (read-only home, foreign directory): build in a
-            # private directory, load, and remove it (the loaded library stays mapped)
+            # a cache that cannot be written or mapped (read-only or noexec home, a foreign
+            # directory): build in a private directory, load, and remove it (the loaded
+            # library stays mapped)
             private = Path(tempfile.mkdtemp(prefix="kldiv-"))
             try:
-                lib, path = _open(private)
+                fn, path = _open(private, commands, key)
             finally:
                 shutil.rmtree(private, ignore_errors=True)
-    except (OSError, RuntimeError) as e:
-        _state["error"] = str(e)
+    except Exception as e:  # the kernel is optional: whatever stops it, tensor code runs
+        _state["error"] = str(e) if isinstance(e, (OSError, RuntimeError)) else repr(e)
         return
-    fn = lib.kldiv_cpu_rows
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [
-        ctypes.c_int,
-        i64,
-        i64,
-        p,
-        i64,
-        p,
-        i64,
-        p,
-        ctypes.c_float,
-        p,
-        i64,
-        p,
-        ctypes.c_float,
-        p,
-        p,
-        p,
-    ]
-    fn.restype = None
     _state.update(fn=fn, path=path)
 
 
