@@ -177,8 +177,16 @@ rho_hat = act.astype(np.float64).mean(0)
 rho = 0.05
 by_hand = 0.01 * np.sum(rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
 reg = kk.KLSparsityRegularizer(target=0.05, weight=0.01)
+# Keras's own L2 activity regularizer says whether this Keras divides activity losses by the
+# batch size (3.14+); called directly on a batch, the regularizer returns B times the penalty
+# there, so that the loss Keras adds is the penalty itself
+l2 = keras.layers.Activation("linear", activity_regularizer=keras.regularizers.L2(1.0))
+l2(keras.ops.ones((4, 1)))
+divides = abs(float(as_np(sum(l2.losses))) - 1.0) < 1e-6  # L2 of four ones is 4; 4/4 = 1
+scale = len(act) if divides else 1
 check(
-    abs(float(as_np(reg(keras.ops.convert_to_tensor(act)))) - by_hand) <= 1e-6, "regularizer value"
+    abs(float(as_np(reg(keras.ops.convert_to_tensor(act)))) - scale * by_hand) <= 1e-6 * scale,
+    "regularizer value",
 )
 dead = act.copy()
 dead[:, 2] = 0.0
@@ -187,6 +195,50 @@ check(
     kk.KLSparsityRegularizer.from_config(reg.get_config()).get_config() == reg.get_config(),
     "regularizer config",
 )
+
+
+# The penalty Keras adds for an activity regularizer is the same at batch 8 and 64 when the
+# batch means are (Keras 3.14+ divides activity losses by the batch size; the regularizer is
+# a function of the mean already), and so is its derivative with respect to the kernel: as a
+# central difference in the kernel's constant c, against the same derivative in float64.
+def activity_penalty(batch, c):
+    layer = keras.layers.Dense(
+        4,
+        activation="sigmoid",
+        kernel_initializer=keras.initializers.Constant(c),
+        activity_regularizer=kk.KLSparsityRegularizer(target=0.05, weight=0.1),
+    )
+    layer(keras.ops.convert_to_tensor(batch))
+    return float(as_np(sum(layer.losses)))
+
+
+def penalty_by_hand(batch, c):
+    rho_b = (1 / (1 + np.exp(-(batch.astype(np.float64) @ np.full((3, 4), c))))).mean(0)
+    return 0.1 * np.sum(0.05 * np.log(0.05 / rho_b) + 0.95 * np.log(0.95 / (1 - rho_b)))
+
+
+small = rng.uniform(-1.0, 1.0, size=(8, 3)).astype("float32")
+large = np.tile(small, (8, 1))  # 64 rows, the same batch mean
+h = 1e-2
+for batch in (small, large):
+    got = activity_penalty(batch, 0.1)
+    want = penalty_by_hand(small, 0.1)
+    check(
+        abs(got - want) <= 1e-6 * want, f"activity penalty at batch {len(batch)}: {got} vs {want}"
+    )
+    slope = (activity_penalty(batch, 0.1 + h) - activity_penalty(batch, 0.1 - h)) / (2 * h)
+    exact = (penalty_by_hand(small, 0.1 + h) - penalty_by_hand(small, 0.1 - h)) / (2 * h)
+    # both quotients difference the same points (the O(h²) truncation cancels); what is left
+    # is the float32 rounding of the two penalties, a few ulp each (16 allowed), over 2h
+    bound = 16 * np.finfo(np.float32).eps * want / h
+    check(abs(slope - exact) <= bound, f"penalty slope at batch {len(batch)}: {slope} vs {exact}")
+for bad in (float("nan"), float("inf"), -1.0):
+    try:
+        kk.KLSparsityRegularizer(weight=bad)
+    except ValueError:
+        pass
+    else:
+        check(False, f"weight={bad} refused")
 
 # 3. a real fit with the loss and the regularizer; save and load the model
 keras.utils.set_random_seed(SEED)  # the layers' initial weights

@@ -52,5 +52,5 @@ def test_construction_errors():
         kk.KLDivergence(beta=0.2)
     with pytest.raises(ValueError, match=r"`target` to be in \[0, 1\]"):
         kk.KLSparsityRegularizer(target=1.5)
-    with pytest.raises(ValueError, match="`weight` to be a float >= 0"):
+    with pytest.raises(ValueError, match="`weight` to be a finite float >= 0"):
         kk.KLSparsityRegularizer(weight=-1.0)
