@@ -126,6 +126,31 @@ def test_logits_near_the_float32_limit_in_a_later_block(rng, kind):
         torch.testing.assert_close(g.double().cpu()[fin], gref[fin], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl"])
+def test_a_later_block_raising_the_maximum_past_the_float32_range(rng, kind):
+    """A row whose first block is all −3e38 and whose later blocks hold +3e38: the maximum
+    jumps by more than the float32 range (its increment is +inf), which rescales the earlier
+    terms to exactly 0 or moves them to +inf. No NaN, and the float32 core's values and
+    gradients (which share its overflow: 3.07e38 in float64 is +inf in both)."""
+    v = 40
+    jump = np.concatenate([np.full(16, -3e38), np.full(v - 16, 3e38)])
+    plain = rng.normal(size=v)
+    rows = [(jump, jump), (plain, jump), (jump, plain)]  # (student, teacher)
+    st = torch.tensor(np.array([r[0] for r in rows]), dtype=torch.float32, device=DEVICE)
+    tt = torch.tensor(np.array([r[1] for r in rows]), dtype=torch.float32, device=DEVICE)
+    keep = torch.ones(len(rows), dtype=torch.bool, device=DEVICE)
+    x = st.clone().requires_grad_(True)
+    out = O.per_row(kind, x, tt, keep, 1.0, 0.3, block=16)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    xc = st.cpu().clone().requires_grad_(True)
+    ref = kldiv.divergence(tt.cpu(), xc, kind, form="logits", reduction="none")
+    (gref,) = torch.autograd.grad(ref.sum(), xc)
+    assert not out.isnan().any() and not g.isnan().any(), (out, g)
+    close_or_both_inf(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    fin = ref.isfinite()
+    torch.testing.assert_close(g.cpu()[fin], gref[fin], rtol=1e-5, atol=1e-5)
+
+
 def comparable_tv_rows(st, tt, keep, temperature):
     """TV's gradient holds sign(q − p): where float32 cannot resolve q − p the sign is a coin
     toss that moves the whole row (through Σh), so such rows are not comparable (seed

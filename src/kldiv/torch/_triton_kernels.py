@@ -102,6 +102,21 @@ def _online_update(m, z, x):
 
 
 @triton.jit
+def _rebase(acc, w_in, inf_hit, up_other, up_own, scale):
+    """The summed terms after a block raised the maxima: their weights (this side's) scale by
+    ``scale = e^-up_own`` and their δ moves by ``up_other − up_own``. A weight scaled to 0
+    drops the terms (no 0·inf); a δ moved to +inf (the other side's maximum jumped past the
+    float32 range) makes them infinite terms, counted in inf_hit and dropped from the sums."""
+    moved = up_other - up_own
+    gone = (w_in == 0.0) | (scale == 0.0)
+    to_inf = ~gone & (moved == POS_INF)
+    keep = ~gone & ~to_inf
+    acc = tl.where(keep, (acc + w_in * (moved * ACC_SCALE)) * scale, 0.0)
+    w_in = tl.where(keep, w_in * scale, 0.0)
+    return acc, w_in, tl.where(to_inf, 1.0, inf_hit)
+
+
+@triton.jit
 def _with_inf(finite, inf_hit, z_s, z_t):
     """The row's value: +inf where a term is, NaN where the sum is NaN (NaN logits) or a row
     has no mass at all (all −inf logits: no distribution), as in the core."""
@@ -156,19 +171,17 @@ def distill_forward_kernel(
             d = (t - m_t) - (s - m_s)
             hit = (t != NEG_INF) & ((s == NEG_INF) | (d == POS_INF))
             summed = live & ~hit & (e_t > 0.0)
-            moved = (m_s - m_s_old) - (m_t - m_t_old)  # NaN/inf only while w_in = 0
-            acc = tl.where(w_in > 0.0, (acc + w_in * (moved * ACC_SCALE)) * scale_t, 0.0)
+            acc, w_in, inf_hit = _rebase(acc, w_in, inf_hit, m_s - m_s_old, m_t - m_t_old, scale_t)
             acc += tl.sum(tl.where(summed, e_t * (d * ACC_SCALE), 0.0), 0)
-            w_in = w_in * scale_t + tl.sum(tl.where(summed, e_t, 0.0), 0)
+            w_in += tl.sum(tl.where(summed, e_t, 0.0), 0)
             inf_hit = tl.maximum(inf_hit, tl.max(hit.to(tl.float32), 0))
         elif KIND == REVERSE_KL:
             d = (s - m_s) - (t - m_t)
             hit = (s != NEG_INF) & ((t == NEG_INF) | (d == POS_INF))
             summed = live & ~hit & (e_s > 0.0)
-            moved = (m_t - m_t_old) - (m_s - m_s_old)
-            acc = tl.where(w_in > 0.0, (acc + w_in * (moved * ACC_SCALE)) * scale_s, 0.0)
+            acc, w_in, inf_hit = _rebase(acc, w_in, inf_hit, m_t - m_t_old, m_s - m_s_old, scale_s)
             acc += tl.sum(tl.where(summed, e_s * (d * ACC_SCALE), 0.0), 0)
-            w_in = w_in * scale_s + tl.sum(tl.where(summed, e_s, 0.0), 0)
+            w_in += tl.sum(tl.where(summed, e_s, 0.0), 0)
             inf_hit = tl.maximum(inf_hit, tl.max(hit.to(tl.float32), 0))
 
     lz_s = tl.log(z_s)

@@ -409,7 +409,25 @@ def _fast_path_obstacles(student: torch.Tensor, teacher: torch.Tensor) -> list[s
         reasons.append("the logits have no category axis")
     if student.device != teacher.device:
         reasons.append("student and teacher are on different devices")
+    if any(_no_data(x) for x in (student, teacher)):
+        reasons.append(
+            "the logits have no data to read (torch.func transforms, fake or meta tensors, "
+            "torch.jit tracing)"
+        )
     return reasons
+
+
+def _no_data(x: torch.Tensor) -> bool:
+    """Tensors the fast paths cannot run on: the C kernel reads raw memory and the autograd
+    Functions have no vmap rule. Under torch.compile the inputs are fake too, but there the
+    Triton custom ops trace (their fake kernels) and the chunked path is refused anyway."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.jit.is_tracing():
+        return True
+    return x.device.type == "meta" or is_fake(x)
 
 
 def _chunked_obstacles(kind: str, beta: float, student: torch.Tensor) -> list[str]:
