@@ -633,6 +633,19 @@ def test_settings_that_differ_on_one_rank_raise_on_every_rank(tmp_path, rng):
             "the settings differ over the data group: {'reduction': ['mean', 'sum']}",
         ),
     ]
+    # valid labels that keep other tokens on one rank: each rank would compute its own loss
+    differ = broken(rng, "labels-differ", {})
+    other = differ["labels"].clone()
+    other[:3] = -100 if bool((other[:3] != -100).any()) else 0
+    differ["tweaks"] = {1: {"replace": {"labels": other}}}
+    cases.append((differ, "the kept tokens differ over the vocab group"))
+    meta = {"student_logits": "meta", "teacher_logits": "meta", "labels": "meta"}
+    cases.append(
+        (
+            broken(rng, "meta-rank", {1: {"convert": meta}}),
+            "the settings differ over the vocab group: {'device type': ['cpu', 'meta']}",
+        )
+    )
     results = launch(2, tmp_path, [case for case, _ in cases], timeout=90)
     assert_same_error(results, {case["name"]: fragment for case, fragment in cases}, 2)
 

@@ -484,15 +484,28 @@ class ParallelDistillationLoss(torch.nn.Module):
         facts = {
             "config": {
                 "dtypes": [str(s.dtype), str(t.dtype)],
+                "device type": s.device.type,
                 "labels given": labels is not None,
                 "mask given": mask is not None,
                 "num_items": value,
             },
-            "vocab": {"the row counts": math.prod(tokens)},
+            "vocab": {"the row counts": math.prod(tokens), "the kept tokens": _digest(keep)},
             "data": {"the slice widths": width},
             "width": width,
         }
         return _Inspection(problems, facts, keep, num_items)
+
+
+def _digest(keep: torch.Tensor | None) -> list[int] | None:
+    """Which tokens a rank keeps, as (count, position-weighted sum): the ranks of a vocab group
+    hold slices of the same tokens, so their labels and masks must keep the same ones (a
+    different but valid label tensor on one rank gave each rank a different loss). One
+    device-to-host read of two integers; nothing to read on meta tensors."""
+    if keep is None or keep.device.type == "meta":
+        return None
+    flat = keep.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device) % 1_000_003
+    return [int(v) for v in torch.stack([flat.sum(), (flat * weights).sum()]).tolist()]
 
 
 _TEACHER_GRAD = "the teacher requires a gradient (detach it; the student gets one)"
@@ -1115,11 +1128,16 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
                 # the dtype of the hidden states' gradient, which the vocab group sums
                 "matmul dtype": str(fl._matmul_dtype(hidden.dtype, hidden.device)),
                 "gradients (hidden, weight, bias)": grads,
+                "device type": hidden.device.type,
                 "labels given": labels is not None,
                 "mask given": mask is not None,
                 "num_items": value,
             },
-            "vocab": {"the row counts": math.prod(tokens), **sizes},
+            "vocab": {
+                "the row counts": math.prod(tokens),
+                "the kept tokens": _digest(keep),
+                **sizes,
+            },
             "data": {"the slice widths": v, **sizes},
             "width": v,
         }
