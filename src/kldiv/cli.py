@@ -4,7 +4,8 @@
 Every error a user can cause (a missing or corrupt file, mismatched shapes, invalid values, an
 output directory that exists, an optional package that is not installed) prints one line,
 ``kldiv <command>: error: <file>: <problem>``, and exits with status 2, leaving no partial
-output behind.
+output behind. SIGTERM and SIGHUP, like Ctrl-C, remove a partly written output directory; the
+status is then 128 + the signal's number.
 
 ``compare`` and ``info`` run on the base install. ``demo`` trains with PyTorch and needs
 ``pip install "kldiv[torch,cli]"`` (``demo --no-train`` runs on the base install); ``bench``
@@ -14,16 +15,18 @@ needs ``pip install "kldiv[torch]"``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import math
 import os
 import platform
+import secrets
 import shutil
+import signal
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -196,7 +199,12 @@ def demo(
     return 0
 
 
-CHUNK_BYTES = 32 << 20  # per input file and chunk: bounds memory whatever the file size
+# Per input file and chunk: bounds memory whatever the file size. The working set is about
+# nine chunks (both files' blocks in flight and prefetched, and the float64 copies the
+# statistics make): at 16 MiB the peak resident set is about 225 MiB, 450 MiB with PyTorch
+# imported for .pt input (benchmarks/bench_compare_memory.py); 8 to 32 MiB chunks take the
+# same CPU time.
+CHUNK_BYTES = 16 << 20
 
 
 def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -318,7 +326,13 @@ def _out_path(value: str) -> Path:
 
 def _check_out(dest: Path) -> None:
     """--out must be new, in a writable directory."""
-    if dest.exists() or dest.is_symlink():
+    try:
+        os.lstat(dest)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # new; a parent that is not a directory is reported below
+    except OSError as e:  # e.g. a name too long, a directory that cannot be searched
+        raise UsageError(f"{dest}: cannot be used as --out ({e.strerror})") from None
+    else:
         raise UsageError(
             f"{dest}: already exists; kldiv never overwrites results, pass a new --out"
         )
@@ -433,12 +447,18 @@ def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> str | Non
 
 
 def _atomic_dir(dest: Path, write: Any) -> None:
-    """Write into a fresh sibling directory, then rename: all files or none appear."""
+    """Write into a fresh hidden sibling directory, then rename: all files or none appear.
+
+    The sibling is removed on any failure, and on SIGINT, SIGTERM and SIGHUP (see main)."""
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{parent}: the parent of --out does not exist")
+    # Named before it exists, so that a signal at any point finds it to remove. os.mkdir, not
+    # tempfile.mkdtemp (mode 0700): the results get the mode the umask gives, as any directory
+    # the user creates. The name is cut so that a --out name near the limit still fits.
+    tmp = parent / f".{dest.name[:200]}.{secrets.token_hex(4)}"
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
+        os.mkdir(tmp)
     except OSError as e:
         raise UsageError(f"{parent}: cannot write there ({e.strerror})") from None
     try:
@@ -450,6 +470,37 @@ def _atomic_dir(dest: Path, write: Any) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so that it unwinds as it does on
+    KeyboardInterrupt: a partial --out directory is removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminate_by_unwinding() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        # once only: a second signal must not interrupt the cleanup of the first
+        for s in saved:
+            signal.signal(s, signal.SIG_IGN)
+        raise _Terminated(signum)
+
+    saved: dict[int, Any] = {}
+    for name in ("SIGTERM", "SIGHUP"):  # SIGHUP does not exist on Windows
+        if hasattr(signal, name):
+            try:
+                saved[getattr(signal, name)] = signal.signal(getattr(signal, name), handler)
+            except ValueError:  # not the main thread: signals stay as they are
+                break
+    try:
+        yield
+    finally:
+        for s, previous in saved.items():
+            signal.signal(s, previous)
 
 
 # What each optional package enables, and the extra that installs it. Triton has no extra:
@@ -737,19 +788,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)[1:]
     try:
-        if args.command == "demo":
-            return demo(args.out, train=not args.no_train)
-        if args.command == "compare":
-            return compare(args)
-        if args.command == "bench":
-            return bench(args)
-        return info()
+        with _terminate_by_unwinding():
+            if args.command == "demo":
+                return demo(args.out, train=not args.no_train)
+            if args.command == "compare":
+                return compare(args)
+            if args.command == "bench":
+                return bench(args)
+            return info()
     except UsageError as e:
-        print(f"kldiv {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        error = str(e)
     except BrokenPipeError:  # `kldiv compare ... | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # one the checks did not foresee (e.g. a full disk under stdout)
+        error = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+    except _Terminated as e:
+        return 128 + e.signum  # the shell's convention for a process ended by a signal
+    print(f"kldiv {args.command}: error: {' '.join(error.splitlines())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
