@@ -813,3 +813,34 @@ def test_binomials_with_different_counts_are_exact_with_their_support_rule():
             f = [reference(int(n_p[i]), a[i], int(n_q[i]), b[i]) for a, b in args]
             # central difference: error O(h²·f''') + rounding O(eps·|f|/h), both below 1e-8
             assert abs(grad[i].item() - (f[0] - f[1]) / (2 * h)) < 1e-7
+    # q's batch wider than p's, and n_q > n_p > n_q mixed in one batch
+    wide = D.kl(
+        D.Binomial(5, 0.3), D.Binomial(np.array([4.0, 6.0, 7.0]), np.array([0.2, 0.3, 0.4]))
+    )
+    assert wide[0] == math.inf
+    np.testing.assert_allclose(
+        wide[1:], [reference(5, 0.3, 6, 0.3), reference(5, 0.3, 7, 0.4)], rtol=1e-12
+    )
+
+    # P a point mass (a = 0 or 1): the value, and a finite gradient. The Bernoulli part keeps
+    # bernoulli_kl's convention at the boundary (its true slope is infinite there), so the
+    # gradient differs from equal counts' by the count term's one-sided slope alone:
+    # n_p·(S(1) − S(0)) at a = 0 and n_p·(S(n_p) − S(n_p − 1)) at a = 1, with
+    # S(k) = Σ_{i=1..d} log(1 − k/(n_p + i)) written out here
+    def count_term(k, n1, n2):
+        return sum(math.log1p(-k / (n1 + i)) for i in range(1, n2 - n1 + 1))
+
+    f64 = {"dtype": torch.float64}
+    for a0, n1, n2 in ((0.0, 3, 5), (1.0, 3, 5), (0.0, 2, 9), (1.0, 6, 7)):
+        grads = []
+        for count_q in (n1, n2):
+            ta = torch.tensor(a0, requires_grad=True, **f64)
+            q_ = D.Binomial(torch.tensor(float(count_q), **f64), torch.tensor(0.4, **f64))
+            v = D.kl(D.Binomial(torch.tensor(float(n1), **f64), ta), q_)
+            v.backward()
+            grads.append(ta.grad.item())
+        np.testing.assert_allclose(v.item(), reference(n1, a0, n2, 0.4), rtol=1e-12)
+        lo, hi = (0, 1) if a0 == 0.0 else (n1 - 1, n1)
+        slope = n1 * (count_term(hi, n1, n2) - count_term(lo, n1, n2))
+        assert math.isfinite(grads[1])
+        np.testing.assert_allclose(grads[1] - grads[0], slope, rtol=1e-12)

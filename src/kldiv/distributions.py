@@ -1588,22 +1588,83 @@ def _binomial_pair(p: Binomial, q: Binomial) -> Array:
         # Equal counts cannot be verified on traced values; the closed form assumes them.
         return binomial_kl(p.total_count, p.probs, q.probs)
     if not (_host(n_p) == _host(n_q)).all():
-        return _binomial_sum(p, q, int(np.max(_host(n_p))))
+        return _binomial_counts_differ(p, q)
     return binomial_kl(p.total_count, p.probs, q.probs)
 
 
-def _binomial_sum(p: Binomial, q: Binomial, most: int) -> Array:
-    """KL(Bin(n_p, p) ‖ Bin(n_q, q)) for different counts: the exact sum over k = 0..max n_p
-    of ``P(k)·(log P(k) − log Q(k))`` (no closed form exists: the lnC(n_p,k) − lnC(n_q,k)
-    term needs its expectation). Exact zero support through the core's terms: +inf where P
-    puts mass on a k that Q cannot reach (k > n_q, e.g. n_p > n_q with p > 0), and finite
-    where it does not (p = 0 is the point mass at 0, whatever n_p). O(max n_p) per element."""
-    xp, (n_p, probs_p) = p.arrays()
-    k = xp.arange(most + 1, dtype=probs_p.dtype, device=ns.device_of(probs_p))
-    k = xp.reshape(k, (most + 1,) + (1,) * len(p.batch_shape()))
-    with np.errstate(divide="ignore"):  # log 0 outside a support is meant (NumPy arrays)
-        lp, lq = p.log_prob(k), q.log_prob(k)
-    return xp.sum(_math.kl_terms(xp, lp, lq), axis=0)
+# Up to this many extra trials the count term is summed trial by trial (log1p, exact); beyond,
+# as a difference of lnΓ (relative rounding of lnΓ(n), fine when the term is that large).
+_FEW_EXTRA = 64
+
+
+def _binomial_counts_differ(p: Binomial, q: Binomial) -> Array:
+    """KL(Bin(n_p, a) ‖ Bin(n_q, b)) for different counts (no closed form exists).
+
+    For n_p ≤ n_q, with d = n_q − n_p: ``n_p·KL(Ber(a)‖Ber(b)) − d·log(1 − b) + E[S(k)]``,
+    k ~ Bin(n_p, a), ``S(k) = lnC(n_p, k) − lnC(n_q, k) = Σ_{i=1..d} log(1 − k/(n_p + i))``,
+    the expectation an exact sum over k = 0..n_p (O(n_p·min(d, 64)) per element). At a = 0 or
+    1 (P a point mass) E[S] is S(0) or S(n_p) and its derivative the one-sided
+    ``n_p·(S(1) − S(0))`` or ``n_p·(S(n_p) − S(n_p − 1))``. For n_p > n_q, P reaches counts Q
+    cannot: +inf unless a = 0, where P is the point mass at 0 and the KL is ``−n_q·log(1 − b)``
+    (no gradient with respect to a there: any a > 0 gives +inf).
+    """
+    spec = (
+        ("total_count_p", p.total_count, "any"),
+        ("probs_p", p.probs, "any"),
+        ("total_count_q", q.total_count, "any"),
+        ("probs_q", q.probs, "any"),
+    )
+    xp, (n_p, a, n_q, b) = _params(spec, False, counts=("total_count_p", "total_count_q"))
+    shape = tuple(np.broadcast_shapes(*(tuple(x.shape) for x in (n_p, a, n_q, b))))
+    n_p, a, n_q, b = (xp.broadcast_to(x, shape) for x in (n_p, a, n_q, b))
+    dtype, device = a.dtype, ns.device_of(a)
+    d = n_q - n_p
+    fits = d >= 0
+    n = xp.where(fits, n_p, 0.0)  # the sum runs where P fits in Q; elsewhere a dummy
+    dd = xp.where(fits, d, 0.0)
+    most = int(np.max(_host(n))) if n.size else 0
+    k = xp.reshape(xp.arange(most + 1, dtype=dtype, device=device), (most + 1,) + (1,) * len(shape))
+    inside = k <= n
+    kk = xp.where(inside, k, 0.0)
+    sp = ns.special(xp)
+    few = int(np.max(_host(dd))) <= _FEW_EXTRA if dd.size else True
+
+    def count_term(at: Array) -> Array:
+        if few:
+            total = xp.zeros_like(at + n)
+            for i in range(1, int(np.max(_host(dd))) + 1 if dd.size else 1):
+                step = xp.log1p(-at / (n + i))
+                total = total + xp.where(dd >= i, step, 0.0)
+            return total
+        return (sp.gammaln(n + dd - at + 1) - sp.gammaln(n - at + 1)) - (
+            sp.gammaln(n + dd + 1) - sp.gammaln(n + 1)
+        )
+
+    # P(k) for a strictly inside (0, 1); the point masses are handled below
+    edge = (a == 0) | (a == 1)
+    a_in = xp.where(edge, 0.5, a)
+    log_pmf = (
+        sp.gammaln(n + 1)
+        - sp.gammaln(kk + 1)
+        - sp.gammaln(n - kk + 1)
+        + kk * xp.log(a_in)
+        + (n - kk) * xp.log1p(-a_in)
+    )
+    pmf = xp.where(inside, xp.exp(log_pmf), 0.0)
+    s_k = count_term(kk)
+    expected = xp.sum(pmf * s_k, axis=0)
+    s0, s1 = count_term(xp.zeros_like(n)), count_term(xp.minimum(n, 1.0))
+    s_top, s_below = count_term(n), count_term(xp.maximum(n - 1, 0.0))
+    at_zero = s0 + a * n * (s1 - s0)
+    at_one = s_top + (a - 1) * n * (s_top - s_below)
+    expected = xp.where(a == 0, at_zero, xp.where(a == 1, at_one, expected))
+    # −d·log(1 − b): 0 for d = 0 even at b = 1 (made safe before the product)
+    log_miss = _math.safe_log(xp, 1 - b)
+    extra = -xp.where(dd > 0, dd * xp.where(dd > 0, log_miss, 0.0), 0.0)
+    fitted = n * bernoulli_kl(a, b) + extra + expected
+    point = -n_q * xp.where(a == 0, log_miss, 0.0)
+    beyond = xp.where(a == 0, point, INF)
+    return xp.where(fits, fitted, xp.where(a == 0, beyond, INF))
 
 
 _pair(Binomial, Binomial, _binomial_pair)
