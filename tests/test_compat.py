@@ -177,6 +177,9 @@ def test_scipy_parity(xp, rng):
     )
     f32 = compat.scipy_rel_entr(xp.asarray(a, "float32"), xp.asarray(b, "float32"))
     assert xp.dtype_name(f32) == "float32"
+    # a Python number takes the other argument's float dtype, as in NumPy 2 and SciPy
+    assert xp.dtype_name(compat.scipy_rel_entr(xp.asarray(a, "float32"), 2)) == "float32"
+    assert xp.dtype_name(compat.scipy_rel_entr(0.5, xp.asarray(b, "float32"))) == "float32"
     # integers compute in float64, as SciPy does
     ia, ib = np.array([3, 0, 2, 1]), np.array([1, 1, 0, 4])
     ints = compat.scipy_rel_entr(xp.asarray(ia), xp.asarray(ib))

@@ -230,11 +230,23 @@ def scipy_rel_entr(x: Array, y: Array) -> Array:
     yourself, or call ``kldiv.kl_div(x, y, reduction="none")``.
     """
     xp, (a, b) = _xp(x, y)
-    # integers and booleans compute in float64 as in SciPy (float32 where JAX lacks x64)
-    a, b = (
-        v if xp.isdtype(v.dtype, "real floating") else xp.astype(v, ns.widest_float(xp))
-        for v in (a, b)
-    )
+
+    # integer and boolean arrays compute in float64 as in SciPy (float32 where JAX lacks x64);
+    # a Python number is weak, as in NumPy 2: it takes the other argument's float dtype
+    def weak(orig: Any) -> bool:
+        return isinstance(orig, int | float) and not hasattr(orig, "dtype")
+
+    pairs = ((a, x), (b, y))
+    strong = [v.dtype for v, o in pairs if not weak(o) and xp.isdtype(v.dtype, "real floating")]
+
+    def as_float(v: Array, orig: Any) -> Array:
+        if weak(orig) and strong:
+            return xp.astype(v, strong[0])
+        if xp.isdtype(v.dtype, "real floating"):
+            return v
+        return xp.astype(v, ns.widest_float(xp))
+
+    a, b = (as_float(v, o) for v, o in pairs)
     if a.dtype != b.dtype:
         dtype = xp.result_type(a, b) if hasattr(xp, "result_type") else a.dtype
         a, b = xp.astype(a, dtype), xp.astype(b, dtype)
