@@ -465,7 +465,10 @@ def foreign_library(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "foreign_under_its_hash", "symlink"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "foreign", "foreign_under_its_hash", "garbage_under_its_hash", "symlink"],
+)
 def test_a_cached_library_that_is_not_the_kernel_is_rebuilt(rng, tmp_path, genuine, damage):
     """Loading a truncated library killed the process (SIGBUS), and a foreign one raised
     `undefined symbol` on every call: a cached file is loaded only when it is a regular file
@@ -481,6 +484,11 @@ def test_a_cached_library_that_is_not_the_kernel_is_rebuilt(rng, tmp_path, genui
         foreign = foreign_library(tmp_path)
         key = genuine.name.rsplit("_", 1)[0]
         shutil.copy(foreign, cache / f"{key}_{sha256(foreign)}.so")
+    elif damage == "garbage_under_its_hash":  # not a library: it was taken for a noexec cache
+        junk = tmp_path / "junk"
+        junk.write_bytes(b"garbage")
+        key = genuine.name.rsplit("_", 1)[0]
+        shutil.copy(junk, cache / f"{key}_{sha256(junk)}.so")
     else:
         elsewhere = tmp_path / "elsewhere.so"
         shutil.copy(genuine, elsewhere)

@@ -178,6 +178,27 @@ def _digest(path: Path) -> str | None:
         return None
 
 
+# ELF, and Mach-O (32/64-bit, either byte order, universal)
+_LIBRARY_MAGIC = (
+    b"\x7fELF",
+    b"\xfe\xed\xfa\xce",
+    b"\xfe\xed\xfa\xcf",
+    b"\xce\xfa\xed\xfe",
+    b"\xcf\xfa\xed\xfe",
+    b"\xca\xfe\xba\xbe",
+)
+
+
+def _looks_like_library(path: Path) -> bool:
+    """Whether the file starts like a shared library: a file named by its own hash that is
+    not one (any bytes can be named so) is foreign, not a sign of a noexec directory."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _LIBRARY_MAGIC
+    except OSError:
+        return False
+
+
 def _dlopen(path: Path) -> Any:
     """The kernel in the library at ``path``, typed. OSError when the library does not load,
     RuntimeError when it lacks the kernel."""
@@ -215,8 +236,8 @@ def _open(directory: Path, commands: list[list[str]], key: str) -> tuple[Any, Pa
     there. OSError when the directory cannot be used, RuntimeError when no build works."""
     directory.mkdir(parents=True, exist_ok=True)
     for path in sorted(directory.glob(f"cpu_kernel_{key}_*.so")):
-        if path.name == f"cpu_kernel_{key}_{_digest(path)}.so":
-            # a file that is what its name says but does not load points at the directory
+        if path.name == f"cpu_kernel_{key}_{_digest(path)}.so" and _looks_like_library(path):
+            # a library that is what its name says but does not load points at the directory
             # (noexec), so OSError goes up; one without the kernel is foreign
             with contextlib.suppress(RuntimeError):
                 return _dlopen(path), path
