@@ -397,7 +397,9 @@ def test_mapped_layouts_read_exactly(tmp_path, rng):
 # --- 5. signals while writing --out, and the mode of --out ------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["INT", "TERM", "HUP"]
+)
 def test_signal_while_writing_out_removes_the_partial_directory(tmp_path, rng, signum):
     # 20000 tokens: the histogram and the report take a second or more to write, ample time
     # to see the hidden working directory appear and signal the process inside that window
@@ -445,3 +447,85 @@ def test_out_directory_mode_follows_the_umask(tmp_path, rng, umask, dir_mode, fi
     assert stat.S_IMODE((tmp_path / "rep").stat().st_mode) == dir_mode
     for f in (tmp_path / "rep").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == file_mode, f.name
+
+
+# A run over many small chunks (kldiv.cli.CHUNK_BYTES lowered in a fresh interpreter): the
+# reading thread is mid-copy when a later chunk fails
+SMALL_CHUNKS = """
+import sys
+from kldiv import cli
+
+cli.CHUNK_BYTES = 4096
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_an_error_in_a_later_chunk_stops_the_reading_thread_first(tmp_path, rng):
+    """A bad label in the second chunk used to unmap the files under the thread still copying
+    the next chunk: a segfault after the error line (6 runs of 6 on 64 MB files)."""
+    a, b = pair(tmp_path, rng, shape=(4000, 64))
+    labels = rng.integers(0, 64, size=4000)
+    labels[100] = 5000  # past the first chunk of 16 rows
+    np.save(tmp_path / "labels.npy", labels)
+    for _ in range(5):
+        proc = subprocess.run(
+            [sys.executable, "-c", SMALL_CHUNKS, "compare", "a.npy", "b.npy"]
+            + ["--labels", "labels.npy", "--quiet"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert_error(proc, "labels.npy", "got 5000")
+
+
+def test_a_big_endian_pt_is_read_in_its_byte_order(tmp_path, rng):
+    """A .pt saved on a big-endian machine (its archive says so) crashed PyTorch's meta load
+    and would have been read as native bytes: it loads byte-swapped, the same report."""
+    a, b = pair(tmp_path, rng)
+    torch.save(torch.from_numpy(a), tmp_path / "a.pt")
+    src = zipfile.ZipFile(tmp_path / "a.pt")
+    with zipfile.ZipFile(tmp_path / "big.pt", "w", zipfile.ZIP_STORED) as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            elif "/data/" in info.filename:
+                data = np.frombuffer(data, dtype="<f4").astype(">f4").tobytes()
+            out.writestr(info, data)
+    got, want = (compare(f, "b.npy", "--json", cwd=tmp_path) for f in ("big.pt", "a.pt"))
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == json.loads(want.stdout)
+    check_report(report(got), a, b)
+
+
+def test_a_deeply_nested_safetensors_header_is_one_line(tmp_path, rng):
+    pair(tmp_path, rng)
+    header = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "deep.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert_error(compare("deep.safetensors", "b.npy", cwd=tmp_path), "deep.safetensors")
+
+
+def test_a_compressed_member_spills_only_its_array(tmp_path, rng):
+    """With --axis 0 a deflated member is decompressed to a temporary file: its array only,
+    not whatever follows it in the member (256 MB of zeros here, all written before)."""
+    x = rng.normal(size=(6, 50, 33)).astype(np.float32)
+    write_npz(tmp_path / "excess.npz", npy_bytes(x) + bytes(256 << 20), zipfile.ZIP_DEFLATED)
+    np.save(tmp_path / "x.npy", x)
+    import resource
+
+    def small_files() -> None:  # a write past 16 MiB fails (SIGXFSZ): the spill must fit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kldiv", "compare", "excess.npz", "x.npy", "--axis", "0"]
+        + ["--json", "--quiet"],
+        cwd=tmp_path,
+        preexec_fn=small_files,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    check_report(json.loads(out), x, x, axis=0)

@@ -24,9 +24,9 @@ import json
 import math
 import mmap
 import os
-import shutil
 import stat
 import struct
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -385,7 +385,10 @@ class _NpzStream(ArrayFile):
             try:
                 with self._zip.open(self._member) as s:
                     _read_header(s)
-                    shutil.copyfileobj(s, tmp, _PIECE)
+                    left = self.nbytes  # the array alone: trailing bytes are not copied
+                    while left > 0 and (piece := s.read(min(_PIECE, left))):
+                        tmp.write(piece)
+                        left -= len(piece)
                 tmp.flush()
             except (OSError, *_ZIP_ERRORS) as e:
                 raise InputError(
@@ -439,7 +442,7 @@ def _safetensors(path: Path, f: IO[bytes], key: str | None) -> ArrayFile:
         header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: not a valid .safetensors file ({_reason(e)})") from None
     name = _only(path, [k for k in header if k != "__metadata__"], key)
     entry = header[name]
@@ -499,7 +502,9 @@ def _torch(path: Path, f: IO[bytes], key: str | None) -> ArrayFile:
 
     zip_format = f.read(4) == b"PK\x03\x04"
     f.seek(0)
-    if zip_format:
+    # The mapped path reads the bytes as stored: only for archives in this machine's byte
+    # order (PyTorch also crashes byte-swapping a meta storage); others load swapped below.
+    if zip_format and _torch_byteorder(f) == sys.byteorder:
         # Loaded onto the meta device, tensors carry shape, strides and dtype but no data, and
         # their storages say where their bytes lie in the file: mapped from there, their pages
         # can be handed back.
@@ -534,6 +539,19 @@ def _torch_numpy_dtype(path: Path, dtype: Any) -> np.dtype:
         return torch.empty(0, dtype=dtype).numpy().dtype
     except TypeError:
         raise InputError(f"{path}: holds {dtype}, which NumPy cannot represent") from None
+
+
+def _torch_byteorder(f: IO[bytes]) -> str | None:
+    """The byte order a zip-format .pt records (``<archive>/byteorder``; files from before it
+    was recorded are little-endian); None for an unreadable archive, left to torch.load."""
+    try:
+        with zipfile.ZipFile(f) as z:
+            names = [n for n in z.namelist() if n.endswith("/byteorder")]
+            order = z.read(names[0]).decode().strip() if names else "little"
+    except (OSError, UnicodeDecodeError, *_ZIP_ERRORS):
+        order = None
+    f.seek(0)
+    return order
 
 
 def _torch_mapped(path: Path, f: IO[bytes], meta: Any, offset: int) -> ArrayFile:

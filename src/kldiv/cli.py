@@ -301,20 +301,38 @@ def _prefetched(blocks: Any) -> Any:
 
     q: queue.Queue = queue.Queue(maxsize=1)  # one chunk ahead: memory stays bounded
     done = object()
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
 
     def work() -> None:
         try:
             for item in blocks:
-                q.put(item)
-            q.put(done)
+                if stop.is_set():
+                    return
+                put(item)
+            put(done)
         except BaseException as e:  # handed to the consumer, raised there
-            q.put(e)
+            put(e)
 
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        # The worker reads mapped files: it must be finished before the caller unmaps them
+        # (an error, a signal or Ctrl-C would otherwise close the map under a running copy).
+        stop.set()
+        worker.join()
 
 
 def _out_path(value: str) -> Path:
@@ -355,6 +373,7 @@ def compare(args: argparse.Namespace, out=None) -> int:
 
     ref, cand, labels = _open_inputs(args)
     stats = TokenStats()
+    pairs = None
     try:
         ndim = len(ref.shape)
         vocab = ref.shape[args.axis]
@@ -389,12 +408,17 @@ def compare(args: argparse.Namespace, out=None) -> int:
             start += rows
             bar.update(rows)
         bar.close()
-        report = stats.report()
+        try:
+            report = stats.report()
+        except ValueError as e:  # every token's label is ignore_index
+            raise UsageError(f"{args.labels or ref.path}: {e}") from None
     except _io.InputError as e:  # raised while streaming (e.g. a truncated .npz member)
         raise UsageError(str(e)) from None
-    except ValueError as e:  # e.g. every token's label is ignore_index
-        raise UsageError(f"{args.labels or ref.path}: {e}") from None
+    except ValueError as e:  # from reading the arrays
+        raise UsageError(f"{ref.path}: {e}") from None
     finally:
+        if pairs is not None:
+            pairs.close()  # stops the reading thread before the files are unmapped
         for f in (ref, cand):
             f.close()
     # --out first: if writing fails, the command fails before printing anything
@@ -438,6 +462,8 @@ def _write_outputs(dest: Path, stats: Any, report: Any, title: str) -> str | Non
             return
         try:
             _histogram(stats, tmp / "kl_histogram.png", f"per-token KL: {title}")
+        except OSError:  # a full disk or the like is a failure to write --out, not a plot's
+            raise
         except Exception as e:  # a broken font cache or backend must not lose the report
             (tmp / "kl_histogram.png").unlink(missing_ok=True)
             problem.append(f"matplotlib failed: {type(e).__name__}: {e}")
@@ -457,40 +483,47 @@ def _atomic_dir(dest: Path, write: Any) -> None:
     # tempfile.mkdtemp (mode 0700): the results get the mode the umask gives, as any directory
     # the user creates. The name is cut so that a --out name near the limit still fits.
     tmp = parent / f".{dest.name[:200]}.{secrets.token_hex(4)}"
+    _PARTIAL.append(tmp)  # before it exists: a signal at any point finds it to remove
     try:
-        os.mkdir(tmp)
-    except OSError as e:
-        raise UsageError(f"{parent}: cannot write there ({e.strerror})") from None
-    try:
-        write(tmp)
-        os.rename(tmp, dest)  # atomic; fails if dest appeared meanwhile
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"{dest}: cannot write the results ({e.strerror})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            os.mkdir(tmp)
+        except OSError as e:
+            raise UsageError(f"{parent}: cannot write there ({e.strerror})") from None
+        try:
+            write(tmp)
+            os.rename(tmp, dest)  # atomic
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UsageError(f"{dest}: cannot write the results ({e.strerror})") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        _PARTIAL.remove(tmp)
 
 
-class _Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised where the program is, so that it unwinds as it does on
-    KeyboardInterrupt: a partial --out directory is removed on the way out."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+# Hidden --out directories being written, for the signal handler to remove.
+_PARTIAL: list[Path] = []
 
 
 @contextlib.contextmanager
-def _terminate_by_unwinding() -> Iterator[None]:
+def _exit_cleanly_on_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP remove a partial --out directory and end the process at
+    once with status 128 + signal number. Not by raising where the program happens to be:
+    an exception can land inside a thread pool's start-up or a cleanup handler, and reading
+    threads may still hold mapped files (that hung or crashed at exit)."""
+
     def handler(signum: int, frame: Any) -> None:
-        # once only: a second signal must not interrupt the cleanup of the first
-        for s in saved:
+        for s in saved:  # a second signal must not interrupt this one's cleanup
             signal.signal(s, signal.SIG_IGN)
-        raise _Terminated(signum)
+        for path in list(_PARTIAL):
+            shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(128 + signum)
 
     saved: dict[int, Any] = {}
-    for name in ("SIGTERM", "SIGHUP"):  # SIGHUP does not exist on Windows
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP does not exist on Windows
         if hasattr(signal, name):
             try:
                 saved[getattr(signal, name)] = signal.signal(getattr(signal, name), handler)
@@ -788,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)[1:]
     try:
-        with _terminate_by_unwinding():
+        with _exit_cleanly_on_signals():
             if args.command == "demo":
                 return demo(args.out, train=not args.no_train)
             if args.command == "compare":
@@ -803,8 +836,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as e:  # one the checks did not foresee (e.g. a full disk under stdout)
         error = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
-    except _Terminated as e:
-        return 128 + e.signum  # the shell's convention for a process ended by a signal
+    except KeyboardInterrupt:  # before the handler is installed or after it is restored
+        return 130
     print(f"kldiv {args.command}: error: {' '.join(error.splitlines())}", file=sys.stderr)
     return 2
 
