@@ -512,16 +512,18 @@ def test_a_compressed_member_spills_only_its_array(tmp_path, rng):
     x = rng.normal(size=(6, 50, 33)).astype(np.float32)
     write_npz(tmp_path / "excess.npz", npy_bytes(x) + bytes(256 << 20), zipfile.ZIP_DEFLATED)
     np.save(tmp_path / "x.npy", x)
-    import resource
-
-    def small_files() -> None:  # a write past 16 MiB fails (SIGXFSZ): the spill must fit
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-
+    # the limit is set in the child itself: a preexec_fn would fork this multithreaded
+    # process (JAX's threads), which can deadlock
+    limited = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))\n"
+        "from kldiv.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kldiv", "compare", "excess.npz", "x.npy", "--axis", "0"]
+        [sys.executable, "-c", limited, "compare", "excess.npz", "x.npy", "--axis", "0"]
         + ["--json", "--quiet"],
         cwd=tmp_path,
-        preexec_fn=small_files,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
