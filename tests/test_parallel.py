@@ -846,4 +846,12 @@ def test_slices_reassemble_the_core_without_processes(batch, kind):
     fin = ref.isfinite()
     torch.testing.assert_close(sums[0][fin], ref.detach()[fin], rtol=1e-9, atol=1e-9)
     ref.masked_fill(~fin, 0.0).sum().backward()
-    torch.testing.assert_close(grad[fin], s64.grad[fin], rtol=1e-9, atol=1e-9)
+    rows = fin
+    if kind == "tv":
+        # TV's gradient holds sign(q − p): where q and p tie to within rounding (1/3 against
+        # 1/3 here, computed per slice or over the row) the sign, and the row's gradient
+        # through Σh, is decided by the last bit; such rows are not comparable
+        q = torch.softmax(torch.tensor(s) * inv_t, -1)
+        p = torch.softmax(torch.tensor(t) * inv_t, -1)
+        rows = fin & ~((q - p).abs() <= 1e-12 * (q + p)).any(-1)
+    torch.testing.assert_close(grad[rows], s64.grad[rows], rtol=1e-9, atol=1e-9)
