@@ -47,6 +47,7 @@ __all__ = [
     "stop_gradient",
     "native_log_softmax",
     "is_traced",
+    "torch_without_data",
     "to_host_bool",
     "widest_float",
     "special",
@@ -245,13 +246,21 @@ def is_traced(x: Any) -> bool:
 
 def _torch_traced(x: Any) -> bool:
     import torch
+
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
+        return True
+    return torch_without_data(x) or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def torch_without_data(x: Any) -> bool:
+    """Outside torch.compile: a torch tensor whose memory cannot be read (under a
+    ``torch.func`` transform or jit tracing, fake, or on the meta device)."""
+    import torch
     from torch._subclasses.fake_tensor import is_fake
 
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type == "meta":
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.jit.is_tracing():
         return True
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or is_fake(x):
-        return True
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return x.device.type == "meta" or is_fake(x)
 
 
 def to_host_bool(x: Any) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import _check
+from .. import _namespace as ns
 from .._defaults import (
     DISTILLATION_KINDS,
     FAST_PATHS,
@@ -421,13 +422,9 @@ def _no_data(x: torch.Tensor) -> bool:
     """Tensors the fast paths cannot run on: the C kernel reads raw memory and the autograd
     Functions have no vmap rule. Under torch.compile the inputs are fake too, but there the
     Triton custom ops trace (their fake kernels) and the chunked path is refused anyway."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.jit.is_tracing():
-        return True
-    return x.device.type == "meta" or is_fake(x)
+    return ns.torch_without_data(x)
 
 
 def _chunked_obstacles(kind: str, beta: float, student: torch.Tensor) -> list[str]:
