@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import kldiv
+from kldiv._kinds import ENGINE_KINDS
 from kldiv.torch import DistillationLoss
-from kldiv.torch import _triton_launch as L
 from kldiv.torch import _triton_ops as O
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DIVS = list(L.KIND_IDS)
+DIVS = list(ENGINE_KINDS)
 PARAM = {"js": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -215,7 +215,7 @@ def test_distillation_loss_options_through_the_kernels(rng, kind, reduction):
     )
     fast = DistillationLoss(kind, fast_path="triton", **opts)
     core = DistillationLoss(kind, fast_path=False, **opts)
-    assert fast._path(st, tt) == "triton"
+    assert fast.path_for(st, tt) == "triton"
     num_items = 13.0 if reduction == "mean" else None
     out = fast(st, tt, lab, num_items=num_items)
     s64 = torch.tensor(np.nan_to_num(s), dtype=torch.float64, requires_grad=True)
@@ -247,8 +247,8 @@ def test_dispatch_and_errors():
     )
     # automatic dispatch: Triton on CUDA, the chunked path on CPU
     expected = "triton" if DEVICE == "cuda" else "chunked"
-    assert DistillationLoss("kl")._path(s, s) == expected
-    assert DistillationLoss("kl")._path(s.double(), s.double()) == "core"
+    assert DistillationLoss("kl").path_for(s, s) == expected
+    assert DistillationLoss("kl").path_for(s.double(), s.double()) == "core"
 
 
 def test_custom_ops_pass_opcheck(rng):

@@ -16,7 +16,7 @@ import pytest
 from mypy import api as mypy_api
 
 import kldiv
-from kldiv import _defaults, estimators
+from kldiv import _defaults, _kinds, estimators
 
 # Each line that must type-check ends in "# ok", each that must not in "# E"; reveal_type lines
 # are read by name.
@@ -160,7 +160,7 @@ def test_option_tuples_match_the_literals():
     assert _defaults.FORMS == get_args(_defaults.Form) == ("probs", "logits", "log_probs")
     assert _defaults.REDUCTIONS == get_args(_defaults.Reduction) == ("mean", "sum", "none")
     assert tuple(kldiv.KINDS) == get_args(_defaults.Kind)
-    assert set(_defaults.KIND_PARAMS) <= set(kldiv.KINDS)
+    assert set(_kinds.KIND_PARAMS) <= set(kldiv.KINDS)
     assert distillation.DIVERGENCES == topk.KINDS == get_args(_defaults.DistillationKind)
     assert set(get_args(_defaults.DistillationKind)) == set(kldiv.KINDS) - {"symmetric_kl"}
     assert topk.TAIL_POLICIES == get_args(_defaults.TailPolicy)

@@ -17,7 +17,8 @@ Reduction: TypeAlias = Literal["mean", "sum", "none"]
 Kind: TypeAlias = Literal[
     "kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "symmetric_kl", "tv"
 ]
-# the kinds the distillation losses compute (all but "symmetric_kl")
+# the kinds the distillation losses and the row engines compute (all but "symmetric_kl");
+# their registry is kldiv._kinds
 DistillationKind: TypeAlias = Literal["kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv"]
 # DistillationLoss(fast_path=): True (choose per call), False (the core) or one path, forced
 FastPath: TypeAlias = Literal["triton", "chunked"]
@@ -45,7 +46,6 @@ KerasReduction: TypeAlias = Literal[
 
 FORMS: Final[tuple[Form, ...]] = get_args(Form)
 REDUCTIONS: Final[tuple[Reduction, ...]] = get_args(Reduction)
-DISTILLATION_KINDS: Final[tuple[DistillationKind, ...]] = get_args(DistillationKind)
 FAST_PATHS: Final[tuple[bool | FastPath, ...]] = (True, False, *get_args(FastPath))
 
 FORM: Final[Form] = "probs"
@@ -54,10 +54,3 @@ REDUCTION: Final[Reduction] = "mean"
 TEMPERATURE = 1.0
 JS_BETA = 0.5
 SKEW_ALPHA = 0.1
-
-# The extra keyword each kind takes, with its default (for shells that dispatch by name).
-KIND_PARAMS = {
-    "js": {"beta": JS_BETA},
-    "skew_kl": {"alpha": SKEW_ALPHA},
-    "skew_reverse_kl": {"alpha": SKEW_ALPHA},
-}

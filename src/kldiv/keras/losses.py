@@ -15,7 +15,8 @@ from typing import Any
 import keras
 
 from .. import _check
-from .._defaults import AXIS, FORM, KIND_PARAMS, TEMPERATURE, FormSpec, KerasReduction, Kind
+from .._defaults import AXIS, FORM, TEMPERATURE, FormSpec, KerasReduction, Kind
+from .._kinds import KIND_PARAMS
 from ..divergences import KINDS
 
 __all__ = [

@@ -28,13 +28,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Kinds, as constexpr integers (the launcher maps names to these).
-KL: tl.constexpr = 0
-REVERSE_KL: tl.constexpr = 1
-JS: tl.constexpr = 2
-SKEW_KL: tl.constexpr = 3
-SKEW_REVERSE_KL: tl.constexpr = 4
-TV: tl.constexpr = 5
+from .._kinds import KIND_CODES
+
+# Kinds, as constexpr integers: their codes in the registry, which the launcher passes.
+KL: tl.constexpr = KIND_CODES["kl"]
+REVERSE_KL: tl.constexpr = KIND_CODES["reverse_kl"]
+JS: tl.constexpr = KIND_CODES["js"]
+SKEW_KL: tl.constexpr = KIND_CODES["skew_kl"]
+SKEW_REVERSE_KL: tl.constexpr = KIND_CODES["skew_reverse_kl"]
+TV: tl.constexpr = KIND_CODES["tv"]
 
 # The online sums Σ e·δ are kept scaled by 2^-32: unnormalised (e ≤ 1, so up to V·max|δ|) they
 # would overflow float32 for logits near 3e38 where the normalised value does not. A power of

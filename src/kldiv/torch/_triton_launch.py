@@ -13,16 +13,9 @@ from typing import TypeAlias, cast
 import torch
 import triton
 
+from .._kinds import KIND_CODES
 from . import _triton_kernels as K
 
-KIND_IDS = {
-    "kl": 0,
-    "reverse_kl": 1,
-    "js": 2,
-    "skew_kl": 3,
-    "skew_reverse_kl": 4,
-    "tv": 5,
-}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Columns per loop step. 4096 float32 per program keeps the loop body in registers on Hopper
 # with 8 warps; small vocabularies take the next power of two.
@@ -38,19 +31,6 @@ def _block(v: int, block: int | None) -> tuple[int, int]:
     b = block or min(MAX_BLOCK, triton.next_power_of_2(max(v, 1)))
     warps = 4 if b <= 1024 else (8 if b <= 4096 else 16)
     return b, warps
-
-
-def resolve(kind: str, w: float) -> tuple[str, bool]:
-    """The kind the kernels compute and whether the result is identically zero: the mixture
-    endpoints reduce to plain KL (weight 0 on the mixed-in side) or to 0 (mixture = argument)."""
-    if kind == "js" and w in (0.0, 1.0):
-        return kind, True
-    if kind in ("skew_kl", "skew_reverse_kl"):
-        if w == 1.0:
-            return kind, True
-        if w == 0.0:
-            return ("kl" if kind == "skew_kl" else "reverse_kl"), False
-    return kind, False
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +70,7 @@ def forward(
         inv_t,
         w,
         HAS_KEEP=keep is not None,
-        KIND=KIND_IDS[kind],
+        KIND=KIND_CODES[kind],
         BLOCK=b,
         num_warps=warps,
     )
@@ -133,7 +113,7 @@ def backward(
         inv_t,
         w,
         HAS_KEEP=keep is not None,
-        KIND=KIND_IDS[kind],
+        KIND=KIND_CODES[kind],
         BLOCK=b,
         num_warps=warps,
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .._kinds import resolve
 from . import _triton_launch as L
 
 
@@ -78,11 +79,6 @@ def _backward(ctx: Any, g_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
 distill_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
-def supports(kind: str, w: float) -> bool:
-    """Whether the kernels compute this divergence (the identically-zero endpoints do not)."""
-    return kind in L.KIND_IDS and not L.resolve(kind, w)[1]
-
-
 def per_row(
     kind: str,
     student: torch.Tensor,
@@ -94,8 +90,9 @@ def per_row(
 ) -> torch.Tensor:
     """Per-row D(teacher‖student) ``[N]`` (float32; masked rows 0) of ``[N, V]`` logits in
     float32, bfloat16 or float16, differentiable with respect to ``student``."""
-    kind, zero = L.resolve(kind, w)
-    if zero:
+    resolved = resolve(kind, w)
+    kind = resolved.kind
+    if resolved.zero:
         raise ValueError(f"{kind} with weight {w} is identically 0; use the core.")
     if student.dtype not in L.DTYPES or teacher.dtype not in L.DTYPES:
         raise TypeError(

@@ -3,19 +3,14 @@ with labels, temperature and global normalisation, dispatched to the fastest exa
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any, Protocol
 
 import torch
 
 from .. import _check
-from .. import _namespace as ns
 from .._defaults import (
-    DISTILLATION_KINDS,
     FAST_PATHS,
     JS_BETA,
-    KIND_PARAMS,
     REDUCTION,
     SKEW_ALPHA,
     TEMPERATURE,
@@ -23,13 +18,15 @@ from .._defaults import (
     FastPath,
     Reduction,
 )
+from .._kinds import ENGINE_KINDS, params_of, weight_of
 from ..divergences import KINDS
-from . import _cpu
+from ._rows import dispatch
+from ._rows.dispatch import reduce_rows
 from .topk import TopKTeacher, topk_distillation_rows
 
 __all__ = ["DistillationLoss"]
 
-DIVERGENCES = DISTILLATION_KINDS
+DIVERGENCES = ENGINE_KINDS
 _FAST_PATHS = FAST_PATHS
 
 
@@ -242,7 +239,7 @@ class DistillationLoss(torch.nn.Module):
         return ", ".join(config_repr(self))
 
     def _params(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in KIND_PARAMS.get(self.divergence, {})}
+        return params_of(self.divergence, self.beta, self.alpha)
 
     def forward(
         self,
@@ -274,9 +271,19 @@ class DistillationLoss(torch.nn.Module):
         )
         num_items = _check.check_num_items(num_items, self.reduction)
         scale = self.temperature**2 if self.scale_by_temperature_squared else 1.0
-        path = self._path(student_logits, teacher_logits)
+        path = self.path_for(student_logits, teacher_logits)
         if path != "core":
-            loss = self._fast(path, student_logits, teacher_logits, keep, num_items)
+            rows = dispatch.rows(
+                path,
+                self.divergence,
+                student_logits,
+                teacher_logits,
+                keep,
+                self.temperature,
+                self.beta,
+                self.alpha,
+            )
+            loss = reduce_rows(rows, keep, self.reduction, num_items)
         else:
             loss = KINDS[self.divergence](
                 teacher_logits,
@@ -290,8 +297,16 @@ class DistillationLoss(torch.nn.Module):
             )
         return loss * scale if scale != 1.0 else loss
 
+    def path_for(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> str:
+        """Which engine computes these inputs: ``"triton"``, ``"chunked"`` or ``"core"`` (see
+        the class doc). Raises ``ValueError`` with the reason when a forced ``fast_path``
+        cannot take them."""
+        return dispatch.choose(
+            self.fast_path, self.divergence, self._weight(), student_logits, teacher_logits
+        )
+
     def _weight(self) -> float:
-        return self.beta if self.divergence == "js" else self.alpha
+        return weight_of(self.divergence, self.beta, self.alpha)
 
     def _topk(
         self,
@@ -316,148 +331,4 @@ class DistillationLoss(torch.nn.Module):
         )
         if self.scale_by_temperature_squared:
             rows = rows * self.temperature**2
-        return _reduce_rows(rows, keep, self.reduction, num_items)
-
-    def _path(self, student: torch.Tensor, teacher: torch.Tensor) -> str:
-        """``"triton"``, ``"chunked"`` or ``"core"`` for these inputs (see the class doc)."""
-        if self.fast_path is False:
-            return "core"
-        path = self.fast_path
-        if path is True:
-            path = "chunked" if student.device.type == "cpu" else "triton"
-        reasons = _fast_path_obstacles(student, teacher)
-        if path == "triton":
-            reasons += _triton_obstacles(self.divergence, self._weight(), student, teacher)
-        else:
-            reasons += _chunked_obstacles(self.divergence, self.beta, student)
-        if not reasons:
-            return path
-        if self.fast_path is True:
-            return "core"
-        raise ValueError(f"fast_path={self.fast_path!r} cannot take these inputs: {reasons[0]}.")
-
-    def _fast(
-        self,
-        path: str,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        keep: torch.Tensor | None,
-        num_items: Any,
-    ) -> torch.Tensor:
-        v = student.shape[-1]
-        tokens = tuple(student.shape[:-1])
-        flat_keep = None if keep is None else keep.reshape(-1)
-        if path == "triton":
-            from . import _triton_ops
-
-            rows = _triton_ops.per_row(
-                self.divergence,
-                student.reshape(-1, v),
-                teacher.reshape(-1, v),
-                flat_keep,
-                self.temperature,
-                self._weight(),
-            )
-        else:
-            rows = _cpu.per_row(
-                self.divergence,
-                student.reshape(-1, v),
-                teacher.reshape(-1, v),
-                flat_keep,
-                self.temperature,
-                self.beta,
-                alpha=self.alpha,
-            )
-        out_dtype = torch.promote_types(student.dtype, torch.float32)
-        return _reduce_rows(rows.to(out_dtype).reshape(tokens), keep, self.reduction, num_items)
-
-
-def _reduce_rows(
-    rows: torch.Tensor, keep: torch.Tensor | None, reduction: str, num_items: Any
-) -> torch.Tensor:
-    """Per-token values (skipped tokens 0) reduced as the core does: "mean" over the kept
-    tokens (or by ``num_items``; 0 when nothing is kept), "sum", or "none"."""
-    if reduction == "none":
-        return rows
-    return _reduce_total(
-        rows.sum(), rows.numel() if keep is None else keep.sum(), reduction, num_items
-    )
-
-
-def _reduce_total(total: torch.Tensor, count: Any, reduction: str, num_items: Any) -> torch.Tensor:
-    """``"sum"``: ``total``; ``"mean"``: ``total / num_items`` if given, else ``total / count``
-    (an int or a tensor: the kept tokens), at least 1, so that an empty mean is 0."""
-    if reduction == "sum":
-        return total
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):  # the loss keeps its dtype, as in the core
-            num_items = num_items.to(device=total.device, dtype=total.dtype)
-        return total / num_items
-    if isinstance(count, torch.Tensor):
-        return total / count.clamp_min(1)
-    return total / max(count, 1)
-
-
-def _fast_path_obstacles(student: torch.Tensor, teacher: torch.Tensor) -> list[str]:
-    """Why neither fast path applies (empty: one may). They give the student alone a gradient,
-    in float32 arithmetic, over a non-empty last axis."""
-    reasons = []
-    if teacher.requires_grad:
-        reasons.append("the teacher requires a gradient (the core provides it)")
-    if torch.float64 in (student.dtype, teacher.dtype):
-        reasons.append("float64 logits keep the core's float64 arithmetic")
-    if student.ndim < 1 or student.shape[-1] == 0:
-        reasons.append("the logits have no category axis")
-    if student.device != teacher.device:
-        reasons.append("student and teacher are on different devices")
-    if any(_no_data(x) for x in (student, teacher)):
-        reasons.append(
-            "the logits have no data to read (torch.func transforms, fake or meta tensors, "
-            "torch.jit tracing)"
-        )
-    return reasons
-
-
-def _no_data(x: torch.Tensor) -> bool:
-    """Tensors the fast paths cannot run on: the C kernel reads raw memory and the autograd
-    Functions have no vmap rule. Under torch.compile the inputs are fake too, but there the
-    Triton custom ops trace (their fake kernels) and the chunked path is refused anyway."""
-    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
-        return False
-    return ns.torch_without_data(x)
-
-
-def _chunked_obstacles(kind: str, beta: float, student: torch.Tensor) -> list[str]:
-    reasons = []
-    if kind not in _cpu.SUPPORTED:
-        reasons.append(f"the chunked path does not compute {kind!r}")
-    # JSD at β ∈ {0, 1} is identically 0: the core's short-circuit handles it
-    if kind == "js" and beta in (0.0, 1.0):
-        reasons.append("JSD at beta 0 or 1 is identically 0")
-    if student.device.type != "cpu":
-        reasons.append("the chunked path runs on CPU tensors")
-    if torch.compiler.is_compiling():
-        reasons.append("under torch.compile the chunked path's Python loop would be traced")
-    return reasons
-
-
-def _triton_obstacles(
-    kind: str, w: float, student: torch.Tensor, teacher: torch.Tensor
-) -> list[str]:
-
-    if importlib.util.find_spec("triton") is None:
-        return ["Triton is not installed"]
-    from . import _triton_ops
-
-    reasons = []
-    if not _triton_ops.supports(kind, w):
-        reasons.append(f"{kind!r} at weight {w} is identically 0 (the core short-circuits it)")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if student.device.type != "cuda" and not (interpret and student.device.type == "cpu"):
-        reasons.append("the Triton kernels run on CUDA tensors (on CPU: TRITON_INTERPRET=1)")
-    if student.dtype not in _TRITON_DTYPES or teacher.dtype not in _TRITON_DTYPES:
-        reasons.append("the Triton kernels take float32, bfloat16 or float16 logits")
-    return reasons
-
-
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+        return reduce_rows(rows, keep, self.reduction, num_items)

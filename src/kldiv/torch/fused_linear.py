@@ -27,8 +27,10 @@ from .._defaults import (
     DistillationKind,
     Reduction,
 )
+from .._kinds import resolve, weight_of
 from . import _cpu
-from .distillation import _reduce_total, check_float_tensor, config_repr, configure, token_keep
+from ._rows.dispatch import reduce_total
+from .distillation import check_float_tensor, config_repr, configure, token_keep
 
 __all__ = ["FusedLinearDistillationLoss"]
 
@@ -60,7 +62,7 @@ def _logit_chunk(
     the Triton kernels compute it: the gradient then comes in the logits' dtype, from the
     same one-pass backward kernel as DistillationLoss's with ``grad_output = 1``.
     """
-    w = beta if kind == "js" else alpha
+    w = weight_of(kind, beta, alpha)
     dtypes = (student_logits.dtype, teacher_logits.dtype)
     if (
         (_TRITON or (_TRITON is None and student_logits.is_cuda))
@@ -69,8 +71,9 @@ def _logit_chunk(
     ):
         from . import _triton_launch as L
 
-        if kind in L.KIND_IDS and not L.resolve(kind, w)[1]:
-            kernel_kind = L.resolve(kind, w)[0]
+        resolved = resolve(kind, w)
+        if not resolved.zero:
+            kernel_kind = resolved.kind
             inv_t = 1.0 / temperature
             stats = L.forward(student_logits, teacher_logits, keep, kernel_kind, inv_t, w)
             grad = None
@@ -413,7 +416,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             loss = out.reshape(tokens)
         else:
             count = n if index is None else index.numel()
-            loss = _reduce_total(out, count, self.reduction, num_items)
+            loss = reduce_total(out, count, self.reduction, num_items)
         if self.scale_by_temperature_squared and self.temperature != 1.0:
             loss = loss * self.temperature**2
         return loss

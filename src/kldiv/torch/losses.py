@@ -26,7 +26,6 @@ from .._defaults import (
     AXIS,
     FORM,
     JS_BETA,
-    KIND_PARAMS,
     REDUCTION,
     SKEW_ALPHA,
     TEMPERATURE,
@@ -34,6 +33,7 @@ from .._defaults import (
     Kind,
     Reduction,
 )
+from .._kinds import KIND_PARAMS
 from ..divergences import KINDS
 
 __all__ = [

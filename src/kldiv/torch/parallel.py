@@ -72,19 +72,18 @@ from torch.autograd.function import once_differentiable
 from .. import _check
 from .._defaults import (
     JS_BETA,
-    KIND_PARAMS,
     REDUCTION,
     SKEW_ALPHA,
     TEMPERATURE,
     DistillationKind,
     Reduction,
 )
+from .._kinds import KIND_PARAMS, params_of
 from ..divergences import KINDS
 from . import fused_linear as fl
+from ._rows.dispatch import reduce_rows, reduce_total
 from .distillation import (
     DistillationConfig,
-    _reduce_rows,
-    _reduce_total,
     config_repr,
     configure,
     token_keep,
@@ -300,7 +299,7 @@ def vocab_parallel_rows(
     The low-level form of :class:`ParallelDistillationLoss` (which validates, reduces and
     handles the data-parallel group); two collectives on ``vocab_group``, none in backward.
     """
-    params = {name: {"beta": beta, "alpha": alpha}[name] for name in KIND_PARAMS.get(kind, {})}
+    params = params_of(kind, beta, alpha)
     return _Rows.apply(
         student, teacher, keep, kind, temperature, params, vocab_group, torch.is_grad_enabled()
     )
@@ -706,7 +705,7 @@ def _data_parallel_reduce(
 ) -> torch.Tensor:
     """Per-token values reduced over the tokens of every rank of ``group``."""
     if _world(group) == 1 or reduction == "none":
-        return _reduce_rows(rows, keep, reduction, num_items)
+        return reduce_rows(rows, keep, reduction, num_items)
     count = rows.numel() if keep is None else keep.sum()
     return _global_total(rows.sum(), count, reduction, num_items, group)
 
@@ -723,7 +722,7 @@ def _global_total(
     )
     _sum(packed, group)
     total = _GlobalSum.apply(local, packed[0].to(local.dtype))
-    return _reduce_total(total, packed[1].to(total.dtype), reduction, num_items)
+    return reduce_total(total, packed[1].to(total.dtype), reduction, num_items)
 
 
 class _GlobalSum(torch.autograd.Function):
@@ -1047,7 +1046,7 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         count = n if keep is None else keep.sum()
         if _world(self.data_group) > 1:
             return _global_total(out, count, self.reduction, num_items, self.data_group)
-        return _reduce_total(out, count, self.reduction, num_items)
+        return reduce_total(out, count, self.reduction, num_items)
 
     def _inspect(
         self,

@@ -102,21 +102,20 @@ import torch
 from .. import _check
 from .. import _namespace as ns
 from .._defaults import (
-    DISTILLATION_KINDS,
     JS_BETA,
-    KIND_PARAMS,
     SKEW_ALPHA,
     TEMPERATURE,
     DistillationKind,
     TailPolicy,
 )
+from .._kinds import ENGINE_KINDS, params_of
 from ..divergences import KINDS as _CORE_KINDS
 
 __all__ = ["TopKTeacher", "topk_distillation_rows", "TAIL_POLICIES", "TOLERANCE"]
 
 INF = math.inf
 TAIL_POLICIES: tuple[TailPolicy, ...] = get_args(TailPolicy)
-KINDS = DISTILLATION_KINDS
+KINDS = ENGINE_KINDS
 
 # Default tolerance (in log space) for stored log-probs above 0 and for Σ exp(log_probs) above 1,
 # by the dtype the log-probs are stored in. Measured worst excess of Σp over 1 for top-k
@@ -348,9 +347,10 @@ def topk_distillation_rows(
             "spread over the tail ids). Use tail='renormalize', or store the teacher's top-k "
             "log-probs of logits / T and divide the student logits by T yourself."
         )
-    params = {}
-    for name in KIND_PARAMS.get(kind, {}):
-        params[name] = _check.check_unit_interval(name, {"beta": beta, "alpha": alpha}[name])
+    params = {
+        name: _check.check_unit_interval(name, value)
+        for name, value in params_of(kind, beta, alpha).items()
+    }
     if teacher.check and (ns.is_traced(teacher.log_probs) or ns.is_traced(student_logits)):
         raise ValueError(
             "`check=True` reads the data and cannot run under jax.jit, vmap or torch.compile; "

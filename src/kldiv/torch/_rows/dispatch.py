@@ -1,0 +1,217 @@
+"""The one dispatcher of the row engine: which engine computes ``D(teacher‖student)`` per row
+of two logit tensors, the call into it, and the reductions its callers share.
+
+Engines, all with the core's values and zero-support rules (tested against it):
+
+* ``"triton"``: fused Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``),
+  torch.library custom ops that ``torch.compile`` traces through;
+* ``"chunked"``: row chunks on CPU, through the compiled C kernel where it is available and
+  tensor code for the rows it leaves (:mod:`kldiv.torch._cpu`);
+* ``"core"``: :func:`kldiv.divergence`, the definition, for everything the engines cannot
+  decide exactly: a teacher that needs a gradient, float64, ``torch.func`` transforms, fake
+  or meta tensors, jit tracing, and the endpoints where a divergence is identically 0.
+
+Callers: the core functions on torch tensors (:func:`engine_rows`), ``DistillationLoss``,
+``FusedLinearDistillationLoss`` and the parallel losses (:func:`choose`, :func:`rows`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from ... import _namespace as ns
+from ..._defaults import JS_BETA, SKEW_ALPHA
+from ..._kinds import ENGINE_KINDS, resolve, weight_of
+
+__all__ = ["choose", "rows", "engine_rows", "reduce_rows", "reduce_total"]
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def choose(
+    fast_path: bool | str,
+    kind: str,
+    w: float,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    teacher_grad: bool | None = None,
+) -> str:
+    """``"triton"``, ``"chunked"`` or ``"core"`` for these inputs. ``fast_path=True`` picks
+    the engine of the device and falls back to the core; ``"triton"`` or ``"chunked"`` forces
+    that engine and raises ``ValueError`` with the first reason it cannot take the inputs;
+    ``False`` is the core. ``teacher_grad`` (default: ``teacher.requires_grad``) says whether
+    the teacher needs a gradient, which only the core gives."""
+    if fast_path is False:
+        return "core"
+    path = fast_path
+    if path is True:
+        path = "chunked" if student.device.type == "cpu" else "triton"
+    if teacher_grad is None:
+        teacher_grad = teacher.requires_grad
+    reasons = _common_obstacles(kind, w, student, teacher, teacher_grad)
+    if path == "triton":
+        reasons += _triton_obstacles(student, teacher)
+    else:
+        reasons += _chunked_obstacles(student)
+    if not reasons:
+        return str(path)
+    if fast_path is True:
+        return "core"
+    raise ValueError(f"fast_path={fast_path!r} cannot take these inputs: {reasons[0]}.")
+
+
+def rows(
+    path: str,
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    temperature: float,
+    beta: float = JS_BETA,
+    alpha: float = SKEW_ALPHA,
+) -> torch.Tensor:
+    """Per-token ``D(teacher‖student)`` of ``[..., V]`` logits through the engine ``path``
+    (``"triton"`` or ``"chunked"``, from :func:`choose`): the token shape, skipped tokens
+    (``keep`` False) 0, float32 (float64 when an input is), differentiable with respect to
+    ``student``."""
+    v = student.shape[-1]
+    tokens = tuple(student.shape[:-1])
+    flat_keep = None if keep is None else keep.reshape(-1)
+    s2, t2 = student.reshape(-1, v), teacher.reshape(-1, v)
+    if path == "triton":
+        from .. import _triton_ops
+
+        out = _triton_ops.per_row(
+            kind, s2, t2, flat_keep, temperature, weight_of(kind, beta, alpha)
+        )
+    elif path == "chunked":
+        from .. import _cpu
+
+        out = _cpu.per_row(kind, s2, t2, flat_keep, temperature, beta, alpha=alpha)
+    else:
+        raise ValueError(f"Unknown engine {path!r}.")
+    out_dtype = torch.promote_types(student.dtype, torch.float32)
+    return out.to(out_dtype).reshape(tokens)
+
+
+def engine_rows(
+    kind: str,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    keep: torch.Tensor | None,
+    temperature: float,
+    params: dict[str, float],
+) -> torch.Tensor | None:
+    """The core functions' fast path on torch tensors: per-distribution ``kind(p, q)`` of
+    logits along the last axis (``p`` the teacher, ``q`` the student, validated by the core;
+    ``keep`` a boolean tensor broadcastable to the batch shape), or None where the engine
+    cannot give exactly the core's semantics and the core must run: shapes that broadcast,
+    ``p`` needing a gradient, float64, an endpoint where the divergence is identically 0, and
+    whatever :func:`choose` refuses. ``"symmetric_kl"`` is the sum of two engine calls."""
+    if kind == "symmetric_kl":
+        forward = engine_rows("kl", p, q, keep, temperature, {})
+        if forward is None:
+            return None
+        backward = engine_rows("reverse_kl", p, q, keep, temperature, {})
+        return None if backward is None else forward + backward
+    if kind not in ENGINE_KINDS or p.shape != q.shape or p.ndim == 0 or p.numel() == 0:
+        return None
+    w = weight_of(kind, **params)
+    teacher_grad = p.requires_grad and torch.is_grad_enabled()
+    path = choose(True, kind, w, q, p, teacher_grad=teacher_grad)
+    if path == "core":
+        return None
+    if keep is not None:
+        if keep.device != q.device:
+            return None
+        keep = keep.expand(q.shape[:-1])
+    if not torch.is_grad_enabled():
+        q = q.detach()
+    return rows(path, kind, q, p.detach(), keep, temperature, **params)
+
+
+def reduce_rows(
+    values: torch.Tensor, keep: torch.Tensor | None, reduction: str, num_items: Any
+) -> torch.Tensor:
+    """Per-token values (skipped tokens 0) reduced as the core does: "mean" over the kept
+    tokens (or by ``num_items``; 0 when nothing is kept), "sum", or "none"."""
+    if reduction == "none":
+        return values
+    return reduce_total(
+        values.sum(), values.numel() if keep is None else keep.sum(), reduction, num_items
+    )
+
+
+def reduce_total(total: torch.Tensor, count: Any, reduction: str, num_items: Any) -> torch.Tensor:
+    """``"sum"``: ``total``; ``"mean"``: ``total / num_items`` if given, else ``total / count``
+    (an int or a tensor: the kept tokens), at least 1, so that an empty mean is 0."""
+    if reduction == "sum":
+        return total
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):  # the loss keeps its dtype, as in the core
+            num_items = num_items.to(device=total.device, dtype=total.dtype)
+        return total / num_items
+    if isinstance(count, torch.Tensor):
+        return total / count.clamp_min(1)
+    return total / max(count, 1)
+
+
+def _common_obstacles(
+    kind: str, w: float, student: torch.Tensor, teacher: torch.Tensor, teacher_grad: bool
+) -> list[str]:
+    """Why no engine applies (empty: one may). The engines give the student alone a gradient,
+    in float32 arithmetic, over a non-empty last axis."""
+    reasons = []
+    if kind not in ENGINE_KINDS:
+        reasons.append(f"the engines do not compute {kind!r}")
+    elif resolve(kind, w).zero:
+        reasons.append(f"{kind!r} at weight {w} is identically 0 (the core returns an exact 0)")
+    if teacher_grad:
+        reasons.append("the teacher requires a gradient (the core provides it)")
+    if torch.float64 in (student.dtype, teacher.dtype):
+        reasons.append("float64 logits keep the core's float64 arithmetic")
+    if student.ndim < 1 or student.shape[-1] == 0:
+        reasons.append("the logits have no category axis")
+    if student.device != teacher.device:
+        reasons.append("student and teacher are on different devices")
+    if any(_no_data(x) for x in (student, teacher)):
+        reasons.append(
+            "the logits have no data to read (torch.func transforms, fake or meta tensors, "
+            "torch.jit tracing)"
+        )
+    return reasons
+
+
+def _no_data(x: torch.Tensor) -> bool:
+    """Tensors the engines cannot run on: the C kernel reads raw memory and the autograd
+    Functions have no vmap rule. Under torch.compile the inputs are fake too, but there the
+    Triton custom ops trace (their fake kernels) and the chunked engine is refused anyway."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
+        return False
+    return ns.torch_without_data(x)
+
+
+def _chunked_obstacles(student: torch.Tensor) -> list[str]:
+    reasons = []
+    if student.device.type != "cpu":
+        reasons.append("the chunked path runs on CPU tensors")
+    if torch.compiler.is_compiling():
+        reasons.append("under torch.compile the chunked path's Python loop would be traced")
+    return reasons
+
+
+def _triton_obstacles(student: torch.Tensor, teacher: torch.Tensor) -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["Triton is not installed"]
+    reasons = []
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if student.device.type != "cuda" and not (interpret and student.device.type == "cpu"):
+        reasons.append("the Triton kernels run on CUDA tensors (on CPU: TRITON_INTERPRET=1)")
+    if student.dtype not in TRITON_DTYPES or teacher.dtype not in TRITON_DTYPES:
+        reasons.append("the Triton kernels take float32, bfloat16 or float16 logits")
+    return reasons
