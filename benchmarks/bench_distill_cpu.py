@@ -1,13 +1,15 @@
 """DistillationLoss's CPU fast path against PyTorch eager and torch.compile.
 
     python benchmarks/bench_distill_cpu.py [--n 4096] [--v 32000] [--rounds 3] [--iters 5]
-                                           [--kinds kl,reverse_kl,js]
+                                           [--kinds kl,reverse_kl,js,skew_kl,skew_reverse_kl,tv]
 
 Forward + backward to the student logits from float32 logits, N × V. Anchors: the formula
 trainers write (for KL ``F.kl_div(F.log_softmax(s), F.log_softmax(t), log_target=True,
 reduction="batchmean")``) in eager mode and under ``torch.compile`` (steady state after
 warm-up; its first call, the compilation, is reported separately). Candidate:
-``kldiv.torch.DistillationLoss(kind)``. The method is :mod:`kldiv._bench`'s (also behind
+``kldiv.torch.DistillationLoss(kind)``; and the floor, the exps any fused forward + backward
+needs (2 per element, 3 where a log of a mixture is needed) into a freshly allocated
+``[N, V]`` gradient. The method is :mod:`kldiv._bench`'s (also behind
 ``kldiv bench``): a fresh subprocess per measurement, variants alternating over rounds,
 median of ``--iters`` after 2 warm-ups; peak extra memory is the rise of the peak resident
 set over the resident set once the inputs exist. Results go to
@@ -35,8 +37,8 @@ def main() -> int:
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--kinds", default="kl,reverse_kl")
-    ap.add_argument("--variants", default="eager,compile,kldiv")
+    ap.add_argument("--kinds", default="kl,reverse_kl,js,skew_kl,skew_reverse_kl,tv")
+    ap.add_argument("--variants", default="eager,compile,kldiv,floor")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     res = _bench.run(

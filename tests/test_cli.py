@@ -364,7 +364,7 @@ def test_bench_prints_ratios_and_writes_json_and_csv(tmp_path):
             ln for ln in out.splitlines() if ln.startswith(f"{kind} ") and "eager" in ln
         )
     rows = (tmp_path / "b" / "bench.csv").read_text().splitlines()
-    assert rows[0] == "kind,variant,median_s,first_call_s,peak_extra_mib,kldiv_speedup"
+    assert rows[0] == ("kind,variant,median_s,first_call_s,peak_extra_mib,kldiv_speedup,over_floor")
     assert len(rows) == 1 + 2 * 2
 
 
@@ -442,14 +442,15 @@ def test_bench_through_a_subprocess(tmp_path):
     result = json.loads(ok.stdout)
     assert set(result["kinds"]["kl"]["summary"]) == {"eager", "kldiv"}
     bad = subprocess.run(
-        [sys.executable, "-m", "kldiv", "bench", "--variants", "jax"],
+        [sys.executable, "-m", "kldiv", "bench", "--variants", "numba"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == (
-        "kldiv bench: error: --variants: unknown 'jax'; expected some of eager, compile, liger, kldiv, tensor"
+        "kldiv bench: error: --variants: unknown 'numba'; expected some of eager, compile, "
+        "liger, kldiv, tensor, core, floor"
     )
 
 

@@ -9,7 +9,13 @@ time, each variant computing the same number:
   compilation, is reported separately);
 * ``liger``: Liger Kernel, when installed and on CUDA (``LigerKLDIVLoss`` fed by a separate
   ``log_softmax``, ``LigerJSD`` for JSD and, with the arguments swapped, reverse KL);
-* ``kldiv``: :class:`kldiv.torch.DistillationLoss` with its automatic dispatch.
+* ``kldiv``: :class:`kldiv.torch.DistillationLoss` with its automatic dispatch;
+* ``core``: the core function, ``kldiv.divergence(t, s, kind, form="logits")`` (the
+  headline API, which the row engine serves on torch tensors);
+* ``floor``: what any fused forward + backward needs at least, on CPU: ``k`` exps per
+  element (2, or 3 where the divergence needs the log of a mixture; the third stands for
+  that log) in cache-sized row chunks, written into a freshly allocated ``[N, V]``
+  gradient, which is what autograd hands back.
 
 Method: on CPU every measurement runs in a fresh subprocess (peak memory is the rise of the
 peak resident set once the inputs exist), variants alternate over rounds; on CUDA timings use
@@ -33,34 +39,82 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from kldiv._defaults import DistillationKind
+    from kldiv._defaults import DistillationKind, Kind
 
 # "tensor": kldiv's CPU path with its compiled kernel switched off (KLDIV_NATIVE=0)
-VARIANTS = ("eager", "compile", "liger", "kldiv", "tensor")
-KINDS = ("kl", "reverse_kl", "js")
+VARIANTS = ("eager", "compile", "liger", "kldiv", "tensor", "core", "floor")
+# every kind of the family; "symmetric_kl" has no DistillationLoss (variants "kldiv", "tensor")
+KINDS = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv", "symmetric_kl")
+# the parameters every variant uses: DistillationLoss's and the core's defaults
+BETA = 0.5
+ALPHA = 0.1
+# exps per element of the floor: a third where the divergence needs a log of a mixture
+FLOOR_EXPS = {"js": 3, "skew_kl": 3, "skew_reverse_kl": 3}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def composition(kind: str, beta: float = 0.5) -> Callable[[Any, Any], Any]:
+def composition(kind: str, beta: float = BETA, alpha: float = ALPHA) -> Callable[[Any, Any], Any]:
     """The hand-written PyTorch loss for ``kind`` (mean over rows), as trainers write it."""
     import torch
     import torch.nn.functional as F
+
+    def kl(lp: Any, lq: Any) -> Any:  # KL(P‖Q) from log-probabilities
+        return F.kl_div(lq, lp, log_target=True, reduction="batchmean")
 
     def loss(s: Any, t: Any) -> Any:
         ls = F.log_softmax(s.float(), -1)
         lt = F.log_softmax(t.float(), -1)
         if kind == "kl":
-            return F.kl_div(ls, lt, log_target=True, reduction="batchmean")
+            return kl(lt, ls)
         if kind == "reverse_kl":
-            return F.kl_div(lt, ls, log_target=True, reduction="batchmean")
+            return kl(ls, lt)
+        if kind == "symmetric_kl":
+            return kl(lt, ls) + kl(ls, lt)
         if kind == "js":
             lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-            kl_t = F.kl_div(lm, lt, log_target=True, reduction="batchmean")
-            kl_s = F.kl_div(lm, ls, log_target=True, reduction="batchmean")
-            return beta * kl_t + (1 - beta) * kl_s
+            return beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
+        if kind == "skew_kl":
+            return kl(lt, torch.logaddexp(lt + math.log(alpha), ls + math.log1p(-alpha)))
+        if kind == "skew_reverse_kl":
+            return kl(ls, torch.logaddexp(ls + math.log(alpha), lt + math.log1p(-alpha)))
+        if kind == "tv":
+            return 0.5 * (ls.exp() - lt.exp()).abs().sum(-1).mean()
         raise ValueError(f"no anchor formula for {kind!r}")
 
     return loss
+
+
+def floor(kind: str) -> Callable[[Any, Any], Any]:
+    """The ``floor`` variant: ``FLOOR_EXPS`` exps per element over row chunks that stay in
+    cache (2^18 elements, as kldiv's chunked path), into a fresh ``[N, V]`` gradient that the
+    backward returns. Torch's vectorised, multi-threaded exp; no other arithmetic."""
+    import torch
+
+    exps = FLOOR_EXPS.get(kind, 2)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, s: Any, t: Any) -> Any:
+            n, v = s.shape
+            grad = torch.empty((n, v), dtype=torch.float32, device=s.device)
+            rows = max(1, (1 << 18) // max(v, 1))
+            buf = torch.empty((min(rows, n), v), dtype=torch.float32, device=s.device)
+            for a in range(0, n, rows):
+                g, b = grad[a : a + rows], buf[: min(rows, n - a)]
+                torch.exp(s[a : a + rows], out=g)
+                torch.exp(t[a : a + rows], out=b)
+                if exps == 3:
+                    torch.exp(b.neg_(), out=b)
+                g.add_(b)
+            ctx.save_for_backward(grad)
+            return grad[:, 0].sum()
+
+        @staticmethod
+        def backward(ctx: Any, go: Any) -> Any:
+            (grad,) = ctx.saved_tensors
+            return grad.mul_(go), None
+
+    return Floor.apply
 
 
 def liger(kind: str, beta: float = 0.5) -> Callable[[Any, Any], Any] | None:
@@ -87,9 +141,19 @@ def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
     if variant in ("kldiv", "tensor"):
         from kldiv.torch import DistillationLoss
 
+        if kind == "symmetric_kl":
+            return None
         # the caller checked `kind` against KINDS
-        loss = DistillationLoss(cast("DistillationKind", kind))
+        loss = DistillationLoss(cast("DistillationKind", kind), beta=BETA, alpha=ALPHA)
         return loss if variant == "kldiv" else _without_native(loss)
+    if variant == "core":
+        import kldiv
+        from kldiv._kinds import params_of
+
+        params = params_of(kind, BETA, ALPHA)
+        return lambda s, t: kldiv.divergence(t, s, cast("Kind", kind), form="logits", **params)
+    if variant == "floor":
+        return floor(kind)
     if variant == "compile":
         import torch
 
@@ -302,13 +366,18 @@ def run(
                 "peak_extra_mib": statistics.median(x["peak_extra_mib"] for x in ok),
                 "value": ok[0]["value"],
             }
-        ref = summary.get("kldiv", {}).get("median_s")
+        # the reference: DistillationLoss, or the core function where there is none
+        ref_name = "kldiv" if "median_s" in summary.get("kldiv", {}) else "core"
+        ref = summary.get(ref_name, {}).get("median_s")
+        floor_s = summary.get("floor", {}).get("median_s")
         for variant in variants:
             m = summary[variant].get("median_s")
-            if ref and m and variant != "kldiv":
+            if ref and m and variant != ref_name:
                 summary[variant]["kldiv_speedup"] = m / ref
+            if floor_s and m and variant not in ("floor", "eager", "compile", "liger"):
+                summary[variant]["over_floor"] = m / floor_s
         if ref and cuda:
-            summary["kldiv"]["over_traffic_floor"] = ref / result["traffic_floor_s"]
+            summary[ref_name]["over_traffic_floor"] = ref / result["traffic_floor_s"]
         result["kinds"][kind] = {"summary": summary, "runs": runs}
     return result
 
@@ -316,20 +385,25 @@ def run(
 def table(result: dict[str, Any]) -> str:
     """The summary as a fixed-width text table."""
     head = (
-        f"{'kind':<12}{'variant':<9}{'median ms':>11}{'first s':>9}{'peak MiB':>10}{'kldiv ×':>9}"
+        f"{'kind':<16}{'variant':<9}{'median ms':>11}{'first s':>9}{'peak MiB':>10}"
+        f"{'kldiv ×':>9}{'÷ floor':>9}"
     )
     lines = [head, "-" * len(head)]
     for kind, entry in result["kinds"].items():
         for variant, s in entry["summary"].items():
             if "unavailable" in s:
-                lines.append(f"{kind:<12}{variant:<9}  {s['unavailable']}")
+                lines.append(f"{kind:<16}{variant:<9}  {s['unavailable']}")
                 continue
-            ratio = s.get("kldiv_speedup")
+            ratio, over = s.get("kldiv_speedup"), s.get("over_floor")
             lines.append(
-                f"{kind:<12}{variant:<9}{s['median_s'] * 1e3:>11.2f}{s['first_call_s']:>9.2f}"
+                f"{kind:<16}{variant:<9}{s['median_s'] * 1e3:>11.2f}{s['first_call_s']:>9.2f}"
                 f"{s['peak_extra_mib']:>10.1f}{'' if ratio is None else f'{ratio:.2f}':>9}"
+                f"{'' if over is None else f'{over:.2f}':>9}"
             )
-    lines.append("kldiv ×: the variant's median time over kldiv's (> 1: kldiv is faster)")
+    lines.append(
+        "kldiv ×: the variant's median time over kldiv's (> 1: kldiv is faster; the core "
+        "function's where there is no DistillationLoss kind); ÷ floor: over the floor's"
+    )
     if "traffic_floor_s" in result:
         lines.append(
             f"memory-traffic floor (5·N·V·itemsize at {result['copy_bandwidth_GBps']:.0f} GB/s "
@@ -339,7 +413,17 @@ def table(result: dict[str, Any]) -> str:
 
 
 def csv_rows(result: dict[str, Any]) -> list[list[Any]]:
-    rows = [["kind", "variant", "median_s", "first_call_s", "peak_extra_mib", "kldiv_speedup"]]
+    rows = [
+        [
+            "kind",
+            "variant",
+            "median_s",
+            "first_call_s",
+            "peak_extra_mib",
+            "kldiv_speedup",
+            "over_floor",
+        ]
+    ]
     for kind, entry in result["kinds"].items():
         for variant, s in entry["summary"].items():
             rows.append(
@@ -350,6 +434,7 @@ def csv_rows(result: dict[str, Any]) -> list[list[Any]]:
                     s.get("first_call_s", ""),
                     s.get("peak_extra_mib", ""),
                     s.get("kldiv_speedup", ""),
+                    s.get("over_floor", ""),
                 ]
             )
     return rows

@@ -803,11 +803,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument("--n", type=int, help="rows (tokens)")
     p_bench.add_argument("--v", type=int, help="vocabulary size")
     p_bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    p_bench.add_argument("--kinds", default="kl,reverse_kl,js", help="divergences to time")
+    p_bench.add_argument(
+        "--kinds",
+        default="kl,reverse_kl,js",
+        help="divergences to time: kl, reverse_kl, js, skew_kl, skew_reverse_kl, tv, symmetric_kl",
+    )
     p_bench.add_argument(
         "--variants",
         default="eager,compile,liger,kldiv",
-        help="eager, compile, liger, kldiv (kldiv is always included)",
+        help="eager, compile, liger, kldiv (DistillationLoss; always included), tensor "
+        "(DistillationLoss without the C kernel), core (kldiv.divergence), floor (the exps "
+        "any fused kernel needs, into a fresh gradient)",
     )
     p_bench.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p_bench.add_argument("--iters", type=int, default=5, help="timed steps per round")

@@ -28,6 +28,7 @@ import torch
 
 from .._defaults import JS_BETA, SKEW_ALPHA
 from . import _cpu_native
+from ._rows import dispatch
 
 SUPPORTED = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
 # Rows per chunk: 2^18 floats (1 MiB per float32 temporary) measured fastest at V = 32000 on
@@ -371,7 +372,12 @@ def _tensor_chunk(
 
 class ChunkedDivergence(torch.autograd.Function):
     """``(student, teacher, keep) -> per-row values``; backward returns ``grad_out[:, None] ⊙
-    G`` for the student, with G computed in the forward pass (one pass over memory)."""
+    G`` for the student, with G computed in the forward pass (one pass over memory).
+
+    Under ``create_graph=True`` (Hessian-vector products, natural-gradient and TRPO steps)
+    that G, computed without a graph, would make every second derivative silently 0; the
+    backward then recomputes the gradient through the core instead, whose gradient is
+    itself differentiable."""
 
     @staticmethod
     def forward(
@@ -394,16 +400,31 @@ class ChunkedDivergence(torch.autograd.Function):
             beta,
             alpha=alpha,
         )
-        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        empty = torch.empty(0)
+        ctx.save_for_backward(
+            grad if grad is not None else empty,
+            student,
+            teacher,
+            keep if keep is not None else empty,
+        )
         ctx.student_dtype = student.dtype
         ctx.has_grad = grad is not None
+        ctx.has_keep = keep is not None
+        ctx.config = (kind, temperature, beta, alpha)
         return values
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        (grad,) = ctx.saved_tensors
+        grad, student, teacher, keep = ctx.saved_tensors
         if not ctx.has_grad:
             return None, None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            kind, temperature, beta, alpha = ctx.config
+            values = dispatch.core_rows(
+                kind, student, teacher, keep if ctx.has_keep else None, temperature, beta, alpha
+            )
+            (out,) = torch.autograd.grad(values, student, grad_out, create_graph=True)
+            return out, None, None, None, None, None, None
         # In place: no second [N, V] buffer. A second backward through the same forward
         # would see a scaled gradient; autograd's version counter refuses it instead.
         out = grad.mul_(grad_out.to(grad.dtype)[:, None])

@@ -21,6 +21,7 @@ import torch
 
 from .._kinds import resolve
 from . import _triton_launch as L
+from ._rows import dispatch
 
 
 @torch.library.custom_op("kldiv::distill_rows", mutates_args=())
@@ -71,7 +72,14 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
 def _backward(ctx: Any, g_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     student, teacher, keep, *stats = ctx.saved_tensors
     grad = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and torch.is_grad_enabled():
+        # create_graph=True: the kernel's gradient has no graph of its own, so the gradient is
+        # recomputed through the core, whose gradient is differentiable (Hessian-vector
+        # products), instead of failing or dropping the second derivative
+        kind, inv_t, w, _block = ctx.args
+        values = dispatch.core_rows(kind, student, teacher, keep, 1.0 / inv_t, w, w)
+        (grad,) = torch.autograd.grad(values, student, g_loss, create_graph=True)
+    elif ctx.needs_input_grad[0]:
         grad = distill_rows_backward(g_loss, student, teacher, keep, stats, *ctx.args)
     return grad, None, None, None, None, None, None
 

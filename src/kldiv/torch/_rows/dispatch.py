@@ -17,19 +17,44 @@ Callers: the core functions on torch tensors (:func:`engine_rows`), ``Distillati
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ... import _namespace as ns
 from ..._defaults import JS_BETA, SKEW_ALPHA
-from ..._kinds import ENGINE_KINDS, resolve, weight_of
+from ..._kinds import ENGINE_KINDS, params_of, resolve, weight_of
 
-__all__ = ["choose", "rows", "engine_rows", "reduce_rows", "reduce_total"]
+__all__ = [
+    "choose",
+    "rows",
+    "engine_rows",
+    "core_rows",
+    "core_only",
+    "reduce_rows",
+    "reduce_total",
+]
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Set while an engine recomputes through the core (its double backward): the core functions
+# must not hand the work back to the engine.
+_CORE_ONLY = contextvars.ContextVar("kldiv_core_only", default=False)
+
+
+@contextlib.contextmanager
+def core_only() -> Iterator[None]:
+    """Within this block the core functions on torch tensors run the core, not an engine."""
+    token = _CORE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CORE_ONLY.reset(token)
 
 
 def choose(
@@ -99,6 +124,30 @@ def rows(
     return out.to(out_dtype).reshape(tokens)
 
 
+def core_rows(
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    temperature: float,
+    beta: float = JS_BETA,
+    alpha: float = SKEW_ALPHA,
+) -> torch.Tensor:
+    """Per-row ``D(teacher‖student)`` through the core (the definition), never an engine."""
+    from ...divergences import KINDS
+
+    with core_only():
+        return KINDS[kind](
+            teacher,
+            student,
+            form="logits",
+            temperature=temperature,
+            mask=keep,
+            reduction="none",
+            **params_of(kind, beta, alpha),
+        )
+
+
 def engine_rows(
     kind: str,
     p: torch.Tensor,
@@ -112,8 +161,14 @@ def engine_rows(
     ``keep`` a boolean tensor broadcastable to the batch shape), or None where the engine
     cannot give exactly the core's semantics and the core must run: shapes that broadcast,
     ``p`` needing a gradient, float64, an endpoint where the divergence is identically 0, and
-    whatever :func:`choose` refuses. ``"symmetric_kl"`` is the sum of two engine calls."""
+    whatever :func:`choose` refuses. ``"symmetric_kl"`` is the sum of two engine calls.
+    Under ``torch.compile`` the core runs, for the compiler to fuse."""
+    if torch.compiler.is_compiling() or _CORE_ONLY.get():
+        return None
     if kind == "symmetric_kl":
+        if q.dtype in (torch.float16, torch.bfloat16):
+            # both gradients meet in float32 and are rounded once, as in the core
+            q = q.float()
         forward = engine_rows("kl", p, q, keep, temperature, {})
         if forward is None:
             return None

@@ -1,0 +1,232 @@
+"""The core functions on torch tensors through the row engine: the same values and gradients as
+the float64 core for every kind and option the engine takes (masks, weights, num_items,
+temperature, reductions, -inf logits, garbage in masked rows), the core for everything it
+does not, and second derivatives (create_graph) through every engine.
+
+Error bound for float32 arithmetic against float64: with logits shifted by their row maximum
+(spread at most R), every term carries at most a few ulp of its exp/log and of a log-ratio of
+size ≤ 2R, so a row's value and each gradient entry are within ``16·(R + 1)·eps32`` (a factor
+two above the worst case of this analysis); a reduction over n rows within n times that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kldiv
+from kldiv._kinds import KIND_PARAMS
+from kldiv.torch import DistillationLoss
+
+KINDS = list(kldiv.KINDS)
+EPS32 = float(np.finfo(np.float32).eps)
+PARAMS = {"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+FINITE_ONLY = ("js", "skew_kl", "skew_reverse_kl", "tv")  # finite for any supports
+
+
+def logits(rng, shape, neg_inf, kind):
+    t = rng.normal(scale=2.0, size=shape)
+    s = rng.normal(scale=2.0, size=shape)
+    if neg_inf:
+        # zero probabilities on both sides where the kind stays finite; on the side whose
+        # zeros make KL infinite only where the other side is zero too
+        t[..., 0] = -np.inf
+        s[..., 0] = -np.inf
+        if kind in FINITE_ONLY + ("kl",):
+            t[..., 1] = -np.inf  # teacher zero, student positive: finite for KL(T‖S)
+        if kind in FINITE_ONLY + ("reverse_kl",):
+            s[..., 2] = -np.inf  # student zero, teacher positive: finite for KL(S‖T)
+    return t, s
+
+
+def engine_used(out: torch.Tensor) -> bool:
+    """Whether the autograd graph of ``out`` runs through the chunked engine's Function."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "ChunkedDivergence" in type(fn).__name__:
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+def spread(*xs):
+    """R: the largest finite spread of a row of logits (for the error bound)."""
+    r = 0.0
+    for x in xs:
+        x = x.reshape(-1, x.shape[-1])
+        x = x[np.isfinite(x).any(-1)]  # masked rows may be all NaN
+        hi = np.where(np.isfinite(x), x, -np.inf).max(-1)
+        lo = np.where(np.isfinite(x), x, np.inf).min(-1)
+        r = max(r, float((hi - lo).max()))
+    return r
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["plain", "mask", "weight", "num_items", "temperature"])
+def test_values_and_gradients_equal_the_float64_core(rng, kind, reduction, options):
+    shape = (3, 5, 33)
+    t, s = logits(rng, shape, neg_inf=True, kind=kind)
+    kw: dict = dict(form="logits", reduction=reduction, **PARAMS.get(kind, {}))
+    if options == "mask":
+        mask = rng.random(shape[1]) > 0.4  # (T,) broadcast over (B, T), as documented
+        mask[0] = True
+        kw["mask"] = torch.tensor(mask.astype(np.int64))  # 0/1 integers, attention_mask style
+        s[:, ~mask] = np.nan  # masked rows hold garbage the engine must never read
+    if options == "weight":
+        w = rng.random(shape[:2])
+    if options == "num_items":  # replaces the mean's denominator: with "mean" only
+        kw.update(num_items=7.0, reduction="mean")
+    if options == "temperature":
+        kw["temperature"] = 2.5
+    s32 = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    s64 = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    if options == "weight":
+        out = kldiv.divergence(torch.tensor(t, dtype=torch.float32), s32, kind, **kw,
+                               weight=torch.tensor(w, dtype=torch.float32))  # fmt: skip
+        ref = kldiv.divergence(torch.tensor(t), s64, kind, **kw, weight=torch.tensor(w))
+    else:
+        out = kldiv.divergence(torch.tensor(t, dtype=torch.float32), s32, kind, **kw)
+        ref = kldiv.divergence(torch.tensor(t), s64, kind, **kw)
+    assert engine_used(out), "the float32 logits should have gone through the engine"
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    rows = 1 if kw["reduction"] == "mean" else shape[0] * shape[1]
+    tol = 16 * (spread(t, s) + 1) * EPS32 * rows  # weights are in [0, 1): no larger
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=tol)
+    cot = torch.tensor(rng.normal(size=tuple(out.shape)))
+    (g32,) = torch.autograd.grad(out, s32, cot.float())
+    (g64,) = torch.autograd.grad(ref, s64, cot)
+    assert torch.isfinite(g32).all() if options != "mask" else torch.isfinite(g32[:, mask]).all()
+    if options == "mask":
+        assert (g32[:, ~mask] == 0).all()  # no gradient reaches masked rows, NaN included
+        g32, g64 = g32[:, mask], g64[:, mask]
+    cmax = float(cot.abs().max())
+    torch.testing.assert_close(g32.double(), g64, rtol=0, atol=tol * max(cmax, 1.0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_logits(rng, kind):
+    """bfloat16 and float16 logits: computed in float32, returned in float32, equal to the
+    float64 core on the same rounded values."""
+    t, s = logits(rng, (4, 40), neg_inf=True, kind=kind)
+    for dtype in (torch.bfloat16, torch.float16):
+        t16, s16 = torch.tensor(t).to(dtype), torch.tensor(s).to(dtype).requires_grad_()
+        out = kldiv.divergence(
+            t16, s16, kind, form="logits", reduction="none", **PARAMS.get(kind, {})
+        )
+        s64 = s16.detach().double().requires_grad_()
+        ref = kldiv.divergence(
+            t16.double(), s64, kind, form="logits", reduction="none", **PARAMS.get(kind, {})
+        )
+        assert engine_used(out) and out.dtype == torch.float32
+        tol = 16 * (spread(t, s) + 1) * EPS32
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=tol)
+        (g,) = torch.autograd.grad(out.sum(), s16)
+        (g_ref,) = torch.autograd.grad(ref.sum(), s64)
+        assert g.dtype == dtype
+        # the gradient is rounded to the student's dtype: half an ulp of it, on top
+        half_ulp = float(torch.finfo(dtype).eps) / 2
+        torch.testing.assert_close(g.double(), g_ref, rtol=half_ulp, atol=tol)  # fmt: skip
+
+
+def test_the_core_runs_where_the_engine_cannot_give_its_semantics(rng):
+    t, s = logits(rng, (4, 9), neg_inf=False, kind="kl")
+    t32, s32 = torch.tensor(t, dtype=torch.float32), torch.tensor(s, dtype=torch.float32)
+    s_grad = s32.clone().requires_grad_()
+    t_grad = t32.clone().requires_grad_()
+    # the teacher needs a gradient: only the core gives it, and it is right
+    out = kldiv.kl_div(t_grad, s_grad, form="logits")
+    assert not engine_used(out)
+    gt, gs = torch.autograd.grad(out, (t_grad, s_grad))
+    t64 = torch.tensor(t, requires_grad=True)
+    s64 = torch.tensor(s, requires_grad=True)
+    gt64, gs64 = torch.autograd.grad(kldiv.kl_div(t64, s64, form="logits"), (t64, s64))
+    torch.testing.assert_close(gt.double(), gt64, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gs.double(), gs64, rtol=0, atol=1e-6)
+    cases = {
+        "broadcast teacher": lambda: kldiv.kl_div(t32[0], s_grad, form="logits"),
+        "another axis": lambda: kldiv.kl_div(t32.T, s_grad.T, form="logits", axis=0),
+        "log-probs": lambda: kldiv.kl_div(
+            t32.log_softmax(-1), s_grad.log_softmax(-1), form="log_probs"
+        ),
+        "float64": lambda: kldiv.kl_div(t32.double(), s_grad.double(), form="logits"),
+        "endpoint": lambda: kldiv.js_div(t32, s_grad, form="logits", beta=1.0),
+    }
+    for name, call in cases.items():
+        assert not engine_used(call()), name
+    # ... and the endpoints keep their exact values
+    assert kldiv.js_div(t32, s_grad, form="logits", beta=0.0).item() == 0.0
+    torch.testing.assert_close(
+        kldiv.skew_kl_div(t32, s_grad, form="logits", alpha=0.0),
+        kldiv.kl_div(t32, s_grad, form="logits"),
+    )
+
+
+def test_no_gradient_needed_and_torch_func(rng):
+    t, s = logits(rng, (4, 9), neg_inf=True, kind="kl")
+    t32, s32 = torch.tensor(t, dtype=torch.float32), torch.tensor(s, dtype=torch.float32)
+    ref = kldiv.kl_div(torch.tensor(t), torch.tensor(s), form="logits", reduction="none")
+    with torch.no_grad():
+        out = kldiv.kl_div(t32, s32.requires_grad_(), form="logits", reduction="none")
+    assert out.grad_fn is None
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    # torch.func transforms have no data to hand to the kernels: the core runs, exactly
+    g = torch.func.grad(lambda x: kldiv.kl_div(t32, x, form="logits"))(s32.detach())
+    x = torch.tensor(s, requires_grad=True)
+    (g64,) = torch.autograd.grad(kldiv.kl_div(torch.tensor(t), x, form="logits"), x)
+    torch.testing.assert_close(g.double(), g64, rtol=0, atol=1e-6)
+    rows = torch.func.vmap(lambda a, b: kldiv.kl_div(a, b, form="logits"))(t32, s32.detach())
+    torch.testing.assert_close(rows.double(), ref, rtol=0, atol=1e-5)
+
+
+def hessian_vector_products(rng, fn, dtype):
+    t, s = logits(rng, (3, 8), neg_inf=True, kind="js")
+    v = torch.tensor(rng.normal(size=s.shape), dtype=dtype)
+    x = torch.tensor(s, dtype=dtype, requires_grad=True)
+    out = fn(torch.tensor(t, dtype=dtype), x)
+    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    (h,) = torch.autograd.grad((g * v).sum(), x)
+    return g, h
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_second_derivatives_through_the_engine(kind):
+    """create_graph=True (Hessian-vector products, natural-gradient steps): the engine's
+    one-pass gradient has no graph, so its backward recomputes through the core; the
+    products equal the float64 core's instead of being silently 0."""
+    params = PARAMS.get(kind, {})
+
+    def fn(t, x):
+        return kldiv.divergence(t, x, kind, form="logits", reduction="sum", **params)
+
+    g32, h32 = hessian_vector_products(np.random.default_rng(3), fn, torch.float32)
+    g64, h64 = hessian_vector_products(np.random.default_rng(3), fn, torch.float64)
+    assert float(h64.abs().max()) > 1e-3  # the products are not trivially 0
+    torch.testing.assert_close(g32.double(), g64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h32.double(), h64, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv"])
+def test_second_derivatives_through_distillation_loss(path, kind):
+    def fn(t, x):
+        loss = DistillationLoss(kind, reduction="sum", temperature=1.5, fast_path=path)
+        return loss(x, t)
+
+    def ref(t, x):
+        loss = DistillationLoss(kind, reduction="sum", temperature=1.5, fast_path=False)
+        return loss(x, t)
+
+    g32, h32 = hessian_vector_products(np.random.default_rng(4), fn, torch.float32)
+    g64, h64 = hessian_vector_products(np.random.default_rng(4), ref, torch.float64)
+    torch.testing.assert_close(g32.double(), g64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h32.double(), h64, rtol=0, atol=1e-5)
+
+
+def test_every_kind_with_a_parameter_is_tested():
+    assert set(PARAMS) == set(KIND_PARAMS)
