@@ -78,9 +78,9 @@ from .._defaults import (
     DistillationKind,
     Reduction,
 )
-from .._kinds import KIND_PARAMS, params_of
-from ..divergences import KINDS
+from .._kinds import KIND_PARAMS, params_of, weight_of
 from . import fused_linear as fl
+from ._rows import spec
 from ._rows.dispatch import reduce_rows, reduce_total
 from .distillation import (
     DistillationConfig,
@@ -207,9 +207,10 @@ def _slice_terms(
     b: int,
     need_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Rows a:b of this slice: the core's divergence terms summed over the slice ``[rows]``,
+    """Rows a:b of this slice: the divergence's terms summed over the slice ``[rows]``,
     h = ∂(those terms)/∂(student log-probabilities) ``[rows, V_r]`` (if ``need_h``), and
-    the student's log-probabilities."""
+    the student's log-probabilities; both from the row specification (the terms are
+    elementwise, so a slice's share is the specification on the slice)."""
     s, t = get(a, b)
     lq = (s - norms[0, a:b, None]).sub_(norms[1, a:b, None])
     lp = (t - norms[2, a:b, None]).sub_(norms[3, a:b, None])
@@ -217,12 +218,8 @@ def _slice_terms(
     if lq.shape[-1] == 0:  # a slice of width 0 adds nothing
         zeros = torch.zeros(lq.shape[:-1], dtype=lq.dtype, device=lq.device)
         return zeros, torch.zeros_like(lq) if need_h else None, lq
-    with torch.enable_grad():
-        lq.requires_grad_(need_h)
-        part = KINDS[kind](lp, lq, form="log_probs", reduction="none", **params)
-        if need_h:
-            (h,) = torch.autograd.grad(part.sum(), lq)
-    return part.detach(), h, lq.detach()
+    part, _, h = spec.rows(kind, lp, lq, weight_of(kind, **params), teacher_grad=False)
+    return part, h if need_h else None, lq
 
 
 def _tempered(

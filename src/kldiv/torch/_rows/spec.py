@@ -66,33 +66,43 @@ def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
 
 
 def rows(
-    kind: str, lp: torch.Tensor, lq: torch.Tensor, w: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kind: str, lp: torch.Tensor, lq: torch.Tensor, w: float = 0.5, *, teacher_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(value, h_p, h_q)`` of ``kind`` (from :mod:`kldiv._kinds`) along the last axis of
     log-probabilities ``lp`` (teacher) and ``lq`` (student); ``w`` is β for ``js`` and α for
-    the skew kinds. ``value`` has the row shape, ``h_p`` and ``h_q`` the input shape."""
+    the skew kinds. ``value`` has the row shape, ``h_p`` and ``h_q`` the input shape;
+    ``teacher_grad=False`` skips ``h_p`` (None)."""
+    value, h_p, h_q = _rows(kind, lp, lq, w, teacher_grad)
+    return value, h_p if teacher_grad else None, h_q
+
+
+def _rows(
+    kind: str, lp: torch.Tensor, lq: torch.Tensor, w: float, need_p: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     resolved = resolve(kind, w)
     kind, w = resolved.kind, resolved.w
     p, q = torch.exp(lp), torch.exp(lq)
-    zero = torch.zeros_like(lp)
+    h_p: torch.Tensor | None
     if resolved.zero:
+        zero = torch.zeros_like(lp)
         return zero.sum(-1), zero, zero
-    if kind == "reverse_kl":
-        value, h_q, h_p = rows("kl", lq, lp)
-        return value, h_p, h_q
+    if kind in ("reverse_kl", "skew_reverse_kl"):  # the other kind with the roles exchanged
+        value, first, second = _rows(kind.replace("reverse_", ""), lq, lp, w, True)
+        assert first is not None  # asked for
+        return value, second, first
     if kind == "kl":
-        terms = _xlogr(p, lp, lq)
-        live = (p > 0) & (q > 0)
-        h_p = torch.where(live, p * (lp - lq + 1), 0.0)
-        return terms.sum(-1), h_p, -p
-    if kind == "skew_reverse_kl":
-        value, h_q, h_p = rows("skew_kl", lq, lp, w)
-        return value, h_p, h_q
+        h_p = None
+        if need_p:
+            live = (p > 0) & (q > 0)
+            h_p = torch.where(live, p * (lp - lq + 1), 0.0)
+        return _xlogr(p, lp, lq).sum(-1), h_p, -p
     if kind == "skew_kl":
         lm = _log_mix(lp, lq, w)
         r = torch.where(p > 0, torch.exp(lp + lq - lm), 0.0)  # p·q/m
-        rp = torch.where(p > 0, torch.exp(2 * lp - lm), 0.0)  # p·p/m
-        h_p = torch.where(p > 0, p * (lp - lm + 1), 0.0) - w * rp
+        h_p = None
+        if need_p:
+            rp = torch.where(p > 0, torch.exp(2 * lp - lm), 0.0)  # p·p/m
+            h_p = torch.where(p > 0, p * (lp - lm + 1), 0.0) - w * rp
         return _xlogr(p, lp, lm).sum(-1), h_p, -(1 - w) * r
     if kind == "js":
         lm = _log_mix(lp, lq, w)
