@@ -230,3 +230,142 @@ def test_second_derivatives_through_distillation_loss(path, kind):
 
 def test_every_kind_with_a_parameter_is_tested():
     assert set(PARAMS) == set(KIND_PARAMS)
+
+
+# Regression cases from a review of the engine route: each compares with the core.
+
+
+def small(rng, dtype=torch.float32):
+    t, s = logits(rng, (4, 9), neg_inf=True, kind="js")
+    return torch.tensor(t, dtype=dtype), torch.tensor(s, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_second_backward_through_a_retained_graph(rng, kind):
+    """The first backward scales the engine's gradient in place; a second one through the
+    retained graph recomputes it, so the two accumulate to twice the gradient."""
+    t, s = small(rng)
+    x = s.clone().requires_grad_()
+    out = kldiv.divergence(t, x, kind, form="logits", **PARAMS.get(kind, {}))
+    assert engine_used(out)
+    out.backward(retain_graph=True)
+    once = x.grad.clone()
+    (g,) = torch.autograd.grad(out, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, x, create_graph=True, retain_graph=True)
+    out.backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+    torch.testing.assert_close(g, once)
+    torch.testing.assert_close(g2, once, rtol=0, atol=1e-6)
+
+
+def test_fast_path_false_is_the_core_and_retains_its_graph(rng):
+    t, s = small(rng)
+    x = s.clone().requires_grad_()
+    loss = DistillationLoss("kl", fast_path=False)(x, t)
+    assert not engine_used(loss)
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def test_a_nan_weight_on_a_masked_row_gives_no_gradient(rng):
+    t, s = small(rng)
+    mask = torch.tensor([True, True, False, True])
+    weight = torch.tensor([1.0, 0.5, float("nan"), 2.0])
+    x = s.clone().requires_grad_()
+    out = kldiv.kl_div(t, x, form="logits", mask=mask, weight=weight)
+    assert engine_used(out)
+    out.backward()
+    x64 = s.double().requires_grad_()
+    kldiv.kl_div(t.double(), x64, form="logits", mask=mask, weight=weight.double()).backward()
+    assert (x.grad[2] == 0).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-6)
+
+
+def test_torch_func_over_mask_weight_and_num_items(rng):
+    t, s = (torch.tensor(x, dtype=torch.float32) for x in logits(rng, (4, 9), False, "kl"))
+    mask = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]])
+    weight = torch.tensor(rng.random(4), dtype=torch.float32)
+
+    def f(w, m, n):
+        return kldiv.kl_div(t, s, form="logits", weight=w, mask=m, num_items=n)
+
+    rows = torch.func.vmap(lambda m: f(weight, m, None))(mask)
+    want = torch.stack([f(weight, m, None) for m in mask])
+    torch.testing.assert_close(rows, want)
+    gw = torch.func.grad(lambda w: f(w, mask[0], None))(weight)
+    per_row = kldiv.kl_div(t, s, form="logits", reduction="none") * mask[0] / mask[0].sum()
+    torch.testing.assert_close(gw, per_row)
+    gn = torch.func.grad(lambda n: f(weight, None, n))(torch.tensor(3.0))
+    torch.testing.assert_close(gn, -f(weight, None, 1.0) / 9)
+    jw = torch.func.jacrev(lambda w: f(w, mask[0], None))(weight)
+    torch.testing.assert_close(jw, gw)
+
+
+def test_forward_mode_tangents_of_both_arguments(rng):
+    from torch.autograd import forward_ad
+
+    t, s = small(rng)
+    dt, ds = (
+        torch.tensor(rng.normal(size=t.shape), dtype=torch.float32),
+        torch.tensor(rng.normal(size=s.shape), dtype=torch.float32),
+    )
+    for dual_t, dual_s in ((True, False), (False, True), (True, True)):
+        with forward_ad.dual_level():
+            a = forward_ad.make_dual(t, dt) if dual_t else t
+            b = forward_ad.make_dual(s, ds) if dual_s else s
+            tangent = forward_ad.unpack_dual(kldiv.js_div(a, b, form="logits")).tangent
+        assert tangent is not None
+        want = torch.func.jvp(
+            lambda x, y: kldiv.js_div(x, y, form="logits"),
+            (t.double(), s.double()),
+            (dt.double() * dual_t, ds.double() * dual_s),
+        )[1]
+        torch.testing.assert_close(tangent.double(), want, rtol=0, atol=1e-6)
+
+
+def test_cpu_autocast_keeps_float32_arithmetic(rng):
+    # finite logits (the chunks' from-logits kernels, with their reductions) and large
+    # log-ratios: bfloat16 reductions would lose digits
+    t, s = (40 * torch.tensor(x, dtype=torch.float32) for x in logits(rng, (4, 9), False, "kl"))
+    for native in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KLDIV_NATIVE", native)
+            for kind in ("kl", "reverse_kl"):
+                x = s.clone().requires_grad_()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = kldiv.divergence(t, x, kind, form="logits")
+                (g,) = torch.autograd.grad(out, x)
+                x64 = s.double().requires_grad_()
+                ref = kldiv.divergence(t.double(), x64, kind, form="logits")
+                (g64,) = torch.autograd.grad(ref, x64)
+                assert out.dtype == torch.float32
+                tol = 16 * (spread(t.numpy(), s.numpy()) + 1) * EPS32  # float32, not bfloat16
+                torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
+                torch.testing.assert_close(g.double(), g64, rtol=0, atol=tol)
+
+
+def test_logits_edited_in_place_after_the_forward(rng):
+    """The first-order backward never reads the logits again (the gradient came from the
+    forward pass), so editing them in place afterwards changes nothing, as with the core."""
+    t, s = small(rng)
+    x = s.clone().requires_grad_()
+    y = x * 1.0
+    tt = t.clone()
+    out = kldiv.kl_div(tt, y, form="logits")
+    assert engine_used(out)
+    with torch.no_grad():
+        y.mul_(3.0)
+    tt.mul_(2.0)
+    out.backward()
+    x64 = s.double().requires_grad_()
+    kldiv.kl_div(t.double(), x64, form="logits").backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-6)
+
+
+def test_path_for_agrees_with_what_runs_under_no_grad(rng):
+    t, s = small(rng)
+    loss = DistillationLoss("kl")
+    t_grad = t.clone().requires_grad_()
+    assert loss.path_for(s, t_grad) == "core"
+    with torch.no_grad():
+        assert loss.path_for(s, t_grad) == "chunked"

@@ -372,12 +372,16 @@ def _tensor_chunk(
 
 class ChunkedDivergence(torch.autograd.Function):
     """``(student, teacher, keep) -> per-row values``; backward returns ``grad_out[:, None] ⊙
-    G`` for the student, with G computed in the forward pass (one pass over memory).
+    G`` for the student, with G computed in the forward pass (one pass over memory) and
+    scaled in place by the first backward (no second ``[N, V]`` buffer).
 
-    Under ``create_graph=True`` (Hessian-vector products, natural-gradient and TRPO steps)
-    that G, computed without a graph, would make every second derivative silently 0; the
-    backward then recomputes the gradient through the core instead, whose gradient is
-    itself differentiable."""
+    Only recomputations read the inputs again, so only they care whether the logits were
+    modified in place after the forward (PyTorch then raises its usual error): a second
+    backward through a retained graph (the first consumed G) recomputes G with the same
+    engine, and ``create_graph=True`` (Hessian-vector products, natural-gradient and TRPO
+    steps) recomputes the gradient through the core, whose gradient is itself differentiable;
+    G, computed without a graph, would make every second derivative silently 0. Skipped rows
+    (``keep`` False) get a zero gradient whatever their ``grad_output``, NaN included."""
 
     @staticmethod
     def forward(
@@ -390,45 +394,49 @@ class ChunkedDivergence(torch.autograd.Function):
         beta: float,
         alpha: float = SKEW_ALPHA,
     ) -> torch.Tensor:
-        values, grad = chunked_forward(
-            kind,
-            student.detach(),
-            teacher.detach(),
-            keep,
-            temperature,
-            student.requires_grad,
-            beta,
-            alpha=alpha,
-        )
-        empty = torch.empty(0)
-        ctx.save_for_backward(
-            grad if grad is not None else empty,
-            student,
-            teacher,
-            keep if keep is not None else empty,
-        )
+        # autocast would run the chunks' reductions (vecdot) in bfloat16 on CPU
+        with torch.autocast(student.device.type, enabled=False):
+            values, grad = chunked_forward(
+                kind,
+                student.detach(),
+                teacher.detach(),
+                keep,
+                temperature,
+                student.requires_grad,
+                beta,
+                alpha=alpha,
+            )
+        ctx.save_for_backward(student, teacher)
+        ctx.grad = grad  # not saved: the first backward takes it and scales it in place
+        ctx.keep = keep
         ctx.student_dtype = student.dtype
-        ctx.has_grad = grad is not None
-        ctx.has_keep = keep is not None
         ctx.config = (kind, temperature, beta, alpha)
         return values
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        grad, student, teacher, keep = ctx.saved_tensors
-        if not ctx.has_grad:
-            return None, None, None, None, None, None, None
+        rest = (None,) * 6
+        if not ctx.needs_input_grad[0]:
+            return (None, *rest)
+        if ctx.keep is not None:
+            grad_out = torch.where(ctx.keep, grad_out, 0.0)
+        kind, temperature, beta, alpha = ctx.config
         if torch.is_grad_enabled():
-            kind, temperature, beta, alpha = ctx.config
-            values = dispatch.core_rows(
-                kind, student, teacher, keep if ctx.has_keep else None, temperature, beta, alpha
-            )
+            student, teacher = ctx.saved_tensors
+            values = dispatch.core_rows(kind, student, teacher, ctx.keep, temperature, beta, alpha)
             (out,) = torch.autograd.grad(values, student, grad_out, create_graph=True)
-            return out, None, None, None, None, None, None
-        # In place: no second [N, V] buffer. A second backward through the same forward
-        # would see a scaled gradient; autograd's version counter refuses it instead.
+            return (out, *rest)
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward through a retained graph
+            student, teacher = ctx.saved_tensors
+            with torch.autocast(student.device.type, enabled=False):
+                _, grad = chunked_forward(
+                    kind, student.detach(), teacher.detach(), ctx.keep, temperature, True,
+                    beta, alpha=alpha,
+                )  # fmt: skip
+            assert grad is not None  # asked for
         out = grad.mul_(grad_out.to(grad.dtype)[:, None])
-        return out.to(ctx.student_dtype), None, None, None, None, None, None
+        return (out.to(ctx.student_dtype), *rest)
 
 
 def per_row(

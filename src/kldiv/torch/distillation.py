@@ -186,9 +186,9 @@ class DistillationLoss(torch.nn.Module):
       when it requires one, and keeps float64 inputs in float64.
 
     The chunked CPU path computes the gradient in the forward pass and scales it in place in
-    backward, so a second backward through the same graph (``retain_graph=True``) raises
-    PyTorch's "modified by an inplace operation" error instead of returning a wrong gradient;
-    use ``fast_path=False`` where that is needed.
+    backward; a second backward through a retained graph (``retain_graph=True``) computes it
+    again, and ``create_graph=True`` (second derivatives) recomputes it through the core, so
+    both are exact.
 
     ``fast_path=False`` forces the core; ``fast_path="triton"`` or ``"chunked"`` forces that
     path and raises if it cannot take the inputs (``"triton"`` runs on CPU tensors under
@@ -285,16 +285,17 @@ class DistillationLoss(torch.nn.Module):
             )
             loss = reduce_rows(rows, keep, self.reduction, num_items)
         else:
-            loss = KINDS[self.divergence](
-                teacher_logits,
-                student_logits,
-                form="logits",
-                temperature=self.temperature,
-                mask=keep,
-                reduction=self.reduction,
-                num_items=num_items,
-                **self._params(),
-            )
+            with dispatch.core_only():  # the core, not the engine it may hand work to
+                loss = KINDS[self.divergence](
+                    teacher_logits,
+                    student_logits,
+                    form="logits",
+                    temperature=self.temperature,
+                    mask=keep,
+                    reduction=self.reduction,
+                    num_items=num_items,
+                    **self._params(),
+                )
         return loss * scale if scale != 1.0 else loss
 
     def path_for(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> str:

@@ -77,7 +77,7 @@ def choose(
     if path is True:
         path = "chunked" if student.device.type == "cpu" else "triton"
     if teacher_grad is None:
-        teacher_grad = teacher.requires_grad
+        teacher_grad = teacher.requires_grad and torch.is_grad_enabled()
     reasons = _common_obstacles(kind, w, student, teacher, teacher_grad)
     if path == "triton":
         reasons += _triton_obstacles(student, teacher)
@@ -239,7 +239,22 @@ def _common_obstacles(
             "the logits have no data to read (torch.func transforms, fake or meta tensors, "
             "torch.jit tracing)"
         )
+    elif not torch.compiler.is_compiling() and _transformed(student, teacher):
+        reasons.append(
+            "a torch.func transform or forward-mode AD is active (the engines' autograd "
+            "Functions have no rules for them)"
+        )
     return reasons
+
+
+def _transformed(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """A ``torch.func`` transform is running (over any argument, the mask or weight
+    included), or an input carries a forward-mode tangent."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    from torch.autograd import forward_ad
+
+    return any(forward_ad.unpack_dual(x).tangent is not None for x in (student, teacher))
 
 
 def _no_data(x: torch.Tensor) -> bool:
