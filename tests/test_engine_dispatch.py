@@ -11,6 +11,8 @@ two above the worst case of this analysis); a reduction over n rows within n tim
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -369,3 +371,42 @@ def test_path_for_agrees_with_what_runs_under_no_grad(rng):
     assert loss.path_for(s, t_grad) == "core"
     with torch.no_grad():
         assert loss.path_for(s, t_grad) == "chunked"
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("alpha", [1e-39, 1e-30, 5e-324])
+def test_skew_reverse_kl_with_a_tiny_alpha(native, alpha, monkeypatch):
+    """α·q/m' is formed as exp(log(q/m') + log α) ≤ 1: exp(log(q/m')) alone reaches 1/α,
+    which overflows float32 (a NaN or inf gradient) for α below about 3e-39."""
+    monkeypatch.setenv("KLDIV_NATIVE", native)
+    t = torch.tensor([[0.0, -math.inf, 1.0, 2.0], [1.0, 0.5, -math.inf, -math.inf]])
+    s = torch.tensor([[0.5, 0.3, -1.0, 2.0], [0.0, -1.0, 2.0, -math.inf]])
+    x = s.clone().requires_grad_()
+    out = kldiv.skew_reverse_kl_div(t, x, form="logits", alpha=alpha, reduction="sum")
+    assert engine_used(out)
+    (g,) = torch.autograd.grad(out, x)
+    x64 = s.double().requires_grad_()
+    ref = kldiv.skew_reverse_kl_div(t.double(), x64, form="logits", alpha=alpha, reduction="sum")
+    (g64,) = torch.autograd.grad(ref, x64)
+    assert torch.isfinite(g).all()
+    # values near -log α ≈ 90: float32 carries 16·(R + 1)·eps32 of them
+    tol = 16 * (-math.log(max(alpha, 1e-45)) + 4) * EPS32
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=2 * tol)
+    torch.testing.assert_close(g.double(), g64, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("kind", ["js", "skew_kl", "skew_reverse_kl", "tv", "kl", "reverse_kl"])
+def test_identical_rows_are_not_negative(rng, kind, native, monkeypatch):
+    """No row is negative, and D(P‖P) is 0 within the float32 bound: the engines' float32
+    terms could round a row's sum below 0 (a JS row of identical logits read about -1e-8)."""
+    monkeypatch.setenv("KLDIV_NATIVE", native)
+    t = torch.tensor(rng.normal(scale=3.0, size=(16, 300)), dtype=torch.float32)
+    for w in (0.5, 1e-30, 1 - 1e-7):
+        params = {name: w for name in KIND_PARAMS.get(kind, {})}
+        same = kldiv.divergence(t, t.clone(), kind, form="logits", reduction="none", **params)
+        bound = 16 * (spread(t.numpy()) + 1) * EPS32
+        assert (same >= 0).all() and (same <= bound).all(), same
+        s = t + torch.tensor(rng.normal(scale=1e-3, size=t.shape), dtype=torch.float32)
+        near = kldiv.divergence(t, s, kind, form="logits", reduction="none", **params)
+        assert (near >= 0).all(), near

@@ -633,7 +633,7 @@ def info(out: TextIO | None = None) -> int:
     w("  chunked CPU path  available (float32/bfloat16/float16 CPU logits, every divergence)")
     from kldiv.torch import _cpu_native
 
-    w(f"  CPU kernel        KL and reverse KL: {_cpu_native.status()}")
+    w(f"  CPU kernel        every divergence: {_cpu_native.status()}")
     if cuda and found["triton"]:
         w("  Triton kernels    available (CUDA logits)")
     else:

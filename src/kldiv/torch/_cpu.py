@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from .._defaults import JS_BETA, SKEW_ALPHA
+from .._kinds import KIND_PARAMS, resolve, weight_of
 from . import _cpu_native
 from ._rows import dispatch
 
-SUPPORTED = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
 # Rows per chunk: 2^18 floats (1 MiB per float32 temporary) measured fastest at V = 32000 on
 # 2 cores (2^16: 15% slower, python overhead; 2^20: 5% slower, out of cache).
 _CHUNK_ELEMENTS = 1 << 18
@@ -124,7 +124,9 @@ def _chunk_skew_reverse_kl(
     d = torch.sub(ls, lm, out=lm).masked_fill_(qs == 0, 0.0)  # log(q/m'), 0 where q = 0
     value = (qs * d).sum(-1)
     if grad is not None:
-        h = d.exp().mul_(-alpha).add_(d).mul_(qs)  # 0 where q = 0 (d = 0 there)
+        # α·q/m' as exp(d + log α) ≤ 1: exp(d) alone reaches 1/α, which overflows for α
+        # below about 3e-39
+        h = d.add(math.log(alpha)).exp_().neg_().add_(d).mul_(qs)  # 0 where q = 0 (d = 0)
         torch.mul(qs, h.sum(-1, keepdim=True), out=grad).neg_().add_(h)
     return value
 
@@ -230,23 +232,36 @@ def _finite_span(x: torch.Tensor) -> bool:
 
 
 _CHUNKS: dict[str, Kernel] = {"kl": _chunk_kl, "reverse_kl": _chunk_reverse_kl, "tv": _chunk_tv}
+# The kinds with a weight (β or α), taken as the kernels' fourth argument.
+_WEIGHTED: dict[str, Callable[..., torch.Tensor]] = {
+    "js": _chunk_js,
+    "skew_kl": _chunk_skew_kl,
+    "skew_reverse_kl": _chunk_skew_reverse_kl,
+}
 _FROM_LOGITS = {_chunk_kl: _logits_kl, _chunk_reverse_kl: _logits_reverse_kl}
-_NATIVE = {_chunk_kl: "kl", _chunk_reverse_kl: "reverse_kl"}
+# The compiled kernel's kind for each chunk kernel it replaces (the weighted ones reach
+# chunked_forward as partials carrying their weight).
+_NATIVE: dict[Callable[..., torch.Tensor], str] = {
+    _chunk_kl: "kl",
+    _chunk_reverse_kl: "reverse_kl",
+    _chunk_js: "js",
+    _chunk_skew_kl: "skew_kl",
+    _chunk_skew_reverse_kl: "skew_reverse_kl",
+    _chunk_tv: "tv",
+}
 
 
 def _kernel(kind: str, beta: float, alpha: float) -> Kernel | None:
-    """The chunk kernel for ``kind`` at these parameters; None where the divergence is
-    identically 0 (JS at β ∈ {0, 1}, skew at α = 1: the core returns an exact 0 there)."""
-    if kind == "js":
-        return None if beta in (0.0, 1.0) else functools.partial(_chunk_js, beta=beta)
-    if kind in ("skew_kl", "skew_reverse_kl"):
-        if alpha == 1.0:
-            return None
-        if alpha == 0.0:  # the core's mixture is then exactly the other side
-            return _CHUNKS["kl" if kind == "skew_kl" else "reverse_kl"]
-        fn = _chunk_skew_kl if kind == "skew_kl" else _chunk_skew_reverse_kl
-        return functools.partial(fn, alpha=alpha)
-    return _CHUNKS[kind]
+    """The chunk kernel for ``kind`` at these parameters (endpoints resolved by the
+    registry: the skew kinds at α = 0 are plain KL and reverse KL); None where the divergence
+    is identically 0 (JS at β ∈ {0, 1}, skew at α = 1: the core returns an exact 0 there)."""
+    resolved = resolve(kind, weight_of(kind, beta, alpha))
+    if resolved.zero:
+        return None
+    if resolved.kind in _WEIGHTED:
+        (name,) = KIND_PARAMS[resolved.kind]
+        return functools.partial(_WEIGHTED[resolved.kind], **{name: resolved.w})
+    return _CHUNKS[resolved.kind]
 
 
 def chunked_forward(
@@ -277,7 +292,11 @@ def chunked_forward(
         return values, torch.zeros((n, v), dtype=dtype, device=device) if need_grad else None
     grad = torch.empty((n, v), dtype=dtype, device=device) if need_grad else None
     rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
-    native = _NATIVE.get(fn)  # type: ignore[arg-type]
+    base: Callable[..., torch.Tensor] = fn
+    w = None
+    if isinstance(fn, functools.partial):  # JS and skew: the keyword is the weight, β or α
+        base, (w,) = fn.func, fn.keywords.values()
+    native = _NATIVE.get(base)
     if native is not None and not (dtype == torch.float32 and _cpu_native.usable(native, device)):
         native = None
     step = rows
@@ -291,11 +310,14 @@ def chunked_forward(
         k = None if keep is None else keep[start:stop]
         g = None if grad is None else grad[start:stop]
         if native is not None:
-            val = _native_chunk(native, fn, s, t, k, g, temperature, rows, work)
+            val = _native_chunk(native, fn, s, t, k, g, temperature, rows, work, w)
         else:
             val = _tensor_chunk(fn, s, t, k, g, temperature, work)
         values[start:stop] = val
-    return values, grad
+    # Every kind is >= 0, but float32 terms can round a row's sum below it (identical rows
+    # read about -1e-8 where the core's exact mixture gives 0): the bound is closer to the
+    # truth. NaN rows stay NaN; the gradient, computed apart, is unchanged.
+    return values.clamp_min_(0.0), grad
 
 
 def _native_chunk(
@@ -308,13 +330,16 @@ def _native_chunk(
     temperature: float,
     rows: int,
     work: list[torch.Tensor],
+    w: float | None = None,
 ) -> torch.Tensor:
-    """One chunk through the compiled kernel; the rows it flags (+inf or NaN logits, all
-    −inf, infinite reverse KL) through :func:`_tensor_chunk`, ``rows`` at a time."""
+    """One chunk through the compiled kernel (``w``: the weight of JS and the skew kinds);
+    the rows it flags (+inf or NaN logits, all −inf on a side, infinite reverse KL; see
+    :func:`._cpu_native.rows`) through :func:`_tensor_chunk` with the same ``fn``, ``rows``
+    at a time."""
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
     k = None if k is None else k.contiguous()
-    val, flagged = _cpu_native.rows(native, s, t, k, 1.0 / temperature, g)
+    val, flagged = _cpu_native.rows(native, s, t, k, 1.0 / temperature, g, w)
     if bool(flagged.any()):
         index = flagged.nonzero().squeeze(-1)
         for part in index.split(rows):

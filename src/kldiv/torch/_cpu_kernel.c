@@ -1,38 +1,68 @@
-/* The compiled CPU kernel of DistillationLoss: KL(T||S) or KL(S||T) per row of float32
- * logits, and the gradient with respect to the student's logits, in one call.
+/* The compiled CPU kernel of DistillationLoss: per row of float32 logits, one of six
+ * divergences D(T||S) between the teacher's distribution P and the student's Q, and its
+ * gradient with respect to the student's logits, in one call.
  *
  * Layer 1 of three (kernel -> launcher `_cpu_native.py` -> autograd `_cpu.py`). Compiled on
  * first use by the system C compiler, with GNU vector extensions so that the same source is
- * vectorised for whatever the machine has (AVX2 here) without intrinsics.
+ * vectorised for whatever the machine has (AVX-512 or AVX2) without intrinsics.
  *
- * Per row, three passes over data that stays in L2 (a 32k-vocabulary row is 128 KiB a side):
- *   1. the row maxima m_s, m_t, and whether the row holds +inf or NaN;
+ * Per row, passes over data that stays in L2 (a 32k-vocabulary row is 128 KiB a side; the
+ * next row's logits are prefetched during pass 2, so that pass 1 too reads from cache):
+ *   1. the row maxima m_s, m_t (and so whether the row holds +inf);
  *   2. e_s = exp(a), e_t = exp(b) with a = s/T - m_s, b = t/T - m_t (each logit shifted by
  *      its own row maximum before the two are differenced, so a constant offset between
- *      teacher and student costs no precision), their sums z_s, z_t and the sum of the
- *      divergence's terms; e_s goes to the gradient row, the second stream to scratch;
- *   3. the gradient from the two stored streams.
- * Two exps per element in all; the [N, V] inputs are read from memory once.
+ *      teacher and student costs no precision) and their sums z_s, z_t; e_s goes to the
+ *      gradient row, the second stream to scratch. KL and reverse KL also sum their terms
+ *      here;
+ *   3. (the other kinds) the terms, which need p = e_t / z_t and q = e_s / z_s, so the sums
+ *      first; each element's h_j / q_j (below), up to a constant factor, replaces e_t in
+ *      scratch;
+ *   4. the gradient from the two stored streams.
+ * Two exps per element, and one log for the kinds with a mixture; the [N, V] inputs are read
+ * from memory once.
  *
- *   KL(T||S) = sum_j p_j (b_j - a_j) - log z_t + log z_s,       d/ds_j = (q_j - p_j) / T
- *   KL(S||T) = R = sum_j q_j (a_j - b_j) - log z_s + log z_t,    d/ds_j = q_j (d_j - c - R) / T
- * with p = e_t / z_t, q = e_s / z_s, d = a - b, c = log z_s - log z_t; the gradient row is
- * also multiplied by the caller's scale.
+ * With d = a - b, c = log z_s - log z_t, and for the gradient through the softmax
+ * h_j = q_j * df/dq_j of the summand f (then d/ds_j = (h_j - q_j * sum_k h_k) / T):
+ *   0 KL(T||S) = sum_j p_j (b_j - a_j) - log z_t + log z_s,     d/ds_j = (q_j - p_j) / T
+ *   1 KL(S||T) = R = sum_j q_j (a_j - b_j) - log z_s + log z_t,  d/ds_j = q_j (d_j - c - R) / T
+ *   2 JS  = w KL(P||M) + (1-w) KL(Q||M), M = w P + (1-w) Q;   h = (1-w) q log(q/m)
+ *   3 skew KL = KL(P||M), M = w P + (1-w) Q;                  h = -(1-w) q p/m
+ *   4 skew reverse KL = KL(Q||M'), M' = w Q + (1-w) P;        h = q (log(q/m') - w q/m')
+ *   5 TV  = 1/2 sum_j |p_j - q_j|;                             h = 1/2 q sign(q - p)
+ * (4 leaves out h's term q, which cancels against sum_k q_k = 1; sign(0) = 0.) The gradient
+ * row is also multiplied by the caller's scale. The weight w is JS's beta or the skew kinds'
+ * alpha, 0 < w < 1 (the endpoints, where the divergence is 0 or a plain KL, are the caller's).
+ *
+ * The mixture is formed from the stored exps, rescaled by z_t (JS, skew KL) or z_s (skew
+ * reverse KL) so that one multiply-add makes it: z_t m = w e_t + (1-w)(z_t/z_s) e_s. JS takes
+ * log(p/m) = b - log(z_t m) and log(q/m) = a - log(z_t m) + log z_t - log z_s, one log for
+ * both; the skew kinds need the ratio x = p/m (resp. q/m') for the gradient anyway, so they
+ * divide and take log x. A mixture is at least w times its own side, so these logs are at
+ * most -log w (resp. -log(1-w)); the kernel clamps them there, which also gives the exact
+ * limit where an underflowing product makes the computed mixture 0.
  *
  * Zero support as in the core: a -inf logit is a zero probability, terms with a zero first
- * argument are 0, and a positive first argument against a zero second one makes the row +inf
- * (tested by d == +inf, so it holds even where the positive side underflows). Rows the kernel
- * does not decide exactly come back flagged for the caller's tensor code: rows holding +inf or
- * NaN, rows that are all -inf on a side, rows with |logit/T| above 2^22 at T != 1 (see the
- * row maximum below), and reverse-KL rows that are +inf (the core leaves the infinite terms
- * out of that gradient, which needs its masks). Rows with keep[i] == 0 are
- * never read: value 0 and a zero gradient row.
+ * argument are 0 (and so is h_j where q_j = 0), and for KL and reverse KL a positive first
+ * argument against a zero second one makes the row +inf (tested by d == +inf, so it holds even
+ * where the positive side underflows). The mixture kinds and TV are always finite. Rows the
+ * kernel does not decide exactly come back flagged for the caller's tensor code: rows holding
+ * +inf or NaN, rows that are all -inf on a side, rows with |logit/T| above 2^22 at T != 1
+ * (see the row maximum below), reverse-KL rows that are +inf (the core leaves the infinite
+ * terms out of that gradient, which needs its masks), and every row of a call whose weight is
+ * outside (0, 1), or below 2^-64 for the skew kinds (whose ratios reach 1/w). Rows with
+ * keep[i] == 0 are never read: value 0 and a zero gradient row.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+/* 16 lanes where AVX-512 makes them one register (a third faster there), else 8 (AVX2 fits
+ * them in one). The launcher's scratch allows for either. */
+#if defined(__AVX512F__)
+#define W 16
+#else
 #define W 8
+#endif
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(float))));
 
@@ -112,24 +142,134 @@ static inline vf vexp(vf x) {
     return select(under, splat(0.f), p * (vf)((k2 + 127) << 23));
 }
 
+/* log x for x >= 0 (finite), within 1 ulp (0.76 measured over every float): x = 2^k (1 + f)
+ * with 1 + f in [sqrt(1/2), sqrt(2)) (found by offsetting the bits, no comparison), then
+ * FreeBSD's logf: s = f / (2 + f), log(1 + f) = f - (f^2/2 - s (f^2/2 + R(s^2))) with a
+ * minimax R, and k ln2 added in two parts (ln2_hi has trailing zero bits, so k ln2_hi is
+ * exact). Subnormal inputs are scaled by 2^23 first (a ratio of two exps can be subnormal,
+ * and its log still weighs in), and 0 gives -inf. Negative, infinite or NaN inputs give
+ * unspecified values: callers mask those lanes. */
+static inline vf vlog(vf x) {
+    const vi sub = x < 0x1p-126f;
+    const vi ix = (vi)select(sub, x * 0x1p23f, x) - 0x3f3504f3;
+    const vi k = (ix >> 23) - (sub & 23);
+    const vf f = (vf)((ix & 0x007fffff) + 0x3f3504f3) - 1.0f;
+    const vf s = f / (2.0f + f), z = s * s, w = z * z;
+    const vf r =
+        z * (0.66666662693f + w * 0.28498786688f) + w * (0.40000972152f + w * 0.24279078841f);
+    const vf hfsq = 0.5f * f * f, dk = __builtin_convertvector(k, vf);
+    const vf y = dk * 6.9313812256e-01f - ((hfsq - (s * (hfsq + r) + dk * 9.0580006145e-06f)) - f);
+    return select(x == 0, splat(-INFINITY), y);
+}
+
+static inline vf vmin(vf x, vf c) { return select(x < c, x, c); } /* NaN gives c */
+
 /* Sums are kept per vector lane over blocks of this many elements and then added in double:
  * float32 lanes alone would lose about log2(V/W) bits. */
 #define BLOCK 512
 
-enum { KL = 0, REVERSE_KL = 1 };
+enum { KL = 0, REVERSE_KL = 1, JS = 2, SKEW_KL = 3, SKEW_REVERSE_KL = 4, TV = 5 };
 
-/* Rows [0, n) of s and t (row strides ss, ts; unit stride along the row). grad (row stride
- * gs) may be NULL for evaluation only. row_scale (NULL: `scale` for every row) multiplies the
- * gradient. scratch: 2 * (v + W) floats. values[i] and flags[i] are written for every row;
- * flags[i] = 1 means the caller must compute row i (its value and gradient row here are
- * unspecified). */
-void kldiv_cpu_rows(int kind, int64_t n, int64_t v, const float *s, int64_t ss, const float *t,
-                    int64_t ts, const uint8_t *keep, float inv_t, float *grad, int64_t gs,
-                    const float *row_scale, float scale, float *scratch, double *values,
-                    uint8_t *flags) {
+/* Pass 3 of the kinds that need p and q: reads e_s from es and e_t from hq, writes h_j / q_j
+ * over e_t (0 where q_j = 0, so finite everywhere) and returns the two sums that pass 4 and
+ * the value need: `value` (the divergence) and `h` (sum_j h_j, in units of 1/z_s). */
+typedef struct {
+    double value, h;
+} terms;
+
+static terms js_terms(const float *si, const float *ti, const float *es_row, float *hq,
+                      int64_t v, float inv_t, float m_s, float m_t, double w, double zs,
+                      double zt) {
     const float NEG = -INFINITY;
-    float *second = scratch;                  /* e_t (KL) or d = a - b (reverse KL) */
-    float *own = scratch + v + W;             /* e_s when there is no gradient row */
+    const vf beta = splat((float)w), c = splat((float)((1 - w) * zt / zs));
+    const vf dl = splat((float)(log(zt) - log(zs)));
+    const vf cap_p = splat((float)-log(w)), cap_q = splat((float)-log1p(-w));
+    double ap = 0, aq = 0;
+    for (int64_t j0 = 0; j0 < v; j0 += BLOCK) {
+        const int64_t j1 = j0 + BLOCK < v ? j0 + BLOCK : v;
+        vf vp = splat(0), vq = splat(0);
+        for (int64_t j = j0; j < j1; j += W) {
+            const vf a = load(si, j, v, NEG) * inv_t - m_s;
+            const vf b = load(ti, j, v, NEG) * inv_t - m_t;
+            const vf es = load(es_row, j, v, 0), et = load(hq, j, v, 0);
+            const vf lm = vlog(beta * et + c * es); /* log(z_t m) */
+            /* a p = 0 term is 0, where b = -inf makes lp -inf (or NaN with lm = -inf) */
+            vp += select(et > 0, et * vmin(b - lm, cap_p), splat(0));
+            const vf lq = select(es > 0, vmin(a + dl - lm, cap_q), splat(0));
+            vq += es * lq;
+            store(hq, j, v, lq);
+        }
+        ap += hsum(vp);
+        aq += hsum(vq);
+    }
+    return (terms){w * ap / zt + (1 - w) * aq / zs, aq / zs};
+}
+
+/* Skew KL (x = p/m, m = w p + (1-w) q) and skew reverse KL (x = q/m', m' = w q + (1-w) p):
+ * one loop with the sides swapped, `own` being the divergence's first argument. */
+static terms skew_terms(int reverse, const float *es_row, float *hq, int64_t v, double w,
+                        double zs, double zt) {
+    const vf alpha = splat((float)w), cap = splat((float)(1 / w));
+    const vf c = splat((float)(reverse ? (1 - w) * zs / zt : (1 - w) * zt / zs));
+    double av = 0, ah = 0;
+    for (int64_t j0 = 0; j0 < v; j0 += BLOCK) {
+        const int64_t j1 = j0 + BLOCK < v ? j0 + BLOCK : v;
+        vf vv = splat(0), vh = splat(0);
+        for (int64_t j = j0; j < j1; j += W) {
+            const vf es = load(es_row, j, v, 0), et = load(hq, j, v, 0);
+            const vf own = reverse ? es : et, other = reverse ? et : es;
+            vf x = own / (alpha * own + c * other);
+            /* 0 or NaN (0/0): the first argument is 0 here, or so small that x underflows
+             * and its term is below float32's range */
+            const vi live = x > 0;
+            x = vmin(x, cap); /* +inf where the mixture underflowed to 0 */
+            const vf lx = vlog(x);
+            vv += select(live, own * lx, splat(0));
+            const vf hx = select(live, reverse ? lx - alpha * x : x, splat(0));
+            vh += es * hx;
+            store(hq, j, v, hx);
+        }
+        av += hsum(vv);
+        ah += hsum(vh);
+    }
+    return (terms){av / (reverse ? zs : zt), ah / zs};
+}
+
+static terms tv_terms(const float *es_row, float *hq, int64_t v, double zs, double zt) {
+    const vf rho = splat((float)(zs / zt)), half = splat(0.5f), zero = splat(0);
+    double av = 0, ah = 0;
+    for (int64_t j0 = 0; j0 < v; j0 += BLOCK) {
+        const int64_t j1 = j0 + BLOCK < v ? j0 + BLOCK : v;
+        vf vv = splat(0), vh = splat(0);
+        for (int64_t j = j0; j < j1; j += W) {
+            const vf es = load(es_row, j, v, 0), et = load(hq, j, v, 0);
+            const vf d = et * rho - es; /* z_s (p - q) */
+            vv += (vf)((vi)d & 0x7fffffff);
+            const vf sg = select(d < 0, half, select(d > 0, -half, zero));
+            vh += es * sg;
+            store(hq, j, v, sg);
+        }
+        av += hsum(vv);
+        ah += hsum(vh);
+    }
+    return (terms){0.5 * av / zs, ah / zs};
+}
+
+/* Rows [0, n) of s and t (row strides ss, ts; unit stride along the row). w: the weight of
+ * JS and the skew kinds (unused by the others). grad (row stride gs) may be NULL for
+ * evaluation only. row_scale (NULL: `scale` for every row) multiplies the gradient. scratch:
+ * 2 * (v + W) floats. values[i] and flags[i] are written for every row; flags[i] = 1 means
+ * the caller must compute row i (its value and gradient row here are unspecified). */
+void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, int64_t ss,
+                    const float *t, int64_t ts, const uint8_t *keep, float inv_t, float *grad,
+                    int64_t gs, const float *row_scale, float scale, float *scratch,
+                    double *values, uint8_t *flags) {
+    const float NEG = -INFINITY;
+    float *second = scratch;      /* e_t (KL, mixtures, TV) or d = a - b (reverse KL) */
+    float *own = scratch + v + W; /* e_s when there is no gradient row */
+    const int skew = kind == SKEW_KL || kind == SKEW_REVERSE_KL;
+    const int bad_weight =
+        (kind == JS && !(w > 0 && w < 1)) || (skew && !(w >= 0x1p-64 && w < 1));
     for (int64_t i = 0; i < n; i++) {
         const float *si = s + i * ss, *ti = t + i * ts;
         float *gi = grad ? grad + i * gs : own;
@@ -139,11 +279,15 @@ void kldiv_cpu_rows(int kind, int64_t n, int64_t v, const float *s, int64_t ss, 
             if (grad) memset(gi, 0, (size_t)v * sizeof(float));
             continue;
         }
+        if (bad_weight) {
+            flags[i] = 1;
+            continue;
+        }
+        /* Rows holding +inf or NaN go to the caller: +inf makes the row maximum +inf, and NaN
+         * (which the maximum skips) makes a sum of pass 2 NaN, so this pass is only maxima. */
         vf ms = splat(NEG), mt = splat(NEG);
-        vi bad = (vi){0};
         for (int64_t j = 0; j < v; j += W) {
-            vf a = load(si, j, v, NEG), b = load(ti, j, v, NEG);
-            bad |= (a != a) | (a == INFINITY) | (b != b) | (b == INFINITY);
+            const vf a = load(si, j, v, NEG), b = load(ti, j, v, NEG);
             ms = select(a > ms, a, ms);
             mt = select(b > mt, b, mt);
         }
@@ -154,16 +298,23 @@ void kldiv_cpu_rows(int kind, int64_t n, int64_t v, const float *s, int64_t ss, 
          * reach e^(tens) and overflow, so such rows go to tensor code. (At T = 1 the product
          * is exact.) */
         const int huge = inv_t != 1.0f && (fabsf(m_s) > 0x1p22f || fabsf(m_t) > 0x1p22f);
-        if (any(bad) || huge || !isfinite(m_s) || !isfinite(m_t)) {
+        if (huge || !isfinite(m_s) || !isfinite(m_t)) {
             flags[i] = 1;
             continue;
         }
         double zs = 0, zt = 0, acc = 0;
         vi inf_terms = (vi){0};
+        /* the next row's logits, fetched towards L2 while this row computes: its first pass
+         * then reads from cache instead of waiting on memory */
+        const int ahead = i + 1 < n && !(keep && !keep[i + 1]);
         for (int64_t j0 = 0; j0 < v; j0 += BLOCK) {
             const int64_t j1 = j0 + BLOCK < v ? j0 + BLOCK : v;
             vf vzs = splat(0), vzt = splat(0), vacc = splat(0);
             for (int64_t j = j0; j < j1; j += W) {
+                if (ahead) {
+                    __builtin_prefetch(si + ss + j, 0, 2);
+                    __builtin_prefetch(ti + ts + j, 0, 2);
+                }
                 const vf a = load(si, j, v, NEG) * inv_t - m_s;
                 const vf b = load(ti, j, v, NEG) * inv_t - m_t;
                 const vf es = vexp(a), et = vexp(b);
@@ -175,16 +326,22 @@ void kldiv_cpu_rows(int kind, int64_t n, int64_t v, const float *s, int64_t ss, 
                     inf_terms |= d == INFINITY;
                     vacc += select(et > 0, et * d, splat(0));
                     store(second, j, v, et);
-                } else {
+                } else if (kind == REVERSE_KL) {
                     const vf d = a - b;
                     inf_terms |= d == INFINITY;
                     vacc += select(es > 0, es * d, splat(0));
                     store(second, j, v, d);
+                } else {
+                    store(second, j, v, et);
                 }
             }
             zs += hsum(vzs);
             zt += hsum(vzt);
             acc += hsum(vacc);
+        }
+        if (!isfinite(zs) || !isfinite(zt)) { /* a NaN logit */
+            flags[i] = 1;
+            continue;
         }
         const double lzs = log(zs), lzt = log(zt);
         const double sc = (double)inv_t * (row_scale ? row_scale[i] : scale);
@@ -194,7 +351,9 @@ void kldiv_cpu_rows(int kind, int64_t n, int64_t v, const float *s, int64_t ss, 
             const vf cq = splat((float)(sc / zs)), cp = splat((float)(sc / zt));
             for (int64_t j = 0; j < v; j += W)
                 store(gi, j, v, load(gi, j, v, 0) * cq - load(second, j, v, 0) * cp);
-        } else {
+            continue;
+        }
+        if (kind == REVERSE_KL) {
             if (any(inf_terms)) {
                 flags[i] = 1;
                 continue;
@@ -208,6 +367,24 @@ void kldiv_cpu_rows(int kind, int64_t n, int64_t v, const float *s, int64_t ss, 
                 /* q = 0 terms: d may be -inf or NaN there, and their gradient is 0 */
                 store(gi, j, v, select(es > 0, es * cq * (load(second, j, v, 0) - c), splat(0)));
             }
+            continue;
         }
+        terms r;
+        double hscale = 1; /* h_j / q_j is hscale times what pass 3 stored */
+        if (kind == JS) {
+            r = js_terms(si, ti, gi, second, v, inv_t, m_s, m_t, w, zs, zt);
+            hscale = 1 - w;
+        } else if (skew) {
+            r = skew_terms(kind == SKEW_REVERSE_KL, gi, second, v, w, zs, zt);
+            if (kind == SKEW_KL) hscale = -(1 - w);
+        } else {
+            r = tv_terms(gi, second, v, zs, zt);
+        }
+        values[i] = r.value;
+        if (!grad) continue;
+        /* h_j - q_j sum_k h_k = hscale q_j (x_j - sum_k q_k x_k), x_j the stored stream */
+        const vf cq = splat((float)(hscale * sc / zs)), mean = splat((float)r.h);
+        for (int64_t j = 0; j < v; j += W)
+            store(gi, j, v, load(gi, j, v, 0) * cq * (load(second, j, v, 0) - mean));
     }
 }

@@ -4,10 +4,13 @@ it, and runs it over row ranges, one range per intra-op thread.
 This is layer 2 of the CPU fast path. Layer 1 is the C kernel and layer 3 is
 :class:`kldiv.torch._cpu.ChunkedDivergence`.
 
-The kernel computes KL and reverse KL on float32 rows: the loss and the student's gradient
-in one call, reading the logits from memory once. PyTorch's elementwise operators would make
-a pass per operation, and torch.compile would cost seconds on the first call; this kernel
-is what lets the CPU path beat both.
+The kernel computes every divergence of DistillationLoss on float32 rows (:data:`KINDS`):
+the loss and the student's gradient in one call, reading the logits from memory once, with two
+exps per element and, for JS and the skew divergences, one log of the mixture. PyTorch's
+elementwise operators would make a pass per operation, and torch.compile would cost seconds on
+the first call; this kernel is what lets the CPU path beat both. Zero support is the core's
+(``-inf`` logits are zero probabilities, terms with a zero first argument are 0); the rows it
+does not decide exactly come back flagged, for the caller's tensor code (see :func:`rows`).
 
 It is compiled on first use by the system C compiler (``$CC``, which may carry arguments,
 else ``cc``, ``gcc`` or ``clang``), with ``-O3 -march=native`` so the vector code fits the CPU
@@ -59,7 +62,9 @@ from typing import Any
 
 import torch
 
-KINDS = {"kl": 0, "reverse_kl": 1}
+# The kernel's codes. JS and the skew kinds take a weight (beta, alpha) strictly inside (0, 1).
+KINDS = {"kl": 0, "reverse_kl": 1, "js": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tv": 5}
+WEIGHTED = ("js", "skew_kl", "skew_reverse_kl")
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 SYMBOL = "kldiv_cpu_rows"
 # The second set is for compilers that do not know -march=native (some non-x86 clangs).
@@ -205,8 +210,8 @@ def _dlopen(path: Path) -> Any:
     fn = getattr(ctypes.CDLL(str(path)), SYMBOL, None)
     if fn is None:
         raise RuntimeError(f"the compiled library does not export {SYMBOL}")
-    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [ctypes.c_int, i64, i64, p, i64, p, i64, p, f32, p, i64, p, f32, p, p, p]
+    p, i64, f32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+    fn.argtypes = [ctypes.c_int, f64, i64, i64, p, i64, p, i64, p, f32, p, i64, p, f32, p, p, p]
     fn.restype = None
     return fn
 
@@ -330,22 +335,29 @@ def rows(
     keep: torch.Tensor | None,
     inv_t: float,
     grad: torch.Tensor | None,
+    w: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``kind`` of tempered float32 logits ``[n, v]`` (CPU, unit stride along rows;
     any row stride, 0 included) and, when ``grad`` is given, the gradient of their sum with
     respect to ``student`` written into it (``[n, v]`` float32, unit stride along rows).
+    ``w`` is the weight of the kinds in :data:`WEIGHTED` (JS's ``beta``, the skew kinds'
+    ``alpha``), 0 < w < 1; the other kinds ignore it.
 
-    Returns ``(values, flagged)``: float64 ``[n]`` and bool ``[n]``. Flagged rows (those
-    holding +inf or NaN, all ``-inf`` on a side, or reverse KL's +inf rows) are left to the
-    caller, with their value and gradient row unspecified. Rows with ``keep`` False are
-    never read: value 0, gradient row 0.
+    Returns ``(values, flagged)``: float64 ``[n]`` and bool ``[n]``. Flagged rows are left
+    to the caller, with their value and gradient row unspecified: rows holding +inf or NaN,
+    all ``-inf`` on a side, whose maximum ``logit/T`` exceeds 2^22 in magnitude at T ≠ 1,
+    reverse KL's +inf rows, and every row of a skew kind with ``w`` below 2^-64. Rows with
+    ``keep`` False are never read: value 0, gradient row 0.
     """
+    if kind in WEIGHTED and not (w is not None and 0.0 < w < 1.0):
+        raise ValueError(f"{kind} needs a weight strictly between 0 and 1, got {w!r}")
     fn = kernel()
     n, v = student.shape
     values = torch.empty(n, dtype=torch.float64)
     flags = torch.empty(n, dtype=torch.uint8)
     parts = max(1, min(torch.get_num_threads(), n)) if n * v >= _PARALLEL_MIN else 1
-    scratch = torch.empty((parts, 2 * (v + 8)), dtype=torch.float32)
+    # two row-long streams per range, each padded by the kernel's vector width (8 or 16)
+    scratch = torch.empty((parts, 2 * (v + 16)), dtype=torch.float32)
     bounds = [n * k // parts for k in range(parts + 1)]
     code = KINDS[kind]
 
@@ -355,6 +367,7 @@ def rows(
             return
         fn(
             code,
+            0.0 if w is None else w,
             b - a,
             v,
             student[a].data_ptr(),
