@@ -50,6 +50,9 @@ _CORE_ONLY = contextvars.ContextVar("kldiv_core_only", default=False)
 @contextlib.contextmanager
 def core_only() -> Iterator[None]:
     """Within this block the core functions on torch tensors run the core, not an engine."""
+    if torch.compiler.is_compiling():  # the engines step aside there anyway (and dynamo
+        yield  # cannot trace a ContextVar)
+        return
     token = _CORE_ONLY.set(True)
     try:
         yield
