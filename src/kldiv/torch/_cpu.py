@@ -1,10 +1,10 @@
 """The CPU fast path of DistillationLoss: row chunks that stay in cache, loss and student
 gradient in one pass, no float32 ``[N, V]`` scratch beyond the gradient itself.
 
-Three layers, as for the GPU kernels. The kernel: for KL and reverse KL on float32, the
-compiled C kernel ``_cpu_kernel.c`` (launched by :mod:`._cpu_native`); for the other
-divergences, and for the rows the C kernel leaves to tensor code, the ``_chunk_*``
-functions, which compute one chunk's per-row loss and gradient. The launcher:
+Three layers, as for the GPU kernels. The kernel: for every divergence on float32, the
+compiled C kernel ``_cpu_kernel.c`` (launched by :mod:`._cpu_native`); without it, and for
+the rows it leaves to tensor code, the ``_chunk_*`` functions, which compute one chunk's
+per-row loss and gradient. The launcher:
 :func:`chunked_forward`, which walks the rows and owns the buffers. The autograd layer:
 :class:`ChunkedDivergence`, the ``autograd.Function``. Zero support follows the
 core exactly (``-inf`` logits are zero probabilities; p = 0 terms are 0; p > 0 = q is +inf),
@@ -279,8 +279,8 @@ def chunked_forward(
     with respect to ``student`` (``[N, V]``; masked rows 0), on ``student``'s device.
 
     Computed in float32, or float64 when either input is float64; ``student`` and
-    ``teacher`` are ``[N, V]`` logits (divided by ``temperature`` here). KL and reverse KL on
-    CPU go through the compiled kernel (:mod:`._cpu_native`) when it is available, and the
+    ``teacher`` are ``[N, V]`` logits (divided by ``temperature`` here). Every divergence on
+    CPU goes through the compiled kernel (:mod:`._cpu_native`) when it is available, and the
     rows it flags through the tensor code here.
     """
     n, v = student.shape

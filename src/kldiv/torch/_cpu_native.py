@@ -36,9 +36,9 @@ builds in a private temporary directory instead. The compiler gets 120 s.
 
 Without a usable compiler (none found, ``$CC`` unparsable, a failed or hung build, a library
 that does not load), or with ``KLDIV_NATIVE=0`` set, the chunked path runs in tensor code
-instead: the same values, about 1.8× slower; ``kldiv info`` (:func:`status`) says why.
-ctypes releases the GIL during the call, so plain Python threads run the row ranges in
-parallel.
+instead: the same values, 1.5 to 5 times slower (the most for JS and the skew
+divergences); ``kldiv info`` (:func:`status`) says why. ctypes releases the GIL during the
+call, so plain Python threads run the row ranges in parallel.
 """
 
 from __future__ import annotations
