@@ -170,7 +170,7 @@ def main() -> int:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(args.kldiv_src.resolve()), *filter(None, [env.get("PYTHONPATH")])]
         )
-    imports = "import kldiv.cli, kldiv.metrics, kldiv._io, tqdm"
+    imports = "import kldiv.cli, kldiv.metrics, kldiv.cli.readers, tqdm"
     floors = {
         "numpy": run([sys.executable, "-c", imports], env)[1],
         "torch": run([sys.executable, "-c", imports + ", torch"], env)[1],

@@ -11,7 +11,7 @@ formula trainers write (for KL ``F.kl_div(F.log_softmax(s), F.log_softmax(t),
 log_target=True, reduction="batchmean")``) in eager mode and under ``torch.compile`` (steady
 state; its first call, the compilation, is reported separately), and the floor: the exps any
 fused forward + backward needs (2 per element, 3 where a log of a mixture is needed) into a
-freshly allocated ``[N, V]`` gradient. The method is :mod:`kldiv._bench`'s (also behind
+freshly allocated ``[N, V]`` gradient. The method is :mod:`kldiv.cli.benchmark`'s (also behind
 ``kldiv bench``): a fresh subprocess per measurement, variants alternating over rounds,
 median of ``--iters`` after 2 warm-ups; peak extra memory is the rise of the peak resident
 set over the resident set once the inputs exist. Results go to
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from _common import commit
 
-from kldiv import _bench
+from kldiv.cli import benchmark
 
 
 def main() -> int:
@@ -39,11 +39,11 @@ def main() -> int:
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--kinds", default=",".join(_bench.KINDS))
+    ap.add_argument("--kinds", default=",".join(benchmark.KINDS))
     ap.add_argument("--variants", default="eager,compile,core,floor")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    res = _bench.run(
+    res = benchmark.run(
         "cpu",
         args.n,
         args.v,
@@ -62,7 +62,7 @@ def main() -> int:
         eager, core = s.get("eager", {}).get("median_s"), s.get("core", {}).get("median_s")
         if eager and core:
             s["core"]["eager_over_core"] = eager / core
-    print(_bench.table(res))
+    print(benchmark.table(res))
     print("core × eager:", ", ".join(
         f"{k} {e['summary']['core']['eager_over_core']:.2f}"
         for k, e in res["kinds"].items() if "eager_over_core" in e["summary"].get("core", {})

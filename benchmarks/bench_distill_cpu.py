@@ -9,7 +9,7 @@ reduction="batchmean")``) in eager mode and under ``torch.compile`` (steady stat
 warm-up; its first call, the compilation, is reported separately). Candidate:
 ``kldiv.torch.DistillationLoss(kind)``; and the floor, the exps any fused forward + backward
 needs (2 per element, 3 where a log of a mixture is needed) into a freshly allocated
-``[N, V]`` gradient. The method is :mod:`kldiv._bench`'s (also behind
+``[N, V]`` gradient. The method is :mod:`kldiv.cli.benchmark`'s (also behind
 ``kldiv bench``): a fresh subprocess per measurement, variants alternating over rounds,
 median of ``--iters`` after 2 warm-ups; peak extra memory is the rise of the peak resident
 set over the resident set once the inputs exist. Results go to
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from _common import commit
 
-from kldiv import _bench
+from kldiv.cli import benchmark
 
 
 def main() -> int:
@@ -41,7 +41,7 @@ def main() -> int:
     ap.add_argument("--variants", default="eager,compile,kldiv,floor")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    res = _bench.run(
+    res = benchmark.run(
         "cpu",
         args.n,
         args.v,
@@ -59,7 +59,7 @@ def main() -> int:
         kl = entry["summary"].get("kldiv", {})
         if "peak_extra_mib" in kl:
             kl["peak_extra_over_one_NV"] = kl["peak_extra_mib"] / res["one_NV_float32_MiB"]
-    print(_bench.table(res))
+    print(benchmark.table(res))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"distill_cpu_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")

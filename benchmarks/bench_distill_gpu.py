@@ -4,7 +4,7 @@ Kernel, at the shapes of the distillation issue; results to benchmarks/results/.
     python benchmarks/bench_distill_gpu.py [--n 8192] [--v 128256,151936] [--dtype bfloat16]
                                            [--kinds kl,reverse_kl,js] [--rounds 3] [--iters 10]
 
-The method is :mod:`kldiv._bench`'s (also behind ``kldiv bench``): CUDA-event timings of
+The method is :mod:`kldiv.cli.benchmark`'s (also behind ``kldiv bench``): CUDA-event timings of
 forward + backward after warm-up, medians over alternating rounds, peak memory above the
 inputs from ``torch.cuda.max_memory_allocated``, and the memory-traffic floor
 ``5·N·V·itemsize`` bytes at the copy bandwidth measured on the same GPU. Liger Kernel is
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from _common import commit
 
-from kldiv import _bench
+from kldiv.cli import benchmark
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
     )
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--v", default="128256,151936")
-    ap.add_argument("--dtype", default="bfloat16", choices=_bench.DTYPES)
+    ap.add_argument("--dtype", default="bfloat16", choices=benchmark.DTYPES)
     ap.add_argument("--kinds", default="kl,reverse_kl,js")
     ap.add_argument("--variants", default="eager,compile,liger,kldiv")
     ap.add_argument("--small", default="1024x32000,256x8192", help="extra NxV shapes")
@@ -48,7 +48,7 @@ def main() -> int:
     shapes += [tuple(int(x) for x in s.split("x")) for s in args.small.split(",") if s]
     runs = []
     for n, v in shapes:
-        res = _bench.run(
+        res = benchmark.run(
             "cuda",
             n,
             v,
@@ -60,7 +60,7 @@ def main() -> int:
             progress=lambda msg: print(msg, file=sys.stderr, flush=True),
         )
         print(f"N={n} V={v} {args.dtype}")
-        print(_bench.table(res), flush=True)
+        print(benchmark.table(res), flush=True)
         runs.append(res)
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

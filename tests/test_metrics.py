@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import array_api_compat.numpy
 import ml_dtypes
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from reference import kl as ref_kl
 from reference import log_softmax_row
 
 from kldiv import _math, metrics
-from kldiv.metrics import PERCENTILES, KLReport, TokenStats
+from kldiv.metrics import PERCENTILES, KLReport, TokenStats, blocks
 
 # --------------------------------------------------------------------------------------------
 # The independent computation: per-token values with math.log/math.fsum on float64 rows, and
@@ -280,7 +281,7 @@ def test_axis_other_than_last_flattens_the_remaining_axes(rng):
 
 
 def test_merge_of_uneven_chunks_equals_one_pass_exactly(rng, monkeypatch):
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 3 * 13)  # blocks of 3 rows
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 3 * 13)  # blocks of 3 rows
     ref, cand = logits_pair(rng, (50, 13))
     labels = rng.integers(0, 13, size=50)
     labels[rng.random(50) < 0.2] = -100
@@ -314,7 +315,7 @@ def test_block_size_does_not_change_per_token_values(rng, monkeypatch):
     labels = rng.integers(0, 7, size=23)
     results = []
     for rows in (1, 4, 23, 100):
-        monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", rows * 7)
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", rows * 7)
         s = TokenStats()
         s.update(ref, cand, labels=labels)
         results.append(s)
@@ -445,8 +446,8 @@ def test_fast_kl_equals_math_kl_rows_on_a_zero_support_grid(rng):
     lp = rng.choice(grid, size=(300, 6))
     lq = rng.choice(grid, size=(300, 6))
     p = np.exp(lp)
-    got = metrics._kl_block(lp, lq, p, np.empty_like(lp))
-    want = _math.kl_rows(metrics._xp, lp, lq, p, -1)
+    got = blocks.kl_block(lp, lq, p, np.empty_like(lp))
+    want = _math.kl_rows(array_api_compat.numpy, lp, lq, p, -1)
     want[want <= 0] = 0.0
     np.testing.assert_array_equal(got, want)
     assert np.isinf(got).any() and (got == 0).any()
@@ -457,7 +458,7 @@ def test_fast_kl_equals_math_kl_rows_on_a_zero_support_grid(rng):
 
 
 def test_ignored_tokens_are_excluded_from_every_statistic(rng, monkeypatch):
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 4 * 5)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 4 * 5)
     ref, cand = logits_pair(rng, (2, 11, 5))
     labels = rng.integers(0, 5, size=(2, 11))
     labels[0, :3] = -100
@@ -625,7 +626,7 @@ def test_consistency_errors_between_updates_and_merges(rng):
 
 
 def test_a_failed_update_adds_nothing(rng, monkeypatch):
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 2 * 5)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 2 * 5)
     ref, cand = logits_pair(rng, (9, 5))
     stats = TokenStats()
     stats.update(ref, cand, labels=np.zeros(9, dtype=np.int64))
@@ -752,13 +753,13 @@ def test_import_kldiv_metrics_imports_no_framework():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threaded_blocks_give_the_same_values_and_the_first_error(monkeypatch, rng, threads):
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 2 * 5)  # blocks of 2 rows of V = 5
-    monkeypatch.setattr(metrics, "_threads", lambda: threads)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 2 * 5)  # blocks of 2 rows of V = 5
+    monkeypatch.setattr(blocks, "threads", lambda: threads)
     ref, cand = rng.normal(size=(21, 5)), rng.normal(size=(21, 5))
     one = TokenStats()
-    monkeypatch.setattr(metrics, "_threads", lambda: 1)
+    monkeypatch.setattr(blocks, "threads", lambda: 1)
     one.update(ref, cand)
-    monkeypatch.setattr(metrics, "_threads", lambda: threads)
+    monkeypatch.setattr(blocks, "threads", lambda: threads)
     many = TokenStats()
     many.update(ref, cand)
     assert many.report() == one.report()

@@ -170,7 +170,7 @@ def demo(
     worked_examples(out)
     if not train:
         return 0
-    from . import _demo
+    from . import digits
 
     print(file=out)
     print(
@@ -178,15 +178,15 @@ def demo(
         file=out,
     )
     print(
-        f"   A {_demo.HIDDEN_TEACHER}-unit teacher, then {_demo.HIDDEN_STUDENT}-unit students "
-        f"trained on hard labels or distilled at T = {_demo.TEMPERATURE:g} with",
+        f"   A {digits.HIDDEN_TEACHER}-unit teacher, then {digits.HIDDEN_STUDENT}-unit students "
+        f"trained on hard labels or distilled at T = {digits.TEMPERATURE:g} with",
         file=out,
     )
     print("   kldiv.kl_div (forward KL), kldiv.reverse_kl_div and kldiv.js_div:", file=out)
     show = sys.stderr.isatty() if progress is None else progress
-    results = _demo.train(dest, sys.stderr, progress=show)
+    results = digits.train(dest, sys.stderr, progress=show)
     print(file=out)
-    for line in _demo.table(results).splitlines():
+    for line in digits.table(results).splitlines():
         print("   " + line, file=out)
     print(file=out)
     print(
@@ -208,12 +208,12 @@ CHUNK_BYTES = 16 << 20
 
 
 def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from . import _io
+    from . import readers
 
     files = []
     try:
         for spec in (args.ref, args.cand):
-            files.append(_io.open_array(spec))
+            files.append(readers.open_array(spec))
         ref, cand = files
         for f in files:
             if f.dtype.kind != "f":
@@ -236,7 +236,7 @@ def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             raise UsageError(f"{ref.path}: has shape {ref.shape}, no tokens to compare")
         labels = None
         if args.labels:
-            lab = _io.open_array(args.labels)
+            lab = readers.open_array(args.labels)
             files.append(lab)
             tokens = tuple(d for i, d in enumerate(ref.shape) if i != args.axis % ndim)
             if lab.dtype.kind not in "iu":
@@ -247,7 +247,7 @@ def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                 )
             labels = lab.read_all().reshape(-1)
         return ref, cand, labels
-    except _io.InputError as e:
+    except readers.InputError as e:
         for f in files:
             f.close()
         raise UsageError(str(e)) from None
@@ -363,13 +363,13 @@ def compare(args: argparse.Namespace, out=None) -> int:
     """``kldiv compare REF CAND``: the per-token KL(REF‖CAND) report, streamed."""
     from tqdm.auto import tqdm
 
-    from .metrics import TokenStats
+    from ..metrics import TokenStats
 
     out = out or sys.stdout
     dest = _out_path(args.out) if args.out is not None else None
     if dest is not None:  # before any work: a bad --out must not cost a long run
         _check_out(dest)
-    from . import _io
+    from . import readers
 
     ref, cand, labels = _open_inputs(args)
     stats = TokenStats()
@@ -412,7 +412,7 @@ def compare(args: argparse.Namespace, out=None) -> int:
             report = stats.report()
         except ValueError as e:  # every token's label is ignore_index
             raise UsageError(f"{args.labels or ref.path}: {e}") from None
-    except _io.InputError as e:  # raised while streaming (e.g. a truncated .npz member)
+    except readers.InputError as e:  # raised while streaming (e.g. a truncated .npz member)
         raise UsageError(str(e)) from None
     except ValueError as e:  # from reading the arrays
         raise UsageError(f"{ref.path}: {e}") from None
@@ -651,7 +651,7 @@ def bench(args: argparse.Namespace, out=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from . import _bench
+    from . import benchmark
 
     device = args.device
     if device == "auto":
@@ -669,8 +669,8 @@ def bench(args: argparse.Namespace, out=None) -> int:
     kinds = tuple(args.kinds.split(","))
     variants = tuple(args.variants.split(","))
     for name, got, allowed in (
-        ("--kinds", kinds, _bench.KINDS),
-        ("--variants", variants, _bench.VARIANTS),
+        ("--kinds", kinds, benchmark.KINDS),
+        ("--variants", variants, benchmark.VARIANTS),
     ):
         bad = [x for x in got if x not in allowed]
         if bad:
@@ -693,7 +693,7 @@ def bench(args: argparse.Namespace, out=None) -> int:
         disable=args.quiet or None,
         leave=False,
     )
-    result = _bench.run(
+    result = benchmark.run(
         device,
         n,
         v,
@@ -714,7 +714,7 @@ def bench(args: argparse.Namespace, out=None) -> int:
             f"N={n} V={v} {dtype}, forward+backward, median of {args.iters} × {args.rounds}",
             file=out,
         )
-        print(_bench.table(result), file=out)
+        print(benchmark.table(result), file=out)
     if dest is not None:
         _write_bench(dest, result)
         if not args.json:
@@ -725,12 +725,12 @@ def bench(args: argparse.Namespace, out=None) -> int:
 def _write_bench(dest: Path, result: dict) -> None:
     import csv
 
-    from . import _bench
+    from . import benchmark
 
     def write(tmp: Path) -> None:
         (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         with open(tmp / "bench.csv", "w", newline="") as f:
-            csv.writer(f).writerows(_bench.csv_rows(result))
+            csv.writer(f).writerows(benchmark.csv_rows(result))
 
     _atomic_dir(dest, write)
 

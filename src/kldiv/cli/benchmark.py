@@ -263,7 +263,7 @@ def copy_bandwidth(device: str) -> float:
 def _child(variant: str, kind: str, n: int, v: int, dtype: str, device: str, iters: int) -> dict:
     code = (
         "import json, sys, torch; torch.set_num_threads(int(sys.argv[8]));"
-        "from kldiv._bench import measure;"
+        "from kldiv.cli.benchmark import measure;"
         "print(json.dumps(measure(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),"
         " sys.argv[5], sys.argv[6], int(sys.argv[7]))))"
     )

@@ -1,0 +1,645 @@
+"""Distribution objects: immutable parameter holders that can sample (for Monte-Carlo KL)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import _math
+from .. import _namespace as ns
+from .._defaults import BernoulliForm
+from ._common import INF, LOG_2PI, Array, check_domain, host, params_of
+from .continuous import student_t_log_density
+from .discrete import bernoulli_logs
+from .multivariate import check_square, check_tril, diag, mT, woodbury
+
+# ---------------------------------------------------------------------------------------------
+# Distribution objects, sampling and the registry
+# ---------------------------------------------------------------------------------------------
+
+
+class _Rng:
+    """Seeded draws in the caller's framework: NumPy Generator, torch.Generator or a JAX key."""
+
+    def __init__(self, xp: ModuleType, like: Array, seed: int | None, key: Any) -> None:
+        self.xp, self.dtype, self.device = xp, like.dtype, ns.device_of(like)
+        self.backend = ns.backend_name(xp)
+        if self.backend == "jax":
+            if key is None:
+                raise TypeError("Sampling JAX distributions needs key=jax.random.key(...).")
+            self.key, self.count = key, 0
+        elif key is not None:
+            raise TypeError(f"key= is for JAX arrays; pass seed= for {self.backend} arrays.")
+        elif self.backend == "torch":
+            import torch
+
+            self.gen: Any = torch.Generator(device=self.device)
+            if seed is None:
+                self.gen.seed()
+            else:
+                self.gen.manual_seed(int(seed))
+        else:
+            self.gen = np.random.default_rng(seed)
+
+    def _key(self) -> Any:
+        import jax
+
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+    def uniform(self, shape: tuple[int, ...]) -> Array:
+        """U(0, 1) with 0 excluded (replaced by the smallest normal number)."""
+        if self.backend == "jax":
+            import jax
+
+            u: Array = jax.random.uniform(self._key(), shape, dtype=self.dtype)
+        elif self.backend == "torch":
+            import torch
+
+            u = torch.rand(shape, generator=self.gen, dtype=self.dtype, device=self.device)
+        else:
+            # drawn in the target dtype: float64 draws cast to float32 can round up to 1.0
+            single = np.dtype(self.dtype) == np.float32
+            u = self.xp.asarray(self.gen.random(shape, dtype=np.float32 if single else np.float64))
+        return self.xp.where(u == 0, self.xp.finfo(self.dtype).smallest_normal, u)
+
+    def normal(self, shape: tuple[int, ...]) -> Array:
+        if self.backend == "jax":
+            import jax
+
+            return jax.random.normal(self._key(), shape, dtype=self.dtype)
+        if self.backend == "torch":
+            import torch
+
+            return torch.randn(shape, generator=self.gen, dtype=self.dtype, device=self.device)
+        return self.xp.asarray(self.gen.standard_normal(shape), dtype=self.dtype)
+
+    def gamma(self, alpha: Array, shape: tuple[int, ...]) -> Array:
+        """Standard Gamma(alpha, 1) draws, reparameterised (differentiable in ``alpha``)."""
+        alpha = self.xp.broadcast_to(alpha, shape)
+        if self.backend == "jax":
+            import jax
+
+            return jax.random.gamma(self._key(), alpha, shape, dtype=self.dtype)
+        if self.backend == "torch":
+            import torch
+
+            # torch's reparameterised gamma uses the global generators; seed them from ours,
+            # inside fork_rng over every device that manual_seed touches, so that the
+            # caller's random state is left as it was.
+            seed = int(torch.randint(2**62, (1,), generator=self.gen, device=self.device))
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                return torch.distributions.Gamma(alpha, torch.ones_like(alpha)).rsample()
+        return self.xp.asarray(self.gen.standard_gamma(np.asarray(alpha)), dtype=self.dtype)
+
+    def poisson(self, rate: Array, shape: tuple[int, ...]) -> Array:
+        rate = self.xp.broadcast_to(rate, shape)
+        if self.backend == "jax":
+            import jax
+
+            return jax.random.poisson(self._key(), rate, shape).astype(self.dtype)
+        if self.backend == "torch":
+            import torch
+
+            return torch.poisson(rate.detach(), generator=self.gen)
+        return self.xp.asarray(self.gen.poisson(np.asarray(rate)), dtype=self.dtype)
+
+    def binomial(self, n: Array, p: Array, shape: tuple[int, ...]) -> Array:
+        n, p = self.xp.broadcast_to(n, shape), self.xp.broadcast_to(p, shape)
+        if self.backend == "jax":
+            import jax
+
+            return jax.random.binomial(self._key(), n, p, shape, dtype=self.dtype)
+        if self.backend == "torch":
+            import torch
+
+            return torch.binomial(n.detach(), p.detach(), generator=self.gen)
+        draws = self.gen.binomial(np.asarray(n).astype(np.int64), np.asarray(p))
+        return self.xp.asarray(draws, dtype=self.dtype)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Distribution:
+    """Base of the small immutable distribution objects used by :func:`kl`.
+
+    Fields are the parameters (arrays of one framework, or Python numbers); they broadcast
+    against each other to the batch shape. On construction the parameter domains are checked
+    when their values are concrete (``validate=False`` skips it, e.g. in a hot loop).
+    ``log_prob(x)`` and ``sample(n, seed=..., key=...)`` serve the Monte-Carlo fallback.
+    """
+
+    PARAMS: ClassVar[tuple[tuple[str, str], ...]] = ()
+    SUPPORT: ClassVar[str] = "real"
+    DISCRETE: ClassVar[bool] = False
+    EVENT_NDIM: ClassVar[int] = 0
+    COUNTS: ClassVar[tuple[str, ...]] = ()
+
+    validate: bool = field(default=True, kw_only=True, repr=False)
+
+    def __post_init__(self) -> None:
+        values = [getattr(self, n) for n, _ in self.PARAMS]
+        traced = ns.compiling() or any(ns.is_traced(v) for v in values if v is not None)
+        if self.validate and not traced:
+            self.arrays()  # dtype errors now, not at first use
+            for (name, domain), v in zip(self.PARAMS, values, strict=True):
+                if v is not None:
+                    check_domain(name, v if ns._is_array(v) else np.asarray(v), domain)
+
+    def arrays(self) -> tuple[ModuleType, list[Array]]:
+        """``(xp, params)``: the parameters as arrays of one framework and float dtype."""
+        spec = tuple((n, getattr(self, n), d) for n, d in self.PARAMS)
+        return params_of(spec, False, counts=self.COUNTS)
+
+    def with_value(self, x: Array) -> tuple[ModuleType, list[Array], Array]:
+        """``(xp, params, x)`` with ``x`` in the parameters' framework and dtype (Python-number
+        parameters follow ``x``; integer values such as counts are cast)."""
+        spec = tuple(
+            (n, getattr(self, n), d) for n, d in self.PARAMS if getattr(self, n) is not None
+        )
+        xp, arrays = params_of((*spec, ("value", x, "any")), False, counts=(*self.COUNTS, "value"))
+        return xp, arrays[:-1], arrays[-1]
+
+    def batch_shape(self) -> tuple[int, ...]:
+        _, arrays = self.arrays()
+        shapes = [tuple(a.shape)[: a.ndim - self.EVENT_NDIM] for a in arrays]
+        return tuple(np.broadcast_shapes(*shapes))
+
+    def log_prob(self, x: Array) -> Array:
+        raise NotImplementedError(f"{type(self).__name__}.log_prob is not implemented.")
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        raise NotImplementedError(f"{type(self).__name__}.sample is not implemented.")
+
+    def sample(self, n: int, *, seed: int | None = None, key: Any = None) -> Array:
+        """``n`` draws, shape ``(n, *batch_shape, *event_shape)``; reparameterised where the
+        family allows it (gradients reach the parameters on PyTorch and JAX).
+
+        ``seed`` seeds NumPy/PyTorch; JAX needs ``key``.
+        """
+        xp, params = self.arrays()
+        rng = _Rng(xp, params[0], seed, key)
+        return self._draw(rng, (int(n), *self.batch_shape()), params)
+
+    def __repr__(self) -> str:
+        def show(v: Any) -> str:
+            return (
+                f"shape {tuple(v.shape)}"
+                if hasattr(v, "shape") and v.ndim
+                else repr(float(v) if hasattr(v, "shape") else v)
+            )
+
+        inner = ", ".join(
+            f"{f.name}={show(getattr(self, f.name))}"
+            for f in fields(self)
+            if f.name != "validate" and getattr(self, f.name) is not None
+        )
+        return f"{type(self).__name__}({inner})"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Normal(Distribution):
+    """Normal distribution N(loc, scale²)."""
+
+    loc: Array = 0.0
+    scale: Array = 1.0
+    PARAMS = (("loc", "real"), ("scale", "positive"))
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, s), x = self.with_value(x)
+        z = (x - m) / s
+        return -0.5 * z * z - xp.log(s) - 0.5 * LOG_2PI
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, s = params
+        return m + s * rng.normal(shape)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class DiagNormal(Distribution):
+    """Diagonal Gaussian from mean and log-variance, event axis last (a VAE posterior)."""
+
+    mean: Array = 0.0
+    logvar: Array = 0.0
+    PARAMS = (("mean", "real"), ("logvar", "real"))
+    EVENT_NDIM = 1
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, lv), x = self.with_value(x)
+        d = x - m
+        return -0.5 * xp.sum(d * d * xp.exp(-lv) + lv + LOG_2PI, axis=-1)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, lv = params
+        k = np.broadcast_shapes(tuple(m.shape), tuple(lv.shape))[-1:]
+        return m + rng.xp.exp(0.5 * lv) * rng.normal((*shape, *k))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class MultivariateNormal(Distribution):
+    """N(loc, L Lᵀ) with ``scale_tril`` L lower triangular with a positive diagonal."""
+
+    loc: Array = None
+    scale_tril: Array = None
+    PARAMS = (("loc", "real"), ("scale_tril", "real"))
+    EVENT_NDIM = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.validate and not ns.compiling() and not ns.is_traced(self.scale_tril):
+            _, (m, tril) = self.arrays()
+            check_square("scale_tril", tril, m.shape[-1])
+            check_tril("scale_tril", tril)
+
+    def batch_shape(self) -> tuple[int, ...]:
+        _, (m, tril) = self.arrays()
+        return tuple(np.broadcast_shapes(tuple(m.shape)[:-1], tuple(tril.shape)[:-2]))
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, tril), x = self.with_value(x)
+        z = ns.special(xp).solve_tril(tril, (x - m)[..., None])[..., 0]
+        k = m.shape[-1]
+        return -0.5 * (xp.sum(z * z, axis=-1) + k * LOG_2PI) - xp.sum(
+            xp.log(diag(xp, tril)), axis=-1
+        )
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, tril = params
+        eps = rng.normal((*shape, m.shape[-1]))
+        return m + (tril @ eps[..., None])[..., 0]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class LowRankMultivariateNormal(Distribution):
+    """N(loc, W Wᵀ + diag(d)) with ``cov_factor`` W of shape (..., k, r), ``cov_diag`` d > 0."""
+
+    loc: Array = None
+    cov_factor: Array = None
+    cov_diag: Array = None
+    PARAMS = (("loc", "real"), ("cov_factor", "real"), ("cov_diag", "positive"))
+    EVENT_NDIM = 1
+
+    def batch_shape(self) -> tuple[int, ...]:
+        _, (m, w, d) = self.arrays()
+        return tuple(
+            np.broadcast_shapes(tuple(m.shape)[:-1], tuple(w.shape)[:-2], tuple(d.shape)[:-1])
+        )
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, w, d), x = self.with_value(x)
+        sp = ns.special(xp)
+        a, lc, logdet = woodbury(xp, sp, w, d)
+        delta = x - m
+        b = sp.solve_tril(lc, mT(xp, a) @ delta[..., None])
+        maha = xp.sum(delta * delta / d, axis=-1) - xp.sum(b * b, axis=(-2, -1))
+        return -0.5 * (maha + logdet + m.shape[-1] * LOG_2PI)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, w, d = params
+        e_r = rng.normal((*shape, w.shape[-1]))
+        e_k = rng.normal((*shape, m.shape[-1]))
+        return m + (w @ e_r[..., None])[..., 0] + rng.xp.sqrt(d) * e_k
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Laplace(Distribution):
+    """Laplace distribution, density exp(−|x − loc| / scale) / (2·scale)."""
+
+    loc: Array = 0.0
+    scale: Array = 1.0
+    PARAMS = (("loc", "real"), ("scale", "positive"))
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, b), x = self.with_value(x)
+        return -xp.abs(x - m) / b - xp.log(2 * b)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, b = params
+        # |u| < ½ strictly: u = ±½ would give log1p(−1) = −inf
+        half = 0.5 - rng.xp.finfo(m.dtype).eps
+        u = rng.xp.clip(rng.uniform(shape) - 0.5, -half, half)
+        return m - b * rng.xp.sign(u) * rng.xp.log1p(-2 * rng.xp.abs(u))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Gumbel(Distribution):
+    """Gumbel (maximum-value) distribution with location ``loc`` and scale ``scale``."""
+
+    loc: Array = 0.0
+    scale: Array = 1.0
+    PARAMS = (("loc", "real"), ("scale", "positive"))
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, b), x = self.with_value(x)
+        z = (x - m) / b
+        return -(z + xp.exp(-z)) - xp.log(b)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, b = params
+        return m - b * rng.xp.log(-rng.xp.log(rng.uniform(shape)))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Cauchy(Distribution):
+    """Cauchy distribution with location ``loc`` and scale ``scale``."""
+
+    loc: Array = 0.0
+    scale: Array = 1.0
+    PARAMS = (("loc", "real"), ("scale", "positive"))
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, g), x = self.with_value(x)
+        z = (x - m) / g
+        return -math.log(math.pi) - xp.log(g) - xp.log1p(z * z)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, g = params
+        return m + g * rng.xp.tan(math.pi * (rng.uniform(shape) - 0.5))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class StudentT(Distribution):
+    """Student's t distribution: ``df`` degrees of freedom, location ``loc``, scale ``scale``."""
+
+    df: Array = 1.0
+    loc: Array = 0.0
+    scale: Array = 1.0
+    PARAMS = (("df", "positive"), ("loc", "real"), ("scale", "positive"))
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (v, m, s), x = self.with_value(x)
+        z = (x - m) / s
+        return student_t_log_density(xp, ns.special(xp), z, v) - xp.log(s)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        v, m, s = params
+        g = rng.gamma(v / 2, shape)
+        return m + s * rng.normal(shape) * rng.xp.sqrt(v / (2 * g))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Uniform(Distribution):
+    """Uniform distribution on the interval [``low``, ``high``]."""
+
+    low: Array = 0.0
+    high: Array = 1.0
+    PARAMS = (("low", "real"), ("high", "real"))
+    SUPPORT = "interval"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.validate and not ns.compiling() and not ns.is_traced(self.low + self.high):
+            if not (host(self.arrays()[1][1]) > host(self.arrays()[1][0])).all():
+                raise ValueError("Expected `low` < `high` for every Uniform in the batch.")
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (lo, hi), x = self.with_value(x)
+        x = x
+        inside = (x >= lo) & (x <= hi)
+        return xp.where(inside, -xp.log(hi - lo), -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        lo, hi = params
+        return lo + (hi - lo) * rng.uniform(shape)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Exponential(Distribution):
+    """Exponential distribution with rate ``rate`` (mean 1 / rate)."""
+
+    rate: Array = 1.0
+    PARAMS = (("rate", "positive"),)
+    SUPPORT = "positive"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (lam,), x = self.with_value(x)
+        x = x
+        return xp.where(x >= 0, xp.log(lam) - lam * x, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        return -rng.xp.log(rng.uniform(shape)) / params[0]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Gamma(Distribution):
+    """Gamma distribution with shape ``concentration`` and rate ``rate``."""
+
+    concentration: Array = 1.0
+    rate: Array = 1.0
+    PARAMS = (("concentration", "positive"), ("rate", "positive"))
+    SUPPORT = "positive"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (a, b), x = self.with_value(x)
+        x = x
+        sp = ns.special(xp)
+        pos = x >= 0
+        xs = xp.where(pos, x, 1.0)
+        val = a * xp.log(b) + _math.xlogy(xp, a - 1, xs) - b * xs - sp.gammaln(a)
+        return xp.where(pos, val, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        a, b = params
+        return rng.gamma(a, shape) / b
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Beta(Distribution):
+    """Beta distribution on [0, 1] with shape parameters ``alpha`` and ``beta``."""
+
+    alpha: Array = 1.0
+    beta: Array = 1.0
+    PARAMS = (("alpha", "positive"), ("beta", "positive"))
+    SUPPORT = "unit"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (a, b), x = self.with_value(x)
+        x = x
+        sp = ns.special(xp)
+        inside = (x >= 0) & (x <= 1)
+        xs = xp.where(inside, x, 0.5)
+        val = (
+            _math.xlogy(xp, a - 1, xs)
+            + _math.xlogy(xp, b - 1, 1 - xs)
+            - (sp.gammaln(a) + sp.gammaln(b) - sp.gammaln(a + b))
+        )
+        return xp.where(inside, val, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        a, b = params
+        ga, gb = rng.gamma(a, shape), rng.gamma(b, shape)
+        return ga / (ga + gb)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Dirichlet(Distribution):
+    """Dirichlet distribution on the simplex, ``concentration`` > 0, event axis last."""
+
+    concentration: Array = None
+    PARAMS = (("concentration", "positive"),)
+    SUPPORT = "simplex"
+    EVENT_NDIM = 1
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (a,), x = self.with_value(x)
+        sp = ns.special(xp)
+        return (
+            xp.sum(_math.xlogy(xp, a - 1, x), axis=-1)
+            + sp.gammaln(xp.sum(a, axis=-1))
+            - xp.sum(sp.gammaln(a), axis=-1)
+        )
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        (a,) = params
+        g = rng.gamma(a, (*shape, a.shape[-1]))
+        return g / rng.xp.sum(g, axis=-1, keepdims=True)
+
+
+def _one_of(obj: Any, a: str, b: str) -> None:
+    if (getattr(obj, a) is None) == (getattr(obj, b) is None):
+        raise ValueError(f"{type(obj).__name__} takes exactly one of `{a}=` and `{b}=`.")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Bernoulli(Distribution):
+    """Bernoulli distribution from ``probs`` (the probability of 1) or ``logits``: give one."""
+
+    probs: Array = None
+    logits: Array = None
+    PARAMS = (("probs", "unit"), ("logits", "logit"))
+    SUPPORT = "binary"
+    DISCRETE = True
+
+    def __post_init__(self) -> None:
+        _one_of(self, "probs", "logits")
+        super().__post_init__()
+
+    def arrays(self) -> tuple[ModuleType, list[Array]]:
+        name = "probs" if self.probs is not None else "logits"
+        return params_of(((name, getattr(self, name), "any"),), False)
+
+    @property
+    def form(self) -> BernoulliForm:
+        return "probs" if self.probs is not None else "logits"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (t,), x = self.with_value(x)
+        l1, l0, _ = bernoulli_logs(xp, t, self.form)
+        return xp.where(x == 1, l1, xp.where(x == 0, l0, -INF))
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        (t,) = params
+        l1, _, _ = bernoulli_logs(rng.xp, t, self.form)
+        return rng.xp.astype(rng.xp.log(rng.uniform(shape)) < l1, t.dtype)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Categorical(Distribution):
+    """Categorical over the last axis, from ``probs`` or ``logits``; samples are indices."""
+
+    probs: Array = None
+    logits: Array = None
+    PARAMS = (("probs", "unit"), ("logits", "logit"))
+    SUPPORT = "categories"
+    DISCRETE = True
+    EVENT_NDIM = 1
+
+    def __post_init__(self) -> None:
+        _one_of(self, "probs", "logits")
+        super().__post_init__()
+
+    def arrays(self) -> tuple[ModuleType, list[Array]]:
+        name = "probs" if self.probs is not None else "logits"
+        return params_of(((name, getattr(self, name), "any"),), False)
+
+    @property
+    def form(self) -> BernoulliForm:
+        return "probs" if self.probs is not None else "logits"
+
+    def _log_probs(self) -> tuple[ModuleType, Array]:
+        xp, (t,) = self.arrays()
+        if self.form == "probs":
+            return xp, _math.safe_log(xp, t)
+        return xp, _math.log_softmax(xp, t, -1)
+
+    def log_prob(self, x: Array) -> Array:
+        xp, lp = self._log_probs()
+        v = lp.shape[-1]
+        idx = xp.asarray(x)[..., None]
+        onehot = idx == xp.arange(v, device=ns.device_of(lp))
+        return xp.sum(xp.where(onehot, lp, 0.0), axis=-1) + xp.where(
+            xp.any(onehot, axis=-1), 0.0, -INF
+        )
+
+    def sample(self, n: int, *, seed: int | None = None, key: Any = None) -> Array:
+        """``n`` category indices per distribution (Gumbel-max), shape ``(n, *batch_shape)``."""
+        xp, lp = self._log_probs()
+        rng = _Rng(xp, lp, seed, key)
+        g = -xp.log(-xp.log(rng.uniform((int(n), *lp.shape))))
+        return xp.argmax(lp + g, axis=-1)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Poisson(Distribution):
+    """Poisson distribution with ``rate`` ≥ 0 (rate 0 is a point mass at 0)."""
+
+    rate: Array = 1.0
+    PARAMS = (("rate", "nonneg"),)
+    SUPPORT = "nonneg_int"
+    DISCRETE = True
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (lam,), k = self.with_value(x)
+        sp = ns.special(xp)
+        return _math.xlogy(xp, k, lam) - lam - sp.gammaln(k + 1)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        return rng.poisson(params[0], shape)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Geometric(Distribution):
+    """Number of failures before the first success, ``probs`` the success probability."""
+
+    probs: Array = 0.5
+    PARAMS = (("probs", "unit_open_left"),)
+    SUPPORT = "nonneg_int"
+    DISCRETE = True
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (p,), x = self.with_value(x)
+        k = x
+        return _math.xlogy(xp, k, 1 - p) + xp.log(p)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        (p,) = params
+        return rng.xp.floor(rng.xp.log(rng.uniform(shape)) / rng.xp.log1p(-p))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Binomial(Distribution):
+    """Binomial distribution: successes in ``total_count`` trials of probability ``probs``."""
+
+    total_count: Array = 1
+    probs: Array = 0.5
+    PARAMS = (("total_count", "count"), ("probs", "unit"))
+    SUPPORT = "count_n"
+    DISCRETE = True
+    COUNTS = ("total_count",)
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (n, p), x = self.with_value(x)
+        k = x
+        sp = ns.special(xp)
+        comb = sp.gammaln(n + 1) - sp.gammaln(k + 1) - sp.gammaln(n - k + 1)
+        val = comb + _math.xlogy(xp, k, p) + _math.xlogy(xp, n - k, 1 - p)
+        return xp.where((k >= 0) & (k <= n), val, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        n, p = params
+        return rng.binomial(n, p, shape)

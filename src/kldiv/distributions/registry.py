@@ -1,0 +1,317 @@
+"""The registry of closed-form pairs and ``kl(P, Q)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .. import _math
+from .. import _namespace as ns
+from ._common import INF, Array, host, params_of
+from .continuous import (
+    beta_kl,
+    cauchy_kl,
+    diag_normal_kl,
+    dirichlet_kl,
+    exponential_kl,
+    gamma_kl,
+    gumbel_kl,
+    laplace_kl,
+    normal_kl,
+    student_t_kl,
+    uniform_kl,
+)
+from .cross import (
+    exponential_gamma_kl,
+    exponential_normal_kl,
+    gamma_exponential_kl,
+    laplace_normal_kl,
+    normal_laplace_kl,
+    uniform_normal_kl,
+)
+from .discrete import bernoulli_kl, binomial_kl, categorical_kl, geometric_kl, poisson_kl
+from .multivariate import lowrank_mvn_kl, mvn_kl
+from .objects import (
+    Bernoulli,
+    Beta,
+    Binomial,
+    Categorical,
+    Cauchy,
+    DiagNormal,
+    Dirichlet,
+    Distribution,
+    Exponential,
+    Gamma,
+    Geometric,
+    Gumbel,
+    Laplace,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+    Poisson,
+    StudentT,
+    Uniform,
+)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# The registry: (type of P, type of Q) -> KL(P‖Q) from the objects' parameters.
+_REGISTRY: dict[tuple[type, type], Callable[[Any, Any], Array]] = {}
+
+
+def register_kl(type_p: type, type_q: type) -> Callable[[_F], _F]:
+    """Decorator registering ``fn(p, q) -> KL(p‖q)`` for a pair of distribution types."""
+
+    def deco(fn: _F) -> _F:
+        _REGISTRY[(type_p, type_q)] = fn
+        return fn
+
+    return deco
+
+
+def registered_pairs() -> list[str]:
+    """The pairs with a closed form, as ``"P || Q"`` strings, sorted."""
+    return sorted(f"{p.__name__} || {q.__name__}" for p, q in _REGISTRY)
+
+
+def _pair(tp: type, tq: type, fn: Callable) -> None:
+    _REGISTRY[(tp, tq)] = fn
+
+
+_pair(Normal, Normal, lambda p, q: normal_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(DiagNormal, DiagNormal, lambda p, q: diag_normal_kl(p.mean, p.logvar, q.mean, q.logvar))
+_pair(
+    MultivariateNormal,
+    MultivariateNormal,
+    lambda p, q: mvn_kl(p.loc, p.scale_tril, q.loc, q.scale_tril),
+)
+_pair(
+    LowRankMultivariateNormal,
+    LowRankMultivariateNormal,
+    lambda p, q: lowrank_mvn_kl(p.loc, p.cov_factor, p.cov_diag, q.loc, q.cov_factor, q.cov_diag),
+)
+_pair(Laplace, Laplace, lambda p, q: laplace_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(Gumbel, Gumbel, lambda p, q: gumbel_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(Cauchy, Cauchy, lambda p, q: cauchy_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(
+    StudentT,
+    StudentT,
+    lambda p, q: student_t_kl(p.df, p.loc, p.scale, q.df, q.loc, q.scale),
+)
+_pair(Uniform, Uniform, lambda p, q: uniform_kl(p.low, p.high, q.low, q.high))
+_pair(Exponential, Exponential, lambda p, q: exponential_kl(p.rate, q.rate))
+_pair(Gamma, Gamma, lambda p, q: gamma_kl(p.concentration, p.rate, q.concentration, q.rate))
+_pair(Beta, Beta, lambda p, q: beta_kl(p.alpha, p.beta, q.alpha, q.beta))
+_pair(Dirichlet, Dirichlet, lambda p, q: dirichlet_kl(p.concentration, q.concentration))
+_pair(Poisson, Poisson, lambda p, q: poisson_kl(p.rate, q.rate))
+_pair(Geometric, Geometric, lambda p, q: geometric_kl(p.probs, q.probs))
+_pair(
+    Bernoulli,
+    Bernoulli,
+    lambda p, q: bernoulli_kl(
+        p.probs if p.probs is not None else p.logits,
+        q.probs if q.probs is not None else q.logits,
+        form=(p.form, q.form),
+    ),
+)
+_pair(
+    Categorical,
+    Categorical,
+    lambda p, q: categorical_kl(
+        p.probs if p.probs is not None else p.logits,
+        q.probs if q.probs is not None else q.logits,
+        form=(p.form, q.form),
+    ),
+)
+_pair(Laplace, Normal, lambda p, q: laplace_normal_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(Normal, Laplace, lambda p, q: normal_laplace_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(Uniform, Normal, lambda p, q: uniform_normal_kl(p.low, p.high, q.loc, q.scale))
+_pair(Exponential, Normal, lambda p, q: exponential_normal_kl(p.rate, q.loc, q.scale))
+_pair(Exponential, Gamma, lambda p, q: exponential_gamma_kl(p.rate, q.concentration, q.rate))
+_pair(Gamma, Exponential, lambda p, q: gamma_exponential_kl(p.concentration, p.rate, q.rate))
+
+
+def _binomial_pair(p: Binomial, q: Binomial) -> Array:
+    _, (n_p, _) = p.arrays()
+    _, (n_q, _) = q.arrays()
+    if ns.is_traced(n_p) or ns.is_traced(n_q):
+        # Equal counts cannot be verified on traced values; the closed form assumes them.
+        return binomial_kl(p.total_count, p.probs, q.probs)
+    if not (host(n_p) == host(n_q)).all():
+        return _binomial_counts_differ(p, q)
+    return binomial_kl(p.total_count, p.probs, q.probs)
+
+
+# Up to this many extra trials the count term is summed trial by trial (log1p, exact); beyond,
+# as a difference of lnΓ (relative rounding of lnΓ(n), fine when the term is that large).
+_FEW_EXTRA = 64
+
+
+def _binomial_counts_differ(p: Binomial, q: Binomial) -> Array:
+    """KL(Bin(n_p, a) ‖ Bin(n_q, b)) for different counts (no closed form exists).
+
+    For n_p ≤ n_q, with d = n_q − n_p: ``n_p·KL(Ber(a)‖Ber(b)) − d·log(1 − b) + E[S(k)]``,
+    k ~ Bin(n_p, a), ``S(k) = lnC(n_p, k) − lnC(n_q, k) = Σ_{i=1..d} log(1 − k/(n_p + i))``,
+    the expectation an exact sum over k = 0..n_p (O(n_p·min(d, 64)) per element). At a = 0 or
+    1 (P a point mass) E[S] is S(0) or S(n_p) and its derivative the one-sided
+    ``n_p·(S(1) − S(0))`` or ``n_p·(S(n_p) − S(n_p − 1))``. For n_p > n_q, P reaches counts Q
+    cannot: +inf unless a = 0, where P is the point mass at 0 and the KL is ``−n_q·log(1 − b)``
+    (no gradient with respect to a there: any a > 0 gives +inf).
+    """
+    spec = (
+        ("total_count_p", p.total_count, "any"),
+        ("probs_p", p.probs, "any"),
+        ("total_count_q", q.total_count, "any"),
+        ("probs_q", q.probs, "any"),
+    )
+    xp, (n_p, a, n_q, b) = params_of(spec, False, counts=("total_count_p", "total_count_q"))
+    shape = tuple(np.broadcast_shapes(*(tuple(x.shape) for x in (n_p, a, n_q, b))))
+    n_p, a, n_q, b = (xp.broadcast_to(x, shape) for x in (n_p, a, n_q, b))
+    dtype, device = a.dtype, ns.device_of(a)
+    d = n_q - n_p
+    fits = d >= 0
+    n = xp.where(fits, n_p, 0.0)  # the sum runs where P fits in Q; elsewhere a dummy
+    dd = xp.where(fits, d, 0.0)
+    most = int(np.max(host(n))) if n.size else 0
+    k = xp.reshape(xp.arange(most + 1, dtype=dtype, device=device), (most + 1,) + (1,) * len(shape))
+    inside = k <= n
+    kk = xp.where(inside, k, 0.0)
+    sp = ns.special(xp)
+    few = int(np.max(host(dd))) <= _FEW_EXTRA if dd.size else True
+
+    def count_term(at: Array) -> Array:
+        if few:
+            total = xp.zeros_like(at + n)
+            for i in range(1, int(np.max(host(dd))) + 1 if dd.size else 1):
+                step = xp.log1p(-at / (n + i))
+                total = total + xp.where(dd >= i, step, 0.0)
+            return total
+        return (sp.gammaln(n + dd - at + 1) - sp.gammaln(n - at + 1)) - (
+            sp.gammaln(n + dd + 1) - sp.gammaln(n + 1)
+        )
+
+    # P(k) for a strictly inside (0, 1); the point masses are handled below
+    edge = (a == 0) | (a == 1)
+    a_in = xp.where(edge, 0.5, a)
+    log_pmf = (
+        sp.gammaln(n + 1)
+        - sp.gammaln(kk + 1)
+        - sp.gammaln(n - kk + 1)
+        + kk * xp.log(a_in)
+        + (n - kk) * xp.log1p(-a_in)
+    )
+    pmf = xp.where(inside, xp.exp(log_pmf), 0.0)
+    s_k = count_term(kk)
+    expected = xp.sum(pmf * s_k, axis=0)
+    s0, s1 = count_term(xp.zeros_like(n)), count_term(xp.minimum(n, 1.0))
+    s_top, s_below = count_term(n), count_term(xp.maximum(n - 1, 0.0))
+    at_zero = s0 + a * n * (s1 - s0)
+    at_one = s_top + (a - 1) * n * (s_top - s_below)
+    expected = xp.where(a == 0, at_zero, xp.where(a == 1, at_one, expected))
+    # −d·log(1 − b): 0 for d = 0 even at b = 1 (made safe before the product)
+    log_miss = _math.safe_log(xp, 1 - b)
+    extra = -xp.where(dd > 0, dd * xp.where(dd > 0, log_miss, 0.0), 0.0)
+    fitted = n * bernoulli_kl(a, b) + extra + expected
+    point = -n_q * xp.where(a == 0, log_miss, 0.0)
+    beyond = xp.where(a == 0, point, INF)
+    return xp.where(fits, fitted, xp.where(a == 0, beyond, INF))
+
+
+_pair(Binomial, Binomial, _binomial_pair)
+
+# Support of P not inside the support of Q: KL = +inf whatever the parameters. Keyed by the
+# SUPPORT of each side; only combinations where no parameter can make P's support fit.
+_DISJOINT = {
+    ("real", "positive"),
+    ("real", "unit"),
+    ("real", "interval"),
+    ("real", "simplex"),
+    ("positive", "unit"),
+    ("positive", "interval"),
+}
+
+
+def _point_mass_at_zero_or_inf(p: Distribution, q: Distribution, at: float) -> Array:
+    """KL of an unbounded count distribution against a bounded one: finite only when P is the
+    point mass at 0 (Poisson rate 0, Geometric probs 1: its parameter equals ``at``), where it
+    is ``−log Q(0)``."""
+    xp, (param,) = p.arrays()
+    is_point = param == at
+    log_q0 = q.log_prob(xp.zeros((), dtype=param.dtype, device=ns.device_of(param)))
+    return xp.where(is_point, xp.where(is_point, -log_q0, 0.0), INF)
+
+
+for _tp, _at in ((Poisson, 0.0), (Geometric, 1.0)):
+    for _tq in (Bernoulli, Binomial):
+        _pair(_tp, _tq, lambda p, q, at=_at: _point_mass_at_zero_or_inf(p, q, at))
+
+
+def kl(
+    p: Distribution,
+    q: Distribution,
+    *,
+    samples: int | None = None,
+    seed: int | None = None,
+    key: Any = None,
+) -> Array:
+    """KL(p‖q) for two distribution objects, over their broadcast batch shape.
+
+    Looks up the closed form registered for ``(type(p), type(q))``. Where P's support can never
+    lie inside Q's (a Normal against a Gamma, a Poisson against a Bernoulli) the answer is
+    +inf. Otherwise, with ``samples=n``, returns the Monte-Carlo estimate
+    ``mean(log p(x) − log q(x))`` over ``n`` draws ``x ~ p`` (the unbiased k1 estimator;
+    its standard error is ``std/√n``), seeded by ``seed`` (NumPy, PyTorch) or ``key`` (JAX);
+    draws are reparameterised where the family allows, so the estimate differentiates.
+    ``samples`` is only a fallback: a closed form, when one exists, is always used.
+
+    Raises ``NotImplementedError`` naming the pair and listing the registered ones when there is
+    neither a closed form nor ``samples``; ``ValueError`` for a continuous against a discrete
+    distribution (no common reference measure).
+    """
+    if not isinstance(p, Distribution) or not isinstance(q, Distribution):
+        raise TypeError(
+            "kl() takes two kldiv.distributions objects (e.g. Normal(0.0, 1.0)); for arrays "
+            "call the functions, e.g. normal_kl(loc_p, scale_p, loc_q, scale_q), or "
+            f"kldiv.kl_div for categorical arrays. Got {type(p).__name__}, {type(q).__name__}."
+        )
+    fn = _REGISTRY.get((type(p), type(q)))
+    reason = f"No closed-form KL({type(p).__name__} || {type(q).__name__})"
+    if fn is not None:
+        return fn(p, q)
+    if p.DISCRETE != q.DISCRETE:
+        raise ValueError(
+            f"KL({type(p).__name__} || {type(q).__name__}) compares a "
+            f"{'discrete' if p.DISCRETE else 'continuous'} with a "
+            f"{'discrete' if q.DISCRETE else 'continuous'} distribution: neither has a density "
+            "with respect to the other, so the divergence is +inf by definition. "
+            "Discretise one of them explicitly if an approximation is meant."
+        )
+    if fn is None and (p.SUPPORT, q.SUPPORT) in _DISJOINT:
+        spec = tuple(
+            (f"{side}.{n}", getattr(d, n), "any")
+            for side, d in (("p", p), ("q", q))
+            for n, _ in d.PARAMS
+            if getattr(d, n) is not None
+        )
+        xp, arrays = params_of(spec, False, counts=("p.total_count", "q.total_count"))
+        shape = np.broadcast_shapes(p.batch_shape(), q.batch_shape())
+        return xp.full(shape, INF, dtype=arrays[0].dtype, device=ns.device_of(arrays[0]))
+    if samples is not None:
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2:
+            raise ValueError(f"Expected `samples` to be an int >= 2, got {samples!r}.")
+        if p.EVENT_NDIM != q.EVENT_NDIM:
+            raise ValueError(
+                f"{type(p).__name__} and {type(q).__name__} have events of different "
+                f"dimension ({p.EVENT_NDIM} and {q.EVENT_NDIM}): they are not distributions "
+                "over the same space."
+            )
+        x = p.sample(samples, seed=seed, key=key)
+        xp, _ = p.arrays()
+        return xp.mean(p.log_prob(x) - q.log_prob(x), axis=0)
+    raise NotImplementedError(
+        f"{reason}. Pass samples=n (and "
+        "seed= or key=) for a Monte-Carlo estimate, or register one with @register_kl. "
+        "Pairs with a closed form: " + ", ".join(registered_pairs()) + "."
+    )
