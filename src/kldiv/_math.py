@@ -115,11 +115,33 @@ def log_mix(
     finite there, while through ``log pb`` it would be ``0·inf``, i.e. cut to 0. Where the
     linear mixture underflows (``w·pa`` below the smallest subnormal) the log-space value is
     kept, so no term turns infinite.
+
+    On PyTorch it is an autograd Function (:mod:`kldiv._math_torch`) whose value is this
+    composition and whose derivatives are the responsibilities ``∂/∂la = w·e^la/m`` and
+    ``∂/∂lb = (1 − w)·e^lb/m`` (0 where both components are 0; with ``pa``/``pb``, ``w/m`` and
+    ``(1 − w)/m`` where the linear mixture is positive), written out; under ``torch.compile``
+    the composition runs, for the compiler to fuse.
     """
     if w == 0.0:
         return lb
     if w == 1.0:
         return la
+    if ns.backend_name(xp) == "torch" and not _torch_compiling():
+        # Under torch.compile the composition is fused by the compiler instead.
+        from ._math_torch import log_mix_function
+
+        if (pa is None) != (pb is None):  # one side's probabilities known: form the other's
+            pa = xp.exp(la) if pa is None else pa
+            pb = xp.exp(lb) if pb is None else pb
+        return log_mix_function().apply(la, lb, w, pa, pb)
+    return log_mix_composition(xp, la, lb, w, pa, pb)
+
+
+def log_mix_composition(
+    xp: ModuleType, la: Any, lb: Any, w: float, pa: Any | None = None, pb: Any | None = None
+) -> Any:
+    """:func:`log_mix` for 0 < w < 1 as a composition of Array API functions: its value on
+    every framework, and its derivatives where no rule of its own is written."""
     a_hi = la >= lb
     dead = a_hi & (la == -INF)
     hi = xp.where(dead, 0.0, xp.where(a_hi, la, lb))
