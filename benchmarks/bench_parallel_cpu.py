@@ -2,6 +2,7 @@
 pattern and against gathering the logits, side by side.
 
     python benchmarks/bench_parallel_cpu.py [--world 2] [--n 2048] [--v 32000] [--iters 5]
+        [--variants kldiv,hand-rolled,gather] [--baseline SRC --rounds 3]
 
 Each variant runs in a fresh launch of ``--world`` ranks, with one intra-op thread per rank.
 A rank holds the ``[N, V/world]`` float32 slice of both logits. The step is forward and
@@ -18,9 +19,16 @@ backward of the KL(teacher‖student) mean over the N rows. The variants:
 - ``gather``: all-gather both logits and compute the full loss on every rank, with the
   gradient flowing into the rank's own slice only (the naive way).
 
-Per variant: the median step time on rank 0, the collectives per forward and backward
-(counted with torch.profiler), the bytes each rank hands to collectives (its payload,
-before the algorithm's own traffic), and each rank's peak RSS above its inputs. Every
+``--baseline SRC`` (a ``src`` directory of another kldiv tree, e.g. an older commit
+unpacked with ``git archive``) also times ``kldiv`` from that tree: ``--rounds`` launches
+of each, alternating (this tree first in even rounds, the baseline first in odd ones), in
+the same session; reported are the medians of wall and CPU time per step over every
+round's steps, and baseline / this.
+
+Per variant: the median step time (wall and the rank's CPU time) on rank 0, the
+collectives per forward and backward (counted with torch.profiler), the bytes each rank
+hands to collectives (its payload, before the algorithm's own traffic), and each rank's peak
+RSS above its inputs. Every
 variant's loss and gradient are checked against kldiv's before timing. The results go to
 ``benchmarks/results/parallel_cpu_<UTC timestamp>.json``.
 """
@@ -159,12 +167,13 @@ def worker(rank: int, world: int, port: int, variant: str, n: int, v: int, iters
     import kldiv.torch.parallel  # noqa: F401 - imported before the baseline, as every module
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, cpu = [], []
     for _ in range(2 + iters):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(s, t).backward()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         s.grad = None
     # before the profiler (its buffers) and the check (a second gradient) add their own
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
@@ -183,8 +192,12 @@ def worker(rank: int, world: int, port: int, variant: str, n: int, v: int, iters
         and torch.allclose(grad, s.grad, rtol=1e-3, atol=1e-9)
     )
     s.grad = None
+    import kldiv
+
     result = {
+        "kldiv": kldiv.__file__,
         "times_s": times[2:],
+        "cpu_s": cpu[2:],
         "agrees_with_kldiv": agrees,
         "value": float(loss.detach()),
         "peak_extra_mib": peak,
@@ -195,7 +208,13 @@ def worker(rank: int, world: int, port: int, variant: str, n: int, v: int, iters
     return result
 
 
-def launch(variant: str, world: int, n: int, v: int, iters: int) -> list[dict]:
+def launch(
+    variant: str, world: int, n: int, v: int, iters: int, src: str | None = None
+) -> list[dict]:
+    """One launch of ``world`` ranks; ``src``: import kldiv from there (PYTHONPATH)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     procs = [
         subprocess.Popen(
@@ -214,6 +233,7 @@ def launch(variant: str, world: int, n: int, v: int, iters: int) -> list[dict]:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         for r in range(world)
     ]
@@ -224,6 +244,52 @@ def launch(variant: str, world: int, n: int, v: int, iters: int) -> list[dict]:
             raise RuntimeError(f"{variant} rank {r} failed:\n{stderr[-3000:]}")
         out.append(json.loads(stdout.strip().splitlines()[-1]))
     return out
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def against(args: argparse.Namespace) -> dict:
+    """``kldiv`` from this tree and from ``args.baseline``, alternating launches."""
+    trees = {"this": None, "baseline": args.baseline}
+    runs: dict[str, list] = {name: [] for name in trees}
+    for r in range(args.rounds):
+        order = list(trees) if r % 2 == 0 else list(trees)[::-1]
+        for name in order:
+            ranks = launch("kldiv", args.world, args.n, args.v, args.iters, trees[name])
+            runs[name].append({"load_average": os.getloadavg(), "ranks": ranks})
+            r0 = ranks[0]
+            print(
+                f"round {r} {name:<9} wall {statistics.median(r0['times_s']) * 1e3:8.1f} ms"
+                f"  cpu {statistics.median(r0['cpu_s']) * 1e3:8.1f} ms  ({r0['kldiv']})"
+            )
+    summary = {}
+    for name, rs in runs.items():
+        wall = [x for run in rs for x in run["ranks"][0]["times_s"]]
+        cpu = [x for run in rs for x in run["ranks"][0]["cpu_s"]]
+        summary[name] = {
+            "median_s": statistics.median(wall),
+            "median_cpu_s": statistics.median(cpu),
+        }
+    ratio = {
+        key: summary["baseline"][key] / summary["this"][key] for key in ("median_s", "median_cpu_s")
+    }
+    print(
+        f"baseline / this: wall {ratio['median_s']:.2f}x, cpu {ratio['median_cpu_s']:.2f}x "
+        f"(this {summary['this']['median_s'] * 1e3:.1f} ms, baseline "
+        f"{summary['baseline']['median_s'] * 1e3:.1f} ms)"
+    )
+    return {"baseline_src": args.baseline, "summary": summary, "ratio": ratio, "runs": runs}
 
 
 def main() -> None:
@@ -237,6 +303,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--baseline", default=None, help="src directory of the tree to compare")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     result = {
@@ -247,18 +316,21 @@ def main() -> None:
         "dtype": "float32",
         "machine": {"platform": platform.platform(), "cores": len(os.sched_getaffinity(0))},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "commit": _commit(),
+        "load_average_before": os.getloadavg(),
         "variants": {},
     }
     print(
         f"{'variant':<12}{'median ms':>10}{'fwd coll':>9}{'bwd coll':>9}{'KiB sent/rank':>15}"
         f"{'peak MiB':>10}  agrees"
     )
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         ranks = launch(variant, args.world, args.n, args.v, args.iters)
         r0 = ranks[0]
         sent = (r0["forward"]["bytes_in"] + r0["backward"]["bytes_in"]) / 1024
         summary = {
             "median_s": statistics.median(r0["times_s"]),
+            "median_cpu_s": statistics.median(r0["cpu_s"]),
             "forward_collectives": r0["forward"]["collectives"],
             "backward_collectives": r0["backward"]["collectives"],
             "kib_sent_per_rank": sent,
@@ -271,6 +343,9 @@ def main() -> None:
             f"{summary['backward_collectives']:>9}{sent:>15.1f}{summary['peak_extra_mib']:>10.1f}"
             f"  {summary['agrees_with_kldiv']}"
         )
+    if args.baseline:
+        result["against_baseline"] = against(args)
+    result["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"parallel_cpu_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"

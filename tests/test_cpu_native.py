@@ -944,3 +944,112 @@ def test_a_hung_compiler_times_out_and_leaves_nothing_running(rng, tmp_path):
         except OSError:
             pass
     assert not survivors
+
+
+def run_slices(kind, params, s, t, keep, temperature, cuts, go):
+    """The vocab-parallel algorithm of every rank, run here slice by slice through
+    ``_rows.linear`` (statistics, combined as the all-gather would; terms and Σh, summed as
+    the all-reduce would; then each slice's gradient), reassembled: per-row values (float64)
+    and the student gradient of Σ go·values."""
+    from kldiv.torch._rows import linear
+
+    w = weight(params) or 0.5
+    inv_t = 1.0 / temperature
+    k = None if keep is None else torch.as_tensor(keep)
+    bounds = zip(cuts, cuts[1:], strict=False)
+    parts = [(torch.tensor(s[:, a:b]), torch.tensor(t[:, a:b])) for a, b in bounds]
+    norms = linear.combine(torch.stack([linear.slice_stats(x, y, k, inv_t) for x, y in parts]))
+    sums = sum(linear.slice_terms(kind, w, x, y, k, inv_t, norms) for x, y in parts)
+    scale = torch.as_tensor(go, dtype=torch.float32)
+    grads = [linear.slice_grad(kind, w, x, y, k, inv_t, norms, sums[1], scale) for x, y in parts]
+    return sums[0].double(), torch.cat(grads, -1)
+
+
+@pytest.fixture
+def sliced(monkeypatch):
+    """Counts the rows handed to the slice kernel (terms and gradient calls)."""
+    seen = []
+    real = _cpu_native.slice_rows
+
+    def counted(kind, w, s, *args):
+        seen.append(s.shape[0])
+        return real(kind, w, s, *args)
+
+    monkeypatch.setattr(_cpu_native, "slice_rows", counted)
+    return seen
+
+
+@pytest.mark.parametrize(("kind", "params"), KINDS, ids=ids(KINDS))
+@pytest.mark.parametrize(
+    ("pattern", "temperature"),
+    [("none", 1.0), ("teacher", 1.0), ("student", 1.0), ("both", 1.0), ("both", 0.7)]
+    + [("teacher", 2.5), ("student", 2.5)],
+)
+def test_slices_reassemble_the_full_rows(rng, sliced, kind, params, pattern, temperature):
+    """The slice kernel's statistics, terms and gradients over uneven vocabulary slices (one
+    of width 0, one of a single column) add up to the core's value and gradient on the whole
+    rows, in float64: values to 2e-5 relatively (as the row kernel), gradients within the row
+    kernel's error bound (``grad_error_bound``) doubled, for the one more rounding of the
+    statistics (each slice's log-sum, combined in float32 like the all-gather's)."""
+    n, v = 23, 613
+    s, t = batch(rng, n, v, pattern)
+    keep = rng.random(n) < 0.8
+    s[~keep] = np.nan  # skipped rows are never read
+    t[~keep] = np.nan
+    cuts = [0, 1, 200, 200, 451, v]
+    go = np.linspace(0.5, 2.0, n)
+    out, grad = run_slices(kind, params, s, t, keep, temperature, cuts, go)
+    assert sum(sliced) == 2 * n * (len(cuts) - 1)  # terms and gradient: every row, every slice
+    ref, ref_grad = reference(kind, s, t, torch.tensor(keep), temperature, torch.tensor(go), params)
+    assert torch.equal(out.isposinf(), ref.isposinf()) and not out.isnan().any()
+    fin = ref.isfinite()
+    torch.testing.assert_close(out[fin], ref[fin], rtol=2e-5, atol=2e-6)
+    assert grad.isfinite().all()
+    rows = (fin & torch.tensor(keep)).numpy()
+    if kind == "reverse_kl":  # at +inf rows the core's gradient convention is its own
+        grad[~fin] = ref_grad[~fin].float()
+    bound = grad_error_bound(kind, s, t, temperature, go, params)
+    assert_gradient_within_the_bound(kind, params, grad, ref_grad, bound, rows, factor=2)
+    assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
+
+
+@pytest.mark.parametrize(("kind", "params"), DEFAULTS, ids=ids(DEFAULTS))
+def test_rows_the_slice_kernel_flags_go_to_the_specification(rng, monkeypatch, kind, params):
+    """+inf and NaN logits in one slice, a row all −inf on a side, huge logits at T ≠ 1: the
+    kernel flags them and the row specification computes them: what it gives without the
+    kernel (KLDIV_NATIVE=0), NaN and inf where those are, and otherwise to float32 rounding
+    (the other slices' statistics may come from the kernel, rounded differently)."""
+    n, v = 7, 40
+    s, t = batch(rng, n, v, "none")
+    t[0, 3] = np.inf
+    s[1, 30] = np.nan
+    t[2, :] = -np.inf
+    s[3, :] = 3e7  # |s/T| > 2^22
+    cuts = [0, 25, v]
+    go = np.ones(n)
+    out, grad = run_slices(kind, params, s, t, None, 0.5, cuts, go)
+    monkeypatch.setenv("KLDIV_NATIVE", "0")
+    out0, grad0 = run_slices(kind, params, s, t, None, 0.5, cuts, go)
+    torch.testing.assert_close(out, out0, rtol=2e-5, atol=2e-6, equal_nan=True)
+    # (rows 4 on: the kernel against float32 tensor code; the float64 test above bounds them)
+    torch.testing.assert_close(grad[:4], grad0[:4], rtol=2e-5, atol=1e-6, equal_nan=True)
+
+
+def test_slice_statistics_are_the_rows_maxima_and_log_sums(rng):
+    """Per slice: the maximum of s/T and log Σ exp(s/T − max) (float64 reference), −inf, −inf
+    for a side that is all −inf there and for a slice of width 0; +inf and NaN rows flagged."""
+    s, t = batch(rng, 5, 300, "both")
+    t[1, :] = -np.inf
+    s[2, 7] = np.inf
+    t[3, 9] = np.nan
+    stats, flagged = _cpu_native.slice_stats(torch.tensor(s), torch.tensor(t), None, 1 / 1.5)
+    assert flagged.tolist() == [False, False, True, True, False]
+    for row in (0, 1, 4):
+        for side, x in ((0, s[row]), (2, t[row])):
+            x = x.astype(np.float64) / 1.5
+            m = x.max()
+            lz = np.log(np.exp(x - m).sum()) if np.isfinite(m) else -np.inf
+            got = stats[side : side + 2, row].double().numpy()
+            np.testing.assert_allclose(got, [m, lz], rtol=4 * EPS32, atol=4 * EPS32)
+    empty, flagged = _cpu_native.slice_stats(torch.empty(3, 0), torch.empty(3, 0), None, 1.0)
+    assert not flagged.any() and torch.equal(empty, torch.full((4, 3), -np.inf))

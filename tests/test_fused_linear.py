@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kldiv
 from kldiv.torch import DistillationLoss
 from kldiv.torch import fused_linear as fl
+from kldiv.torch._rows import linear
 from kldiv.torch.fused_linear import FusedLinearDistillationLoss
 
 DIVS = ["kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv"]
@@ -199,7 +200,7 @@ def test_half_precision_inputs_against_float64(rng, dtype, kind):
 def test_half_precision_matmuls_in_their_own_dtype(rng, monkeypatch):
     """The accelerator arrangement (F.linear in bfloat16, the weight gradient's chunk products
     in bfloat16 summed in float32), run on CPU: logits rounded to bfloat16, so looser."""
-    monkeypatch.setattr(fl, "_matmul_dtype", lambda dtype, device: dtype)
+    monkeypatch.setattr(linear, "matmul_dtype", lambda dtype, device: dtype)
     hid, w, b, t, labels = problem(rng, (29,), 16, 257, dtype=torch.bfloat16)
     loss = FusedLinearDistillationLoss("js", reduction="mean", chunk_size=8)
     h_, w_, b_ = leaves(hid, w, b)
@@ -313,7 +314,7 @@ def test_docstring_example():
 def test_triton_chunks_against_the_core(rng, kind, monkeypatch):
     """The CUDA arrangement: each chunk's loss and logits gradient from the Triton kernels
     (in the interpreter on CPU tensors when there is no GPU)."""
-    monkeypatch.setattr(fl, "_TRITON", True)
+    monkeypatch.setattr(linear, "FAST_PATH", "triton")
     from kldiv.torch import _triton_launch
 
     calls = []

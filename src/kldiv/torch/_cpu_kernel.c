@@ -388,3 +388,230 @@ void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, in
             store(gi, j, v, load(gi, j, v, 0) * cq * (load(second, j, v, 0) - mean));
     }
 }
+
+/* ---- Vocabulary slices: the same divergences when a row is split over ranks ----
+ *
+ * A rank holding columns [c0, c1) of every row cannot normalise on its own. The vocab-parallel
+ * losses therefore run three calls around two collectives: kldiv_cpu_slice_stats (the slice's
+ * row maxima and log-sums), an all-gather that combines them into the global shift M and
+ * log-normaliser lz of each side, kldiv_cpu_slice_rows without `sum_h` (the slice's share of
+ * the value and of sum_j h_j), an all-reduce of those two, and kldiv_cpu_slice_rows with the
+ * global sum_h, which writes the slice's gradient (h_j - q_j sum_h) / T.
+ *
+ * Per element, with a = s/T - M_s, b = t/T - M_t (global shifts), lq = a - lz_s, lp = b - lz_t
+ * and q = e^lq, p = e^lp the global probabilities, each kind's summand and h_j = q_j df/dq_j as
+ * in the row specification (_rows/spec.py):
+ *   KL        p (lp - lq)                 h = -p
+ *   KL(S||T)  q (lq - lp)                 h = q (lq - lp + 1), 0 where p = 0 (an infinite term)
+ *   JS        w p log(p/m) + (1-w) q log(q/m),  m = w p + (1-w) q;    h = (1-w) q log(q/m)
+ *   skew KL   p log x,  x = p/m,  m = w p + (1-w) q;                  h = -(1-w) q x
+ *   skew KL(S||T)  q log x,  x = q/m',  m' = w q + (1-w) p;           h = q (log x - w x)
+ *   TV        |p - q| / 2                 h = q sign(q - p) / 2
+ * (skew reverse KL leaves out h's term q, as the row kernel does: summed over the whole row it
+ * is 1, and it cancels in h_j - q_j sum_h.) Every term is elementwise, TV's sign included, so a
+ * slice's share is the sum over its own columns. The logs of the mixtures are clamped at
+ * -log w and -log(1-w) (resp. x at 1/w), the bounds a mixture obeys, as in the row kernel.
+ *
+ * Zero support as in the row kernel and the core: terms with a zero first argument are 0 (and
+ * so is h where q = 0); KL (reverse KL) is +inf where lp - lq (lq - lp) is +inf, tested on the
+ * log-ratio so that it holds where the positive side underflows; reverse KL's gradient leaves
+ * the infinite terms out, as the core does, so those rows are computed here, not flagged.
+ * Flagged for the caller's tensor code: rows whose statistics are not finite (+inf or NaN
+ * logits somewhere in the row, a row all -inf on a side), rows with a logit above its shift
+ * (statistics that do not belong to these logits), NaN logits, |M/T| above 2^22 at T != 1, and
+ * every row of a call whose weight is outside (0, 1) (skew: below 2^-64).
+ */
+
+/* Rows [0, n) of a slice (row strides ss, ts). stats (column stride sn: [4, sn]) receives
+ * stats[0] = max s/T, stats[sn] = log sum exp(s/T - max), stats[2 sn], stats[3 sn] the same for
+ * t; a side whose slice is all -inf (or empty, v = 0) gives -inf, -inf. Rows with +inf or NaN,
+ * or |max/T| above 2^22 at T != 1, are flagged; skipped rows (keep[i] == 0) get 0s. */
+void kldiv_cpu_slice_stats(int64_t n, int64_t v, const float *s, int64_t ss, const float *t,
+                           int64_t ts, const uint8_t *keep, float inv_t, float *stats,
+                           int64_t sn, uint8_t *flags) {
+    const float NEG = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        const float *si = s + i * ss, *ti = t + i * ts;
+        float *st = stats + i;
+        flags[i] = 0;
+        if (keep && !keep[i]) {
+            st[0] = st[sn] = st[2 * sn] = st[3 * sn] = 0;
+            continue;
+        }
+        vf ms = splat(NEG), mt = splat(NEG);
+        for (int64_t j = 0; j < v; j += W) {
+            const vf a = load(si, j, v, NEG), b = load(ti, j, v, NEG);
+            ms = select(a > ms, a, ms);
+            mt = select(b > mt, b, mt);
+        }
+        const float m_s = hmax(ms) * inv_t, m_t = hmax(mt) * inv_t;
+        /* (an all -inf side is not huge: it has no probability here) */
+        const int huge = inv_t != 1.0f && ((fabsf(m_s) > 0x1p22f && m_s != NEG) ||
+                                           (fabsf(m_t) > 0x1p22f && m_t != NEG));
+        if (m_s == INFINITY || m_t == INFINITY || huge) {
+            flags[i] = 1;
+            continue;
+        }
+        /* an all -inf side: shift by 0, its exps are all 0 (or NaN, which flags the row) */
+        const float sh_s = m_s == NEG ? 0.f : m_s, sh_t = m_t == NEG ? 0.f : m_t;
+        const int ahead = i + 1 < n && !(keep && !keep[i + 1]);
+        double zs = 0, zt = 0;
+        for (int64_t j0 = 0; j0 < v; j0 += BLOCK) {
+            const int64_t j1 = j0 + BLOCK < v ? j0 + BLOCK : v;
+            vf vzs = splat(0), vzt = splat(0);
+            for (int64_t j = j0; j < j1; j += W) {
+                if (ahead) {
+                    __builtin_prefetch(si + ss + j, 0, 2);
+                    __builtin_prefetch(ti + ts + j, 0, 2);
+                }
+                vzs += vexp(load(si, j, v, NEG) * inv_t - sh_s);
+                vzt += vexp(load(ti, j, v, NEG) * inv_t - sh_t);
+            }
+            zs += hsum(vzs);
+            zt += hsum(vzt);
+        }
+        if (!isfinite(zs) || !isfinite(zt)) { /* a NaN logit */
+            flags[i] = 1;
+            continue;
+        }
+        st[0] = m_s;
+        st[sn] = (float)log(zs); /* log 0 = -inf: an all -inf side */
+        st[2 * sn] = m_t;
+        st[3 * sn] = (float)log(zt);
+    }
+}
+
+/* One row of a slice, specialised per kind (the caller's switch passes a constant). Returns 1
+ * where the row must be flagged. */
+static inline __attribute__((always_inline)) int slice_row(
+    const int kind, double w, int64_t v, const float *si, const float *ti, float inv_t,
+    float m_s, float lz_s, float m_t, float lz_t, int grad_mode, double sum_h, float *gi,
+    float c, double *value, double *hsum_out) {
+    const float NEG = -INFINITY;
+    const vf one = splat(1.0f), zero = splat(0), half = splat(0.5f);
+    const vf wv = splat((float)w), w1 = splat((float)(1 - w));
+    const vf cap_p = splat((float)-log(w)), cap_q = splat((float)-log1p(-w));
+    const vf cap_x = splat((float)(1 / w));
+    /* the log-normalisers' difference, for the log-ratios of KL and reverse KL */
+    const vf dz = splat(lz_s - lz_t);
+    const vf sh = splat((float)sum_h), cv = splat(c);
+    vi bad = (vi){0}, inf_terms = (vi){0};
+    double acc = 0, hacc = 0;
+    for (int64_t j0 = 0; j0 < v; j0 += BLOCK) {
+        const int64_t j1 = j0 + BLOCK < v ? j0 + BLOCK : v;
+        vf vv = zero, vh = zero;
+        for (int64_t j = j0; j < j1; j += W) {
+            const vf a = load(si, j, v, NEG) * inv_t - m_s;
+            const vf b = load(ti, j, v, NEG) * inv_t - m_t;
+            bad |= ~(a <= one) | ~(b <= one); /* NaN, or a logit above its shift */
+            const vf lq = a - lz_s, lp = b - lz_t;
+            const vf q = vexp(lq), p = vexp(lp);
+            vf term, h;
+            if (kind == KL) {
+                const vf d = (b - a) + dz; /* lp - lq; +inf: p > 0 = q */
+                inf_terms |= d == INFINITY;
+                term = select(p > 0, p * d, zero);
+                h = -p;
+            } else if (kind == REVERSE_KL) {
+                const vf d = (a - b) - dz; /* lq - lp */
+                inf_terms |= d == INFINITY;
+                const vi live = (q > 0) & (lp > NEG);
+                term = select(live, q * d, zero);
+                h = select(live, q * (d + one), zero);
+            } else if (kind == JS) {
+                const vf lm = vlog(wv * p + w1 * q);
+                const vf tp = select(p > 0, p * vmin(lp - lm, cap_p), zero);
+                const vf lqm = select(q > 0, vmin(lq - lm, cap_q), zero);
+                h = w1 * q * lqm;
+                term = wv * tp + h;
+            } else if (kind == SKEW_KL || kind == SKEW_REVERSE_KL) {
+                const int rev = kind == SKEW_REVERSE_KL;
+                const vf own = rev ? q : p, other = rev ? p : q;
+                vf x = own / (wv * own + w1 * other);
+                const vi live = x > 0; /* 0 or NaN (0/0): the first argument is 0 */
+                x = vmin(x, cap_x);
+                const vf lx = vlog(x);
+                term = select(live, own * lx, zero);
+                h = select(live, rev ? q * (lx - wv * x) : -(w1 * q * x), zero);
+            } else { /* TV */
+                const vf d = q - p;
+                term = half * (vf)((vi)d & 0x7fffffff);
+                h = select(d > 0, half * q, select(d < 0, -(half * q), zero));
+            }
+            vv += term;
+            vh += h;
+            if (grad_mode) store(gi, j, v, (h - q * sh) * cv);
+        }
+        acc += hsum(vv);
+        hacc += hsum(vh);
+    }
+    if ((kind == KL || kind == REVERSE_KL) && any(inf_terms)) acc = INFINITY;
+    *value = acc;
+    *hsum_out = hacc;
+    return any(bad) || isnan(acc) || !isfinite(hacc);
+}
+
+/* Rows [0, n) of a slice and the global statistics `stats` (as kldiv_cpu_slice_stats writes
+ * them, after combining: column stride sn). Writes values[i], the slice's share of the row's
+ * divergence, and hsums[i], its share of sum_j h_j. With sum_h (the global sums) and grad, also
+ * the slice's gradient (h_j - q_j sum_h[i]) * inv_t * scale (row_scale[i] if given) into grad
+ * (row stride gs). flags[i] = 1: the caller computes row i (values and gradient unspecified).
+ * Skipped rows (keep[i] == 0) are never read: 0s, and a zero gradient row. */
+void kldiv_cpu_slice_rows(int kind, double w, int64_t n, int64_t v, const float *s, int64_t ss,
+                          const float *t, int64_t ts, const uint8_t *keep, float inv_t,
+                          const float *stats, int64_t sn, const double *sum_h, float *grad,
+                          int64_t gs, const float *row_scale, float scale, double *values,
+                          double *hsums, uint8_t *flags) {
+    const int skew = kind == SKEW_KL || kind == SKEW_REVERSE_KL;
+    const int bad_weight =
+        (kind == JS && !(w > 0 && w < 1)) || (skew && !(w >= 0x1p-64 && w < 1));
+    const int grad_mode = sum_h != NULL && grad != NULL;
+    for (int64_t i = 0; i < n; i++) {
+        const float *si = s + i * ss, *ti = t + i * ts;
+        float *gi = grad_mode ? grad + i * gs : NULL;
+        values[i] = 0;
+        hsums[i] = 0;
+        flags[i] = 0;
+        if (keep && !keep[i]) {
+            if (gi) memset(gi, 0, (size_t)v * sizeof(float));
+            continue;
+        }
+        const float m_s = stats[i], lz_s = stats[sn + i];
+        const float m_t = stats[2 * sn + i], lz_t = stats[3 * sn + i];
+        const int huge = inv_t != 1.0f && (fabsf(m_s) > 0x1p22f || fabsf(m_t) > 0x1p22f);
+        if (bad_weight || huge || !isfinite(m_s) || !isfinite(lz_s) || !isfinite(m_t) ||
+            !isfinite(lz_t) || (grad_mode && !isfinite(sum_h[i]))) {
+            flags[i] = 1;
+            continue;
+        }
+        const double sh = grad_mode ? sum_h[i] : 0;
+        const float c = inv_t * (row_scale ? row_scale[i] : scale);
+        int flag;
+        switch (kind) {
+        case KL:
+            flag = slice_row(KL, w, v, si, ti, inv_t, m_s, lz_s, m_t, lz_t, grad_mode, sh, gi, c,
+                             values + i, hsums + i);
+            break;
+        case REVERSE_KL:
+            flag = slice_row(REVERSE_KL, w, v, si, ti, inv_t, m_s, lz_s, m_t, lz_t, grad_mode, sh,
+                             gi, c, values + i, hsums + i);
+            break;
+        case JS:
+            flag = slice_row(JS, w, v, si, ti, inv_t, m_s, lz_s, m_t, lz_t, grad_mode, sh, gi, c,
+                             values + i, hsums + i);
+            break;
+        case SKEW_KL:
+            flag = slice_row(SKEW_KL, w, v, si, ti, inv_t, m_s, lz_s, m_t, lz_t, grad_mode, sh,
+                             gi, c, values + i, hsums + i);
+            break;
+        case SKEW_REVERSE_KL:
+            flag = slice_row(SKEW_REVERSE_KL, w, v, si, ti, inv_t, m_s, lz_s, m_t, lz_t,
+                             grad_mode, sh, gi, c, values + i, hsums + i);
+            break;
+        default:
+            flag = slice_row(TV, w, v, si, ti, inv_t, m_s, lz_s, m_t, lz_t, grad_mode, sh, gi, c,
+                             values + i, hsums + i);
+        }
+        flags[i] = (uint8_t)flag;
+    }
+}

@@ -67,6 +67,8 @@ KINDS = {"kl": 0, "reverse_kl": 1, "js": 2, "skew_kl": 3, "skew_reverse_kl": 4, 
 WEIGHTED = ("js", "skew_kl", "skew_reverse_kl")
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 SYMBOL = "kldiv_cpu_rows"
+# The vocabulary-slice entries (the vocab-parallel losses): statistics, then terms or gradient.
+SLICE_SYMBOLS = ("kldiv_cpu_slice_stats", "kldiv_cpu_slice_rows")
 # The second set is for compilers that do not know -march=native (some non-x86 clangs).
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 # After $CC's own flags, so they win: the kernel relies on IEEE infinities, NaN tests and
@@ -204,16 +206,34 @@ def _looks_like_library(path: Path) -> bool:
         return False
 
 
-def _dlopen(path: Path) -> Any:
-    """The kernel in the library at ``path``, typed. OSError when the library does not load,
-    RuntimeError when it lacks the kernel."""
-    fn = getattr(ctypes.CDLL(str(path)), SYMBOL, None)
-    if fn is None:
-        raise RuntimeError(f"the compiled library does not export {SYMBOL}")
-    p, i64, f32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
-    fn.argtypes = [ctypes.c_int, f64, i64, i64, p, i64, p, i64, p, f32, p, i64, p, f32, p, p, p]
-    fn.restype = None
-    return fn
+class _Library:
+    """The kernel's entries, typed: ``rows`` (:data:`SYMBOL`), ``slice_stats`` and
+    ``slice_rows`` (:data:`SLICE_SYMBOLS`)."""
+
+    def __init__(self, lib: Any) -> None:
+        missing = [name for name in (SYMBOL, *SLICE_SYMBOLS) if getattr(lib, name, None) is None]
+        if missing:
+            raise RuntimeError(f"the compiled library does not export {missing[0]}")
+        p, i64, f32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+        c_int = ctypes.c_int
+        self.rows = getattr(lib, SYMBOL)
+        self.rows.argtypes = [c_int, f64, i64, i64, p, i64, p, i64, p, f32, p, i64, p, f32, p, p, p]
+        self.slice_stats = getattr(lib, SLICE_SYMBOLS[0])
+        self.slice_stats.argtypes = [i64, i64, p, i64, p, i64, p, f32, p, i64, p]
+        self.slice_rows = getattr(lib, SLICE_SYMBOLS[1])
+        self.slice_rows.argtypes = [
+            *(c_int, f64, i64, i64, p, i64, p, i64, p, f32),  # kind ... inv_t
+            *(p, i64, p, p, i64, p, f32),  # stats, sn, sum_h, grad, gs, row_scale, scale
+            *(p, p, p),  # values, hsums, flags
+        ]
+        for fn in (self.rows, self.slice_stats, self.slice_rows):
+            fn.restype = None
+
+
+def _dlopen(path: Path) -> _Library:
+    """The kernel's entries in the library at ``path``, typed. OSError when the library does
+    not load, RuntimeError when it lacks one of them."""
+    return _Library(ctypes.CDLL(str(path)))
 
 
 def _compile(commands: list[list[str]], out: str) -> None:
@@ -236,7 +256,7 @@ def _compile(commands: list[list[str]], out: str) -> None:
     raise RuntimeError(f"{commands[0][0]} could not compile {SOURCE.name}: {error}")
 
 
-def _open(directory: Path, commands: list[list[str]], key: str) -> tuple[Any, Path]:
+def _open(directory: Path, commands: list[list[str]], key: str) -> tuple[_Library, Path]:
     """The kernel from ``directory``: a verified cached build, else a fresh one installed
     there. OSError when the directory cannot be used, RuntimeError when no build works."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -292,7 +312,7 @@ def _load() -> None:
     except Exception as e:  # the kernel is optional: whatever stops it, tensor code runs
         _state["error"] = str(e) if isinstance(e, (OSError, RuntimeError)) else repr(e)
         return
-    _state.update(fn=fn, path=path)
+    _state.update(fn=fn.rows, library=fn, path=path)
 
 
 def kernel() -> Any:
@@ -391,3 +411,115 @@ def rows(
         for future in [_executor(parts).submit(call, k) for k in range(parts)]:
             future.result()
     return values, flags.bool()
+
+
+def _split(n: int, v: int, call: Any) -> None:
+    """``call(a, b)`` over row ranges, one per intra-op thread when the work is large enough."""
+    parts = max(1, min(torch.get_num_threads(), n)) if n * v >= _PARALLEL_MIN else 1
+    bounds = [n * k // parts for k in range(parts + 1)]
+    ranges = [(bounds[k], bounds[k + 1]) for k in range(parts) if bounds[k] < bounds[k + 1]]
+    if len(ranges) <= 1:
+        for a, b in ranges:
+            call(a, b)
+        return
+    for future in [_executor(len(ranges)).submit(call, a, b) for a, b in ranges]:
+        future.result()
+
+
+def _library() -> _Library:
+    kernel()
+    return _state["library"]
+
+
+def slice_stats(
+    student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None, inv_t: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of vocabulary slices ``[n, v]`` of both float32 logits (CPU, unit stride along
+    rows; ``v`` may be 0): ``[4, n]`` float32, the maxima of ``s/T`` and the log-sums
+    ``log Σ exp(s/T − max)``, then the same for the teacher (``-inf, -inf`` for a side that is
+    all ``-inf`` here), and the flagged rows ``[n]`` bool, left to the caller (+inf or NaN,
+    or a maximum ``|logit/T|`` above 2^22 at T ≠ 1). Skipped rows (``keep`` False) read 0s."""
+    lib = _library()
+    n, v = student.shape
+    stats = torch.empty((4, n), dtype=torch.float32)
+    flags = torch.empty(n, dtype=torch.uint8)
+
+    def call(a: int, b: int) -> None:
+        lib.slice_stats(
+            b - a,
+            v,
+            student[a].data_ptr(),
+            student.stride(0),
+            teacher[a].data_ptr(),
+            teacher.stride(0),
+            None if keep is None else keep[a:].data_ptr(),
+            inv_t,
+            stats[0, a:].data_ptr(),
+            n,
+            flags[a:].data_ptr(),
+        )
+
+    _split(n, max(v, 1), call)
+    return stats, flags.bool()
+
+
+def slice_rows(
+    kind: str,
+    w: float,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    inv_t: float,
+    stats: torch.Tensor,
+    sum_h: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of vocabulary slices ``[n, v]`` of both float32 logits (CPU, unit stride along
+    rows) and the *global* statistics ``stats`` (``[4, n]`` float32 contiguous: shift and
+    log-normaliser of ``s/T``, then of ``t/T``): this slice's share of the divergence and of
+    Σ_j h_j (float64 ``[n]`` each, ``h`` the gradient with respect to the student's
+    log-probabilities, as in :mod:`._rows.spec`; skew reverse KL's ``h`` leaves out its term
+    ``q``, which sums to 1 over the row and cancels in the gradient), and the flagged rows
+    (bool ``[n]``: +inf or NaN, statistics that are not finite, ``|shift|`` above 2^22 at
+    T ≠ 1, a weight outside (0, 1); values and gradient rows unspecified there).
+
+    Given ``sum_h`` (float64 ``[n]``, the global Σh) and ``grad`` (``[n, v]`` float32, unit
+    stride along rows), also writes the slice's gradient ``(h − q·sum_h)·inv_t·row_scale``
+    into ``grad`` (``row_scale`` float32 ``[n]``, or 1). Skipped rows (``keep`` False) are
+    never read: 0, and a zero gradient row."""
+    lib = _library()
+    n, v = student.shape
+    values = torch.empty(n, dtype=torch.float64)
+    hsums = torch.empty(n, dtype=torch.float64)
+    flags = torch.empty(n, dtype=torch.uint8)
+    code = KINDS[kind]
+    if grad is not None and sum_h is None:
+        raise ValueError("the slice's gradient needs the global sum_h")
+
+    def call(a: int, b: int) -> None:
+        lib.slice_rows(
+            code,
+            w,
+            b - a,
+            v,
+            student[a].data_ptr(),
+            student.stride(0),
+            teacher[a].data_ptr(),
+            teacher.stride(0),
+            None if keep is None else keep[a:].data_ptr(),
+            inv_t,
+            stats[0, a:].data_ptr(),
+            n,
+            None if sum_h is None else sum_h[a:].data_ptr(),
+            None if grad is None else grad[a].data_ptr(),
+            0 if grad is None else grad.stride(0),
+            None if row_scale is None else row_scale[a:].data_ptr(),
+            1.0,
+            values[a:].data_ptr(),
+            hsums[a:].data_ptr(),
+            flags[a:].data_ptr(),
+        )
+
+    _split(n, max(v, 1), call)
+    return values, hsums, flags.bool()

@@ -1,22 +1,18 @@
 """``FusedLinearDistillationLoss``: distillation from the student's hidden states and LM head,
 in row chunks, never materialising the ``[N, V]`` logits.
 
-Same layering as the other fast paths: :func:`_logit_chunk` is the per-chunk "kernel" (one
-chunk's per-row divergence and its gradient with respect to the chunk's student logits; the
-one place where a CUDA implementation is swapped in), :func:`_fused_pass` the launcher (the
-row loop and the three matmuls around each chunk, owning the gradient buffers) and
-:class:`_FusedLinearDivergence` the ``autograd.Function``.
+The chunked-linear loop and its ``autograd.Function`` are :mod:`._rows.linear`'s, shared with
+the vocab-parallel fused loss; on one device each chunk's values and logits gradient come from
+the engine the dispatcher chooses (:func:`._rows.linear.logit_chunk`). This module is the
+shell: configuration, validation, skipped tokens and the reduction.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _check
 from .._defaults import (
@@ -27,239 +23,11 @@ from .._defaults import (
     DistillationKind,
     Reduction,
 )
-from .._kinds import resolve, weight_of
-from . import _cpu
+from ._rows import linear
 from ._rows.dispatch import reduce_total
 from .distillation import check_float_tensor, config_repr, configure, token_keep
 
 __all__ = ["FusedLinearDistillationLoss"]
-
-# Default chunk: 2^22 logits (16 MiB per float32 [rows, V] buffer), e.g. 131 rows at
-# V = 32000. At N = 2048, H = 256, V = 32000 on 2 CPU cores, 2^21 to 2^24 are within 5% of
-# each other; smaller chunks pay Python overhead and thin matmuls, larger ones only memory.
-_CHUNK_LOGITS = 1 << 22
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _logit_chunk(
-    kind: str,
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    keep: torch.Tensor | None,
-    temperature: float,
-    beta: float,
-    alpha: float,
-    need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row D(teacher‖student) ``[rows]`` of one chunk of ``[rows, V]`` logits (masked
-    rows 0) and, if ``need_grad``, the gradient of their sum with respect to
-    ``student_logits`` (``[rows, V]``, masked rows 0). Float32, float64 when either input is
-    float64; both logits are divided by ``temperature`` here, and the gradient includes the
-    1/T of that division.
-
-    On CUDA (or when ``_TRITON`` is forced, which the tests do under ``TRITON_INTERPRET=1``)
-    the Triton kernels compute it: the gradient then comes in the logits' dtype, from the
-    same one-pass backward kernel as DistillationLoss's with ``grad_output = 1``.
-    """
-    w = weight_of(kind, beta, alpha)
-    dtypes = (student_logits.dtype, teacher_logits.dtype)
-    if (
-        (_TRITON or (_TRITON is None and student_logits.is_cuda))
-        and torch.float64 not in dtypes
-        and importlib.util.find_spec("triton") is not None
-    ):
-        from . import _triton_launch as L
-
-        resolved = resolve(kind, w)
-        if not resolved.zero:
-            kernel_kind = resolved.kind
-            inv_t = 1.0 / temperature
-            stats = L.forward(student_logits, teacher_logits, keep, kernel_kind, inv_t, w)
-            grad = None
-            if need_grad:
-                ones = torch.ones((), dtype=torch.float32, device=student_logits.device)
-                go = ones.expand(student_logits.shape[0])
-                grad = L.backward(
-                    go, student_logits, teacher_logits, keep, stats[1:], kernel_kind, inv_t, w
-                )
-            return stats[0], grad
-    return _cpu.chunked_forward(
-        kind, student_logits, teacher_logits, keep, temperature, need_grad, beta, alpha=alpha
-    )
-
-
-# None: the Triton kernels on CUDA tensors, the chunked torch path elsewhere; True forces the
-# kernels (CPU tensors then need TRITON_INTERPRET=1); False forces the torch path.
-_TRITON: bool | None = None
-
-
-@dataclass(frozen=True)
-class _Config:
-    kind: str
-    temperature: float
-    beta: float
-    alpha: float
-    chunk_rows: int | None
-
-
-def _rows(x: torch.Tensor, start: int, stop: int, index: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``start:stop`` of ``x``, or of ``x[index]``: a view, or a copy of those rows only."""
-    return x[start:stop] if index is None else x.index_select(0, index[start:stop])
-
-
-def _matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # PyTorch's half-precision matmul on CPU is several times slower than float32 on most
-    # CPUs (8x measured on the development machine); on accelerators F.linear's own dtype.
-    return torch.float32 if dtype in _HALF and device.type == "cpu" else dtype
-
-
-def _fused_pass(
-    cfg: _Config,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    teacher: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-    index: torch.Tensor | None,
-    need: tuple[bool, bool, bool],
-    row_scale: torch.Tensor | None = None,
-    per_row: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """One pass over the kept rows (``index``, or all rows when None).
-
-    Returns the per-row values ``[N]`` (``per_row``; skipped rows 0) or their sum (0-d), and
-    the gradients ``[grad_hidden, grad_weight, grad_bias]`` (None where not ``need``ed) of
-    ``Σ_rows row_scale·value``. ``teacher`` is ``(logits, None, None)`` or ``(hidden, weight,
-    bias)``. Gradients of half-precision weights and biases are accumulated in float32.
-    """
-    n, v = hidden.shape[0], weight.shape[0]
-    m = n if index is None else index.numel()
-    device = hidden.device
-    mm = _matmul_dtype(hidden.dtype, device)
-    w = weight.to(mm)
-    b = None if bias is None else bias.to(mm)
-    t_src, t_w, t_b = teacher
-    if t_w is not None:
-        t_mm = _matmul_dtype(t_w.dtype, device)
-        t_w = t_w.to(t_mm)
-        t_b = None if t_b is None else t_b.to(t_mm)
-    val_dtype = torch.float64 if torch.float64 in (hidden.dtype, t_src.dtype) else torch.float32
-    acc_dtype = torch.float32 if weight.dtype in _HALF else weight.dtype
-    out = torch.zeros(n if per_row else (), dtype=val_dtype, device=device)
-    gh = torch.zeros_like(hidden) if need[0] else None
-    gw = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need[1] else None
-    gb = torch.zeros(v, dtype=acc_dtype, device=device) if need[2] and bias is not None else None
-    need_grad = gh is not None or gw is not None or gb is not None
-    chunk = cfg.chunk_rows or max(1, _CHUNK_LOGITS // max(v, 1))
-    for start in range(0, m, chunk):
-        stop = min(m, start + chunk)
-        h = _rows(hidden, start, stop, index).to(mm)
-        logits = torch.nn.functional.linear(h, w, b)
-        t = _rows(t_src, start, stop, index)
-        if t_w is not None:
-            t = torch.nn.functional.linear(t.to(t_w.dtype), t_w, t_b)
-        vals, g = _logit_chunk(
-            cfg.kind, logits, t, None, cfg.temperature, cfg.beta, cfg.alpha, need_grad
-        )
-        del logits, t  # before the gradient matmuls: one [rows, V] buffer fewer at the peak
-        if per_row:
-            if index is None:
-                out[start:stop] = vals
-            else:
-                out.index_copy_(0, index[start:stop], vals.to(val_dtype))
-        else:
-            out += vals.sum()
-        if g is None:
-            continue
-        if row_scale is not None:
-            g.mul_(_rows(row_scale, start, stop, index).to(g.dtype)[:, None])
-        gm = g.to(mm)
-        if gh is not None:
-            gh_rows = (gm @ w).to(gh.dtype)
-            if index is None:
-                gh[start:stop] = gh_rows
-            else:
-                gh.index_copy_(0, index[start:stop], gh_rows)
-        if gw is not None:
-            if gw.dtype == mm:
-                gw.addmm_(gm.t(), h)
-            else:  # half precision on an accelerator: product in its dtype, sum in float32
-                gw.add_(gm.t() @ h)
-        if gb is not None:
-            gb.add_(g.sum(0).to(acc_dtype))
-    return out, [gh, gw, gb]
-
-
-@torch.compiler.disable
-def _fused_apply(*args: Any) -> torch.Tensor:
-    """The autograd function, opaque to ``torch.compile``: its Python loop over row chunks
-    (with a host check per chunk) would otherwise be unrolled or broken into many graphs. Under
-    ``torch.compile`` the surrounding model compiles; this call runs eagerly (one graph break,
-    so ``fullgraph=True`` is not supported here)."""
-    return _FusedLinearDivergence.apply(*args)
-
-
-class _FusedLinearDivergence(torch.autograd.Function):
-    """``(hidden, weight, bias, teacher…) -> Σ values`` (``reduce``) or per-row values.
-
-    With ``reduce`` the gradients are computed in the forward pass (one pass over the rows)
-    and scaled by the scalar ``grad_output`` in backward; without it, ``grad_output`` differs
-    per row and backward runs the pass again with the rows weighted by it.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        teacher_src: torch.Tensor,
-        teacher_weight: torch.Tensor | None,
-        teacher_bias: torch.Tensor | None,
-        index: torch.Tensor | None,
-        cfg: _Config,
-        reduce: bool,
-        grad_enabled: bool,
-    ) -> torch.Tensor:
-        h_, w_, b_ = ctx.needs_input_grad[:3]
-        need = (grad_enabled and h_, grad_enabled and w_, grad_enabled and b_)
-        teacher = (teacher_src, teacher_weight, teacher_bias)
-        ctx.cfg, ctx.reduce = cfg, reduce
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if reduce:
-            total, grads = _fused_pass(cfg, hidden, weight, bias, teacher, index, need)
-            ctx.save_for_backward(*grads)
-            return total
-        values, _ = _fused_pass(
-            cfg, hidden, weight, bias, teacher, index, (False, False, False), per_row=True
-        )
-        ctx.need = need
-        ctx.save_for_backward(
-            hidden, weight, bias, teacher_src, teacher_weight, teacher_bias, index
-        )
-        return values
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        if ctx.reduce:
-            # In place: a second backward through the same forward would see scaled
-            # gradients; autograd's version counter refuses it instead.
-            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors]
-        else:
-            hidden, weight, bias, t_src, t_w, t_b, index = ctx.saved_tensors
-            _, grads = _fused_pass(
-                ctx.cfg,
-                hidden,
-                weight,
-                bias,
-                (t_src, t_w, t_b),
-                index,
-                ctx.need,
-                row_scale=grad_out,
-            )
-        out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return (*out, None, None, None, None, None, None, None)
 
 
 class FusedLinearDistillationLoss(torch.nn.Module):
@@ -296,20 +64,23 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     supported.
 
     Memory: beyond the gradients themselves (``[N, H]``, and ``[V, H]``, ``[V]`` in
-    float32 for half-precision weights) and, for half precision on CPU, a float32 copy of
-    each weight, at most a few ``[chunk_size, V]`` buffers: the chunk's student logits,
-    teacher logits and float32 gradient. Nothing scales with ``N × V``. For ``"mean"`` and
-    ``"sum"`` the gradients are computed even if backward never runs: evaluate under
-    ``torch.no_grad()``.
+    float32 for half-precision weights; for half precision on CPU the ``[N, H]`` gradient is
+    accumulated in float32 until backward and rounded once) and, for half precision on CPU,
+    a float32 copy of each weight, at most a few ``[chunk_size, V]`` buffers: the chunk's
+    student logits, teacher logits and float32 gradient. Nothing scales with ``N × V``. For
+    ``"mean"`` and ``"sum"`` the gradients are computed even if backward never runs: evaluate
+    under ``torch.no_grad()``.
 
     Precision: float32 and half-precision inputs give float32 losses (divergences and
     gradient sums in float32; on CPU half-precision matmuls run in float32, on accelerators
     in their own dtype); float64 stays float64 throughout.
 
-    Paths: on CUDA the chunk's values and logits gradient come from the Triton kernels of
-    :class:`~kldiv.torch.DistillationLoss` (gradient in the logits' dtype), elsewhere from
-    its chunked CPU path. Under ``torch.compile`` the fused pass runs eagerly, as one opaque
-    call (a graph break: ``fullgraph=True`` is not supported).
+    Paths: the row engine's dispatcher picks each chunk's engine, as for
+    :class:`~kldiv.torch.DistillationLoss`: on CUDA the Triton kernels (gradient in the
+    logits' dtype), on CPU the C kernel (tensor code where it is not built), and the core
+    for float64 and the endpoints where a divergence is identically 0. Under
+    ``torch.compile`` the fused pass runs eagerly, as one opaque call (a graph break:
+    ``fullgraph=True`` is not supported).
 
     >>> import torch
     >>> from kldiv.torch.fused_linear import FusedLinearDistillationLoss
@@ -395,9 +166,11 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         n = math.prod(tokens)
         t_src, t_w, t_b = teacher
         t_src = t_src.reshape(n, t_src.shape[-1])
-        cfg = _Config(self.divergence, self.temperature, self.beta, self.alpha, self.chunk_size)
+        cfg = linear.Config(
+            self.divergence, self.temperature, self.beta, self.alpha, self.chunk_size
+        )
         reduce = self.reduction != "none"
-        out = _fused_apply(
+        out = linear.apply(
             hidden.reshape(n, hidden.shape[-1]),
             weight,
             bias,
@@ -405,6 +178,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             t_w,
             t_b,
             index,
+            None,
             cfg,
             reduce,
             torch.is_grad_enabled(),

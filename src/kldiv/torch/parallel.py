@@ -14,13 +14,20 @@ How (per row, T the temperature, s and t the tempered logits):
    M = max_r m_r and ``log Z = logsumexp_r(m_r − M + lz_r)``. With them it holds its slice of
    the normalised log-probabilities ``(x − M) − log Z``. Shifting by the global maximum before
    subtracting keeps a constant offset between teacher and student from costing precision.
-3. Each rank evaluates the core's divergence on its slice of log-probabilities (``form=
-   "log_probs"``; the terms are elementwise, so this is the slice's share of the sum). It also
-   evaluates the core's gradient with respect to the student's log-probabilities, h.
+3. Each rank evaluates its slice's share of the divergence (the terms are elementwise) and
+   of Σh, h the gradient with respect to the student's log-probabilities, as the row
+   specification defines them (``_rows/spec.py``).
 4. **Collective 2** sums ``[2, N]`` over the group: the divergence, and Σh.
 5. The gradient with respect to the student's slice is ``(h − q·Σh) / T``, the softmax's
    chain rule with the global Σh. It is computed in the forward pass and only scaled in
    backward, as on the single-device CPU path.
+
+The passes are the per-slice engine of :mod:`._rows.linear`: on CPU float32 the compiled C
+kernel (statistics, terms, gradient; KL's Σh is −1 before any sum, Σp = 1, so its terms and
+gradient take one pass), with the rows it flags (+inf or NaN logits, huge logits at T ≠ 1)
+and every other dtype and device through the row specification. The fused loss runs the
+chunked-linear loop of that module, with this module's vocab group as the statistics'
+combiner.
 
 The value and gradient are therefore the core's, zero support included: −inf logits are zero
 probabilities (a −inf student logit gets a zero gradient), +inf rows are +inf, and an all −inf
@@ -67,7 +74,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from .. import _check
 from .._defaults import (
@@ -78,9 +84,8 @@ from .._defaults import (
     DistillationKind,
     Reduction,
 )
-from .._kinds import KIND_PARAMS, params_of, weight_of
-from . import fused_linear as fl
-from ._rows import spec
+from .._kinds import params_of, weight_of
+from ._rows import linear
 from ._rows.dispatch import reduce_rows, reduce_total
 from .distillation import (
     DistillationConfig,
@@ -119,24 +124,18 @@ def _sum(x: torch.Tensor, group: Any) -> torch.Tensor:
     return x
 
 
-def _slice_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row maxima and ``log Σ exp(x − m)`` of one chunk (−inf, −inf for an all −inf row,
-    and for a slice of width 0, which holds no probability)."""
-    if x.shape[-1] == 0:
-        empty = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
-        return empty, empty.clone()
-    m = x.amax(-1)
-    shift = torch.where(torch.isfinite(m), m, 0.0)
-    return m, torch.logsumexp(x - shift[:, None], -1)
+class _VocabGroup:
+    """The statistics' combiner of a vocab group (:class:`._rows.linear.Combiner`)."""
 
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.world = _world(group)
 
-def _combine(m: torch.Tensor, lz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From every slice's ``[world, N]`` maxima and log-sums: the shift M and ``log Z`` such
-    that the log-probabilities are ``(x − M) − log Z``. An all −inf row gives NaN there, as
-    the core's log-softmax does."""
-    top = m.amax(0)
-    shift = torch.where(torch.isfinite(top), top, 0.0)
-    return shift, torch.logsumexp(m - shift + lz, 0)
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return _gather(x, self.group)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return _sum(x, self.group)
 
 
 class _Rows(torch.autograd.Function):
@@ -171,65 +170,12 @@ class _Rows(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if not ctx.has_grad:
             return (None,) * 8
+        if ctx.keep is not None:  # skipped tokens (G = 0): 0 even under an inf or NaN grad_output
+            grad_out = torch.where(ctx.keep, grad_out, 0.0)
         # In place: no second [N, V_r] buffer. A second backward through the same forward
         # would see a scaled gradient; autograd's version counter refuses it instead.
         out = grad.mul_(grad_out.to(grad.dtype)[:, None])
-        if ctx.keep is not None:  # skipped tokens: 0 even under an inf or NaN grad_output
-            out.masked_fill_(~ctx.keep[:, None], 0.0)
         return (out.to(ctx.student_dtype),) + (None,) * 7
-
-
-Chunk = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor]"]
-
-
-def _normalisers(
-    get: Chunk, n: int, rows: int, dtype: torch.dtype, device: torch.device, group: Any
-) -> torch.Tensor:
-    """``[4, N]``: the shift and log-normaliser of the student's and the teacher's softmax
-    over the whole vocabulary, from this rank's chunks ``get(a, b)`` (tempered logits of rows
-    a:b) and one all-gather of every slice's row maxima and log-sums."""
-    stats = torch.empty((4, n), dtype=dtype, device=device)
-    for a in range(0, n, rows):
-        b = min(n, a + rows)
-        s, t = get(a, b)
-        stats[0, a:b], stats[1, a:b] = _slice_stats(s)
-        stats[2, a:b], stats[3, a:b] = _slice_stats(t)
-    every = _gather(stats, group)  # collective 1
-    return torch.stack([*_combine(every[:, 0], every[:, 1]), *_combine(every[:, 2], every[:, 3])])
-
-
-def _slice_terms(
-    kind: str,
-    params: dict[str, float],
-    get: Chunk,
-    norms: torch.Tensor,
-    a: int,
-    b: int,
-    need_h: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Rows a:b of this slice: the divergence's terms summed over the slice ``[rows]``,
-    h = ∂(those terms)/∂(student log-probabilities) ``[rows, V_r]`` (if ``need_h``), and
-    the student's log-probabilities; both from the row specification (the terms are
-    elementwise, so a slice's share is the specification on the slice)."""
-    s, t = get(a, b)
-    lq = (s - norms[0, a:b, None]).sub_(norms[1, a:b, None])
-    lp = (t - norms[2, a:b, None]).sub_(norms[3, a:b, None])
-    h = None
-    if lq.shape[-1] == 0:  # a slice of width 0 adds nothing
-        zeros = torch.zeros(lq.shape[:-1], dtype=lq.dtype, device=lq.device)
-        return zeros, torch.zeros_like(lq) if need_h else None, lq
-    part, _, h = spec.rows(kind, lp, lq, weight_of(kind, **params), teacher_grad=False)
-    return part, h if need_h else None, lq
-
-
-def _tempered(
-    x: torch.Tensor, dtype: torch.dtype, inv_t: float, keep: torch.Tensor | None
-) -> torch.Tensor:
-    x = x.to(dtype)
-    x = x * inv_t if inv_t != 1.0 else x
-    if keep is not None:  # skipped rows may hold anything, NaN included
-        x = torch.where(keep[:, None], x, 0.0)
-    return x
 
 
 def _forward(
@@ -242,39 +188,64 @@ def _forward(
     group: Any,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-row values ``[N]`` and this slice's gradient ``[N, V_r]`` (if ``need_grad``)
+    through the per-slice engine of :mod:`._rows.linear` (the C kernel on CPU float32, the
+    row specification elsewhere), with the two collectives between its passes."""
     n, v = student.shape
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     device = student.device
-    rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
+    w = weight_of(kind, **params)
     inv_t = 1.0 / temperature
+    if keep is not None:
+        keep = keep.contiguous()
+    whole = student.dtype == teacher.dtype == torch.float32 and linear.uses_kernel(
+        kind, w, student, teacher
+    )
+    # the kernel takes whole float32 tensors (and splits them over threads); other inputs go
+    # in row chunks, so that conversions and the specification's temporaries stay a few MiB
+    step = max(n, 1) if whole else max(1, _CHUNK_ELEMENTS // max(v, 1))
+    chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
 
-    def get(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = None if keep is None else keep[a:b]
-        return _tempered(student[a:b], dtype, inv_t, k), _tempered(teacher[a:b], dtype, inv_t, k)
+    def k(a: int, b: int) -> torch.Tensor | None:
+        return None if keep is None else keep[a:b]
 
-    norms = _normalisers(get, n, rows, dtype, device, group)
-    sums = torch.zeros((2, n), dtype=dtype, device=device)
+    stats = torch.empty((4, n), dtype=dtype, device=device)
+    for a, b in chunks:
+        stats[:, a:b] = linear.slice_stats(student[a:b], teacher[a:b], k(a, b), inv_t)
+    norms = linear.combine(_gather(stats, group))  # collective 1
+    sums = torch.empty((2, n), dtype=dtype, device=device)
     grad = torch.empty((n, v), dtype=dtype, device=device) if need_grad else None
-    for a in range(0, n, rows):
-        b = min(n, a + rows)
-        sums[0, a:b], h, _ = _slice_terms(kind, params, get, norms, a, b, need_grad)
-        if grad is not None:
-            assert h is not None  # need_grad: the terms' gradient was computed
-            sums[1, a:b] = h.sum(-1)
-            grad[a:b] = h
+    pending = []
+    for a, b in chunks:
+        out = None if grad is None else grad[a:b]
+        sums[:, a:b], redo = linear.slice_terms_grad(
+            kind, w, student[a:b], teacher[a:b], k(a, b), inv_t, norms[:, a:b], out
+        )
+        pending.append(redo)
     _sum(sums, group)  # collective 2
     values = sums[0]
     if keep is not None:
         values = torch.where(keep, values, 0.0)
     if grad is not None:
-        for a in range(0, n, rows):
-            b = min(n, a + rows)
-            s = get(a, b)[0]
-            q = (s - norms[0, a:b, None]).sub_(norms[1, a:b, None]).exp_()
-            g = grad[a:b].sub_(q.mul_(sums[1, a:b, None]))
-            g.mul_(inv_t)
-            if keep is not None:
-                g.masked_fill_(~keep[a:b, None], 0.0)
+        for (a, b), redo in zip(chunks, pending, strict=True):
+            if redo is None:  # the gradient needs the sums: its own pass
+                linear.slice_grad(
+                    kind,
+                    w,
+                    student[a:b],
+                    teacher[a:b],
+                    k(a, b),
+                    inv_t,
+                    norms[:, a:b],
+                    sums[1, a:b],
+                    out=grad[a:b],
+                )
+            else:  # rows the kernel left to the specification, a few MiB at a time
+                for rows in linear.fallback_parts(redo + a, v):
+                    grad[rows] = linear.slice_grad(
+                        kind, w, student[rows], teacher[rows], None, inv_t, norms[:, rows],
+                        sums[1, rows],
+                    )  # fmt: skip
     return values, grad
 
 
@@ -736,156 +707,6 @@ class _GlobalSum(torch.autograd.Function):
         return grad, None
 
 
-@dataclass(frozen=True)
-class _FusedConfig:
-    kind: str
-    temperature: float
-    params: tuple[tuple[str, float], ...]
-    chunk_rows: int | None
-    group: Any
-
-
-def _fused_linear(
-    cfg: _FusedConfig,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    teacher: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-    keep: torch.Tensor | None,
-    need: tuple[bool, ...],
-    row_scale: torch.Tensor | None,
-    state: dict[str, torch.Tensor] | None,
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
-    """The vocab-parallel fused pass: this rank's per-row values ``[N]`` (in ``state``, with
-    the normalisers and Σh that backward reuses) and the gradients ``[hidden, weight, bias]``
-    of ``Σ_rows row_scale·value`` (None where not needed, or when ``row_scale`` is None and
-    ``state`` is given: then only the values).
-
-    Three passes over row chunks, each recomputing the chunk's logits slice with one matmul
-    (no ``[N, V_r]`` tensor is kept): the slice's maxima and log-sums (collective 1), the
-    divergence's terms and Σh (collective 2), and the gradients, whose hidden part is summed
-    over the vocab group (collective 3). Given ``state``, only the third runs.
-    """
-    n, v = hidden.shape[0], weight.shape[0]
-    device = hidden.device
-    mm = fl._matmul_dtype(hidden.dtype, device)
-    w = weight.to(mm)
-    b = None if bias is None else bias.to(mm)
-    t_src, t_w, t_b = teacher
-    if t_w is not None:
-        t_mm = fl._matmul_dtype(t_w.dtype, device)
-        t_w, t_b = t_w.to(t_mm), None if t_b is None else t_b.to(t_mm)
-    dtype = torch.float64 if torch.float64 in (hidden.dtype, t_src.dtype) else torch.float32
-    inv_t = 1.0 / cfg.temperature
-    params = dict(cfg.params)
-    rows = cfg.chunk_rows or max(1, fl._CHUNK_LOGITS // max(v, 1))
-
-    def hidden_rows(a: int, b_: int) -> torch.Tensor:
-        h = hidden[a:b_].to(mm)
-        # skipped tokens may hold anything: 0 keeps NaN out of the weight's gradient too
-        return h if keep is None else torch.where(keep[a:b_, None], h, 0.0)
-
-    def get(a: int, b_: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = None if keep is None else keep[a:b_]
-        s = torch.nn.functional.linear(hidden_rows(a, b_), w, b)
-        t = t_src[a:b_]
-        if t_w is not None:
-            t = torch.nn.functional.linear(t.to(t_w.dtype), t_w, t_b)
-        return _tempered(s, dtype, inv_t, k), _tempered(t, dtype, inv_t, k)
-
-    if state is None:
-        norms = _normalisers(get, n, rows, dtype, device, cfg.group)
-        sums = torch.zeros((2, n), dtype=dtype, device=device)
-        for a in range(0, n, rows):
-            b_ = min(n, a + rows)
-            sums[0, a:b_], h, _ = _slice_terms(cfg.kind, params, get, norms, a, b_, True)
-            assert h is not None  # need_h=True
-            sums[1, a:b_] = h.sum(-1)
-        _sum(sums, cfg.group)  # collective 2
-        values = sums[0] if keep is None else torch.where(keep, sums[0], 0.0)
-        state = {"values": values, "norms": norms, "sum_h": sums[1]}
-    if not any(need):
-        return state, [None, None, None]
-    acc = torch.float32 if weight.dtype in fl._HALF else weight.dtype
-    gh = torch.zeros((n, hidden.shape[1]), dtype=mm, device=device) if need[0] else None
-    gw = torch.zeros(weight.shape, dtype=acc, device=device) if need[1] else None
-    gb = torch.zeros(v, dtype=acc, device=device) if need[2] and bias is not None else None
-    for a in range(0, n, rows):
-        b_ = min(n, a + rows)
-        _, h, lq = _slice_terms(cfg.kind, params, get, state["norms"], a, b_, True)
-        assert h is not None  # need_h=True
-        g = h.sub_(lq.exp_().mul_(state["sum_h"][a:b_, None])).mul_(inv_t)
-        if row_scale is not None:
-            g.mul_(row_scale[a:b_, None].to(g.dtype))
-        if keep is not None:
-            g.masked_fill_(~keep[a:b_, None], 0.0)
-        gm = g.to(mm)
-        if gh is not None:
-            gh[a:b_] = gm @ w
-        if gw is not None:
-            gw.add_((gm.t() @ hidden_rows(a, b_)).to(acc))
-        if gb is not None:
-            gb.add_(g.sum(0).to(acc))
-    if gh is not None:
-        _sum(gh, cfg.group)  # collective 3: every vocab slice's share of dL/dhidden
-    return state, [gh, gw, gb]
-
-
-class _FusedRows(torch.autograd.Function):
-    """``(hidden, weight slice, bias slice, teacher…) -> Σ values`` (``reduce``) or per-row
-    values. With ``reduce`` the gradients come from the forward pass and backward scales them
-    by the scalar ``grad_output``; without, backward reruns the gradient pass (no collectives
-    but the hidden states' sum) with the rows weighted by ``grad_output``."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        t_src: torch.Tensor,
-        t_w: torch.Tensor | None,
-        t_b: torch.Tensor | None,
-        keep: torch.Tensor | None,
-        cfg: _FusedConfig,
-        reduce: bool,
-        grad_enabled: bool,
-    ) -> torch.Tensor:
-        need = tuple(grad_enabled and x for x in ctx.needs_input_grad[:3])
-        ctx.cfg, ctx.reduce, ctx.keep, ctx.need = cfg, reduce, keep, need
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        teacher = (t_src, t_w, t_b)
-        if reduce:
-            state, grads = _fused_linear(cfg, hidden, weight, bias, teacher, keep, need, None, None)
-            ctx.save_for_backward(*grads)
-            return state["values"].sum()
-        state, _ = _fused_linear(cfg, hidden, weight, bias, teacher, keep, (False,) * 3, None, None)
-        ctx.save_for_backward(hidden, weight, bias, t_src, t_w, t_b, state["norms"], state["sum_h"])
-        return state["values"]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        if ctx.reduce:
-            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors]
-        else:
-            hidden, weight, bias, t_src, t_w, t_b, norms, sum_h = ctx.saved_tensors
-            state = {"norms": norms, "sum_h": sum_h}
-            _, grads = _fused_linear(
-                ctx.cfg,
-                hidden,
-                weight,
-                bias,
-                (t_src, t_w, t_b),
-                ctx.keep,
-                ctx.need,
-                grad_out,
-                state,
-            )
-        out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return (*out,) + (None,) * 7
-
-
 class ParallelFusedLinearDistillationLoss(torch.nn.Module):
     """:class:`~kldiv.torch.FusedLinearDistillationLoss` with the LM heads split by vocabulary
     over the ranks of ``vocab_group`` (and the tokens over ``data_group``).
@@ -1016,18 +837,23 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         n, v = math.prod(tokens), weight.shape[0]
         keep = None if keep is None else keep.reshape(-1)
         t_src = t_src.reshape(n, v if t_w is None else t_w.shape[1])
-        params = tuple((k, getattr(self, k)) for k in KIND_PARAMS.get(self.divergence, {}))
-        cfg = _FusedConfig(
-            self.divergence, self.temperature, params, self.chunk_size, self.vocab_group
+        cfg = linear.Config(
+            self.divergence,
+            self.temperature,
+            self.beta,
+            self.alpha,
+            self.chunk_size,
+            _VocabGroup(self.vocab_group),
         )
         reduce = self.reduction != "none"
-        out = _fused_apply(
+        out = linear.apply(
             hidden.reshape(n, hidden.shape[-1]),
             weight,
             bias,
             t_src,
             t_w,
             t_b,
+            None,
             keep,
             cfg,
             reduce,
@@ -1122,7 +948,7 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
             "config": {
                 "dtypes": [str(x.dtype) for x in (hidden, weight, t_src)],
                 # the dtype of the hidden states' gradient, which the vocab group sums
-                "matmul dtype": str(fl._matmul_dtype(hidden.dtype, hidden.device)),
+                "matmul dtype": str(linear.matmul_dtype(hidden.dtype, hidden.device)),
                 "gradients (hidden, weight, bias)": grads,
                 "device type": hidden.device.type,
                 "labels given": labels is not None,
@@ -1138,7 +964,3 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
             "width": v,
         }
         return _Inspection(problems, facts, keep, num_items)
-
-
-def _fused_apply(*args: Any) -> torch.Tensor:
-    return _FusedRows.apply(*args)

@@ -11,8 +11,10 @@ Engines, all with the core's values and zero-support rules (tested against it):
   decide exactly: a teacher that needs a gradient, float64, ``torch.func`` transforms, fake
   or meta tensors, jit tracing, and the endpoints where a divergence is identically 0.
 
-Callers: the core functions on torch tensors (:func:`engine_rows`), ``DistillationLoss``,
-``FusedLinearDistillationLoss`` and the parallel losses (:func:`choose`, :func:`rows`).
+Callers: the core functions on torch tensors (:func:`engine_rows`), ``DistillationLoss``
+(:func:`choose`, :func:`rows`), and the chunk loop of ``FusedLinearDistillationLoss`` and
+the fused parallel loss (:func:`choose`, :func:`rows_and_grad`); the vocab-parallel slices
+run the per-slice engine of :mod:`.linear` (the C kernel, or the specification).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..._kinds import ENGINE_KINDS, params_of, resolve, weight_of
 __all__ = [
     "choose",
     "rows",
+    "rows_and_grad",
     "engine_rows",
     "core_rows",
     "core_only",
@@ -149,6 +152,54 @@ def core_rows(
             reduction="none",
             **params_of(kind, beta, alpha),
         )
+
+
+def rows_and_grad(
+    path: str,
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    need_grad: bool,
+    beta: float = JS_BETA,
+    alpha: float = SKEW_ALPHA,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row ``D(teacher‖student)`` ``[rows]`` of ``[rows, V]`` logits through the engine
+    ``path`` (from :func:`choose`, ``"core"`` included) and, if ``need_grad``, the gradient of
+    their sum with respect to ``student``, outside autograd: for callers that run their own
+    autograd Function around many such chunks (the fused-linear losses). Triton gives the
+    gradient in the logits' dtype (its one-pass backward with ``grad_output = 1``), the other
+    engines in float32 (float64 for float64 logits); an engine that is identically 0 gives a
+    zero gradient."""
+    if path == "triton":
+        from .. import _triton_launch as launch
+
+        w = weight_of(kind, beta, alpha)
+        code_kind, inv_t = resolve(kind, w).kind, 1.0 / temperature
+        stats = launch.forward(student, teacher, None, code_kind, inv_t, w)
+        grad = None
+        if need_grad:
+            ones = torch.ones((), dtype=torch.float32, device=student.device)
+            grad = launch.backward(
+                ones.expand(student.shape[0]), student, teacher, None, stats[1:], code_kind,
+                inv_t, w,
+            )  # fmt: skip
+        return stats[0], grad
+    if path == "chunked":
+        from .. import _cpu
+
+        return _cpu.chunked_forward(
+            kind, student, teacher, None, temperature, need_grad, beta, alpha=alpha
+        )
+    if path != "core":
+        raise ValueError(f"Unknown engine {path!r}.")
+    with torch.enable_grad():
+        leaf = student.detach().requires_grad_(need_grad)
+        values = core_rows(kind, leaf, teacher, None, temperature, beta, alpha)
+        if not need_grad:
+            return values.detach(), None
+        (grad,) = torch.autograd.grad(values, leaf, torch.ones_like(values), allow_unused=True)
+    return values.detach(), torch.zeros_like(student) if grad is None else grad
 
 
 def engine_rows(

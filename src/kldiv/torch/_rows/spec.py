@@ -52,8 +52,9 @@ INF = math.inf
 
 
 def _xlogr(x: torch.Tensor, lx: torch.Tensor, ly: torch.Tensor) -> torch.Tensor:
-    """``x·(lx − ly)`` with 0 where x = 0 (whatever ly), and ``+inf`` where x > 0 = y."""
-    out = torch.where(x > 0, x * (lx - ly), 0.0)
+    """``x·(lx − ly)`` with 0 where x = 0 (whatever ly), and ``+inf`` where x > 0 = y; NaN
+    stays NaN, as in the core."""
+    out = torch.where(x == 0, 0.0, x * (lx - ly))
     return torch.where((lx - ly == INF) & (lx > -INF), INF, out)
 
 
