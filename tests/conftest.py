@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. It is read when a
-# kernel is decorated, i.e. when kldiv.torch._triton_kernels is first imported (lazily).
+# kernel is decorated, i.e. when kldiv.torch._rows.triton.kernels is first imported (lazily).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # pytest-xdist runs one worker per core

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (``_cpu_kernel.c`` through ``_cpu_native``) against the core in
+"""The compiled CPU kernel (``native.c`` through ``native_engine``) against the core in
 float64 and against the tensor code: values and student gradients of every divergence (KL,
 reverse KL, JS, the skew divergences, TV) within a stated error bound, zero support, flagged
 rows, weights, offsets, strides, threads, half-precision inputs; and its build: cached, and a
@@ -25,20 +25,22 @@ import pytest
 import torch
 
 import kldiv
-from kldiv.torch import DistillationLoss, _cpu, _cpu_native
+from kldiv.torch import DistillationLoss
+from kldiv.torch._rows import native as native_engine
+from kldiv.torch._rows import tensor as tensor_engine
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the rows handed to the compiled kernel, so a test can show it ran."""
     seen = []
-    real = _cpu_native.rows
+    real = native_engine.rows
 
     def counted(kind, s, *args):
         seen.append(s.shape[0])
         return real(kind, s, *args)
 
-    monkeypatch.setattr(_cpu_native, "rows", counted)
+    monkeypatch.setattr(native_engine, "rows", counted)
     return seen
 
 
@@ -46,13 +48,13 @@ def calls(monkeypatch):
 def launched(monkeypatch):
     """The (kind, weight) of each call of the compiled kernel."""
     seen = []
-    real = _cpu_native.rows
+    real = native_engine.rows
 
     def counted(kind, s, t, keep, inv_t, grad, w=None):
         seen.append((kind, w))
         return real(kind, s, t, keep, inv_t, grad, w)
 
-    monkeypatch.setattr(_cpu_native, "rows", counted)
+    monkeypatch.setattr(native_engine, "rows", counted)
     return seen
 
 
@@ -224,7 +226,7 @@ def test_values_and_gradients_against_the_core(
     keep = torch.tensor(rng.random(n) < 0.8)
     s[~keep.numpy()] = np.nan  # skipped rows are never read
     st = torch.tensor(s, requires_grad=True)
-    out = _cpu.per_row(kind, st, torch.tensor(t), keep, temperature, **params)
+    out = tensor_engine.per_row(kind, st, torch.tensor(t), keep, temperature, **params)
     assert sum(calls) == n
     go = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
     ref, ref_grad = reference(kind, s, t, keep, temperature, go, params)
@@ -252,7 +254,7 @@ def test_a_constant_offset_between_teacher_and_student_costs_no_precision(
     s = (s - 500).astype(np.float32)
     t = (t + 1000).astype(np.float32)
     st = torch.tensor(s, requires_grad=True)
-    out = _cpu.per_row(kind, st, torch.tensor(t), None, temperature, **params)
+    out = tensor_engine.per_row(kind, st, torch.tensor(t), None, temperature, **params)
     assert calls == [8]
     go = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
     ref, ref_grad = reference(kind, s, t, None, temperature, go, params)
@@ -277,7 +279,7 @@ def test_the_kernel_agrees_with_the_tensor_code(rng, calls, monkeypatch, kind, p
 
     def run():
         st = torch.tensor(s, requires_grad=True)
-        out = _cpu.per_row(kind, st, torch.tensor(t), keep, 1.3, **params)
+        out = tensor_engine.per_row(kind, st, torch.tensor(t), keep, 1.3, **params)
         (out.masked_fill(~out.isfinite(), 0.0).double() * go).sum().backward()
         return out.detach().double(), st.grad
 
@@ -325,13 +327,13 @@ def test_rows_the_kernel_leaves_to_tensor_code_are_flagged_and_exact(kind, param
         ]
     )
     w = weight(params)
-    values, flagged = _cpu_native.rows(kind, s, t, None, 1.0, torch.empty(6, 3), w)
+    values, flagged = native_engine.rows(kind, s, t, None, 1.0, torch.empty(6, 3), w)
     expected = [False, True, True, True, True, kind == "reverse_kl"]
     assert flagged.tolist() == expected
     # |logit/T| above 2^22: exact at T = 1, left to tensor code at T ≠ 1
     big = torch.tensor([[3e7, 0.0, 1.0]])
-    assert not _cpu_native.rows(kind, big, big.flip(-1), None, 1.0, None, w)[1].item()
-    assert _cpu_native.rows(kind, big, big.flip(-1), None, 0.5, None, w)[1].item()
+    assert not native_engine.rows(kind, big, big.flip(-1), None, 1.0, None, w)[1].item()
+    assert native_engine.rows(kind, big, big.flip(-1), None, 0.5, None, w)[1].item()
     st = s.clone().requires_grad_(True)
     out = DistillationLoss(kind, reduction="none", **params)(st, t)
     s64 = s.double().requires_grad_(True)
@@ -349,8 +351,8 @@ def test_a_skew_weight_below_2_to_the_minus_64_goes_to_tensor_code(rng, kind, ca
     """The skew kinds' ratios reach 1/alpha: below 2^-64 the kernel flags every row, and the
     tensor code computes them."""
     s, t = (torch.tensor(x) for x in batch(rng, 5, 40, "both"))
-    assert not _cpu_native.rows(kind, s, t, None, 1.0, None, 2.0**-64)[1].any()
-    assert _cpu_native.rows(kind, s, t, None, 1.0, None, 2.0**-65)[1].all()
+    assert not native_engine.rows(kind, s, t, None, 1.0, None, 2.0**-64)[1].any()
+    assert native_engine.rows(kind, s, t, None, 1.0, None, 2.0**-65)[1].all()
     calls.clear()
     st = s.clone().requires_grad_(True)
     out = DistillationLoss(kind, reduction="none", alpha=1e-30)(st, t)
@@ -368,7 +370,7 @@ def test_the_weighted_kinds_need_a_weight_inside_0_1(w):
     x = torch.zeros(2, 3)
     for kind in ("js", "skew_kl", "skew_reverse_kl"):
         with pytest.raises(ValueError, match="weight strictly between 0 and 1"):
-            _cpu_native.rows(kind, x, x, None, 1.0, None, w)
+            native_engine.rows(kind, x, x, None, 1.0, None, w)
 
 
 @pytest.mark.parametrize(
@@ -523,8 +525,13 @@ def test_the_vector_exp_and_log_are_within_their_stated_ulps(tmp_path):
     src = tmp_path / "ulps.c"
     src.write_text(ULPS)
     exe = tmp_path / "ulps"
-    flags = [*_cpu_native._FLAG_SETS[0], *_cpu_native._STRICT, "-std=gnu11", "-ffp-contract=fast"]
-    cmd = [*_cpu_native._compiler(), *flags, f'-DSOURCE="{_cpu_native.SOURCE}"']
+    flags = [
+        *native_engine._FLAG_SETS[0],
+        *native_engine._STRICT,
+        "-std=gnu11",
+        "-ffp-contract=fast",
+    ]
+    cmd = [*native_engine._compiler(), *flags, f'-DSOURCE="{native_engine.SOURCE}"']
     subprocess.run([*cmd, "-o", str(exe), str(src), "-lm"], check=True, timeout=120)
     got = json.loads(subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout)
     assert got["exp"] <= 2.0 and got["log"] <= 1.0, got
@@ -535,18 +542,18 @@ def test_concurrent_callers_with_different_row_counts(rng, monkeypatch):
     """Python threads sharing the pool while their row counts (and so their range counts)
     differ: each gets its own rows' values."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    monkeypatch.setattr(_cpu_native, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(native_engine, "_PARALLEL_MIN", 1)
     monkeypatch.setattr(sys, "getswitchinterval", sys.getswitchinterval)
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads as often as possible
     inputs = [tuple(torch.tensor(x) for x in batch(rng, n, 40, "none")) for n in range(1, 9)]
-    want = [_cpu_native.rows("kl", s, t, None, 1.0, None)[0] for s, t in inputs]
+    want = [native_engine.rows("kl", s, t, None, 1.0, None)[0] for s, t in inputs]
     errors = []
 
     def work(i):
         try:
             for _ in range(200):
-                got = _cpu_native.rows("kl", *inputs[i], None, 1.0, None)[0]
+                got = native_engine.rows("kl", *inputs[i], None, 1.0, None)[0]
                 assert torch.equal(got, want[i])
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
@@ -600,10 +607,10 @@ def test_threads_split_rows_without_changing_a_bit(rng, kind, params, monkeypatc
     keep = torch.tensor(rng.random(40) < 0.7)
     g1, g2 = torch.empty(40, 2000), torch.empty(40, 2000)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three ranges, uneven
-    v1, f1 = _cpu_native.rows(kind, s, t, keep, 1.3, g1, weight(params))
-    assert 40 * 2000 >= _cpu_native._PARALLEL_MIN
-    monkeypatch.setattr(_cpu_native, "_PARALLEL_MIN", 1 << 62)  # one range
-    v2, f2 = _cpu_native.rows(kind, s, t, keep, 1.3, g2, weight(params))
+    v1, f1 = native_engine.rows(kind, s, t, keep, 1.3, g1, weight(params))
+    assert 40 * 2000 >= native_engine._PARALLEL_MIN
+    monkeypatch.setattr(native_engine, "_PARALLEL_MIN", 1 << 62)  # one range
+    v2, f2 = native_engine.rows(kind, s, t, keep, 1.3, g2, weight(params))
     assert torch.equal(f1, f2)
     ok = ~f1
     assert torch.equal(v1[ok], v2[ok]) and torch.equal(g1[ok], g2[ok])
@@ -619,8 +626,8 @@ def test_evaluation_without_a_gradient(rng, calls, kind, params):
     torch.testing.assert_close(out.double()[fin], ref[fin], rtol=2e-5, atol=2e-6)
     # the same values as with a gradient, to the bit (the rows go through the same passes)
     st, tt = torch.tensor(s), torch.tensor(t)
-    alone = _cpu_native.rows(kind, st, tt, None, 1.0, None, weight(params))
-    both = _cpu_native.rows(kind, st, tt, None, 1.0, torch.empty(9, 100), weight(params))
+    alone = native_engine.rows(kind, st, tt, None, 1.0, None, weight(params))
+    both = native_engine.rows(kind, st, tt, None, 1.0, torch.empty(9, 100), weight(params))
     assert torch.equal(alone[1], both[1]) and torch.equal(alone[0][~alone[1]], both[0][~both[1]])
 
 
@@ -629,7 +636,7 @@ def test_kldiv_native_off_selects_tensor_code(rng, calls, monkeypatch, value):
     monkeypatch.setenv("KLDIV_NATIVE", value)
     s, t = batch(rng, 4, 50, "none")
     DistillationLoss("kl")(torch.tensor(s), torch.tensor(t))
-    assert calls == [] and "KLDIV_NATIVE=0" in _cpu_native.status()
+    assert calls == [] and "KLDIV_NATIVE=0" in native_engine.status()
 
 
 def _python(code: str, env: dict[str, str], *args: str) -> dict:
@@ -646,13 +653,14 @@ def _python(code: str, env: dict[str, str], *args: str) -> dict:
 
 PROBE = """
 import json, torch
-from kldiv.torch import DistillationLoss, _cpu_native
+from kldiv.torch import DistillationLoss
+from kldiv.torch._rows import native as native_engine
 torch.manual_seed(0)
 s, t = torch.randn(5, 33), torch.randn(5, 33)
 fast = DistillationLoss("kl")(s, t).item()
 core = DistillationLoss("kl", fast_path=False)(s.double(), t.double()).item()
-print(json.dumps({"fast": fast, "core": core, "status": _cpu_native.status(),
-                  "path": str(_cpu_native._state.get("path"))}))
+print(json.dumps({"fast": fast, "core": core, "status": native_engine.status(),
+                  "path": str(native_engine._state.get("path"))}))
 """
 
 
@@ -720,19 +728,20 @@ def test_a_forked_child_runs_the_kernel(rng):
 LOSSES = """
 import json, sys
 import numpy as np, torch
-from kldiv.torch import DistillationLoss, _cpu_native
+from kldiv.torch import DistillationLoss
+from kldiv.torch._rows import native as native_engine
 native = []
-launch = _cpu_native.rows
+launch = native_engine.rows
 def counted(kind, s, *args):
     native.append(kind)
     return launch(kind, s, *args)
-_cpu_native.rows = counted
+native_engine.rows = counted
 data = np.load(sys.argv[1])
 s, t = torch.from_numpy(data["s"]), torch.from_numpy(data["t"])
 kinds = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv")
 out = {k: DistillationLoss(k, reduction="none")(s, t).tolist() for k in kinds}
-print(json.dumps({**out, "native": native, "status": _cpu_native.status(),
-                  "path": str(_cpu_native._state.get("path")),
+print(json.dumps({**out, "native": native, "status": native_engine.status(),
+                  "path": str(native_engine._state.get("path")),
                   "flushes_subnormals": sys.float_info.min / 4 == 0}))
 """
 
@@ -778,8 +787,8 @@ def sha256(path: Path) -> str:
 def genuine(tmp_path_factory) -> Path:
     """A library the launcher built and installed, with this environment's $CC."""
     cache = tmp_path_factory.mktemp("genuine")
-    code = "from kldiv.torch import _cpu_native; _cpu_native.kernel(); "
-    code += "import json; print(json.dumps(str(_cpu_native._state.get('path'))))"
+    code = "from kldiv.torch._rows import native as native_engine; native_engine.kernel(); "
+    code += "import json; print(json.dumps(str(native_engine._state.get('path'))))"
     path = Path(_python(code, {"KLDIV_CACHE_DIR": str(cache)}))
     assert path.parent == cache and path.name == f"{path.name.rsplit('_', 1)[0]}_{sha256(path)}.so"
     return path
@@ -930,11 +939,14 @@ def test_a_hung_compiler_times_out_and_leaves_nothing_running(rng, tmp_path):
     )
     env = {"KLDIV_CACHE_DIR": str(tmp_path / "cache"), "CC": shlex.join(["sh", "-c", script, "cc"])}
     s, t = edge_logits(rng, tmp_path / "logits.npz")
-    code = "from kldiv.torch import _cpu_native\n_cpu_native._TIMEOUT = 2.0\n" + LOSSES
+    code = (
+        "from kldiv.torch._rows import native as native_engine\nnative_engine._TIMEOUT = 2.0\n"
+        + LOSSES
+    )
     start = time.monotonic()
     got = _python(code, env, str(tmp_path / "logits.npz"))
     assert time.monotonic() - start < 60
-    assert "did not compile _cpu_kernel.c in 2 s" in got["status"] and got["native"] == []
+    assert "did not compile native.c in 2 s" in got["status"] and got["native"] == []
     assert_matches_the_core(s, t, got)
     survivors = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -969,13 +981,13 @@ def run_slices(kind, params, s, t, keep, temperature, cuts, go):
 def sliced(monkeypatch):
     """Counts the rows handed to the slice kernel (terms and gradient calls)."""
     seen = []
-    real = _cpu_native.slice_rows
+    real = native_engine.slice_rows
 
     def counted(kind, w, s, *args):
         seen.append(s.shape[0])
         return real(kind, w, s, *args)
 
-    monkeypatch.setattr(_cpu_native, "slice_rows", counted)
+    monkeypatch.setattr(native_engine, "slice_rows", counted)
     return seen
 
 
@@ -1042,7 +1054,7 @@ def test_slice_statistics_are_the_rows_maxima_and_log_sums(rng):
     t[1, :] = -np.inf
     s[2, 7] = np.inf
     t[3, 9] = np.nan
-    stats, flagged = _cpu_native.slice_stats(torch.tensor(s), torch.tensor(t), None, 1 / 1.5)
+    stats, flagged = native_engine.slice_stats(torch.tensor(s), torch.tensor(t), None, 1 / 1.5)
     assert flagged.tolist() == [False, False, True, True, False]
     for row in (0, 1, 4):
         for side, x in ((0, s[row]), (2, t[row])):
@@ -1051,5 +1063,5 @@ def test_slice_statistics_are_the_rows_maxima_and_log_sums(rng):
             lz = np.log(np.exp(x - m).sum()) if np.isfinite(m) else -np.inf
             got = stats[side : side + 2, row].double().numpy()
             np.testing.assert_allclose(got, [m, lz], rtol=4 * EPS32, atol=4 * EPS32)
-    empty, flagged = _cpu_native.slice_stats(torch.empty(3, 0), torch.empty(3, 0), None, 1.0)
+    empty, flagged = native_engine.slice_stats(torch.empty(3, 0), torch.empty(3, 0), None, 1.0)
     assert not flagged.any() and torch.equal(empty, torch.full((4, 3), -np.inf))

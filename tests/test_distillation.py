@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import kldiv
 from kldiv._kinds import ENGINE_KINDS
-from kldiv.torch import DistillationLoss, _cpu
+from kldiv.torch import DistillationLoss
+from kldiv.torch._rows import tensor as tensor_engine
 
 DIVS = ["kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv"]
 
@@ -74,7 +75,9 @@ def route(request, monkeypatch):
 def test_fast_path_values_and_gradients_against_the_core(
     rng, kind, shape, reduction, route, monkeypatch
 ):
-    monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * shape[-1] + 1)  # several chunks, odd split
+    monkeypatch.setattr(
+        tensor_engine, "_CHUNK_ELEMENTS", 3 * shape[-1] + 1
+    )  # several chunks, odd split
     s, t, labels = inputs(rng, shape, neg_inf=shape[-1] > 5, ignore=len(shape) > 1)
     loss = DistillationLoss(
         kind, temperature=2.0, reduction=reduction, scale_by_temperature_squared=True
@@ -156,7 +159,7 @@ def test_second_backward_is_exact_and_errors_are_clear():
 
 @pytest.mark.parametrize("beta", [0.1, 0.3, 0.9])
 def test_fast_path_js_with_any_beta(rng, beta, monkeypatch):
-    monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * 40 + 1)
+    monkeypatch.setattr(tensor_engine, "_CHUNK_ELEMENTS", 3 * 40 + 1)
     s, t, labels = inputs(rng, (4, 9, 40))
     st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
     loss = DistillationLoss("js", beta=beta, temperature=1.5)
@@ -183,14 +186,14 @@ WEIGHTS = [("kl", {}), ("reverse_kl", {}), ("tv", {})] + [
 def test_chunk_kernels_in_float64_at_every_weight(rng, kind, params, monkeypatch):
     """The chunked kernels themselves, in float64, against the core: zero support, masked
     NaN rows, the endpoints (identically 0, or KL / reverse KL at alpha = 0), per-row weights."""
-    monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * 40 + 1)
+    monkeypatch.setattr(tensor_engine, "_CHUNK_ELEMENTS", 3 * 40 + 1)
     s, t, labels = inputs(rng, (5, 9, 40))
     s[:, 0] = t[:, 0]  # ties (p = q, both -inf included): TV's |d| has slope 0 there
     keep = torch.tensor(labels != -100).reshape(-1)
     st = torch.tensor(s.reshape(-1, 40), requires_grad=True)
     tt = torch.tensor(t.reshape(-1, 40))
     beta, alpha = params.get("beta", 0.5), params.get("alpha", 0.1)
-    got = _cpu.per_row(kind, st, tt, keep, 1.3, beta, alpha=alpha)
+    got = tensor_engine.per_row(kind, st, tt, keep, 1.3, beta, alpha=alpha)
     assert got.dtype == torch.float64
     s64 = torch.tensor(np.where(np.isnan(s), 0.0, s).reshape(-1, 40), requires_grad=True)
     ref = kldiv.divergence(
@@ -286,9 +289,11 @@ def test_chunks_from_raw_logits_against_the_core(rng, kind, where_inf, monkeypat
     against the core in float64, and the fast route must actually be taken. (This is the
     tensor-code route; the compiled kernel has its own tests in test_cpu_native.py.)"""
     monkeypatch.setenv("KLDIV_NATIVE", "0")
-    monkeypatch.setattr(_cpu, "_CHUNK_ELEMENTS", 3 * 97)  # 3 rows a chunk
+    monkeypatch.setattr(tensor_engine, "_CHUNK_ELEMENTS", 3 * 97)  # 3 rows a chunk
     taken = []
-    fast = _cpu._FROM_LOGITS[_cpu._chunk_kl if kind == "kl" else _cpu._chunk_reverse_kl]
+    fast = tensor_engine._FROM_LOGITS[
+        tensor_engine._chunk_kl if kind == "kl" else tensor_engine._chunk_reverse_kl
+    ]
 
     def counted(*args):
         out = fast(*args)
@@ -296,7 +301,9 @@ def test_chunks_from_raw_logits_against_the_core(rng, kind, where_inf, monkeypat
         return out
 
     monkeypatch.setitem(
-        _cpu._FROM_LOGITS, _cpu._chunk_kl if kind == "kl" else _cpu._chunk_reverse_kl, counted
+        tensor_engine._FROM_LOGITS,
+        tensor_engine._chunk_kl if kind == "kl" else tensor_engine._chunk_reverse_kl,
+        counted,
     )
     s = rng.normal(scale=3.0, size=(11, 97))
     t = rng.normal(scale=3.0, size=(11, 97))

@@ -315,16 +315,16 @@ def test_triton_chunks_against_the_core(rng, kind, monkeypatch):
     """The CUDA arrangement: each chunk's loss and logits gradient from the Triton kernels
     (in the interpreter on CPU tensors when there is no GPU)."""
     monkeypatch.setattr(linear, "FAST_PATH", "triton")
-    from kldiv.torch import _triton_launch
+    from kldiv.torch._rows.triton import launch as triton_launch
 
     calls = []
-    real_backward = _triton_launch.backward
+    real_backward = triton_launch.backward
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real_backward(*args, **kwargs)
 
-    monkeypatch.setattr(_triton_launch, "backward", counted)
+    monkeypatch.setattr(triton_launch, "backward", counted)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hid, w, b, t, labels = problem(rng, (13,), 8, 300, dtype=torch.float32)
     loss = FusedLinearDistillationLoss(

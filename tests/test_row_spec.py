@@ -17,8 +17,9 @@ import torch
 
 import kldiv
 from kldiv._kinds import ENGINE_KINDS, params_of
-from kldiv.torch import _cpu, _cpu_native
+from kldiv.torch._rows import native as native_engine
 from kldiv.torch._rows import spec
+from kldiv.torch._rows import tensor as tensor_engine
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
@@ -113,18 +114,20 @@ def engine_rows(engine, kind, t, s, temperature, w, monkeypatch):
     t32 = torch.tensor(t, dtype=torch.float32)
     s32 = torch.tensor(s, dtype=torch.float32)
     if engine == "triton":
-        from kldiv.torch import _triton_ops
+        from kldiv.torch._rows.triton import ops as triton_ops
 
         x = s32.clone().requires_grad_()
-        out = _triton_ops.per_row(kind, x, t32, None, temperature, w)
+        out = triton_ops.per_row(kind, x, t32, None, temperature, w)
         (g,) = torch.autograd.grad(out.sum(), x)
         return out.detach().double(), g.double()
     if engine == "tensor":
         monkeypatch.setenv("KLDIV_NATIVE", "0")
     else:
         monkeypatch.delenv("KLDIV_NATIVE", raising=False)
-        assert _cpu_native.usable("kl", torch.device("cpu")), _cpu_native.status()
-    values, grad = _cpu.chunked_forward(kind, s32, t32, None, temperature, True, beta, alpha=alpha)
+        assert native_engine.usable("kl", torch.device("cpu")), native_engine.status()
+    values, grad = tensor_engine.chunked_forward(
+        kind, s32, t32, None, temperature, True, beta, alpha=alpha
+    )
     return values.double(), grad.double()
 
 

@@ -18,7 +18,7 @@ import torch
 import kldiv
 from kldiv._kinds import ENGINE_KINDS
 from kldiv.torch import DistillationLoss
-from kldiv.torch import _triton_ops as O
+from kldiv.torch._rows.triton import ops as O
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DIVS = list(ENGINE_KINDS)

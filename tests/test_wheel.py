@@ -154,7 +154,7 @@ def _check_refusal(bindir: Path, work: Path, env: dict[str, str], argv, *needles
 
 def test_the_wheel_and_sdist_carry_the_kernel_source_and_typing_marker(dist):
     names = set(zipfile.ZipFile(dist["wheel"]).namelist())
-    for path in ("kldiv/torch/_cpu_kernel.c", "kldiv/py.typed", "kldiv/__main__.py"):
+    for path in ("kldiv/torch/_rows/native.c", "kldiv/py.typed", "kldiv/__main__.py"):
         assert path in names, path
     assert dist["wheel"].name == f"kldiv-{VERSION}-py3-none-any.whl"
     info = f"kldiv-{VERSION}.dist-info"
@@ -162,7 +162,7 @@ def test_the_wheel_and_sdist_carry_the_kernel_source_and_typing_marker(dist):
     assert "kldiv = kldiv.cli:main" in entry_points
     with tarfile.open(dist["sdist"]) as sdist:
         members = {m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name}
-    for path in ("src/kldiv/torch/_cpu_kernel.c", "src/kldiv/py.typed", "pyproject.toml"):
+    for path in ("src/kldiv/torch/_rows/native.c", "src/kldiv/py.typed", "pyproject.toml"):
         assert path in members, path
 
 
@@ -175,14 +175,15 @@ import kldiv
 
 assert "torch" not in sys.modules, "import kldiv imported PyTorch"
 import torch
-from kldiv.torch import DistillationLoss, _cpu_native
+from kldiv.torch import DistillationLoss
+from kldiv.torch._rows import native as native_engine
 
 rows = []
-launch = _cpu_native.rows
+launch = native_engine.rows
 def counted(kind, student, *args, **kwargs):
     rows.append(student.shape[0])
     return launch(kind, student, *args, **kwargs)
-_cpu_native.rows = counted
+native_engine.rows = counted
 
 g = torch.Generator().manual_seed(0)
 student = torch.randn(32, 300, generator=g, requires_grad=True)
@@ -194,8 +195,8 @@ ref = kldiv.kl_div(teacher.double(), s64, form="logits", temperature=2.0)
 ref.backward()
 print(json.dumps({
     "rows": rows,
-    "status": _cpu_native.status(),
-    "source": str(_cpu_native.SOURCE),
+    "status": native_engine.status(),
+    "source": str(native_engine.SOURCE),
     "loss": loss.item(),
     "ref": ref.item(),
     "grad_err": (student.grad.double() - s64.grad).abs().max().item(),

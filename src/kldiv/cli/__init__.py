@@ -631,9 +631,9 @@ def info(out: TextIO | None = None) -> int:
     w(f"PyTorch devices: CPU{', CUDA: ' + ', '.join(devices) if cuda else ' (no CUDA device)'}")
     w("DistillationLoss paths:")
     w("  chunked CPU path  available (float32/bfloat16/float16 CPU logits, every divergence)")
-    from kldiv.torch import _cpu_native
+    from kldiv.torch._rows import native as native_engine
 
-    w(f"  CPU kernel        every divergence: {_cpu_native.status()}")
+    w(f"  CPU kernel        every divergence: {native_engine.status()}")
     if cuda and found["triton"]:
         w("  Triton kernels    available (CUDA logits)")
     else:

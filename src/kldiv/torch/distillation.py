@@ -181,7 +181,7 @@ class DistillationLoss(torch.nn.Module):
       in one pass over row blocks that stay in cache. KL and reverse KL go through a small C
       kernel that the system compiler builds on first use (cached; ``KLDIV_NATIVE=0`` or a
       missing compiler selects the same path in tensor code, see
-      :mod:`kldiv.torch._cpu_native`).
+      :mod:`kldiv.torch._rows.native`).
     * Otherwise the core (:func:`kldiv.divergence`), which also gives the teacher its gradient
       when it requires one, and keeps float64 inputs in float64.
 

@@ -6,7 +6,7 @@ Engines, all with the core's values and zero-support rules (tested against it):
 * ``"triton"``: fused Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``),
   torch.library custom ops that ``torch.compile`` traces through;
 * ``"chunked"``: row chunks on CPU, through the compiled C kernel where it is available and
-  tensor code for the rows it leaves (:mod:`kldiv.torch._cpu`);
+  tensor code for the rows it leaves (:mod:`.tensor`, :mod:`.native`);
 * ``"core"``: :func:`kldiv.divergence`, the definition, for everything the engines cannot
   decide exactly: a teacher that needs a gradient, float64, ``torch.func`` transforms, fake
   or meta tensors, jit tracing, and the endpoints where a divergence is identically 0.
@@ -115,15 +115,13 @@ def rows(
     flat_keep = None if keep is None else keep.reshape(-1)
     s2, t2 = student.reshape(-1, v), teacher.reshape(-1, v)
     if path == "triton":
-        from .. import _triton_ops
+        from .triton import ops as triton_ops
 
-        out = _triton_ops.per_row(
-            kind, s2, t2, flat_keep, temperature, weight_of(kind, beta, alpha)
-        )
+        out = triton_ops.per_row(kind, s2, t2, flat_keep, temperature, weight_of(kind, beta, alpha))
     elif path == "chunked":
-        from .. import _cpu
+        from . import tensor
 
-        out = _cpu.per_row(kind, s2, t2, flat_keep, temperature, beta, alpha=alpha)
+        out = tensor.per_row(kind, s2, t2, flat_keep, temperature, beta, alpha=alpha)
     else:
         raise ValueError(f"Unknown engine {path!r}.")
     out_dtype = torch.promote_types(student.dtype, torch.float32)
@@ -172,7 +170,7 @@ def rows_and_grad(
     engines in float32 (float64 for float64 logits); an engine that is identically 0 gives a
     zero gradient."""
     if path == "triton":
-        from .. import _triton_launch as launch
+        from .triton import launch
 
         w = weight_of(kind, beta, alpha)
         code_kind, inv_t = resolve(kind, w).kind, 1.0 / temperature
@@ -186,9 +184,9 @@ def rows_and_grad(
             )  # fmt: skip
         return stats[0], grad
     if path == "chunked":
-        from .. import _cpu
+        from . import tensor
 
-        return _cpu.chunked_forward(
+        return tensor.chunked_forward(
             kind, student, teacher, None, temperature, need_grad, beta, alpha=alpha
         )
     if path != "core":

@@ -19,7 +19,7 @@ run it; what differs is the :class:`Combiner` of the rows' statistics:
   (:func:`slice_grad`), whose hidden-state part the group sums as well.
 
 The per-slice engine is also what :mod:`kldiv.torch.parallel` runs on given logits. On CPU
-float32 it is the C kernel (:func:`.._cpu_native.slice_stats`, :func:`.._cpu_native.slice_rows`),
+float32 it is the C kernel (:func:`.native.slice_stats`, :func:`.native.slice_rows`),
 with the rows it flags (+inf or NaN logits, statistics that are not finite, huge logits at
 T ≠ 1) and every other dtype and device through the row specification (:mod:`.spec`).
 """
@@ -34,8 +34,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..._kinds import resolve, weight_of
-from .. import _cpu_native
 from . import dispatch, spec
+from . import native as native_engine
 
 __all__ = [
     "CHUNK_LOGITS",
@@ -110,7 +110,7 @@ def _native(kind: str, w: float, s: torch.Tensor, t: torch.Tensor) -> tuple[str,
     resolved = resolve(kind, w)
     if resolved.zero or _compute_dtype(s, t) != torch.float32:
         return None
-    if not _cpu_native.usable(resolved.kind, s.device) or t.device != s.device:
+    if not native_engine.usable(resolved.kind, s.device) or t.device != s.device:
         return None
     return resolved.kind, resolved.w
 
@@ -155,7 +155,7 @@ def slice_stats(
     input is). Skipped rows' entries are finite and meaningless."""
     dtype = _compute_dtype(s, t)
     if _native("kl", 0.5, s, t) is not None:
-        stats, flagged = _cpu_native.slice_stats(_f32(s), _f32(t), _flag_keep(keep), inv_t)
+        stats, flagged = native_engine.slice_stats(_f32(s), _f32(t), _flag_keep(keep), inv_t)
         for rows in fallback_parts(flagged.nonzero().squeeze(-1), s.shape[-1]):
             sf, tf = tempered(s[rows], dtype, inv_t, None), tempered(t[rows], dtype, inv_t, None)
             stats[:, rows] = torch.stack([*_stats_of(sf), *_stats_of(tf)])
@@ -227,7 +227,7 @@ def slice_terms(
         part, h, _ = _spec_terms(kind, w, s, t, keep, inv_t, norms)
         out = torch.stack([part, h.sum(-1)])
     else:
-        values, hsums, flagged = _cpu_native.slice_rows(
+        values, hsums, flagged = native_engine.slice_rows(
             *native, _f32(s), _f32(t), _flag_keep(keep), inv_t, _f32_stats(norms)
         )
         out = torch.stack([values, hsums]).to(dtype)
@@ -259,7 +259,7 @@ def slice_terms_grad(
         return slice_terms(kind, w, s, t, keep, inv_t, norms), None
     r = s.shape[0]
     minus_one = torch.full((r,), -1.0, dtype=torch.float64)
-    values, hsums, flagged = _cpu_native.slice_rows(
+    values, hsums, flagged = native_engine.slice_rows(
         *native, _f32(s), _f32(t), _flag_keep(keep), inv_t, _f32_stats(norms), minus_one, out
     )
     terms = torch.stack([values, hsums]).to(out.dtype)
@@ -295,7 +295,7 @@ def slice_grad(
     if native is not None:
         scale = None if row_scale is None else row_scale.to(torch.float32).contiguous()
         k = _flag_keep(keep)
-        _, _, flagged = _cpu_native.slice_rows(
+        _, _, flagged = native_engine.slice_rows(
             *native,
             _f32(s),
             _f32(t),

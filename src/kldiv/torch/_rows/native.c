@@ -2,7 +2,7 @@
  * divergences D(T||S) between the teacher's distribution P and the student's Q, and its
  * gradient with respect to the student's logits, in one call.
  *
- * Layer 1 of three (kernel -> launcher `_cpu_native.py` -> autograd `_cpu.py`). Compiled on
+ * Layer 1 of three (kernel -> launcher `native.py` -> autograd `tensor.py`). Compiled on
  * first use by the system C compiler, with GNU vector extensions so that the same source is
  * vectorised for whatever the machine has (AVX-512 or AVX2) without intrinsics.
  *

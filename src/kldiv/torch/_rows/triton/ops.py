@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .._kinds import resolve
-from . import _triton_launch as L
-from ._rows import dispatch
+from ...._kinds import resolve
+from .. import dispatch
+from . import launch as L
 
 
 @torch.library.custom_op("kldiv::distill_rows", mutates_args=())

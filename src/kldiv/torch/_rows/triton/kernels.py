@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._kinds import KIND_CODES
+from ...._kinds import KIND_CODES
 
 # Kinds, as constexpr integers: their codes in the registry, which the launcher passes.
 KL: tl.constexpr = KIND_CODES["kl"]

@@ -1,8 +1,8 @@
-"""The launcher of the compiled CPU kernel (``_cpu_kernel.c``): it builds the kernel, caches
+"""The launcher of the compiled CPU kernel (``native.c``): it builds the kernel, caches
 it, and runs it over row ranges, one range per intra-op thread.
 
 This is layer 2 of the CPU fast path. Layer 1 is the C kernel and layer 3 is
-:class:`kldiv.torch._cpu.ChunkedDivergence`.
+:class:`kldiv.torch._rows.tensor.ChunkedDivergence`.
 
 The kernel computes every divergence of DistillationLoss on float32 rows (:data:`KINDS`):
 the loss and the student's gradient in one call, reading the logits from memory once, with two
@@ -62,10 +62,13 @@ from typing import Any
 
 import torch
 
-# The kernel's codes. JS and the skew kinds take a weight (beta, alpha) strictly inside (0, 1).
-KINDS = {"kl": 0, "reverse_kl": 1, "js": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tv": 5}
-WEIGHTED = ("js", "skew_kl", "skew_reverse_kl")
-SOURCE = Path(__file__).with_name("_cpu_kernel.c")
+from ..._kinds import KIND_CODES, KIND_PARAMS
+
+# The kernel's codes are the registry's. The kinds with a parameter (JS's beta, the skew
+# kinds' alpha) take it as a weight strictly inside (0, 1).
+KINDS = KIND_CODES
+WEIGHTED = tuple(KIND_PARAMS)
+SOURCE = Path(__file__).with_name("native.c")
 SYMBOL = "kldiv_cpu_rows"
 # The vocabulary-slice entries (the vocab-parallel losses): statistics, then terms or gradient.
 SLICE_SYMBOLS = ("kldiv_cpu_slice_stats", "kldiv_cpu_slice_rows")

@@ -2,7 +2,7 @@
 gradient in one pass, no float32 ``[N, V]`` scratch beyond the gradient itself.
 
 Three layers, as for the GPU kernels. The kernel: for every divergence on float32, the
-compiled C kernel ``_cpu_kernel.c`` (launched by :mod:`._cpu_native`); without it, and for
+compiled C kernel ``native.c`` (launched by :mod:`.native`); without it, and for
 the rows it leaves to tensor code, the ``_chunk_*`` functions, which compute one chunk's
 per-row loss and gradient. The launcher:
 :func:`chunked_forward`, which walks the rows and owns the buffers. The autograd layer:
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from .._defaults import JS_BETA, SKEW_ALPHA
-from .._kinds import KIND_PARAMS, resolve, weight_of
-from . import _cpu_native
-from ._rows import dispatch
+from ..._defaults import JS_BETA, SKEW_ALPHA
+from ..._kinds import KIND_PARAMS, resolve, weight_of
+from . import dispatch
+from . import native as native_engine
 
 # Rows per chunk: 2^18 floats (1 MiB per float32 temporary) measured fastest at V = 32000 on
 # 2 cores (2^16: 15% slower, python overhead; 2^20: 5% slower, out of cache).
@@ -280,7 +280,7 @@ def chunked_forward(
 
     Computed in float32, or float64 when either input is float64; ``student`` and
     ``teacher`` are ``[N, V]`` logits (divided by ``temperature`` here). Every divergence on
-    CPU goes through the compiled kernel (:mod:`._cpu_native`) when it is available, and the
+    CPU goes through the compiled kernel (:mod:`.native`) when it is available, and the
     rows it flags through the tensor code here.
     """
     n, v = student.shape
@@ -297,7 +297,7 @@ def chunked_forward(
     if isinstance(fn, functools.partial):  # JS and skew: the keyword is the weight, β or α
         base, (w,) = fn.func, fn.keywords.values()
     native = _NATIVE.get(base)
-    if native is not None and not (dtype == torch.float32 and _cpu_native.usable(native, device)):
+    if native is not None and not (dtype == torch.float32 and native_engine.usable(native, device)):
         native = None
     step = rows
     if native is not None and student.dtype == teacher.dtype == torch.float32:
@@ -334,12 +334,12 @@ def _native_chunk(
 ) -> torch.Tensor:
     """One chunk through the compiled kernel (``w``: the weight of JS and the skew kinds);
     the rows it flags (+inf or NaN logits, all −inf on a side, infinite reverse KL; see
-    :func:`._cpu_native.rows`) through :func:`_tensor_chunk` with the same ``fn``, ``rows``
+    :func:`.native.rows`) through :func:`_tensor_chunk` with the same ``fn``, ``rows``
     at a time."""
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
     k = None if k is None else k.contiguous()
-    val, flagged = _cpu_native.rows(native, s, t, k, 1.0 / temperature, g, w)
+    val, flagged = native_engine.rows(native, s, t, k, 1.0 / temperature, g, w)
     if bool(flagged.any()):
         index = flagged.nonzero().squeeze(-1)
         for part in index.split(rows):

@@ -13,8 +13,8 @@ from typing import TypeAlias, cast
 import torch
 import triton
 
-from .._kinds import KIND_CODES
-from . import _triton_kernels as K
+from ...._kinds import KIND_CODES
+from . import kernels as K
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Columns per loop step. 4096 float32 per program keeps the loop body in registers on Hopper
