@@ -361,6 +361,42 @@ class _JaxSpecial:
         return jax.lax.linalg.triangular_solve(tril, r, left_side=True, lower=True)
 
 
+class _TensorFlowSpecial:
+    """TensorFlow tensors (they reach the core through :mod:`kldiv._keras_ops`): TensorFlow's
+    own functions, whose gradients the tape records (SciPy's would silently drop them)."""
+
+    @staticmethod
+    def gammaln(x: Any) -> Any:
+        import tensorflow as tf
+
+        return tf.math.lgamma(x)
+
+    @staticmethod
+    def digamma(x: Any) -> Any:
+        import tensorflow as tf
+
+        return tf.math.digamma(x)
+
+    @staticmethod
+    def erf(x: Any) -> Any:
+        import tensorflow as tf
+
+        return tf.math.erf(x)
+
+    @staticmethod
+    def cholesky(a: Any) -> Any:
+        import tensorflow as tf
+
+        return tf.linalg.cholesky(a)
+
+    @staticmethod
+    def solve_tril(tril: Any, r: Any) -> Any:
+        import tensorflow as tf
+
+        # like torch and JAX, read only the lower triangle
+        return tf.linalg.triangular_solve(tf.linalg.band_part(tril, -1, 0), r, lower=True)
+
+
 def _scipy_special() -> Any:
     try:
         import scipy.special
@@ -401,12 +437,15 @@ def special(xp: ModuleType) -> Any:
 
     The result has ``gammaln``, ``digamma``, ``erf``, ``cholesky(a)`` and
     ``solve_tril(l, b)`` (``l⁻¹ b`` for lower-triangular ``l``, batch axes broadcast), from
-    ``torch.special``/``torch.linalg``, ``jax.scipy.special``/``jax.lax.linalg``, or SciPy and
-    NumPy (SciPy imported only when a NumPy distribution needs it).
+    ``torch.special``/``torch.linalg``, ``jax.scipy.special``/``jax.lax.linalg``,
+    ``tf.math``/``tf.linalg`` for TensorFlow tensors, or SciPy and NumPy (SciPy imported only
+    when a NumPy distribution needs it).
     """
     b = backend_name(xp)
     if b == "torch":
         return _TorchSpecial
     if b == "jax":
         return _JaxSpecial
+    if b == "keras":
+        return _TensorFlowSpecial
     return _NumpySpecial
