@@ -32,6 +32,7 @@ from .cross import (
     uniform_normal_kl,
 )
 from .discrete import bernoulli_kl, binomial_kl, categorical_kl, geometric_kl, poisson_kl
+from .interop import as_kldiv, foreign_package
 from .multivariate import lowrank_mvn_kl, mvn_kl
 from .objects import (
     Bernoulli,
@@ -137,8 +138,11 @@ def _binomial_pair(p: Binomial, q: Binomial) -> Array:
     _, (n_p, _) = p.arrays()
     _, (n_q, _) = q.arrays()
     if ns.is_traced(n_p) or ns.is_traced(n_q):
-        # Equal counts cannot be verified on traced values; the closed form assumes them.
-        return binomial_kl(p.total_count, p.probs, q.probs)
+        # Equal counts cannot be verified on traced values, and the different-count sum needs
+        # them on the host: where they differ the answer is NaN, never the equal-count formula.
+        xp, _ = p.arrays()
+        same = binomial_kl(p.total_count, p.probs, q.probs)
+        return xp.where(n_p == n_q, same, xp.nan)
     if not (host(n_p) == host(n_q)).all():
         return _binomial_counts_differ(p, q)
     return binomial_kl(p.total_count, p.probs, q.probs)
@@ -249,14 +253,18 @@ for _tp, _at in ((Poisson, 0.0), (Geometric, 1.0)):
 
 
 def kl(
-    p: Distribution,
-    q: Distribution,
+    p: Distribution | Any,
+    q: Distribution | Any,
     *,
     samples: int | None = None,
     seed: int | None = None,
     key: Any = None,
 ) -> Array:
     """KL(p‖q) for two distribution objects, over their broadcast batch shape.
+
+    ``p`` and ``q`` are kldiv's objects or those of ``torch.distributions``, TFP on NumPy or
+    JAX, or distrax, read by :func:`kldiv.distributions.interop.as_kldiv`: the result is in
+    their framework and differentiates to their parameters.
 
     Looks up the closed form registered for ``(type(p), type(q))``. Where P's support can never
     lie inside Q's (a Normal against a Gamma, a Poisson against a Bernoulli) the answer is
@@ -271,11 +279,14 @@ def kl(
     distribution (no common reference measure).
     """
     if not isinstance(p, Distribution) or not isinstance(q, Distribution):
-        raise TypeError(
-            "kl() takes two kldiv.distributions objects (e.g. Normal(0.0, 1.0)); for arrays "
-            "call the functions, e.g. normal_kl(loc_p, scale_p, loc_q, scale_q), or "
-            f"kldiv.kl_div for categorical arrays. Got {type(p).__name__}, {type(q).__name__}."
-        )
+        if any(not isinstance(d, Distribution) and foreign_package(d) is None for d in (p, q)):
+            raise TypeError(
+                "kl() takes two kldiv.distributions objects (e.g. Normal(0.0, 1.0)) or objects "
+                "of torch.distributions, TFP on NumPy or JAX, or distrax; for arrays call the "
+                "functions, e.g. normal_kl(loc_p, scale_p, loc_q, scale_q), or kldiv.kl_div for "
+                f"categorical arrays. Got {type(p).__name__}, {type(q).__name__}."
+            )
+        p, q = as_kldiv(p), as_kldiv(q)  # a foreign object: read as kldiv's (see interop)
     fn = _REGISTRY.get((type(p), type(q)))
     reason = f"No closed-form KL({type(p).__name__} || {type(q).__name__})"
     if fn is not None:

@@ -1,0 +1,750 @@
+"""kl(P, Q) on other libraries' distribution objects, against those libraries' own KL.
+
+torch.distributions: every pair that torch and kldiv both compute, float64, values to 1e-12
+relative (inf where both say inf) and gradients with respect to the objects' parameter
+tensors to 1e-10 relative (1e-12 absolute). TFP on NumPy: every pair TFP and kldiv both
+compute, values to 1e-12 relative. TFP on JAX and distrax: the same, plus ``jax.grad`` and
+``jax.jit`` through the parameters, where they import beside the installed JAX; where they do
+not, the tests assert that the import fails with an ImportError or AttributeError and print
+it (``-s``), and have nothing more to compare. TFP on TensorFlow is
+refused (kldiv.distributions does not compute on TensorFlow tensors with gradients).
+
+Parameters are drawn from a NumPy generator with a fixed seed per family and pair.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from kldiv import distributions as D
+from kldiv.distributions import interop
+
+S = (4, 3)  # batch shape of scalar families
+K = 3  # event size of vector families (batch shape (4,))
+# Values: 1e-12 relative, with a 1e-15 absolute floor for KLs near 0, which are differences of
+# O(1) terms (a KL of 7e-6 agrees to 2e-17 absolute, 3e-12 relative).
+RTOL_VALUE, ATOL_VALUE = 1e-12, 1e-15
+RTOL_GRAD, ATOL_GRAD = 1e-10, 1e-12
+
+
+def rng_for(*names: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32("/".join(names).encode()))
+
+
+def pos(r, shape=S, lo=0.3, hi=3.0):
+    return r.uniform(lo, hi, shape)
+
+
+def unit(r, shape=S):
+    return r.uniform(0.05, 0.95, shape)
+
+
+def tril(r, batch=(4,), k=K):
+    a = np.tril(r.normal(size=(*batch, k, k)), -1)
+    return a + np.eye(k) * r.uniform(0.5, 2.0, (*batch, k))[..., None, :]
+
+
+def simplex(r, shape=(4, 5)):
+    return r.dirichlet(np.ones(shape[-1]), shape[:-1])
+
+
+def lower_flags(table, name: str, n: int) -> list[bool]:
+    """Which parameters are lower-triangular scale factors (the second of a "mvn" draw)."""
+    return [table[name][0] == "mvn" and i == 1 for i in range(n)]
+
+
+def assert_grads(ours, theirs, lower: list[bool]) -> None:
+    """Gradients to RTOL_GRAD/ATOL_GRAD; of a triangular scale factor only on its lower
+    triangle: the upper one is no parameter (kldiv never reads it, a reference that
+    multiplies full matrices differentiates its zeros)."""
+    for go, gt, tri in zip(ours, theirs, lower, strict=True):
+        go, gt = np.asarray(go, dtype=np.float64), np.asarray(gt, dtype=np.float64)
+        if tri:
+            go, gt = np.tril(go), np.tril(gt)
+        np.testing.assert_allclose(go, gt, rtol=RTOL_GRAD, atol=ATOL_GRAD)
+
+
+def assert_reads_alike(obj, to_numpy, **sample_kw) -> None:
+    """The kldiv object read from ``obj`` has ``obj``'s log-density (to 1e-12) at draws of its
+    own: the parameters were read with the right meaning, also where the package has no KL."""
+    mine = interop.as_kldiv(obj)
+    x = mine.sample(5, **sample_kw)
+    np.testing.assert_allclose(
+        to_numpy(mine.log_prob(x)), to_numpy(obj.log_prob(x)), rtol=1e-12, atol=1e-12
+    )
+
+
+# name -> (draw(rng) -> list of float64 arrays, the parameters). The Uniform intervals are
+# drawn so that about half of the pairs are nested (finite KL) and half not (+inf).
+DRAWS = {
+    "loc_scale": lambda r: [r.normal(size=S), pos(r)],
+    "student_t": lambda r: [pos(r, lo=1.5, hi=6.0), r.normal(size=S), pos(r)],
+    "uniform": lambda r: [r.uniform(-2.0, 0.0, S), r.uniform(0.5, 2.5, S)],
+    "rate": lambda r: [pos(r)],
+    "two_pos": lambda r: [pos(r), pos(r)],
+    "dirichlet": lambda r: [pos(r, (4, K))],
+    "unit": lambda r: [unit(r)],
+    "logit": lambda r: [2 * r.normal(size=S)],
+    "simplex": lambda r: [simplex(r)],
+    "logits5": lambda r: [r.normal(size=(4, 5))],
+    "mvn": lambda r: [r.normal(size=(4, K)), tril(r)],
+    "mvn_cov": lambda r: [r.normal(size=(4, K)), (lambda L: L @ np.swapaxes(L, -1, -2))(tril(r))],
+    "lowrank": lambda r: [r.normal(size=(4, K)), r.normal(size=(4, K, 2)), pos(r, (4, K))],
+    "diag": lambda r: [r.normal(size=(4, K)), pos(r, (4, K))],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributions
+# ---------------------------------------------------------------------------------------------
+
+try:  # the suite installs torch; the TFP and distrax checks below also run without it
+    import torch
+    import torch.distributions as td
+except ImportError:  # pragma: no cover
+    torch = td = None
+
+# name -> (draw, build from float64 tensors)
+TORCH = (
+    {}
+    if td is None
+    else {
+        "Normal": ("loc_scale", lambda a, b: td.Normal(a, b)),
+        "Laplace": ("loc_scale", lambda a, b: td.Laplace(a, b)),
+        "Gumbel": ("loc_scale", lambda a, b: td.Gumbel(a, b)),
+        "Cauchy": ("loc_scale", lambda a, b: td.Cauchy(a, b)),
+        "StudentT": ("student_t", lambda v, a, b: td.StudentT(v, a, b)),
+        "Uniform": ("uniform", lambda a, b: td.Uniform(a, b)),
+        "Exponential": ("rate", lambda a: td.Exponential(a)),
+        "Gamma": ("two_pos", lambda a, b: td.Gamma(a, b)),
+        "Beta": ("two_pos", lambda a, b: td.Beta(a, b)),
+        "Dirichlet": ("dirichlet", lambda a: td.Dirichlet(a)),
+        "Bernoulli(probs)": ("unit", lambda a: td.Bernoulli(probs=a)),
+        "Bernoulli(logits)": ("logit", lambda a: td.Bernoulli(logits=a)),
+        "Categorical(probs)": ("simplex", lambda a: td.Categorical(probs=a)),
+        "Categorical(logits)": ("logits5", lambda a: td.Categorical(logits=a)),
+        "Poisson": ("rate", lambda a: td.Poisson(a)),
+        "Geometric(probs)": ("unit", lambda a: td.Geometric(probs=a)),
+        "Geometric(logits)": ("logit", lambda a: td.Geometric(logits=a)),
+        "Binomial(probs)": ("unit", lambda a: td.Binomial(7, probs=a)),
+        "Binomial(logits)": ("logit", lambda a: td.Binomial(torch.full(S, 7.0), logits=a)),
+        "MultivariateNormal": ("mvn", lambda a, b: td.MultivariateNormal(a, scale_tril=b)),
+        "MultivariateNormal(cov)": ("mvn_cov", lambda a, b: td.MultivariateNormal(a, b)),
+        "LowRankMultivariateNormal": (
+            "lowrank",
+            lambda a, b, c: td.LowRankMultivariateNormal(a, b, c),
+        ),
+        "Independent(Normal)": ("diag", lambda a, b: td.Independent(td.Normal(a, b), 1)),
+    }
+)
+
+
+def torch_dist(name: str, *seed: str):
+    draw, build = TORCH[name]
+    leaves = [
+        torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        for x in DRAWS[draw](rng_for(name, *seed))
+    ]
+    return build(*leaves), leaves
+
+
+def _computes(fn) -> bool:
+    try:
+        fn()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _torch_pairs() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(pairs both compute, pairs only torch computes), from one draw of every family."""
+    both, torch_only = [], []
+    made = {n: torch_dist(n, "probe")[0] for n in TORCH}
+    for a in TORCH:
+        for b in TORCH:
+            p, q = made[a], made[b]
+            if tuple(p.batch_shape) != tuple(q.batch_shape) or p.event_shape != q.event_shape:
+                continue
+            if not _computes(lambda p=p, q=q: td.kl_divergence(p, q)):
+                continue
+            (both if _computes(lambda p=p, q=q: D.kl(p, q)) else torch_only).append((a, b))
+    return both, torch_only
+
+
+TORCH_BOTH, TORCH_ONLY = _torch_pairs()
+
+
+def test_torch_pairs_cover_every_registered_kldiv_pair():
+    """Each kldiv pair whose two families torch reads, and torch has a KL for, is compared."""
+    pytest.importorskip("torch")
+    kinds = {type(interop.as_kldiv(torch_dist(n, "probe")[0])).__name__ for n in TORCH}
+    compared = {
+        f"{type(interop.as_kldiv(torch_dist(a, 'probe')[0])).__name__} || "
+        f"{type(interop.as_kldiv(torch_dist(b, 'probe')[0])).__name__}"
+        for a, b in TORCH_BOTH
+    }
+    # torch has no KL between Student's t, nor of a Geometric against a bounded count
+    torch_lacks = {"StudentT || StudentT", "Geometric || Bernoulli", "Geometric || Binomial"}
+    wanted = {
+        pair for pair in D.registered_pairs() if all(side in kinds for side in pair.split(" || "))
+    } - torch_lacks
+    assert wanted <= compared, sorted(wanted - compared)
+    assert len(TORCH_BOTH) == 58, len(TORCH_BOTH)
+
+
+@pytest.mark.parametrize("pair", TORCH_BOTH, ids=[f"{a}-{b}" for a, b in TORCH_BOTH])
+def test_torch_objects_match_torch_kl(pair):
+    a, b = pair
+    p, leaves_p = torch_dist(a, "P", b)
+    q, leaves_q = torch_dist(b, "Q", a)
+    leaves = leaves_p + leaves_q
+    ours, theirs = D.kl(p, q), td.kl_divergence(p, q)
+    assert isinstance(ours, torch.Tensor) and ours.dtype == torch.float64
+    assert ours.shape == theirs.shape
+    o, t = ours.detach().numpy(), theirs.detach().numpy()
+    np.testing.assert_allclose(o, t, rtol=RTOL_VALUE, atol=ATOL_VALUE)
+    finite = torch.from_numpy(np.isfinite(t))
+    if not finite.any():
+        return
+    g_ours = torch.autograd.grad(
+        ours[finite].sum(), leaves, allow_unused=True, retain_graph=True
+    )  # torch caches derived parameters (logits, scale_tril): the graphs share them
+    g_theirs = torch.autograd.grad(theirs[finite].sum(), leaves, allow_unused=True)
+    g_ours = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, g_ours, strict=True)]
+    g_theirs = [
+        torch.zeros_like(x) if g is None else g for x, g in zip(leaves, g_theirs, strict=True)
+    ]
+    lower = lower_flags(TORCH, a, len(leaves_p)) + lower_flags(TORCH, b, len(leaves_q))
+    assert_grads([g.detach() for g in g_ours], [g.detach() for g in g_theirs], lower)
+
+
+@pytest.mark.parametrize("pair", TORCH_ONLY, ids=[f"{a}-{b}" for a, b in TORCH_ONLY])
+def test_torch_pair_kldiv_cannot_compute_lists_the_pairs_it_can(pair):
+    a, b = pair
+    p, q = torch_dist(a, "P"), torch_dist(b, "Q")
+    with pytest.raises(NotImplementedError, match="No closed-form KL") as e:
+        D.kl(p[0], q[0])
+    assert "Pairs with a closed form: " in str(e.value)
+    assert "Normal || Normal" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", list(TORCH))
+def test_torch_objects_read_alike(name):
+    p, _ = torch_dist(name, "read")
+    assert_reads_alike(p, lambda t: t.detach().numpy(), seed=0)
+
+
+def test_torch_logits_stay_logits():
+    """A logits-built Bernoulli/Categorical is read from its logits, even after torch has
+    cached the derived probs (which saturate to 0 and 1 here)."""
+    pytest.importorskip("torch")
+    x = torch.tensor([40.0, -40.0, 3.0], dtype=torch.float64)
+    y = torch.tensor([-40.0, 40.0, -2.0], dtype=torch.float64)
+    p, q = td.Bernoulli(logits=x), td.Bernoulli(logits=y)
+    _ = p.probs, q.probs  # cache the lossy copies
+    assert interop.as_kldiv(p).form == "logits"
+    expected = D.bernoulli_kl(x, y, form="logits")
+    torch.testing.assert_close(D.kl(p, q), expected, rtol=0, atol=0)
+    assert torch.all(torch.isfinite(D.kl(p, q)))
+    pp = td.Bernoulli(probs=torch.tensor([0.0, 1.0, 0.3], dtype=torch.float64))
+    _ = pp.logits
+    assert interop.as_kldiv(pp).form == "probs"
+    c = td.Categorical(logits=torch.tensor([[50.0, -50.0, 0.0]], dtype=torch.float64))
+    _ = c.probs
+    assert interop.as_kldiv(c).form == "logits"
+
+
+def test_torch_mixed_with_kldiv_objects():
+    pytest.importorskip("torch")
+    loc = torch.tensor([0.1, 0.5], dtype=torch.float64, requires_grad=True)
+    p = td.Normal(loc, torch.tensor(1.5, dtype=torch.float64))
+    got = D.kl(p, D.Normal(0.0, 1.0))  # Python numbers take the torch dtype
+    torch.testing.assert_close(got, td.kl_divergence(p, td.Normal(0.0, 1.0)), rtol=1e-12, atol=0)
+    (g,) = torch.autograd.grad(got.sum(), [loc])
+    torch.testing.assert_close(g, loc.detach(), rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match="one framework"):
+        D.kl(p, D.Normal(np.array([0.0, 1.0]), 1.0))
+
+
+def test_torch_unsupported_classes_say_what_is_read():
+    pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="torch.distributions Pareto") as e:
+        D.kl(td.Pareto(2.0, 3.0), td.Pareto(2.0, 3.0))
+    msg = str(e.value)
+    assert "\n" not in msg and "Normal" in msg and "MultivariateNormal" in msg
+    ind = td.Independent(td.Bernoulli(torch.full((3,), 0.5)), 1)
+    with pytest.raises(TypeError, match=r"Independent\(Bernoulli, 1\)"):
+        D.kl(ind, ind)
+    with pytest.raises(TypeError, match="two kldiv.distributions objects"):
+        D.kl(object(), td.Normal(0.0, 1.0))
+
+
+def test_torch_independent_two_axes_and_zero():
+    pytest.importorskip("torch")
+    base = td.Normal(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"Independent\(Normal, 2\)"):
+        interop.as_kldiv(td.Independent(base, 2))
+    assert isinstance(interop.as_kldiv(td.Independent(base, 0)), D.Normal)
+
+
+def test_torch_monte_carlo_fallback_on_foreign_objects():
+    pytest.importorskip("torch")
+    p = td.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    q = td.StudentT(torch.tensor(3.0, dtype=torch.float64))
+    est = D.kl(p, q, samples=20_000, seed=0)
+    assert isinstance(est, torch.Tensor) and 0.0 < float(est) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow Probability and distrax: which import here
+# ---------------------------------------------------------------------------------------------
+
+_PROBES = {
+    "tfp_numpy": "import tensorflow_probability as t, tensorflow_probability.substrates.numpy; "
+    "print('tensorflow-probability', t.__version__)",
+    "tfp_jax": "import jax, tensorflow_probability as t, tensorflow_probability.substrates.jax; "
+    "print('tensorflow-probability', t.__version__, 'jax', jax.__version__)",
+    "distrax": "import jax, distrax; print('distrax', distrax.__version__, 'jax', jax.__version__)",
+}
+
+
+@functools.cache
+def probe(name: str) -> tuple[bool, str]:
+    """Whether a package imports in a fresh interpreter, and its versions or its error."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBES[name]], capture_output=True, text=True, timeout=300
+    )
+    if out.returncode == 0:
+        return True, out.stdout.strip().splitlines()[-1]
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+    return False, lines[-1] if lines else f"exit status {out.returncode}"
+
+
+def available(name: str) -> bool:
+    """Whether ``name`` imports here; where it does not, the failure must be the known one
+    (an ImportError or AttributeError: TFP's JAX substrate and distrax against a JAX newer
+    than they know), and the comparisons that need it have nothing to compare."""
+    ok, detail = probe(name)
+    if not ok:
+        assert detail.split(":")[0].endswith(
+            ("ImportError", "ModuleNotFoundError", "AttributeError")
+        ), detail
+        print(f"{name} does not import beside this JAX: {detail}")
+    return ok
+
+
+@pytest.mark.spawns
+@pytest.mark.parametrize("name", ["tfp_numpy", "tfp_jax", "distrax"])
+def test_which_packages_import(name):
+    """Not silent: each package either imports, or fails with ImportError/AttributeError
+    (TFP's JAX substrate and distrax against a newer JAX than they know); printed either way."""
+    ok, detail = probe(name)
+    print(f"{name}: {'imports, ' if ok else 'does not import: '}{detail}")
+    if not ok:
+        assert detail.split(":")[0].endswith(
+            ("ImportError", "ModuleNotFoundError", "AttributeError")
+        ), detail
+    if name == "tfp_numpy":
+        assert ok, detail  # in the test extra; its NumPy substrate needs no JAX
+
+
+# name -> (draw, build(tfd, *arrays)); the same builders serve the NumPy and JAX substrates
+TFP = {
+    "Normal": ("loc_scale", lambda t, a, b: t.Normal(a, b)),
+    "Laplace": ("loc_scale", lambda t, a, b: t.Laplace(a, b)),
+    "Gumbel": ("loc_scale", lambda t, a, b: t.Gumbel(a, b)),
+    "Cauchy": ("loc_scale", lambda t, a, b: t.Cauchy(a, b)),
+    "StudentT": ("student_t", lambda t, v, a, b: t.StudentT(v, a, b)),
+    "Uniform": ("uniform", lambda t, a, b: t.Uniform(a, b)),
+    "Exponential": ("rate", lambda t, a: t.Exponential(a)),
+    "Gamma": ("two_pos", lambda t, a, b: t.Gamma(a, b)),
+    "Gamma(log_rate)": ("loc_scale", lambda t, a, b: t.Gamma(b, log_rate=a)),
+    "Beta": ("two_pos", lambda t, a, b: t.Beta(a, b)),
+    "Dirichlet": ("dirichlet", lambda t, a: t.Dirichlet(a)),
+    "Bernoulli(probs)": ("unit", lambda t, a: t.Bernoulli(probs=a)),
+    "Bernoulli(logits)": ("logit", lambda t, a: t.Bernoulli(logits=a)),
+    "Categorical(probs)": ("simplex", lambda t, a: t.Categorical(probs=a)),
+    "Categorical(logits)": ("logits5", lambda t, a: t.Categorical(logits=a)),
+    "Poisson": ("rate", lambda t, a: t.Poisson(a)),
+    "Poisson(log_rate)": ("logit", lambda t, a: t.Poisson(log_rate=a)),
+    "Geometric(probs)": ("unit", lambda t, a: t.Geometric(probs=a)),
+    "Geometric(logits)": ("logit", lambda t, a: t.Geometric(logits=a)),
+    "Binomial(probs)": ("unit", lambda t, a: t.Binomial(7.0, probs=a)),
+    "Binomial(logits)": ("logit", lambda t, a: t.Binomial(7.0, logits=a)),
+    "MultivariateNormalTriL": ("mvn", lambda t, a, b: t.MultivariateNormalTriL(a, b)),
+    "MultivariateNormalDiag": ("diag", lambda t, a, b: t.MultivariateNormalDiag(a, b)),
+    "MultivariateNormalDiagPlusLowRankCovariance": (
+        "lowrank",
+        lambda t, a, b, c: t.MultivariateNormalDiagPlusLowRankCovariance(a, c, b),
+    ),
+    "Independent(Normal)": ("diag", lambda t, a, b: t.Independent(t.Normal(a, b), 1)),
+}
+
+
+def tfp_params(name: str, *seed: str) -> list[np.ndarray]:
+    return DRAWS[TFP[name][0]](rng_for("tfp", name, *seed))
+
+
+def compare_tfp(tfd, asarray, to_numpy) -> int:
+    """kl vs tfd.kl_divergence over every pair both compute; the number compared."""
+    compared, failures = 0, []
+    for a in TFP:
+        for b in TFP:
+            pa = [asarray(x) for x in tfp_params(a, "P", b)]
+            qa = [asarray(x) for x in tfp_params(b, "Q", a)]
+            p, q = TFP[a][1](tfd, *pa), TFP[b][1](tfd, *qa)
+            if p.batch_shape != q.batch_shape or p.event_shape != q.event_shape:
+                continue
+            try:
+                theirs = to_numpy(tfd.kl_divergence(p, q))
+            except NotImplementedError:
+                continue
+            try:
+                ours = D.kl(p, q)
+            except NotImplementedError:
+                continue
+            compared += 1
+            if np.asarray(ours).dtype != np.float64:
+                failures.append(f"{a}-{b}: dtype {np.asarray(ours).dtype}")
+                continue
+            try:
+                np.testing.assert_allclose(to_numpy(ours), theirs, rtol=RTOL_VALUE, atol=ATOL_VALUE)
+            except AssertionError as e:
+                failures.append(f"{a}-{b}: {str(e).strip().splitlines()[-3:]}")
+    assert not failures, "\n".join(failures)
+    return compared
+
+
+# Imported by module fixtures, set up before the per-test seed fixture looks at the global
+# random generators: importing TFP draws from them, the tests themselves do not.
+@pytest.fixture(scope="module")
+def tfp_numpy():
+    assert available("tfp_numpy"), probe("tfp_numpy")[1]  # in the test extra, needs no JAX
+    import tensorflow_probability.substrates.numpy as tfp
+
+    return tfp.distributions
+
+
+@pytest.fixture(scope="module")
+def tfp_jax():
+    if not available("tfp_jax"):
+        return None
+    import tensorflow_probability.substrates.jax as tfp
+
+    return tfp.distributions
+
+
+@pytest.fixture(scope="module")
+def distrax_and_tfp(request):
+    if not available("distrax") or request.getfixturevalue("tfp_jax") is None:
+        return None
+    import distrax
+
+    return distrax, request.getfixturevalue("tfp_jax")
+
+
+def tril_twin_kl(tfd, cholesky, p, q):
+    """TFP's KL between the MultivariateNormalTriL twins of two normals (for the classes TFP
+    has no KL between): the Cholesky factor of each covariance."""
+
+    def twin(d):
+        return tfd.MultivariateNormalTriL(d.mean(), cholesky(d.covariance()))
+
+    return tfd.kl_divergence(twin(p), twin(q))
+
+
+@pytest.mark.spawns
+def test_tfp_numpy_objects_match_tfp_kl(tfp_numpy):
+    tfd = tfp_numpy
+    compared = compare_tfp(tfd, np.asarray, np.asarray)
+    assert compared == 27, compared
+    for name, (_draw, build) in TFP.items():
+        assert_reads_alike(build(tfd, *tfp_params(name, "read")), np.asarray, seed=0)
+    # TFP has no KL of its own between low-rank-plus-diagonal normals: against its TriL twins
+    r = rng_for("tfp", "lowrank", "numpy")
+    build = TFP["MultivariateNormalDiagPlusLowRankCovariance"][1]
+    p, q = build(tfd, *DRAWS["lowrank"](r)), build(tfd, *DRAWS["lowrank"](r))
+    np.testing.assert_allclose(
+        D.kl(p, q), tril_twin_kl(tfd, np.linalg.cholesky, p, q), rtol=RTOL_VALUE
+    )
+    p = tfd.Normal(np.zeros(3), np.ones(3))
+    assert isinstance(D.kl(p, p), np.ndarray)
+    p32 = tfd.Gamma(np.float32(2.0), np.float32(1.5))
+    assert D.kl(p32, tfd.Exponential(np.float32(1.3))).dtype == np.float32
+
+
+@pytest.mark.spawns
+def test_tfp_numpy_errors(tfp_numpy):
+    tfd = tfp_numpy
+    with pytest.raises(TypeError, match="TFP on NumPy Logistic") as e:
+        D.kl(tfd.Logistic(0.0, 1.0), tfd.Normal(0.0, 1.0))
+    assert "MultivariateNormalTriL" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(NotImplementedError, match=r"KL\(Beta \|\| Uniform\)"):
+        D.kl(tfd.Beta(2.0, 3.0), tfd.Uniform(0.0, 1.0))
+
+
+@pytest.mark.spawns
+def test_tfp_on_tensorflow_is_refused():
+    code = (
+        "import tensorflow_probability as tfp, kldiv.distributions as D\n"
+        "try:\n"
+        "    D.kl(tfp.distributions.Normal(0.0, 1.0), tfp.distributions.Normal(1.0, 2.0))\n"
+        "except TypeError as e:\n"
+        "    print('TypeError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "tensorflow" not in out.stderr.lower():  # pragma: no cover
+        raise AssertionError(out.stderr)
+    assert out.returncode == 0, out.stderr  # TensorFlow and TFP are in the test extra
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("TypeError: TFP distributions on TensorFlow (Normal) are not read yet")
+    assert "tfp.substrates.jax" in line
+
+
+def _jax():
+    import jax
+    import jax.numpy as jnp
+
+    assert jax.config.jax_enable_x64, "the test suite runs JAX in float64 (tests/conftest.py)"
+    return jax, jnp
+
+
+@pytest.mark.spawns
+def test_tfp_jax_objects_match_tfp_kl_and_differentiate(tfp_jax):
+    if tfp_jax is None:  # the import failure was checked by available()
+        return
+    jax, jnp = _jax()
+    tfd = tfp_jax
+    compared = compare_tfp(tfd, jnp.asarray, lambda x: np.asarray(x, dtype=np.float64))
+    assert compared == 27, compared
+    for name, (_draw, build) in TFP.items():
+        params = [jnp.asarray(x) for x in tfp_params(name, "read")]
+        assert_reads_alike(build(tfd, *params), np.asarray, key=jax.random.key(0))
+    # jax.grad and jax.jit through the parameters, against TFP's own KL
+    for a, b in [
+        ("Normal", "Normal"),
+        ("Gamma(log_rate)", "Gamma"),
+        ("Beta", "Beta"),
+        ("MultivariateNormalTriL", "MultivariateNormalTriL"),
+        ("MultivariateNormalDiag", "MultivariateNormalDiag"),
+        ("Independent(Normal)", "Independent(Normal)"),
+        ("Bernoulli(logits)", "Bernoulli(probs)"),
+        ("Categorical(logits)", "Categorical(logits)"),
+        ("Laplace", "Laplace"),
+        ("Gumbel", "Gumbel"),
+        ("Exponential", "Gamma"),
+    ]:
+        pa = [jnp.asarray(x) for x in tfp_params(a, "P", b)]
+        qa = [jnp.asarray(x) for x in tfp_params(b, "Q", a)]
+        n = len(pa)
+
+        def total(*args, kl, a=a, b=b, n=n):
+            return jnp.sum(kl(TFP[a][1](tfd, *args[:n]), TFP[b][1](tfd, *args[n:])))
+
+        argnums = tuple(range(len(pa) + len(qa)))
+        ours = jax.jit(jax.grad(functools.partial(total, kl=D.kl), argnums))(*pa, *qa)
+        theirs = jax.grad(functools.partial(total, kl=tfd.kl_divergence), argnums)(*pa, *qa)
+        assert_grads(ours, theirs, lower_flags(TFP, a, len(pa)) + lower_flags(TFP, b, len(qa)))
+    # TFP has no KL of its own between low-rank-plus-diagonal normals: against its TriL twins
+    r = rng_for("tfp", "lowrank", "jax")
+    args = [jnp.asarray(x) for x in DRAWS["lowrank"](r) + DRAWS["lowrank"](r)]
+
+    def lowrank(*x, kl):
+        build = TFP["MultivariateNormalDiagPlusLowRankCovariance"][1]
+        return jnp.sum(kl(build(tfd, *x[:3]), build(tfd, *x[3:])))
+
+    twin = functools.partial(tril_twin_kl, tfd, jnp.linalg.cholesky)
+    ours = jax.jit(jax.grad(functools.partial(lowrank, kl=D.kl), tuple(range(6))))(*args)
+    theirs = jax.grad(functools.partial(lowrank, kl=twin), tuple(range(6)))(*args)
+    np.testing.assert_allclose(
+        functools.partial(lowrank, kl=D.kl)(*args), lowrank(*args, kl=twin), rtol=RTOL_VALUE
+    )
+    assert_grads(ours, theirs, [False] * 6)
+
+
+# distrax family -> (draw, build(distrax, *arrays), its TFP-on-JAX twin build(tfd, *arrays))
+def _upper(jnp, b):
+    return jnp.swapaxes(b, -1, -2)
+
+
+DISTRAX = {
+    "Normal": ("loc_scale", lambda d, a, b: d.Normal(a, b), lambda t, a, b: t.Normal(a, b)),
+    "LogStddevNormal": (
+        "loc_scale",
+        lambda d, a, b: d.LogStddevNormal(a, b - 1.0),
+        lambda t, a, b: t.Normal(a, _jax()[1].exp(b - 1.0)),
+    ),
+    "Laplace": ("loc_scale", lambda d, a, b: d.Laplace(a, b), lambda t, a, b: t.Laplace(a, b)),
+    "Gumbel": ("loc_scale", lambda d, a, b: d.Gumbel(a, b), lambda t, a, b: t.Gumbel(a, b)),
+    "Uniform": ("uniform", lambda d, a, b: d.Uniform(a, b), lambda t, a, b: t.Uniform(a, b)),
+    "Gamma": ("two_pos", lambda d, a, b: d.Gamma(a, b), lambda t, a, b: t.Gamma(a, b)),
+    "Beta": ("two_pos", lambda d, a, b: d.Beta(a, b), lambda t, a, b: t.Beta(a, b)),
+    "Dirichlet": ("dirichlet", lambda d, a: d.Dirichlet(a), lambda t, a: t.Dirichlet(a)),
+    "Bernoulli(probs)": (
+        "unit",
+        lambda d, a: d.Bernoulli(probs=a),
+        lambda t, a: t.Bernoulli(probs=a),
+    ),
+    "Bernoulli(logits)": (
+        "logit",
+        lambda d, a: d.Bernoulli(logits=a),
+        lambda t, a: t.Bernoulli(logits=a),
+    ),
+    "Categorical(probs)": (
+        "simplex",
+        lambda d, a: d.Categorical(probs=a),
+        lambda t, a: t.Categorical(probs=a),
+    ),
+    "Categorical(logits)": (
+        "logits5",
+        lambda d, a: d.Categorical(logits=a),
+        lambda t, a: t.Categorical(logits=a),
+    ),
+    "MultivariateNormalDiag": (
+        "diag",
+        lambda d, a, b: d.MultivariateNormalDiag(a, b),
+        lambda t, a, b: t.MultivariateNormalDiag(a, b),
+    ),
+    "MultivariateNormalTri": (
+        "mvn",
+        lambda d, a, b: d.MultivariateNormalTri(a, b),
+        lambda t, a, b: t.MultivariateNormalTriL(a, b),
+    ),
+    "MultivariateNormalTri(upper)": (
+        "mvn",
+        lambda d, a, b: d.MultivariateNormalTri(a, _upper(_jax()[1], b), is_lower=False),
+        lambda t, a, b: t.MultivariateNormalFullCovariance(
+            a, _upper(_jax()[1], b) @ _upper(_jax()[1], b).swapaxes(-1, -2)
+        ),
+    ),
+    "MultivariateNormalFullCovariance": (
+        "mvn_cov",
+        lambda d, a, b: d.MultivariateNormalFullCovariance(a, b),
+        lambda t, a, b: t.MultivariateNormalFullCovariance(a, b),
+    ),
+    "Independent(Normal)": (
+        "diag",
+        lambda d, a, b: d.Independent(d.Normal(a, b), 1),
+        lambda t, a, b: t.Independent(t.Normal(a, b), 1),
+    ),
+}
+
+
+@pytest.mark.spawns
+def test_distrax_objects_match_tfp_kl_and_differentiate(distrax_and_tfp):
+    if distrax_and_tfp is None:  # the import failure was checked by available()
+        return
+    jax, jnp = _jax()
+    distrax, tfd = distrax_and_tfp
+    compared, failures = 0, []
+    for a in DISTRAX:
+        for b in DISTRAX:
+            pa = [jnp.asarray(x) for x in DRAWS[DISTRAX[a][0]](rng_for("distrax", a, "P", b))]
+            qa = [jnp.asarray(x) for x in DRAWS[DISTRAX[b][0]](rng_for("distrax", b, "Q", a))]
+            n = len(pa)
+
+            def total(*args, a=a, b=b, n=n, twin=False):
+                build = 2 if twin else 1
+                lib = tfd if twin else distrax
+                p = DISTRAX[a][build](lib, *args[:n])
+                q = DISTRAX[b][build](lib, *args[n:])
+                return (tfd.kl_divergence if twin else D.kl)(p, q)
+
+            tp, tq = DISTRAX[a][2](tfd, *pa), DISTRAX[b][2](tfd, *qa)
+            if tp.batch_shape != tq.batch_shape or tp.event_shape != tq.event_shape:
+                continue
+            try:
+                theirs = np.asarray(total(*pa, *qa, twin=True))
+                ours = np.asarray(total(*pa, *qa))
+            except NotImplementedError:
+                continue
+            compared += 1
+            try:
+                np.testing.assert_allclose(ours, theirs, rtol=RTOL_VALUE, atol=ATOL_VALUE)
+                if np.isfinite(theirs).all():
+                    argnums = tuple(range(len(pa) + len(qa)))
+                    g_ours = jax.jit(jax.grad(lambda *x, f=total: jnp.sum(f(*x)), argnums))(
+                        *pa, *qa
+                    )
+                    g_theirs = jax.grad(lambda *x, f=total: jnp.sum(f(*x, twin=True)), argnums)(
+                        *pa, *qa
+                    )
+                    lower = lower_flags(DISTRAX, a, n) + lower_flags(DISTRAX, b, len(qa))
+                    assert_grads(g_ours, g_theirs, lower)
+            except AssertionError as e:
+                failures.append(f"{a}-{b}: {str(e).strip().splitlines()[-3:]}")
+    assert not failures, "\n".join(failures)
+    assert compared >= 15, compared
+    for name, (draw, build, _) in DISTRAX.items():
+        params = [jnp.asarray(x) for x in DRAWS[draw](rng_for("distrax", name, "read"))]
+        assert_reads_alike(build(distrax, *params), np.asarray, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="distrax Logistic"):
+        D.kl(distrax.Logistic(0.0, 1.0), distrax.Logistic(0.0, 1.0))
+
+
+@pytest.mark.spawns
+def test_kl_of_kldiv_objects_imports_no_framework():
+    code = (
+        "import sys, numpy as np\n"
+        "from kldiv import distributions as D\n"
+        "from kldiv.distributions import interop\n"
+        "D.kl(D.Normal(0.0, 1.0), D.Normal(np.array([1.0]), 2.0))\n"
+        "assert interop.foreign_package(np.zeros(2)) is None\n"
+        "heavy = [m for m in ('torch', 'jax', 'tensorflow', 'tensorflow_probability', "
+        "'distrax') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Review findings: checks follow the object, factors of either sign, traced binomial counts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_domain_checks_follow_the_objects_validate_args():
+    import torch
+    import torch.distributions as td
+
+    from kldiv.distributions.interop import as_kldiv
+
+    assert as_kldiv(td.Normal(0.0, 1.0, validate_args=False)).validate is False
+    assert as_kldiv(td.Normal(0.0, 1.0, validate_args=True)).validate is True
+    assert as_kldiv(td.Normal(0.0, 1.0), validate=False).validate is False
+    # unchecked, an out-of-domain scale reaches the formula (NaN) instead of raising
+    bad = td.Normal(torch.tensor(0.0), torch.tensor(-1.0), validate_args=False)
+    assert torch.isnan(D.kl(bad, td.Normal(1.0, 2.0)))
+
+
+def test_tfp_lower_triangular_factors_with_negative_diagonals(tfp_numpy):
+    # L and L·diag(±1) give the same covariance L Lᵀ; TFP accepts either sign on the diagonal
+    rng = np.random.default_rng(17)
+    lo = np.tril(rng.normal(size=(3, 3)), -1)
+    lp = lo + np.diag([-1.3, 0.8, -0.6])
+    lq = np.tril(rng.normal(size=(3, 3)), -1) + np.diag([0.9, -1.1, 1.4])
+    mp, mq = rng.normal(size=3), rng.normal(size=3)
+    p = tfp_numpy.MultivariateNormalTriL(mp, lp)
+    q = tfp_numpy.MultivariateNormalTriL(mq, lq)
+    want = tfp_numpy.kl_divergence(p, q)
+    got = D.kl(p, q)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_binomial_counts_that_differ_under_jit_are_nan_not_the_equal_count_formula():
+    import jax
+    import jax.numpy as jnp
+
+    def f(n_p, n_q):
+        return D.kl(D.Binomial(n_p, jnp.float64(0.3)), D.Binomial(n_q, jnp.float64(0.4)))
+
+    same = jax.jit(f)(jnp.float64(5.0), jnp.float64(5.0))
+    np.testing.assert_allclose(same, f(5.0, 5.0), rtol=1e-12)  # eager: the exact formula
+    assert np.isnan(jax.jit(f)(jnp.float64(5.0), jnp.float64(7.0)))
+    assert np.isfinite(f(jnp.float64(5.0), jnp.float64(7.0)))  # eager: the exact sum
