@@ -14,7 +14,7 @@ printed, so a whole soak can be repeated.
 At the end every failure is listed as test id, seed and the command that replays it; the exit
 status is 1 if any test failed.
 
-Tests marked `spawns` (tests/test_parallel.py's Gloo ranks, tests/test_keras.py's
+Tests marked `spawns` (tests/torch/test_parallel.py's Gloo ranks, tests/keras/test_keras.py's
 per-backend processes, a few seconds to half a minute each) get --spawn-seeds base seeds
 (default 5) instead of --seeds.
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _version() -> str:
@@ -167,7 +167,7 @@ def test_the_wheel_and_sdist_carry_the_kernel_source_and_typing_marker(dist):
 
 
 # Run in the [torch] environment: DistillationLoss on the compiled kernel, counted at its
-# launcher (the same hook tests/test_cpu_native.py uses), against the core in float64.
+# launcher (the same hook tests/torch/rows/test_native.py uses), against the core in float64.
 KERNEL_CHECK = """
 import json, sys
 

@@ -812,7 +812,7 @@ def test_unvalidated_teacher_grad_dtypes_and_masked_upstream():
 
 def test_the_torchrun_example_runs_on_two_gloo_ranks():
     """examples/vocab_parallel_distill.py as its docstring says to run it."""
-    example = Path(__file__).parents[1] / "examples" / "vocab_parallel_distill.py"
+    example = Path(__file__).parents[2] / "examples" / "vocab_parallel_distill.py"
     out = subprocess.run(
         [
             sys.executable,

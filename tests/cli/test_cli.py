@@ -1,6 +1,6 @@
 """The kldiv command: compare (every format, every error path, through main() and a
 subprocess), the demo's training run, bench, info, --version and `python -m kldiv`, and each
-command where its optional packages are missing (tests/test_wheel.py: on real installs)."""
+command where its optional packages are missing (tests/package/test_wheel.py: on real installs)."""
 
 from __future__ import annotations
 
@@ -467,7 +467,7 @@ OPTIONAL_DISTS = [
 ]
 
 # Runs `kldiv` in a fresh interpreter where the named packages cannot be imported, as on an
-# install without their extra (tests/test_wheel.py does the same on real installs): a finder
+# install without their extra (tests/package/test_wheel.py does the same on real installs): a finder
 # ahead of all others answers ModuleNotFoundError for them, as Python does for a package that
 # is not installed. (A None in sys.modules would not do: array-api-compat reads sys.modules.)
 WITHOUT = """

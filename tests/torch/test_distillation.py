@@ -287,7 +287,7 @@ def test_chunks_from_raw_logits_against_the_core(rng, kind, where_inf, monkeypat
     """KL and reverse KL take most chunks straight from the logits (one exp per element, no
     masks); chunks with -inf on the side that needs masks go the log-softmax way. Both
     against the core in float64, and the fast route must actually be taken. (This is the
-    tensor-code route; the compiled kernel has its own tests in test_cpu_native.py.)"""
+    tensor-code route; the compiled kernel has its own tests in torch/rows/test_native.py.)"""
     monkeypatch.setenv("KLDIV_NATIVE", "0")
     monkeypatch.setattr(tensor_engine, "_CHUNK_ELEMENTS", 3 * 97)  # 3 rows a chunk
     taken = []

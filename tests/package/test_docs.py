@@ -14,7 +14,7 @@ import kldiv.divergences
 import kldiv.estimators
 import kldiv.torch.losses
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 API = ROOT / "docs" / "api"
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import kldiv
 from kldiv import compat
 
-FIXTURES = Path(__file__).with_name("fixtures")
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def log_probs(rng, shape, zeros=0.3):

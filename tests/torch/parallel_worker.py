@@ -1,6 +1,6 @@
-"""One rank of the vocab-/data-parallel tests (tests/test_parallel.py starts the ranks).
+"""One rank of the vocab-/data-parallel tests (tests/torch/test_parallel.py starts the ranks).
 
-    python tests/parallel_worker.py RANK WORLD PORT CASES.pt OUT_DIR
+    python tests/torch/parallel_worker.py RANK WORLD PORT CASES.pt OUT_DIR
 
 Joins a Gloo process group through the TCP store the test holds (its port picked free by
 the OS), runs every case of CASES.pt on this rank's slice of the inputs, and saves the

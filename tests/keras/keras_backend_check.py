@@ -1,4 +1,4 @@
-"""Run by tests/test_keras.py in a fresh process per Keras backend (KERAS_BACKEND must be set
+"""Run by tests/keras/test_keras.py in a fresh process per Keras backend (KERAS_BACKEND must be set
 before keras is imported): every kldiv.keras loss against the core, serialisation, and a real
 model.fit with a loss and the sparsity regularizer. Prints one line per check; exits non-zero
 on the first failure."""
@@ -17,7 +17,7 @@ import kldiv
 import kldiv.keras as kk
 
 backend = keras.backend.backend()
-# tests/test_keras.py passes its test's seed (conftest), which its replay command reproduces
+# tests/keras/test_keras.py passes its test's seed (conftest), which its replay command reproduces
 SEED = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 rng = np.random.default_rng(SEED)
 checks = 0
