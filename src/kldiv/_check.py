@@ -86,12 +86,12 @@ def check_axis(axis: Any, ndim: int) -> int:
     return int(axis) % ndim
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_unit_interval(name: str, value: Any) -> float:
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"Expected `{name}` to be a Python float in [0, 1], got {value!r}.")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"Expected `{name}` to be in [0, 1], got {value!r}.")
@@ -105,7 +105,7 @@ def check_flag(name: str, value: Any) -> bool:
 
 
 def check_temperature(temperature: Any, forms: tuple[str, str]) -> float:
-    if not _is_real(temperature):
+    if not is_real(temperature):
         raise TypeError(f"Expected `temperature` to be a positive float, got {temperature!r}.")
     t = float(temperature)
     # comparisons, not math.isfinite: under torch.compile t can be a SymFloat (NaN fails both)
@@ -133,7 +133,7 @@ def check_num_items(num_items: Any, reduction: str) -> Any:
         raise TypeError(
             f"Expected `num_items` to be a number or a 0-d array, got {type(num_items).__name__}."
         )
-    if _is_real(num_items):
+    if is_real(num_items):
         if not (float(num_items) > 0 and math.isfinite(float(num_items))):
             raise ValueError(f"Expected `num_items` to be finite and > 0, got {num_items!r}.")
         return float(num_items)
@@ -146,7 +146,7 @@ def check_num_items(num_items: Any, reduction: str) -> Any:
     return num_items
 
 
-def _broadcast(shapes: list[tuple[int, ...]], what: str) -> tuple[int, ...]:
+def broadcast(shapes: list[tuple[int, ...]], what: str) -> tuple[int, ...]:
     if any(d is None for s in shapes for d in s):
         return _broadcast_symbolic(shapes, what)
     try:
@@ -185,7 +185,7 @@ def distribution_shape(p: Any, q: Any, axis: Any) -> tuple[int, tuple[int, ...],
             f"Expected `p` and `q` to have the same number of categories along axis {axis}, "
             f"got {pshape[ax]} and {qshape[ax]} (shapes {tuple(p.shape)} and {tuple(q.shape)})."
         )
-    full = _broadcast([pshape, qshape], "the shapes of `p` and `q`")
+    full = broadcast([pshape, qshape], "the shapes of `p` and `q`")
     if full[ax] == 0:
         raise ValueError(
             f"Expected at least one category along axis {axis}, got shape {full}. An empty "
@@ -289,13 +289,13 @@ def _first_bad(bad: np.ndarray) -> tuple[int, ...]:
 # Unit roundoff of the input dtype and its subnormal spacing: a row of V values correctly
 # rounded to the dtype sums to 1 within ~eps (relative errors scale with each p), plus up to
 # V half-spacings for entries in the subnormal range (float16 has many: below 6.1e-5).
-_HALF_ROUNDING = {"float16": (2.0**-10, 2.0**-24), "bfloat16": (2.0**-7, 0.0)}
+HALF_ROUNDING = {"float16": (2.0**-10, 2.0**-24), "bfloat16": (2.0**-7, 0.0)}
 
 
 def _rounding(xp: ModuleType, dtype: Any) -> tuple[float, float]:
     name = str(dtype).rsplit(".", 1)[-1].strip("'>")
-    if name in _HALF_ROUNDING:  # before finfo, which rejects NumPy's (ml_dtypes) bfloat16
-        return _HALF_ROUNDING[name]
+    if name in HALF_ROUNDING:  # before finfo, which rejects NumPy's (ml_dtypes) bfloat16
+        return HALF_ROUNDING[name]
     return float(xp.finfo(dtype).eps), 0.0
 
 

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 
-def _is_array(x: Any) -> bool:
+def is_array(x: Any) -> bool:
     return (
         is_torch_array(x)
         or is_jax_array(x)
@@ -118,7 +118,7 @@ def namespace(*args: Any, names: tuple[str, ...] | None = None) -> tuple[ModuleT
     names = names or tuple(f"argument {i}" for i in range(len(args)))
     found: dict[str, tuple[ModuleType, str]] = {}
     for name, a in zip(names, args, strict=True):
-        if a is None or not _is_array(a):
+        if a is None or not is_array(a):
             continue
         xp = _single_namespace(a)
         found.setdefault(backend_name(xp), (xp, name))
@@ -136,7 +136,7 @@ def namespace(*args: Any, names: tuple[str, ...] | None = None) -> tuple[ModuleT
     for a in args:
         if is_tf_tensor(a) and not hasattr(a, "ndim"):  # a tf.Variable: read its value
             out.append(sys.modules["tensorflow"].convert_to_tensor(a))
-        elif a is None or _is_array(a):
+        elif a is None or is_array(a):
             out.append(a)
         elif isinstance(a, bool | int | float | list | tuple):
             out.append(xp.asarray(a))

@@ -103,7 +103,7 @@ def _check_estimator(name: str, value: Any, allow_none: bool = False) -> Any:
 def _check_clamp(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if not _check._is_real(value) or not float(value) > 0:
+    if not _check.is_real(value) or not float(value) > 0:
         raise ValueError(f"Expected `{name}` to be a positive float or None, got {value!r}.")
     return float(value)
 
@@ -176,7 +176,7 @@ def kl_estimate(
     )
     dtype = ns.compute_dtype(xp, ("log_p", log_p), ("log_q", log_q), ("log_sampling", log_s))
     shapes = [tuple(a.shape) for a in (log_p, log_q, log_s) if a is not None]
-    batch = _check._broadcast(shapes, "`log_p`, `log_q` and `log_sampling`")
+    batch = _check.broadcast(shapes, "`log_p`, `log_q` and `log_sampling`")
     if num_items is not None and not isinstance(num_items, float):
         num_items = xp.astype(num_items, dtype)
     log_p, log_q = xp.astype(log_p, dtype), xp.astype(log_q, dtype)

@@ -51,14 +51,14 @@ def params_of(
     names = tuple(n for n, _, _ in spec)
     values = [v for _, v, _ in spec]
     xp, arrays = ns.namespace(*values, names=names)
-    given = [(n, a) for (n, v, _), a in zip(spec, values, strict=True) if ns._is_array(v)]
+    given = [(n, a) for (n, v, _), a in zip(spec, values, strict=True) if ns.is_array(v)]
     # counts (a binomial's n, sample values) may be integers; floating ones set the dtype too
     typed = [(n, a) for n, a in given if n not in counts or _is_floating(xp, a)]
     dtype = ns.compute_dtype(xp, *typed) if typed else ns.widest_float(xp)
     device = ns.device_of(given[0][1]) if given else None
     out = []
     for (_, value, _), a in zip(spec, arrays, strict=True):
-        if ns._is_array(value):
+        if ns.is_array(value):
             out.append(a if a.dtype == dtype else xp.astype(a, dtype))
         else:
             out.append(xp.asarray(value, dtype=dtype, device=device))

@@ -149,7 +149,7 @@ class Distribution:
             self.arrays()  # dtype errors now, not at first use
             for (name, domain), v in zip(self.PARAMS, values, strict=True):
                 if v is not None:
-                    check_domain(name, v if ns._is_array(v) else np.asarray(v), domain)
+                    check_domain(name, v if ns.is_array(v) else np.asarray(v), domain)
 
     def arrays(self) -> tuple[ModuleType, list[Array]]:
         """``(xp, params)``: the parameters as arrays of one framework and float dtype."""

@@ -38,7 +38,7 @@ class KLSparsityRegularizer(keras.regularizers.Regularizer):
 
     def __init__(self, target: float = 0.05, weight: float = 0.01) -> None:
         self.target = _check.check_unit_interval("target", target)
-        if not _check._is_real(weight) or not math.isfinite(weight) or weight < 0:
+        if not _check.is_real(weight) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"Expected `weight` to be a finite float >= 0, got {weight!r}.")
         self.weight = float(weight)
 

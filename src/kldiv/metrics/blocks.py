@@ -221,11 +221,11 @@ def dtype_name(x: Any) -> str:
 def tolerances(name: str, v: int) -> tuple[float, float]:
     """The value-check tolerances of ``kl_div(check=True)``, (probs, log_probs), for V = ``v``.
 
-    The formulas of ``kldiv._check._tolerance`` and ``check_values``, from the dtype the caller
+    The formulas of ``kldiv._check`` (its tolerance) and ``check_values``, from the dtype the caller
     passed (a torch bfloat16 tensor reaches NumPy as float32, but was rounded to bfloat16),
     which is known here only by name.
     """
-    half = _check._HALF_ROUNDING.get(name)
+    half = _check.HALF_ROUNDING.get(name)
     eps, tiny = half if half is not None else (float(np.finfo(np.dtype(name)).eps), 0.0)
     tol = 4 * eps + v * (tiny / 2 + float(np.finfo(np.float64).eps))
     # A log-probability rounded to the dtype is off by (eps/2)·|l|, which moves the total mass
