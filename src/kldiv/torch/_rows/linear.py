@@ -209,6 +209,23 @@ def _spec_terms(
     return part, h, lq
 
 
+def _spec_terms_into(
+    out: torch.Tensor,
+    index: torch.Tensor,
+    kind: str,
+    w: float,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    inv_t: float,
+    norms: torch.Tensor,
+) -> None:
+    """The rows ``index`` that the kernel flagged, through the specification a few MiB at a
+    time: their share of the value and of Σh into ``out[:, index]``."""
+    for rows in fallback_parts(index, s.shape[-1]):
+        part, h, _ = _spec_terms(kind, w, s[rows], t[rows], None, inv_t, norms[:, rows])
+        out[:, rows] = torch.stack([part, h.sum(-1)]).to(out.dtype)
+
+
 def slice_terms(
     kind: str,
     w: float,
@@ -231,9 +248,7 @@ def slice_terms(
             *native, _f32(s), _f32(t), _flag_keep(keep), inv_t, _f32_stats(norms)
         )
         out = torch.stack([values, hsums]).to(dtype)
-        for rows in fallback_parts(flagged.nonzero().squeeze(-1), s.shape[-1]):
-            part, h, _ = _spec_terms(kind, w, s[rows], t[rows], None, inv_t, norms[:, rows])
-            out[:, rows] = torch.stack([part, h.sum(-1)]).to(dtype)
+        _spec_terms_into(out, flagged.nonzero().squeeze(-1), kind, w, s, t, inv_t, norms)
     if keep is not None:
         out = torch.where(keep, out, 0.0)
     return out
@@ -264,9 +279,7 @@ def slice_terms_grad(
     )
     terms = torch.stack([values, hsums]).to(out.dtype)
     redo = flagged.nonzero().squeeze(-1)
-    for rows in fallback_parts(redo, s.shape[-1]):
-        part, h, _ = _spec_terms(kind, w, s[rows], t[rows], None, inv_t, norms[:, rows])
-        terms[:, rows] = torch.stack([part, h.sum(-1)]).to(terms.dtype)
+    _spec_terms_into(terms, redo, kind, w, s, t, inv_t, norms)
     if keep is not None:
         terms = torch.where(keep, terms, 0.0)
     return terms, redo
