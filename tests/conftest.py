@@ -26,6 +26,9 @@ jax.config.update("jax_enable_x64", True)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # pytest-xdist runs one worker per core
+# Triton before TensorFlow (which TFP's tests import): the two register the same LLVM command
+# line options, and whichever loads second aborts the process unless Triton came first.
+import kldiv.torch  # noqa: E402, F401
 
 
 class Backend:

@@ -28,6 +28,7 @@ _DOMAINS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
     "nonneg": (lambda a: (a >= 0) & (a < np.inf), ">= 0 and finite"),
     "unit": (lambda a: (a >= 0) & (a <= 1), "in [0, 1]"),
     "unit_open_left": (lambda a: (a > 0) & (a <= 1), "in (0, 1]"),
+    "unit_open": (lambda a: (a > 0) & (a < 1), "in (0, 1)"),
     "logit": (lambda a: ~np.isnan(a), "not NaN"),
     "count": (lambda a: (a >= 0) & (a == np.round(a)) & (a < np.inf), "a whole number >= 0"),
     "any": (lambda a: np.ones(np.shape(a), dtype=bool), ""),

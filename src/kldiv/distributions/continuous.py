@@ -1,5 +1,7 @@
 """Closed forms between univariate continuous families: location-scale (Normal, Laplace,
-Gumbel, Cauchy, Student's t) and the Gamma, Beta, Dirichlet, Exponential and Uniform families."""
+Gumbel, Cauchy, Student's t, Moyal), the Gamma, Beta, Dirichlet, Exponential and Uniform
+families, and the families that are transforms of those (half-normal, log-normal, inverse
+gamma, chi, Weibull, Pareto), the continuous Bernoulli and the von Mises distribution."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import _math
+from .. import _check, _math
 from .. import _namespace as ns
+from .._defaults import BernoulliForm
 from ._common import EULER_GAMMA, INF, Array, loc_scale_pair, params_of
+from ._special import bessel, cb_log_normalizer, cb_logits, cb_mean
 from .multivariate import check_ordered
 
 # ---------------------------------------------------------------------------------------------
@@ -242,29 +246,33 @@ def gamma_kl(
     concentration_q: Array,
     rate_q: Array,
     *,
+    log_rate: bool = False,
     check: bool = False,
 ) -> Array:
     """KL(Gamma(αp, βp) ‖ Gamma(αq, βq)) in the shape–rate parametrisation.
 
     ``(αp − αq)ψ(αp) − lnΓ(αp) + lnΓ(αq) + αq(log βp − log βq) + αp(βq − βp)/βp``.
+
+    With ``log_rate=True`` the second and fourth arguments are the log-rates ``log β`` (any
+    real number, TensorFlow Probability's ``log_rate=``), and the rate terms are evaluated as
+    ``αq·(lp − lq) + αp·expm1(lq − lp)``, exact for rates far outside the floating range;
+    gradients then are with respect to the log-rates.
     """
+    rate_domain = "real" if log_rate else "positive"
     xp, (ap, bp, aq, bq) = params_of(
         (
             ("concentration_p", concentration_p, "positive"),
-            ("rate_p", rate_p, "positive"),
+            ("rate_p", rate_p, rate_domain),
             ("concentration_q", concentration_q, "positive"),
-            ("rate_q", rate_q, "positive"),
+            ("rate_q", rate_q, rate_domain),
         ),
         check,
     )
     sp = ns.special(xp)
-    return (
-        (ap - aq) * sp.digamma(ap)
-        - sp.gammaln(ap)
-        + sp.gammaln(aq)
-        + aq * (xp.log(bp) - xp.log(bq))
-        + ap * (bq - bp) / bp
-    )
+    shape_terms = (ap - aq) * sp.digamma(ap) - sp.gammaln(ap) + sp.gammaln(aq)
+    if log_rate:
+        return shape_terms + aq * (bp - bq) + ap * xp.expm1(bq - bp)
+    return shape_terms + aq * (xp.log(bp) - xp.log(bq)) + ap * (bq - bp) / bp
 
 
 def beta_kl(
@@ -347,3 +355,201 @@ def uniform_kl(
     inside = (lq <= lp) & (hp <= hq)
     value = xp.log(hq - lq) - xp.log(hp - lp)
     return xp.where(inside, value, INF)
+
+
+# ---------------------------------------------------------------------------------------------
+# Families that are transforms of the ones above, and the continuous Bernoulli
+# ---------------------------------------------------------------------------------------------
+
+
+def half_normal_kl(scale_p: Array, scale_q: Array, *, check: bool = False) -> Array:
+    """KL(HalfNormal(σp) ‖ HalfNormal(σq)) = ``log(σq/σp) + σp²/(2σq²) − ½``.
+
+    Folding ``X ↦ |X|`` maps N(0, σ²) to the half-normal and is two-to-one, but both densities
+    are symmetric about 0, so the log-ratio and the KL are those of the normals. Evaluated as
+    ``½(e^{2t} − 1 − 2t)`` with ``t = log σp − log σq`` (exactly 0 for equal scales).
+    """
+    xp, (sp_, sq) = params_of(
+        (("scale_p", scale_p, "positive"), ("scale_q", scale_q, "positive")), check
+    )
+    return 0.5 * _math.expm1_minus(xp, 2 * (xp.log(sp_) - xp.log(sq)))
+
+
+def log_normal_kl(
+    loc_p: Array, scale_p: Array, loc_q: Array, scale_q: Array, *, check: bool = False
+) -> Array:
+    """KL(LogNormal(μp, σp) ‖ LogNormal(μq, σq)): the normals' KL, :func:`normal_kl`.
+
+    ``X ↦ e^X`` is one-to-one, and KL is invariant under a one-to-one map applied to both
+    sides (the Jacobian cancels in the log-ratio), so the KL between the laws of ``e^X`` is the
+    one between the normals of ``log X``, with ``μ``, ``σ`` the mean and standard deviation of
+    ``log X``.
+    """
+    return normal_kl(loc_p, scale_p, loc_q, scale_q, check=check)
+
+
+def inverse_gamma_kl(
+    concentration_p: Array,
+    scale_p: Array,
+    concentration_q: Array,
+    scale_q: Array,
+    *,
+    check: bool = False,
+) -> Array:
+    """KL(InvGamma(αp, βp) ‖ InvGamma(αq, βq)), density ``β^α/Γ(α)·x^{−α−1}e^{−β/x}``.
+
+    ``1/X`` of X ~ InvGamma(α, β) is Gamma(α, rate β) and ``x ↦ 1/x`` is one-to-one on
+    (0, ∞), so this is :func:`gamma_kl` with the scales as rates (what PyTorch's
+    ``InverseGamma`` calls ``rate`` is this scale β).
+    """
+    return gamma_kl(concentration_p, scale_p, concentration_q, scale_q, check=check)
+
+
+def chi_kl(df_p: Array, df_q: Array, *, check: bool = False) -> Array:
+    """KL(χ(νp) ‖ χ(νq)), which is also KL(χ²(νp) ‖ χ²(νq)).
+
+    χ²(ν) is Gamma(ν/2, rate ½) and χ is its square root (one-to-one on (0, ∞)), so with
+    ``a = ν/2``: ``(ap − aq)ψ(ap) − lnΓ(ap) + lnΓ(aq)`` (the rate terms of :func:`gamma_kl`
+    vanish for equal rates).
+    """
+    xp, (vp, vq) = params_of((("df_p", df_p, "positive"), ("df_q", df_q, "positive")), check)
+    sp = ns.special(xp)
+    ap, aq = vp / 2, vq / 2
+    return (ap - aq) * sp.digamma(ap) - sp.gammaln(ap) + sp.gammaln(aq)
+
+
+def weibull_kl(
+    concentration_p: Array,
+    scale_p: Array,
+    concentration_q: Array,
+    scale_q: Array,
+    *,
+    check: bool = False,
+) -> Array:
+    """KL(Weibull(kp, λp) ‖ Weibull(kq, λq)), density ``(k/λ)(x/λ)^{k−1}e^{−(x/λ)^k}``.
+
+    With ``ρ = kq/kp`` and ``t = kq·log(λp/λq)``:
+    ``log(kp/kq) + γ(ρ − 1) + expm1(t + lnΓ(1 + ρ)) − t``, γ the Euler–Mascheroni constant.
+    From ``E_p[log X] = log λp − γ/kp`` and ``E_p[(X/λq)^kq] = (λp/λq)^kq·Γ(1 + kq/kp)`` (the
+    Weibull's moments, e.g. Bauckhage 2013, "Computing the Kullback–Leibler divergence between
+    two Weibull distributions", arXiv:1310.3713). Exactly 0 for equal parameters.
+    """
+    xp, (kp, lp, kq, lq) = params_of(
+        (
+            ("concentration_p", concentration_p, "positive"),
+            ("scale_p", scale_p, "positive"),
+            ("concentration_q", concentration_q, "positive"),
+            ("scale_q", scale_q, "positive"),
+        ),
+        check,
+    )
+    sp = ns.special(xp)
+    rho = kq / kp
+    t = kq * (xp.log(lp) - xp.log(lq))
+    return xp.log(kp) - xp.log(kq) + EULER_GAMMA * (rho - 1) + xp.expm1(t + sp.gammaln(1 + rho)) - t
+
+
+def pareto_kl(
+    scale_p: Array, alpha_p: Array, scale_q: Array, alpha_q: Array, *, check: bool = False
+) -> Array:
+    """KL(Pareto(mp, αp) ‖ Pareto(mq, αq)), density ``α m^α / x^{α+1}`` on [m, ∞).
+
+    ``log(αp/αq) + αq·log(mp/mq) + αq/αp − 1`` where ``mp ≥ mq``, +inf where ``mp < mq`` (P
+    puts mass below Q's support). From ``E_p[log X] = log mp + 1/αp``; evaluated as
+    ``e^t − 1 − t + αq·log(mp/mq)`` with ``t = log(αq/αp)``, exactly 0 for equal parameters.
+    Gradients are 0 where the value is +inf.
+    """
+    xp, (mp, ap, mq, aq) = params_of(
+        (
+            ("scale_p", scale_p, "positive"),
+            ("alpha_p", alpha_p, "positive"),
+            ("scale_q", scale_q, "positive"),
+            ("alpha_q", alpha_q, "positive"),
+        ),
+        check,
+    )
+    value = _math.expm1_minus(xp, xp.log(aq) - xp.log(ap)) + aq * (xp.log(mp) - xp.log(mq))
+    return xp.where(mp >= mq, value, INF)
+
+
+def continuous_bernoulli_kl(
+    p: Array,
+    q: Array,
+    *,
+    form: BernoulliForm | tuple[BernoulliForm, BernoulliForm] = "probs",
+    check: bool = False,
+) -> Array:
+    """KL(CB(λp) ‖ CB(λq)) between continuous Bernoulli distributions on [0, 1].
+
+    The continuous Bernoulli (Loaiza-Ganem & Cunningham, NeurIPS 2019) has density
+    ``C(λ)·λ^x(1 − λ)^{1−x}`` = ``exp(ηx − A(η))`` with the logit ``η = log(λ/(1 − λ))`` and
+    log-normaliser ``A(η) = log((e^η − 1)/η)``. As for any exponential family the KL is the
+    Bregman divergence of ``A``: ``A(ηq) − A(ηp) − (ηq − ηp)·A′(ηp)``, with the mean
+    ``A′(η) = 1/(1 − e^{−η}) − 1/η``. ``A`` and ``A′`` are evaluated without cancellation near
+    ``λ = ½`` (a Bernoulli-number series for ``|η| < 1``), so the value and its gradients are
+    smooth through ``λ = ½``, where naive formulas lose digits.
+
+    ``form`` is ``"probs"`` (λ in the open interval (0, 1)) or ``"logits"`` (η, any real), or
+    a pair for P and Q separately.
+    """
+    fp, fq = _check.check_forms(form)
+    for f in (fp, fq):
+        if f not in ("probs", "logits"):
+            raise ValueError(f"continuous_bernoulli_kl takes form 'probs' or 'logits', got {f!r}.")
+    dom = {"probs": "unit_open", "logits": "real"}
+    xp, (a, b) = params_of((("p", p, dom[fp]), ("q", q, dom[fq])), check)
+    ep, eq = cb_logits(xp, a, fp), cb_logits(xp, b, fq)
+    return cb_log_normalizer(xp, eq) - cb_log_normalizer(xp, ep) - (eq - ep) * cb_mean(xp, ep)
+
+
+def von_mises_kl(
+    loc_p: Array,
+    concentration_p: Array,
+    loc_q: Array,
+    concentration_q: Array,
+    *,
+    check: bool = False,
+) -> Array:
+    """KL(VonMises(μp, κp) ‖ VonMises(μq, κq)) on the circle, density
+    ``e^{κ cos(x − μ)}/(2π I₀(κ))``.
+
+    ``log I₀(κq) − log I₀(κp) + A(κp)·(κp − κq cos(μp − μq))`` with ``A(κ) = I₁(κ)/I₀(κ)``
+    = ``E_p[cos(X − μp)]`` (and ``E_p[sin(X − μp)] = 0`` by symmetry). The Bessel functions are
+    the exponentially scaled ``i0e``, ``i1e`` of the backend, so large concentrations do not
+    overflow. Concentrations ≥ 0 (κ = 0 is the uniform distribution on the circle); the
+    locations enter only through ``cos``, so they may be any real numbers.
+    """
+    xp, (mp, kp, mq, kq) = params_of(
+        (
+            ("loc_p", loc_p, "real"),
+            ("concentration_p", concentration_p, "nonneg"),
+            ("loc_q", loc_q, "real"),
+            ("concentration_q", concentration_q, "nonneg"),
+        ),
+        check,
+    )
+    bz = bessel(xp)
+    i0p = bz.i0e(kp)
+    ratio = bz.i1e(kp) / i0p
+    log_i0_diff = xp.log(bz.i0e(kq)) - xp.log(i0p) + (kq - kp)
+    return log_i0_diff + ratio * (kp - kq * xp.cos(mp - mq))
+
+
+def moyal_kl(
+    loc_p: Array, scale_p: Array, loc_q: Array, scale_q: Array, *, check: bool = False
+) -> Array:
+    """KL(Moyal(μp, σp) ‖ Moyal(μq, σq)), density ``exp(−(z + e^{−z})/2)/(σ√(2π))``,
+    ``z = (x − μ)/σ``.
+
+    Under P, ``e^{−zp}`` is χ²(1), so ``E[zp] = γ + log 2`` and ``E[e^{−r·zp}] =
+    2^r Γ(r + ½)/√π``. With ``r = σp/σq`` and ``d = (μp − μq)/σq``:
+    ``−log r + ½[(r − 1)(γ + log 2) + d + expm1(−d + r log 2 + lnΓ(r + ½) − ½ log π)]``,
+    exactly 0 for equal parameters.
+    """
+    xp, (mp, sp_, mq, sq) = loc_scale_pair(loc_p, scale_p, loc_q, scale_q, check)
+    sp = ns.special(xp)
+    log_r = xp.log(sp_) - xp.log(sq)
+    r = xp.exp(log_r)
+    d = (mp - mq) / sq
+    expo = -d + r * math.log(2.0) + sp.gammaln(r + 0.5) - 0.5 * math.log(math.pi)
+    return -log_r + 0.5 * ((r - 1) * (EULER_GAMMA + math.log(2.0)) + d + xp.expm1(expo))

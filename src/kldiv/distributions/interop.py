@@ -23,13 +23,16 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _namespace as ns
-from ._common import Array
+from ._common import Array, host
 from .objects import (
     Bernoulli,
     Beta,
     Binomial,
     Categorical,
     Cauchy,
+    Chi,
+    ContinuousBernoulli,
+    Deterministic,
     DiagNormal,
     Dirichlet,
     Distribution,
@@ -37,13 +40,24 @@ from .objects import (
     Gamma,
     Geometric,
     Gumbel,
+    HalfNormal,
+    Independent,
+    InverseGamma,
     Laplace,
+    LogNormal,
     LowRankMultivariateNormal,
+    Moyal,
     MultivariateNormal,
     Normal,
+    OneHotCategorical,
+    Pareto,
     Poisson,
     StudentT,
+    Transformed,
     Uniform,
+    VonMises,
+    Weibull,
+    Wishart,
 )
 
 __all__ = ["as_kldiv", "foreign_package", "supported"]
@@ -147,13 +161,37 @@ def _torch_probs_or_logits(d: Any) -> dict[str, Array]:
     return {name: vars(d)[name]}
 
 
-def _torch_independent(d: Any, v: bool) -> Distribution:
-    base, n = d.base_dist, int(d.reinterpreted_batch_ndims)
+def _independent(base: Any, n: int, v: bool) -> Distribution:
+    """``Independent(base, n)`` of any package: the base itself for n = 0, ``DiagNormal`` for
+    a normal over one axis (which has the multivariate-normal pairs), else kldiv's
+    ``Independent`` of the base read as kldiv's."""
     if n == 0:
         return as_kldiv(base, validate=v)
-    if n == 1 and foreign_package(base) == "torch.distributions" and _name_in(base, "Normal"):
+    if n == 1 and _name_in(base, "Normal") and not _name_in(base, "LogNormal"):
         return DiagNormal(base.loc, _logvar(base.scale), validate=v)
-    raise _unsupported(d, "torch.distributions", f"Independent({type(base).__name__}, {n})")
+    return Independent(as_kldiv(base, validate=v), n)
+
+
+def _torch_independent(d: Any, v: bool) -> Distribution:
+    return _independent(d.base_dist, int(d.reinterpreted_batch_ndims), v)
+
+
+def _torch_transformed(d: Any, v: bool) -> Distribution:
+    transforms = tuple(d.transforms)
+    if not all(getattr(t, "bijective", False) for t in transforms):
+        names = ", ".join(type(t).__name__ for t in transforms)
+        raise TypeError(
+            f"kldiv reads a torch.distributions TransformedDistribution only when its "
+            f"transforms are one-to-one (bijective); got {names}."
+        )
+    return Transformed(as_kldiv(d.base_dist, validate=v), transforms)
+
+
+def _torch_half_cauchy(d: Any, v: bool) -> Distribution:
+    # |X| of a Cauchy centred at 0: folding is two-to-one, but both sides are symmetric about
+    # 0, so the KL is the Cauchys' (what torch computes too)
+    base = d.base_dist
+    return Transformed(Cauchy(base.loc, base.scale, validate=v), "abs")
 
 
 def _name_in(obj: Any, name: str) -> bool:
@@ -181,6 +219,21 @@ _TORCH: dict[str, _Convert] = {
     "Geometric": lambda d, v: Geometric(d.probs, validate=v),
     "Binomial": lambda d, v: Binomial(d.total_count, d.probs, validate=v),
     "Independent": _torch_independent,
+    "Pareto": lambda d, v: Pareto(d.scale, d.alpha, validate=v),
+    "ContinuousBernoulli": lambda d, v: ContinuousBernoulli(
+        **_torch_probs_or_logits(d), validate=v
+    ),
+    "HalfNormal": lambda d, v: HalfNormal(d.scale, validate=v),
+    "HalfCauchy": _torch_half_cauchy,
+    "LogNormal": lambda d, v: LogNormal(d.loc, d.scale, validate=v),
+    "InverseGamma": lambda d, v: InverseGamma(d.concentration, d.rate, validate=v),
+    "Weibull": lambda d, v: Weibull(d.concentration, d.scale, validate=v),
+    "OneHotCategorical": lambda d, v: OneHotCategorical(
+        **_torch_probs_or_logits(d._categorical), validate=v
+    ),
+    "Wishart": lambda d, v: Wishart(d.df, d.scale_tril, validate=v),
+    "VonMises": lambda d, v: VonMises(d.loc, d.concentration, validate=v),
+    "TransformedDistribution": _torch_transformed,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +254,33 @@ def _tfp_probs_or_logits(d: Any) -> dict[str, Array]:
 
 
 def _tfp_independent(d: Any, v: bool) -> Distribution:
-    base, n = d.distribution, int(d.reinterpreted_batch_ndims)
-    if n == 0:
-        return as_kldiv(base, validate=v)
-    if n == 1 and _name_in(base, "Normal"):
-        return DiagNormal(base.loc, _logvar(base.scale), validate=v)
-    pkg = foreign_package(d) or "TFP"
-    raise _unsupported(d, pkg, f"Independent({type(base).__name__}, {n})")
+    return _independent(d.distribution, int(d.reinterpreted_batch_ndims), v)
+
+
+def _tfp_gamma(d: Any, v: bool) -> Distribution:
+    if getattr(d, "rate", None) is not None:
+        return Gamma(d.concentration, d.rate, validate=v)
+    return Gamma(d.concentration, log_rate=d.log_rate, validate=v)
+
+
+def _tfp_deterministic(d: Any, v: bool) -> Distribution:
+    for name in ("atol", "rtol"):
+        tol = getattr(d, name, None)
+        if tol is not None and bool((host(tol) != 0).any()):
+            raise TypeError(
+                f"kldiv reads a TFP Deterministic only as an exact point mass ({name}=0); this "
+                f"one has {name}={tol!r}."
+            )
+    return Deterministic(d.loc, validate=v)
+
+
+def _tfp_wishart(d: Any, v: bool) -> Distribution:
+    if getattr(d, "input_output_cholesky", False):
+        raise TypeError(
+            "kldiv reads a TFP WishartTriL over matrices, not over their Cholesky factors "
+            "(input_output_cholesky=True)."
+        )
+    return Wishart(d.df, _positive_diagonal(d.scale_tril), validate=v)
 
 
 def _tfp_mvn_diag(d: Any, v: bool) -> Distribution:
@@ -236,15 +309,31 @@ _TFP: dict[str, _Convert] = {
     "StudentT": lambda d, v: StudentT(d.df, d.loc, d.scale, validate=v),
     "Uniform": lambda d, v: Uniform(d.low, d.high, validate=v),
     "Exponential": lambda d, v: Exponential(_tfp_rate(d), validate=v),
-    "Gamma": lambda d, v: Gamma(d.concentration, _tfp_rate(d), validate=v),
+    "Gamma": _tfp_gamma,
+    "Chi2": lambda d, v: Gamma(d.df / 2, 0.5, validate=v),
+    "Chi": lambda d, v: Chi(d.df, validate=v),
     "Beta": lambda d, v: Beta(d.concentration1, d.concentration0, validate=v),
     "Dirichlet": lambda d, v: Dirichlet(d.concentration, validate=v),
     "Bernoulli": lambda d, v: Bernoulli(**_tfp_probs_or_logits(d), validate=v),
     "Categorical": lambda d, v: Categorical(**_tfp_probs_or_logits(d), validate=v),
+    "OneHotCategorical": lambda d, v: OneHotCategorical(**_tfp_probs_or_logits(d), validate=v),
     "Poisson": lambda d, v: Poisson(_tfp_rate(d), validate=v),
     "Geometric": lambda d, v: Geometric(d.probs_parameter(), validate=v),
     "Binomial": lambda d, v: Binomial(d.total_count, d.probs_parameter(), validate=v),
     "Independent": _tfp_independent,
+    "Pareto": lambda d, v: Pareto(d.scale, d.concentration, validate=v),
+    "ContinuousBernoulli": lambda d, v: ContinuousBernoulli(**_tfp_probs_or_logits(d), validate=v),
+    "HalfNormal": lambda d, v: HalfNormal(d.scale, validate=v),
+    "LogNormal": lambda d, v: LogNormal(d.loc, d.scale, validate=v),
+    "InverseGamma": lambda d, v: InverseGamma(d.concentration, d.scale, validate=v),
+    "Weibull": lambda d, v: Weibull(d.concentration, d.scale, validate=v),
+    "VonMises": lambda d, v: VonMises(d.loc, d.concentration, validate=v),
+    "Moyal": lambda d, v: Moyal(d.loc, d.scale, validate=v),
+    "Deterministic": _tfp_deterministic,
+    "WishartTriL": _tfp_wishart,
+    "TransformedDistribution": lambda d, v: Transformed(
+        as_kldiv(d.distribution, validate=v), d.bijector
+    ),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -257,12 +346,7 @@ def _distrax_probs_or_logits(d: Any) -> dict[str, Array]:
 
 
 def _distrax_independent(d: Any, v: bool) -> Distribution:
-    base, n = d.distribution, int(d.reinterpreted_batch_ndims)
-    if n == 0:
-        return as_kldiv(base, validate=v)
-    if n == 1 and _name_in(base, "Normal"):
-        return DiagNormal(base.loc, _logvar(base.scale), validate=v)
-    raise _unsupported(d, "distrax", f"Independent({type(base).__name__}, {n})")
+    return _independent(d.distribution, int(d.reinterpreted_batch_ndims), v)
 
 
 _DISTRAX: dict[str, _Convert] = {
@@ -290,12 +374,16 @@ _TABLES: dict[str, dict[str, _Convert]] = {
     "distrax": _DISTRAX,
 }
 
-_INDEPENDENT_NOTE = "Independent only of a Normal over 1 axis, read as DiagNormal"
+_INDEPENDENT_NOTE = (
+    "Independent of any of these (of a Normal over 1 axis as DiagNormal), and a "
+    "TransformedDistribution of one of them by one-to-one transforms"
+)
 
 
 def supported() -> dict[str, list[str]]:
-    """The classes :func:`as_kldiv` accepts, per package (``Independent`` only of a ``Normal``
-    with ``reinterpreted_batch_ndims`` 1, read as ``DiagNormal``, or 0)."""
+    """The classes :func:`as_kldiv` accepts, per package (``Independent`` and
+    ``TransformedDistribution`` of any of them; ``Independent`` of a ``Normal`` over one axis
+    is read as ``DiagNormal``)."""
     return {pkg: sorted(table) for pkg, table in _TABLES.items()}
 
 

@@ -13,6 +13,7 @@ from .. import _math
 from .. import _namespace as ns
 from .._defaults import BernoulliForm
 from ._common import INF, LOG_2PI, Array, check_domain, host, params_of
+from ._special import bessel, cb_log_normalizer, cb_logits, mv_gammaln
 from .continuous import student_t_log_density
 from .discrete import bernoulli_logs
 from .multivariate import check_square, check_tril, diag, mT, woodbury
@@ -427,16 +428,45 @@ class Exponential(Distribution):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Gamma(Distribution):
-    """Gamma distribution with shape ``concentration`` and rate ``rate``."""
+    """Gamma distribution with shape ``concentration`` and rate ``rate``, or its logarithm
+    ``log_rate`` (give at most one; the default is rate 1). The log-rate parametrisation keeps
+    the KL exact for rates far outside the floating range and differentiates to ``log_rate``.
+    """
 
     concentration: Array = 1.0
-    rate: Array = 1.0
-    PARAMS = (("concentration", "positive"), ("rate", "positive"))
+    rate: Array = None
+    log_rate: Array = None
+    PARAMS = (("concentration", "positive"), ("rate", "positive"), ("log_rate", "real"))
     SUPPORT = "positive"
 
+    def __post_init__(self) -> None:
+        if self.rate is not None and self.log_rate is not None:
+            raise ValueError("Gamma takes at most one of `rate=` and `log_rate=`.")
+        if self.rate is None and self.log_rate is None:
+            object.__setattr__(self, "rate", 1.0)
+        super().__post_init__()
+
+    def arrays(self) -> tuple[ModuleType, list[Array]]:
+        """``(xp, [concentration, rate])``, the rate as ``exp(log_rate)`` when given so."""
+        xp, (a, b) = self.natural_arrays()
+        return xp, [a, b if self.log_rate is None else xp.exp(b)]
+
+    def natural_arrays(self) -> tuple[ModuleType, list[Array]]:
+        """``(xp, [concentration, rate or log_rate])``, as given."""
+        name = "rate" if self.log_rate is None else "log_rate"
+        return params_of(
+            (("concentration", self.concentration, "any"), (name, getattr(self, name), "any")),
+            False,
+        )
+
+    def log_rate_array(self) -> Array:
+        """``log β``: ``log_rate`` as given, or the log of ``rate``."""
+        xp, (_, b) = self.natural_arrays()
+        return b if self.log_rate is not None else xp.log(b)
+
     def log_prob(self, x: Array) -> Array:
-        xp, (a, b), x = self.with_value(x)
-        x = x
+        xp, params, x = self.with_value(x)
+        a, b = params[0], params[1] if self.log_rate is None else xp.exp(params[1])
         sp = ns.special(xp)
         pos = x >= 0
         xs = xp.where(pos, x, 1.0)
@@ -643,3 +673,398 @@ class Binomial(Distribution):
     def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
         n, p = params
         return rng.binomial(n, p, shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Families that are transforms of the ones above, the continuous Bernoulli, the von Mises
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class HalfNormal(Distribution):
+    """Half-normal distribution: ``|X|`` for X ~ N(0, scale²), on [0, ∞)."""
+
+    scale: Array = 1.0
+    PARAMS = (("scale", "positive"),)
+    SUPPORT = "positive"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (s,), x = self.with_value(x)
+        z = x / s
+        val = 0.5 * math.log(2 / math.pi) - xp.log(s) - 0.5 * z * z
+        return xp.where(x >= 0, val, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        return params[0] * rng.xp.abs(rng.normal(shape))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class LogNormal(Distribution):
+    """Log-normal distribution: ``e^X`` for X ~ N(loc, scale²)."""
+
+    loc: Array = 0.0
+    scale: Array = 1.0
+    PARAMS = (("loc", "real"), ("scale", "positive"))
+    SUPPORT = "positive"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, s), x = self.with_value(x)
+        pos = x > 0
+        lx = xp.log(xp.where(pos, x, 1.0))
+        z = (lx - m) / s
+        return xp.where(pos, -0.5 * z * z - xp.log(s) - 0.5 * LOG_2PI - lx, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, s = params
+        return rng.xp.exp(m + s * rng.normal(shape))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class InverseGamma(Distribution):
+    """Inverse-gamma distribution: ``1/X`` for X ~ Gamma(concentration, rate=scale); density
+    ``β^α/Γ(α)·x^{−α−1}e^{−β/x}`` (PyTorch calls the scale β ``rate``)."""
+
+    concentration: Array = 1.0
+    scale: Array = 1.0
+    PARAMS = (("concentration", "positive"), ("scale", "positive"))
+    SUPPORT = "positive"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (a, b), x = self.with_value(x)
+        pos = x > 0
+        xs = xp.where(pos, x, 1.0)
+        val = a * xp.log(b) - ns.special(xp).gammaln(a) - (a + 1) * xp.log(xs) - b / xs
+        return xp.where(pos, val, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        a, b = params
+        return b / rng.gamma(a, shape)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Chi(Distribution):
+    """Chi distribution with ``df`` degrees of freedom: the norm of ``df`` standard normals
+    (``√X`` for X ~ χ²(df)). A χ² distribution is ``Gamma(df/2, rate=0.5)``."""
+
+    df: Array = 1.0
+    PARAMS = (("df", "positive"),)
+    SUPPORT = "positive"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (v,), x = self.with_value(x)
+        pos = x >= 0
+        xs = xp.where(pos, x, 1.0)
+        val = (
+            (1 - v / 2) * math.log(2.0)
+            - ns.special(xp).gammaln(v / 2)
+            + _math.xlogy(xp, v - 1, xs)
+            - 0.5 * xs * xs
+        )
+        return xp.where(pos, val, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        return rng.xp.sqrt(2 * rng.gamma(params[0] / 2, shape))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Weibull(Distribution):
+    """Weibull distribution, density ``(k/λ)(x/λ)^{k−1}e^{−(x/λ)^k}`` on [0, ∞), with
+    ``concentration`` k and ``scale`` λ."""
+
+    concentration: Array = 1.0
+    scale: Array = 1.0
+    PARAMS = (("concentration", "positive"), ("scale", "positive"))
+    SUPPORT = "positive"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (k, lam), x = self.with_value(x)
+        pos = x >= 0
+        z = xp.where(pos, x, 0.0) / lam
+        val = xp.log(k) - xp.log(lam) + _math.xlogy(xp, k - 1, z) - z**k
+        return xp.where(pos, val, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        k, lam = params
+        return lam * (-rng.xp.log(rng.uniform(shape))) ** (1 / k)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Pareto(Distribution):
+    """Pareto distribution, density ``α m^α / x^{α+1}`` on [m, ∞), ``scale`` m and ``alpha`` α
+    (TensorFlow Probability calls α ``concentration``)."""
+
+    scale: Array = 1.0
+    alpha: Array = 1.0
+    PARAMS = (("scale", "positive"), ("alpha", "positive"))
+    SUPPORT = "pareto"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, a), x = self.with_value(x)
+        inside = x >= m
+        xs = xp.where(inside, x, m)
+        val = xp.log(a) + a * xp.log(m) - (a + 1) * xp.log(xs)
+        return xp.where(inside, val, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, a = params
+        return m * rng.xp.exp(-rng.xp.log(rng.uniform(shape)) / a)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ContinuousBernoulli(Distribution):
+    """Continuous Bernoulli distribution on [0, 1] (Loaiza-Ganem & Cunningham, 2019), density
+    ``C(λ)·λ^x(1 − λ)^{1−x}`` = ``exp(ηx − A(η))``, from ``probs`` λ ∈ (0, 1) or ``logits``
+    η = log(λ/(1 − λ)): give one."""
+
+    probs: Array = None
+    logits: Array = None
+    PARAMS = (("probs", "unit_open"), ("logits", "real"))
+    SUPPORT = "unit"
+
+    def __post_init__(self) -> None:
+        _one_of(self, "probs", "logits")
+        super().__post_init__()
+
+    def arrays(self) -> tuple[ModuleType, list[Array]]:
+        name = "probs" if self.probs is not None else "logits"
+        return params_of(((name, getattr(self, name), "any"),), False)
+
+    @property
+    def form(self) -> BernoulliForm:
+        return "probs" if self.probs is not None else "logits"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (t,), x = self.with_value(x)
+        eta = cb_logits(xp, t, self.form)
+        inside = (x >= 0) & (x <= 1)
+        return xp.where(inside, eta * x - cb_log_normalizer(xp, eta), -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        xp = rng.xp
+        eta = xp.broadcast_to(cb_logits(xp, params[0], self.form), shape)
+        u = rng.uniform(shape)
+        # the inverse of F(x) = expm1(ηx)/expm1(η), written for each sign of η so that e^η
+        # never overflows; for |η| < 1e-6, its expansion u + ηu(1 − u)/2 (error O(η²))
+        tiny = xp.abs(eta) < 1e-6
+        e = xp.where(tiny, 1.0, eta)
+        neg = xp.log1p(u * xp.expm1(e)) / e
+        pos = 1 + xp.log(xp.exp(-xp.abs(e)) - u * xp.expm1(-xp.abs(e))) / e
+        return xp.where(tiny, u + eta * u * (1 - u) / 2, xp.where(e > 0, pos, neg))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class VonMises(Distribution):
+    """Von Mises distribution on the circle, density ``e^{κ cos(x − μ)}/(2π I₀(κ))`` with
+    location ``loc`` μ and ``concentration`` κ ≥ 0 (no sampler: its KL is closed-form)."""
+
+    loc: Array = 0.0
+    concentration: Array = 1.0
+    PARAMS = (("loc", "real"), ("concentration", "nonneg"))
+    SUPPORT = "circle"
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, k), x = self.with_value(x)
+        log_i0 = xp.log(bessel(xp).i0e(k)) + k
+        return k * xp.cos(x - m) - math.log(2 * math.pi) - log_i0
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Moyal(Distribution):
+    """Moyal distribution, density ``exp(−(z + e^{−z})/2)/(σ√(2π))``, ``z = (x − loc)/scale``
+    (``e^{−z}`` is χ²(1))."""
+
+    loc: Array = 0.0
+    scale: Array = 1.0
+    PARAMS = (("loc", "real"), ("scale", "positive"))
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m, s), x = self.with_value(x)
+        z = (x - m) / s
+        return -0.5 * (z + xp.exp(-z)) - 0.5 * LOG_2PI - xp.log(s)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        m, s = params
+        z = rng.normal(shape)
+        return m - s * rng.xp.log(z * z)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Deterministic(Distribution):
+    """The point mass at ``loc``. Against a discrete Q, ``KL(δ_loc ‖ Q) = −log Q(loc)``; against
+    another point mass, 0 or +inf; against a continuous Q there is no common reference measure
+    (see :func:`kl`)."""
+
+    loc: Array = 0.0
+    PARAMS = (("loc", "real"),)
+    SUPPORT = "point"
+    DISCRETE = True
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (m,), x = self.with_value(x)
+        return xp.where(x == m, 0.0, -INF)
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        return rng.xp.broadcast_to(params[0], shape)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class OneHotCategorical(Categorical):
+    """A categorical distribution over one-hot vectors (``probs`` or ``logits`` along the last
+    axis): its KL is the categorical one; samples and ``log_prob`` take one-hot vectors."""
+
+    def log_prob(self, x: Array) -> Array:
+        xp, lp = self._log_probs()
+        x = xp.asarray(x, dtype=lp.dtype, device=ns.device_of(lp))
+        return xp.sum(_math.xlogy(xp, x, xp.exp(lp)), axis=-1)
+
+    def sample(self, n: int, *, seed: int | None = None, key: Any = None) -> Array:
+        """``n`` one-hot draws, shape ``(n, *batch_shape, k)``."""
+        xp, lp = self._log_probs()
+        idx = super().sample(n, seed=seed, key=key)
+        k = lp.shape[-1]
+        return xp.astype(idx[..., None] == xp.arange(k, device=ns.device_of(lp)), lp.dtype)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Wishart(Distribution):
+    """Wishart distribution W_k(df, V) over k×k positive-definite matrices, with ``df`` > k − 1
+    degrees of freedom and the Cholesky factor ``scale_tril`` L of the scale matrix V = LLᵀ."""
+
+    df: Array = None
+    scale_tril: Array = None
+    PARAMS = (("df", "positive"), ("scale_tril", "real"))
+    SUPPORT = "positive_definite"
+    EVENT_NDIM = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.validate and not ns.compiling() and not ns.is_traced(self.scale_tril):
+            _, (v, tril) = self.arrays()
+            k = tril.shape[-1]
+            check_square("scale_tril", tril, k)
+            check_tril("scale_tril", tril)
+            if not (host(v) > k - 1).all():
+                raise ValueError(f"Expected `df` > k − 1 = {k - 1} for every Wishart.")
+
+    def batch_shape(self) -> tuple[int, ...]:
+        _, (v, tril) = self.arrays()
+        return tuple(np.broadcast_shapes(tuple(v.shape), tuple(tril.shape)[:-2]))
+
+    def log_prob(self, x: Array) -> Array:
+        xp, (v, tril), x = self.with_value(x)
+        sp = ns.special(xp)
+        k = tril.shape[-1]
+        cx = sp.cholesky(x)
+        half_logdet_x = xp.sum(xp.log(diag(xp, cx)), axis=-1)
+        half_logdet_v = xp.sum(xp.log(diag(xp, tril)), axis=-1)
+        m = sp.solve_tril(tril, cx)
+        trace = xp.sum(m * m, axis=(-2, -1))
+        return (
+            (v - k - 1) * half_logdet_x
+            - 0.5 * trace
+            - v * k / 2 * math.log(2.0)
+            - v * half_logdet_v
+            - mv_gammaln(xp, sp, v / 2, k)
+        )
+
+    def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
+        # Bartlett's decomposition: X = (LA)(LA)ᵀ with A lower triangular, A_ii² ~ χ²(df − i),
+        # A_ij ~ N(0, 1) below the diagonal.
+        xp = rng.xp
+        v, tril = params
+        k = tril.shape[-1]
+        steps = xp.asarray([i / 2 for i in range(k)], dtype=v.dtype, device=ns.device_of(v))
+        chi2 = 2 * rng.gamma(v[..., None] / 2 - steps, (*shape, k))
+        eye = xp.eye(k, dtype=v.dtype, device=ns.device_of(v))
+        lower = xp.tril(rng.normal((*shape, k, k)), k=-1)
+        a = lower + eye * xp.sqrt(chi2)[..., None, :]
+        la = tril @ a
+        return la @ mT(xp, la)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers: independent batch axes, one-to-one transforms
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Independent(Distribution):
+    """``base`` with its last ``reinterpreted_batch_ndims`` batch axes read as event axes: the
+    joint law of independent components, whose KL is the sum of the components' KLs."""
+
+    base: Distribution = None  # type: ignore[assignment]
+    reinterpreted_batch_ndims: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, Distribution):
+            raise TypeError(f"Independent takes a kldiv distribution, got {type(self.base)}.")
+        n = self.reinterpreted_batch_ndims
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"Expected `reinterpreted_batch_ndims` to be an int >= 0, got {n!r}.")
+
+    @property
+    def DISCRETE(self) -> bool:  # type: ignore[override]
+        return self.base.DISCRETE
+
+    @property
+    def SUPPORT(self) -> str:  # type: ignore[override]
+        return self.base.SUPPORT
+
+    @property
+    def EVENT_NDIM(self) -> int:  # type: ignore[override]
+        return self.base.EVENT_NDIM + self.reinterpreted_batch_ndims
+
+    def arrays(self) -> tuple[ModuleType, list[Array]]:
+        return self.base.arrays()
+
+    def batch_shape(self) -> tuple[int, ...]:
+        shape = self.base.batch_shape()
+        return shape[: len(shape) - self.reinterpreted_batch_ndims]
+
+    def log_prob(self, x: Array) -> Array:
+        lp = self.base.log_prob(x)
+        n = self.reinterpreted_batch_ndims
+        if n == 0:
+            return lp
+        xp = ns.namespace(lp)[0]
+        return xp.sum(lp, axis=tuple(range(-n, 0)))
+
+    def sample(self, n: int, *, seed: int | None = None, key: Any = None) -> Array:
+        return self.base.sample(n, seed=seed, key=key)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Transformed(Distribution):
+    """The law of ``T(X)`` for X ~ ``base`` and a one-to-one map T named by ``transform``.
+
+    ``transform`` is any object that compares with ``==`` (a string such as ``"exp"``, a
+    ``torch.distributions`` transform or a tuple of them, a TFP bijector). Since KL is
+    invariant under a one-to-one map applied to both sides, ``kl`` of two ``Transformed`` with
+    equal transforms is the KL of their bases; with different transforms there is no general
+    closed form. kldiv does not apply the map: there is no ``log_prob`` or sampler.
+    """
+
+    base: Distribution = None  # type: ignore[assignment]
+    transform: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, Distribution):
+            raise TypeError(f"Transformed takes a kldiv distribution, got {type(self.base)}.")
+
+    @property
+    def DISCRETE(self) -> bool:  # type: ignore[override]
+        return self.base.DISCRETE
+
+    @property
+    def SUPPORT(self) -> str:  # type: ignore[override]
+        return "transformed"
+
+    @property
+    def EVENT_NDIM(self) -> int:  # type: ignore[override]
+        return self.base.EVENT_NDIM
+
+    def arrays(self) -> tuple[ModuleType, list[Array]]:
+        return self.base.arrays()
+
+    def batch_shape(self) -> tuple[int, ...]:
+        return self.base.batch_shape()

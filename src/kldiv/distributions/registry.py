@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,33 +14,75 @@ from ._common import INF, Array, host, params_of
 from .continuous import (
     beta_kl,
     cauchy_kl,
+    chi_kl,
+    continuous_bernoulli_kl,
     diag_normal_kl,
     dirichlet_kl,
     exponential_kl,
     gamma_kl,
     gumbel_kl,
+    half_normal_kl,
+    inverse_gamma_kl,
     laplace_kl,
+    log_normal_kl,
+    moyal_kl,
     normal_kl,
+    pareto_kl,
     student_t_kl,
     uniform_kl,
+    von_mises_kl,
+    weibull_kl,
 )
 from .cross import (
+    bernoulli_poisson_kl,
+    beta_continuous_bernoulli_kl,
+    beta_exponential_kl,
+    beta_gamma_kl,
+    beta_normal_kl,
+    beta_uniform_kl,
+    continuous_bernoulli_exponential_kl,
+    continuous_bernoulli_normal_kl,
+    continuous_bernoulli_uniform_kl,
     exponential_gamma_kl,
+    exponential_gumbel_kl,
     exponential_normal_kl,
     gamma_exponential_kl,
+    gamma_gumbel_kl,
+    gamma_normal_kl,
+    gumbel_normal_kl,
     laplace_normal_kl,
+    normal_gumbel_kl,
     normal_laplace_kl,
+    pareto_exponential_kl,
+    pareto_gamma_kl,
+    pareto_normal_kl,
+    uniform_beta_kl,
+    uniform_continuous_bernoulli_kl,
+    uniform_exponential_kl,
+    uniform_gamma_kl,
+    uniform_gumbel_kl,
     uniform_normal_kl,
+    uniform_pareto_kl,
+    weibull_gamma_kl,
 )
 from .discrete import bernoulli_kl, binomial_kl, categorical_kl, geometric_kl, poisson_kl
 from .interop import as_kldiv, foreign_package
-from .multivariate import lowrank_mvn_kl, mvn_kl
+from .multivariate import (
+    lowrank_mvn_kl,
+    lowrank_mvn_mvn_kl,
+    mvn_kl,
+    mvn_lowrank_mvn_kl,
+    wishart_kl,
+)
 from .objects import (
     Bernoulli,
     Beta,
     Binomial,
     Categorical,
     Cauchy,
+    Chi,
+    ContinuousBernoulli,
+    Deterministic,
     DiagNormal,
     Dirichlet,
     Distribution,
@@ -47,13 +90,24 @@ from .objects import (
     Gamma,
     Geometric,
     Gumbel,
+    HalfNormal,
+    Independent,
+    InverseGamma,
     Laplace,
+    LogNormal,
     LowRankMultivariateNormal,
+    Moyal,
     MultivariateNormal,
     Normal,
+    OneHotCategorical,
+    Pareto,
     Poisson,
     StudentT,
+    Transformed,
     Uniform,
+    VonMises,
+    Weibull,
+    Wishart,
 )
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -103,7 +157,32 @@ _pair(
 )
 _pair(Uniform, Uniform, lambda p, q: uniform_kl(p.low, p.high, q.low, q.high))
 _pair(Exponential, Exponential, lambda p, q: exponential_kl(p.rate, q.rate))
-_pair(Gamma, Gamma, lambda p, q: gamma_kl(p.concentration, p.rate, q.concentration, q.rate))
+
+
+def _rate(g: Gamma) -> Array:
+    """The rate of a Gamma in its own framework (``exp(log_rate)`` when built from it)."""
+    if g.log_rate is None:
+        return g.rate
+    return _exp(g.log_rate)
+
+
+def _exp(x: Array) -> Array:
+    return ns.namespace(x)[0].exp(x) if ns.is_array(x) else math.exp(x)
+
+
+def _log(x: Array) -> Array:
+    return ns.namespace(x)[0].log(x) if ns.is_array(x) else math.log(x)
+
+
+def _gamma_pair(p: Gamma, q: Gamma) -> Array:
+    if p.log_rate is None and q.log_rate is None:
+        return gamma_kl(p.concentration, p.rate, q.concentration, q.rate)
+    lp = p.log_rate if p.log_rate is not None else _log(p.rate)
+    lq = q.log_rate if q.log_rate is not None else _log(q.rate)
+    return gamma_kl(p.concentration, lp, q.concentration, lq, log_rate=True)
+
+
+_pair(Gamma, Gamma, _gamma_pair)
 _pair(Beta, Beta, lambda p, q: beta_kl(p.alpha, p.beta, q.alpha, q.beta))
 _pair(Dirichlet, Dirichlet, lambda p, q: dirichlet_kl(p.concentration, q.concentration))
 _pair(Poisson, Poisson, lambda p, q: poisson_kl(p.rate, q.rate))
@@ -130,8 +209,159 @@ _pair(Laplace, Normal, lambda p, q: laplace_normal_kl(p.loc, p.scale, q.loc, q.s
 _pair(Normal, Laplace, lambda p, q: normal_laplace_kl(p.loc, p.scale, q.loc, q.scale))
 _pair(Uniform, Normal, lambda p, q: uniform_normal_kl(p.low, p.high, q.loc, q.scale))
 _pair(Exponential, Normal, lambda p, q: exponential_normal_kl(p.rate, q.loc, q.scale))
-_pair(Exponential, Gamma, lambda p, q: exponential_gamma_kl(p.rate, q.concentration, q.rate))
-_pair(Gamma, Exponential, lambda p, q: gamma_exponential_kl(p.concentration, p.rate, q.rate))
+_pair(Exponential, Gamma, lambda p, q: exponential_gamma_kl(p.rate, q.concentration, _rate(q)))
+_pair(Gamma, Exponential, lambda p, q: gamma_exponential_kl(p.concentration, _rate(p), q.rate))
+
+
+def _cb(d: ContinuousBernoulli) -> Array:
+    return d.probs if d.probs is not None else d.logits
+
+
+def _bern(d: Bernoulli) -> Array:
+    return d.probs if d.probs is not None else d.logits
+
+
+# the families added with the torch.distributions pairs: transforms of the ones above, the
+# continuous Bernoulli, Pareto, and the cross-family pairs of the half-line and unit interval
+_pair(HalfNormal, HalfNormal, lambda p, q: half_normal_kl(p.scale, q.scale))
+_pair(LogNormal, LogNormal, lambda p, q: log_normal_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(
+    InverseGamma,
+    InverseGamma,
+    lambda p, q: inverse_gamma_kl(p.concentration, p.scale, q.concentration, q.scale),
+)
+_pair(Chi, Chi, lambda p, q: chi_kl(p.df, q.df))
+_pair(
+    Weibull,
+    Weibull,
+    lambda p, q: weibull_kl(p.concentration, p.scale, q.concentration, q.scale),
+)
+_pair(
+    Weibull,
+    Gamma,
+    lambda p, q: weibull_gamma_kl(p.concentration, p.scale, q.concentration, _rate(q)),
+)
+_pair(Pareto, Pareto, lambda p, q: pareto_kl(p.scale, p.alpha, q.scale, q.alpha))
+_pair(Pareto, Exponential, lambda p, q: pareto_exponential_kl(p.scale, p.alpha, q.rate))
+_pair(Pareto, Gamma, lambda p, q: pareto_gamma_kl(p.scale, p.alpha, q.concentration, _rate(q)))
+_pair(Pareto, Normal, lambda p, q: pareto_normal_kl(p.scale, p.alpha, q.loc, q.scale))
+_pair(Uniform, Pareto, lambda p, q: uniform_pareto_kl(p.low, p.high, q.scale, q.alpha))
+_pair(
+    ContinuousBernoulli,
+    ContinuousBernoulli,
+    lambda p, q: continuous_bernoulli_kl(_cb(p), _cb(q), form=(p.form, q.form)),
+)
+_pair(
+    ContinuousBernoulli,
+    Exponential,
+    lambda p, q: continuous_bernoulli_exponential_kl(_cb(p), q.rate, form=p.form),
+)
+_pair(
+    ContinuousBernoulli,
+    Normal,
+    lambda p, q: continuous_bernoulli_normal_kl(_cb(p), q.loc, q.scale, form=p.form),
+)
+_pair(
+    ContinuousBernoulli,
+    Uniform,
+    lambda p, q: continuous_bernoulli_uniform_kl(_cb(p), q.low, q.high, form=p.form),
+)
+_pair(
+    Beta,
+    ContinuousBernoulli,
+    lambda p, q: beta_continuous_bernoulli_kl(p.alpha, p.beta, _cb(q), form=q.form),
+)
+_pair(
+    Uniform,
+    ContinuousBernoulli,
+    lambda p, q: uniform_continuous_bernoulli_kl(p.low, p.high, _cb(q), form=q.form),
+)
+_pair(Beta, Exponential, lambda p, q: beta_exponential_kl(p.alpha, p.beta, q.rate))
+_pair(Beta, Gamma, lambda p, q: beta_gamma_kl(p.alpha, p.beta, q.concentration, _rate(q)))
+_pair(Beta, Normal, lambda p, q: beta_normal_kl(p.alpha, p.beta, q.loc, q.scale))
+_pair(Beta, Uniform, lambda p, q: beta_uniform_kl(p.alpha, p.beta, q.low, q.high))
+_pair(Exponential, Gumbel, lambda p, q: exponential_gumbel_kl(p.rate, q.loc, q.scale))
+_pair(Gamma, Gumbel, lambda p, q: gamma_gumbel_kl(p.concentration, _rate(p), q.loc, q.scale))
+_pair(Gamma, Normal, lambda p, q: gamma_normal_kl(p.concentration, _rate(p), q.loc, q.scale))
+_pair(Gumbel, Normal, lambda p, q: gumbel_normal_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(Normal, Gumbel, lambda p, q: normal_gumbel_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(Uniform, Beta, lambda p, q: uniform_beta_kl(p.low, p.high, q.alpha, q.beta))
+_pair(Uniform, Exponential, lambda p, q: uniform_exponential_kl(p.low, p.high, q.rate))
+_pair(Uniform, Gamma, lambda p, q: uniform_gamma_kl(p.low, p.high, q.concentration, _rate(q)))
+_pair(Uniform, Gumbel, lambda p, q: uniform_gumbel_kl(p.low, p.high, q.loc, q.scale))
+_pair(
+    Bernoulli,
+    Poisson,
+    lambda p, q: bernoulli_poisson_kl(_bern(p), q.rate, form=p.form),
+)
+_pair(Moyal, Moyal, lambda p, q: moyal_kl(p.loc, p.scale, q.loc, q.scale))
+_pair(
+    VonMises,
+    VonMises,
+    lambda p, q: von_mises_kl(p.loc, p.concentration, q.loc, q.concentration),
+)
+_pair(
+    OneHotCategorical,
+    OneHotCategorical,
+    lambda p, q: categorical_kl(
+        p.probs if p.probs is not None else p.logits,
+        q.probs if q.probs is not None else q.logits,
+        form=(p.form, q.form),
+    ),
+)
+_pair(Wishart, Wishart, lambda p, q: wishart_kl(p.df, p.scale_tril, q.df, q.scale_tril))
+
+# Multivariate normals of different kinds: a DiagNormal is a MultivariateNormal with a diagonal
+# Cholesky factor, and a LowRankMultivariateNormal with a zero factor.
+_pair(
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    lambda p, q: lowrank_mvn_mvn_kl(p.loc, p.cov_factor, p.cov_diag, q.loc, q.scale_tril),
+)
+_pair(
+    MultivariateNormal,
+    LowRankMultivariateNormal,
+    lambda p, q: mvn_lowrank_mvn_kl(p.loc, p.scale_tril, q.loc, q.cov_factor, q.cov_diag),
+)
+
+
+def _diag_parts(d: DiagNormal) -> tuple[Array, Array, Array, Array]:
+    """``(mean, std, Cholesky factor diag(std), zero (k, 1) low-rank factor)`` of a DiagNormal,
+    in its framework and dtype."""
+    xp, (m, lv) = d.arrays()
+    shape = tuple(np.broadcast_shapes(tuple(m.shape), tuple(lv.shape)))
+    m, lv = xp.broadcast_to(m, shape), xp.broadcast_to(lv, shape)
+    k = shape[-1]
+    std = xp.exp(lv / 2)
+    eye = xp.eye(k, dtype=std.dtype, device=ns.device_of(std))
+    zeros = xp.zeros((*shape, 1), dtype=std.dtype, device=ns.device_of(std))
+    return m, std, eye * std[..., None, :], zeros
+
+
+def _diag_mvn(p: DiagNormal, q: MultivariateNormal) -> Array:
+    m, _, tril, _ = _diag_parts(p)
+    return mvn_kl(m, tril, q.loc, q.scale_tril)
+
+
+def _mvn_diag(p: MultivariateNormal, q: DiagNormal) -> Array:
+    m, _, tril, _ = _diag_parts(q)
+    return mvn_kl(p.loc, p.scale_tril, m, tril)
+
+
+def _diag_lowrank(p: DiagNormal, q: LowRankMultivariateNormal) -> Array:
+    m, std, _, zeros = _diag_parts(p)
+    return lowrank_mvn_kl(m, zeros, std * std, q.loc, q.cov_factor, q.cov_diag)
+
+
+def _lowrank_diag(p: LowRankMultivariateNormal, q: DiagNormal) -> Array:
+    m, std, _, zeros = _diag_parts(q)
+    return lowrank_mvn_kl(p.loc, p.cov_factor, p.cov_diag, m, zeros, std * std)
+
+
+_pair(DiagNormal, MultivariateNormal, _diag_mvn)
+_pair(MultivariateNormal, DiagNormal, _mvn_diag)
+_pair(DiagNormal, LowRankMultivariateNormal, _diag_lowrank)
+_pair(LowRankMultivariateNormal, DiagNormal, _lowrank_diag)
 
 
 def _binomial_pair(p: Binomial, q: Binomial) -> Array:
@@ -232,8 +462,13 @@ _DISJOINT = {
     ("real", "unit"),
     ("real", "interval"),
     ("real", "simplex"),
+    ("real", "pareto"),
     ("positive", "unit"),
     ("positive", "interval"),
+    ("positive", "pareto"),  # every "positive" family has mass near 0, below Pareto's scale
+    ("unit", "pareto"),
+    ("pareto", "unit"),
+    ("pareto", "interval"),
 }
 
 
@@ -252,6 +487,69 @@ for _tp, _at in ((Poisson, 0.0), (Geometric, 1.0)):
         _pair(_tp, _tq, lambda p, q, at=_at: _point_mass_at_zero_or_inf(p, q, at))
 
 
+def _deterministic(p: Deterministic, q: Distribution) -> Array:
+    """KL(δ_a ‖ Q) = −log Q(a) for a discrete Q (the only term of the sum over P's support)."""
+    return -q.log_prob(p.loc)
+
+
+def _deterministic_pair(p: Deterministic, q: Deterministic) -> Array:
+    xp, (a, b) = params_of((("p.loc", p.loc, "any"), ("q.loc", q.loc, "any")), False)
+    return xp.where(a == b, 0.0, INF)
+
+
+_pair(Deterministic, Deterministic, _deterministic_pair)
+for _discrete in (Bernoulli, Binomial, Categorical, Geometric, Poisson):
+    _pair(Deterministic, _discrete, _deterministic)
+
+
+def _independent_pair(p: Independent, q: Independent) -> Array:
+    n = p.reinterpreted_batch_ndims
+    if n != q.reinterpreted_batch_ndims:
+        raise NotImplementedError(
+            "No closed-form KL(Independent || Independent) with different "
+            f"reinterpreted_batch_ndims ({n} and {q.reinterpreted_batch_ndims}): they are "
+            "distributions over spaces of different dimension."
+        )
+    value = kl(p.base, q.base)
+    if n == 0:
+        return value
+    return ns.namespace(value)[0].sum(value, axis=tuple(range(-n, 0)))
+
+
+def _same_transform(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # an elementwise == (arrays) or a comparison that is not defined
+        return False
+
+
+def _transformed_pair(p: Transformed, q: Transformed) -> Array:
+    if not _same_transform(p.transform, q.transform):
+        raise NotImplementedError(
+            "No closed-form KL(Transformed || Transformed) with different transforms "
+            f"({p.transform!r} and {q.transform!r}): only the same one-to-one map applied to "
+            "both sides leaves the KL that of the bases."
+        )
+    return kl(p.base, q.base)
+
+
+def _as_independent(d: DiagNormal) -> Independent:
+    """A DiagNormal as the Independent normals it is, to meet another Independent."""
+    return Independent(Normal(d.mean, _exp(_half(d.logvar)), validate=False), 1)
+
+
+def _half(x: Array) -> Array:
+    return x / 2
+
+
+_pair(Independent, Independent, _independent_pair)
+_pair(DiagNormal, Independent, lambda p, q: _independent_pair(_as_independent(p), q))
+_pair(Independent, DiagNormal, lambda p, q: _independent_pair(p, _as_independent(q)))
+_pair(Transformed, Transformed, _transformed_pair)
+
+
 def kl(
     p: Distribution | Any,
     q: Distribution | Any,
@@ -266,9 +564,12 @@ def kl(
     JAX, or distrax, read by :func:`kldiv.distributions.interop.as_kldiv`: the result is in
     their framework and differentiates to their parameters.
 
-    Looks up the closed form registered for ``(type(p), type(q))``. Where P's support can never
-    lie inside Q's (a Normal against a Gamma, a Poisson against a Bernoulli) the answer is
-    +inf. Otherwise, with ``samples=n``, returns the Monte-Carlo estimate
+    Looks up the closed form registered for ``(type(p), type(q))`` (:func:`registered_pairs`
+    lists them). Where P's support can never lie inside Q's (a Normal against a Gamma or a
+    Pareto, a Poisson against a Bernoulli) the answer is +inf. ``Independent`` pairs sum their
+    bases' KL over the reinterpreted axes; ``Transformed`` pairs with equal transforms are
+    their bases' KL; a ``Deterministic`` P against a discrete Q is ``−log Q(loc)``.
+    Otherwise, with ``samples=n``, returns the Monte-Carlo estimate
     ``mean(log p(x) − log q(x))`` over ``n`` draws ``x ~ p`` (the unbiased k1 estimator;
     its standard error is ``std/√n``), seeded by ``seed`` (NumPy, PyTorch) or ``key`` (JAX);
     draws are reparameterised where the family allows, so the estimate differentiates.
