@@ -65,7 +65,8 @@ def is_array(x: Any) -> bool:
     )
 
 
-def _single_namespace(x: Any) -> ModuleType:
+def namespace_of(x: Any) -> ModuleType:
+    """The Array API namespace of one array (no checks across arguments)."""
     # Resolve the common frameworks directly: array_namespace's cached class lookup makes
     # torch.compile emit warnings while tracing, and these helpers are plain isinstance checks.
     if is_torch_array(x):
@@ -120,7 +121,7 @@ def namespace(*args: Any, names: tuple[str, ...] | None = None) -> tuple[ModuleT
     for name, a in zip(names, args, strict=True):
         if a is None or not is_array(a):
             continue
-        xp = _single_namespace(a)
+        xp = namespace_of(a)
         found.setdefault(backend_name(xp), (xp, name))
     if len(found) > 1:
         desc = ", ".join(f"`{n}` is a {b} array" for b, (_, n) in found.items())

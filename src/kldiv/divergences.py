@@ -119,11 +119,15 @@ def _lift(xp: ModuleType, x: Array, ndim: int) -> Array:
     return x if x.ndim == ndim else xp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
 
 
-def _side(xp: ModuleType, x: Array, form: str, axis: int, dtype: Any, keep: Any, t: float) -> _Side:
+def _fill(xp: ModuleType, x: Array, dtype: Any, keep: Any, form: str) -> Array:
+    """``x`` in the compute dtype, masked rows overwritten (:data:`_MASK_FILL`)."""
     if x.dtype != dtype:
         x = xp.astype(x, dtype)
-    if keep is not None:
-        x = xp.where(keep, x, _MASK_FILL[form])
+    return x if keep is None else xp.where(keep, x, _MASK_FILL[form])
+
+
+def _side(xp: ModuleType, x: Array, form: str, axis: int, dtype: Any, keep: Any, t: float) -> _Side:
+    x = _fill(xp, x, dtype, keep, form)
     if form == "probs":
         return _Side(_math.safe_log(xp, x), x)
     if form == "logits":
@@ -186,6 +190,17 @@ def _evaluate(
                 weight=weight,
                 num_items=num_items,
             )
+    if forms == ("logits", "logits") and ax == len(batch) and ns.backend_name(xp) == "jax":
+        # The JAX row engine: the row specification as one rule from the logits, whose
+        # backward pass recomputes from the inputs rather than keeping [N, V] residuals.
+        from . import _rows_jax
+
+        p, q = (_fill(xp, x, dtype, keep, "logits") for x in (p, q))
+        w = next(iter(params.values()), 0.5)
+        values = _rows_jax.rows(kind, p, q, w, t)
+        return reduce(
+            xp, values, batch, reduction=reduction, mask=mask, weight=weight, num_items=num_items
+        )
     P = _side(xp, p, forms[0], ax, dtype, keep, t)
     Q = _side(xp, q, forms[1], ax, dtype, keep, t)
     values = _ROWS[kind](xp, P, Q, ax, **params)

@@ -12,6 +12,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -368,11 +369,31 @@ def test_bench_prints_ratios_and_writes_json_and_csv(tmp_path):
     assert len(rows) == 1 + 2 * 2
 
 
+def test_bench_times_jax_against_its_own_anchors(tmp_path):
+    """The JAX variants compute the same loss as each other (and as DistillationLoss on
+    torch, from other random inputs: only the JAX values are compared), and their ratios are
+    against the core function on JAX."""
+    argv = ["bench", "--device", "cpu", "--n", "8", "--v", "32", "--kinds", "kl,js"]
+    argv += ["--variants", "jax,jax_composition,optax", "--rounds", "1", "--iters", "1"]
+    code, out, err = run([*argv, "--out", str(tmp_path / "b"), "--quiet"])
+    assert code == 0, err
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert result["versions"]["jax"] == jax.__version__
+    for kind in ("kl", "js"):
+        s = result["kinds"][kind]["summary"]
+        assert s["jax_composition"]["value"] == pytest.approx(s["jax"]["value"], rel=1e-5)
+        ratio = s["jax_composition"]["median_s"] / s["jax"]["median_s"]
+        assert s["jax_composition"]["kldiv_speedup"] == pytest.approx(ratio)
+    kl = result["kinds"]["kl"]["summary"]
+    assert kl["optax"]["value"] == pytest.approx(kl["jax"]["value"], rel=1e-5)
+    assert "has no js" in result["kinds"]["js"]["summary"]["optax"]["unavailable"]
+
+
 def test_bench_errors_are_one_line(tmp_path):
     (tmp_path / "taken").mkdir()
     for args, message in [
         (["--kinds", "kld"], "--kinds: unknown 'kld'"),
-        (["--variants", "jax"], "--variants: unknown 'jax'"),
+        (["--variants", "jaxx"], "--variants: unknown 'jaxx'"),
         (["--device", "cuda:99"], "--device cuda:99: no such CUDA device here"),
         (["--device", "tpu"], "--device tpu: expected auto, cpu or cuda[:index]"),
         (["--device", "cpu:1"], "--device cpu:1: expected auto, cpu or cuda[:index]"),
@@ -450,7 +471,7 @@ def test_bench_through_a_subprocess(tmp_path):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == (
         "kldiv bench: error: --variants: unknown 'numba'; expected some of eager, compile, "
-        "liger, kldiv, tensor, core, floor"
+        "liger, kldiv, tensor, core, floor, jax, jax_composition, optax"
     )
 
 

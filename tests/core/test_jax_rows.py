@@ -404,7 +404,11 @@ def test_jit_and_vmap_equal_eager(rng, kind):
     for other in (jitted, mapped):
         np.testing.assert_array_equal(np.isinf(other), np.isinf(eager))
         fin = np.isfinite(np.asarray(eager))
-        np.testing.assert_allclose(np.asarray(other)[fin], np.asarray(eager)[fin], rtol=1e-13)
+        # fusion under jit reorders the rounding: relative 1e-13, and absolute V·16·eps for
+        # rows that cancel to about 0 (p = q up to the log-softmax's rounding)
+        np.testing.assert_allclose(
+            np.asarray(other)[fin], np.asarray(eager)[fin], rtol=1e-13, atol=V * 16 * EPS
+        )
     g_eager = jax.grad(loss, (0, 1))(a, b)
     g_jit = jax.jit(jax.grad(loss, (0, 1)))(a, b)
     g_vmap = jax.vmap(jax.grad(lambda x, y: loss(x[None], y[None]), (0, 1)))(a, b)
@@ -477,7 +481,8 @@ def test_hessian_is_finite_at_zero_support(kind):
 
 # --- the rules are what runs ---------------------------------------------------------------------
 
-# custom_jvp calls per divergence: one per log-softmax (logits), per KL row sum, per mixture
+# custom_jvp calls per divergence from log-probabilities or probabilities: one per KL row sum,
+# one per mixture; from logits, every kind is one call of the row engine's rule
 EXPECTED_RULES = {
     "kl": 1,
     "reverse_kl": 1,
@@ -495,7 +500,7 @@ def test_the_custom_rules_are_used(form):
     for kind in KINDS:
         jaxpr = jax.make_jaxpr(lambda x, y, k=kind: kldiv_rows(k, x, y, form))(a, a)
         calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "custom_jvp_call"]
-        expected = EXPECTED_RULES[kind] + (2 if form == "logits" else 0)
+        expected = 1 if form == "logits" else EXPECTED_RULES[kind]
         assert len(calls) == expected, (kind, form, len(calls))
 
 

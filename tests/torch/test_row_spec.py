@@ -1,4 +1,4 @@
-"""The row specification (``kldiv.torch._rows.spec``) against the float64 core, and every
+"""The row specification (``kldiv._spec``) against the float64 core, and every
 engine (tensor code, the C kernel, the Triton kernels in the interpreter, the core itself)
 against the specification: values and student gradients, on rows with every zero-support
 pattern each kind allows, at T = 1 and T = 2.5, for every weight class.
@@ -16,15 +16,16 @@ import pytest
 import torch
 
 import kldiv
+from kldiv import _spec as spec
 from kldiv._kinds import ENGINE_KINDS, params_of
 from kldiv.torch._rows import native as native_engine
-from kldiv.torch._rows import spec
 from kldiv.torch._rows import tensor as tensor_engine
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
 WEIGHTS = {"js": 0.3, "skew_kl": 0.2, "skew_reverse_kl": 0.7}
-ENGINES = ["tensor", "c", "triton", "core"]
+ENGINES = ["tensor", "c", "triton", "core", "jax"]
+SPEC_KINDS = [*ENGINE_KINDS, "symmetric_kl"]  # the JAX engine computes symmetric KL too
 
 
 def case(rng, kind, n=6, v=40):
@@ -39,7 +40,7 @@ def case(rng, kind, n=6, v=40):
     s[2:5, 2] = -np.inf
     if kind == "kl":
         s[1, 1] = -np.inf  # a zero under a zero: still finite
-    if kind == "reverse_kl":
+    if kind in ("reverse_kl", "symmetric_kl"):
         t[2, 2] = -np.inf
     return t, s
 
@@ -50,6 +51,8 @@ def infinite_rows(kind, t, s):
         return (p_pos & ~q_pos).any(-1)
     if kind == "reverse_kl":
         return (q_pos & ~p_pos).any(-1)
+    if kind == "symmetric_kl":
+        return (p_pos != q_pos).any(-1)
     return np.zeros(t.shape[0], bool)
 
 
@@ -62,7 +65,7 @@ def spread(*xs):
     return out
 
 
-@pytest.mark.parametrize("kind", ENGINE_KINDS)
+@pytest.mark.parametrize("kind", SPEC_KINDS)
 def test_the_specification_is_the_core(rng, kind):
     """Value, h_p and h_q equal the float64 core's value and autograd gradients with respect
     to the log-probabilities (``form="log_probs"``), infinite rows included."""
@@ -113,6 +116,21 @@ def engine_rows(engine, kind, t, s, temperature, w, monkeypatch):
         return out.detach(), g
     t32 = torch.tensor(t, dtype=torch.float32)
     s32 = torch.tensor(s, dtype=torch.float32)
+    if engine == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def f(x):
+            return kldiv.divergence(
+                jnp.asarray(t, jnp.float32), x, kind, form="logits", temperature=temperature,
+                reduction="none", **params,
+            )  # fmt: skip
+
+        out, pull = jax.vjp(f, jnp.asarray(s, jnp.float32))
+        (g,) = pull(jnp.ones_like(out))
+        return torch.tensor(np.asarray(out), dtype=torch.float64), torch.tensor(
+            np.asarray(g), dtype=torch.float64
+        )
     if engine == "triton":
         from kldiv.torch._rows.triton import ops as triton_ops
 
@@ -133,8 +151,11 @@ def engine_rows(engine, kind, t, s, temperature, w, monkeypatch):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-@pytest.mark.parametrize("kind", ENGINE_KINDS)
+@pytest.mark.parametrize("kind", SPEC_KINDS)
 def test_every_engine_computes_the_specification(rng, engine, kind, temperature, monkeypatch):
+    if kind == "symmetric_kl" and engine not in ("jax", "core"):
+        assert kind not in ENGINE_KINDS  # the torch engines run it as two kinds
+        return
     t, s = case(rng, kind)
     w = WEIGHTS.get(kind, 0.5)
     lp = torch.log_softmax(torch.tensor(t) / temperature, -1)
@@ -148,3 +169,60 @@ def test_every_engine_computes_the_specification(rng, engine, kind, temperature,
     torch.testing.assert_close(got[~inf], value[~inf], rtol=0, atol=tol)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad, want_grad, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("kind", SPEC_KINDS)
+def test_the_jax_engine_gives_the_teacher_its_gradient(rng, kind, temperature):
+    """Both sides differentiated on the JAX engine: the teacher's gradient is the
+    specification's ``h_p`` through the softmax, finite on every zero-support pattern."""
+    import jax
+    import jax.numpy as jnp
+
+    t, s = case(rng, kind)
+    w = WEIGHTS.get(kind, 0.5)
+    params = params_of(kind, beta=w, alpha=w)
+    lp = torch.log_softmax(torch.tensor(t) / temperature, -1)
+    lq = torch.log_softmax(torch.tensor(s) / temperature, -1)
+    _, h_p, h_q = spec.rows(kind, lp, lq, w)
+
+    def loss(a, b):
+        v = kldiv.divergence(
+            a, b, kind, form="logits", temperature=temperature, reduction="none", **params
+        )
+        return jnp.sum(jnp.where(jnp.isfinite(v), v, 0.0))
+
+    g_t, g_s = jax.grad(loss, (0, 1))(jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32))
+    tol = 16 * (spread(t, s) / temperature + 1) * EPS32
+    for got, h, lx in ((g_t, h_p, lp), (g_s, h_q, lq)):
+        got = torch.tensor(np.asarray(got), dtype=torch.float64)
+        assert torch.isfinite(got).all()
+        # rows that are +inf are left out of the loss above, so their gradient is 0
+        keep = torch.tensor(~infinite_rows(kind, t, s))[:, None]
+        want = torch.where(keep, spec.through_softmax(h, lx, temperature), 0.0)
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("kind", SPEC_KINDS)
+def test_the_plain_formulas_are_the_exact_ones_on_finite_rows(rng, kind):
+    """``exact=False`` (no zero-support masks, mixtures from the probabilities) equals the
+    exact specification on every row whose plain value is finite, and is non-finite on every
+    row with zero support, so an engine that checks its value knows when to switch."""
+    t, s = case(rng, kind)
+    t[5] = s[5] = rng.normal(size=t.shape[1])  # rows without zero support
+    t[4] = rng.normal(size=t.shape[1])
+    s[4] = rng.normal(size=t.shape[1])
+    w = WEIGHTS.get(kind, 0.5)
+    lp, lq = torch.log_softmax(torch.tensor(t), -1), torch.log_softmax(torch.tensor(s), -1)
+    exact = spec.rows(kind, lp, lq, w)
+    plain = spec.rows(kind, lp, lq, w, exact=False)
+    fin = torch.isfinite(plain[0])
+    # rows 0-3 have a category that is zero on both sides (case()): 0·inf in the plain
+    # formulas of every kind but TV, whose plain formula needs no mask
+    want_fin = torch.tensor([kind == "tv"] * 4 + [True, True])
+    assert torch.equal(fin, want_fin), fin
+    tol = 64 * EPS64 * (spread(t, s) + 1) * t.shape[1]
+    torch.testing.assert_close(plain[0][fin], exact[0][fin], rtol=0, atol=tol)
+    for a, b in zip(plain[1:], exact[1:], strict=True):
+        torch.testing.assert_close(a[fin], b[fin], rtol=0, atol=tol)
+    assert plain[0][5] == 0 and exact[0][5] == 0  # a distribution against itself

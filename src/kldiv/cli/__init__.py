@@ -813,7 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="eager,compile,liger,kldiv",
         help="eager, compile, liger, kldiv (DistillationLoss; always included), tensor "
         "(DistillationLoss without the C kernel), core (kldiv.divergence), floor (the exps "
-        "any fused kernel needs, into a fresh gradient)",
+        "any fused kernel needs, into a fresh gradient); on JAX: jax (kldiv.divergence on "
+        "JAX arrays), jax_composition (the jax.nn formula), optax",
     )
     p_bench.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p_bench.add_argument("--iters", type=int, default=5, help="timed steps per round")

@@ -15,7 +15,11 @@ time, each variant computing the same number:
 * ``floor``: what any fused forward + backward needs at least, on CPU: ``k`` exps per
   element (2, or 3 where the divergence needs the log of a mixture; the third stands for
   that log) in cache-sized row chunks, written into a freshly allocated ``[N, V]``
-  gradient, which is what autograd hands back.
+  gradient, which is what autograd hands back;
+* on JAX, ``jax.jit(jax.value_and_grad(loss))`` of: ``jax`` (the core function on JAX
+  arrays), ``jax_composition`` (the same formula over ``jax.nn.log_softmax`` as JAX code
+  writes it) and ``optax`` (``optax.losses.kl_divergence_with_log_targets``, KL and reverse
+  KL). Their ratios are against ``jax``.
 
 Method: on CPU every measurement runs in a fresh subprocess (peak memory is the rise of the
 peak resident set once the inputs exist), variants alternate over rounds; on CUDA timings use
@@ -42,7 +46,19 @@ if TYPE_CHECKING:
     from kldiv._defaults import DistillationKind, Kind
 
 # "tensor": kldiv's CPU path with its compiled kernel switched off (KLDIV_NATIVE=0)
-VARIANTS = ("eager", "compile", "liger", "kldiv", "tensor", "core", "floor")
+VARIANTS = (
+    "eager",
+    "compile",
+    "liger",
+    "kldiv",
+    "tensor",
+    "core",
+    "floor",
+    "jax",
+    "jax_composition",
+    "optax",
+)
+JAX_VARIANTS = ("jax", "jax_composition", "optax")
 # every kind of the family; "symmetric_kl" has no DistillationLoss (variants "kldiv", "tensor")
 KINDS = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv", "symmetric_kl")
 # the parameters every variant uses: DistillationLoss's and the core's defaults
@@ -82,6 +98,100 @@ def composition(kind: str, beta: float = BETA, alpha: float = ALPHA) -> Callable
         raise ValueError(f"no anchor formula for {kind!r}")
 
     return loss
+
+
+def jax_composition(kind: str, beta: float = BETA, alpha: float = ALPHA) -> Callable[..., Any]:
+    """The hand-written JAX loss for ``kind`` (mean over rows), as JAX code writes it."""
+    import jax
+    import jax.numpy as jnp
+
+    def kl(lp: Any, lq: Any) -> Any:
+        return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1))
+
+    def mix(la: Any, lb: Any, w: float) -> Any:
+        return jnp.logaddexp(la + math.log(w), lb + math.log1p(-w))
+
+    def loss(s: Any, t: Any) -> Any:
+        ls = jax.nn.log_softmax(s.astype(jnp.float32), axis=-1)
+        lt = jax.nn.log_softmax(t.astype(jnp.float32), axis=-1)
+        if kind == "kl":
+            return kl(lt, ls)
+        if kind == "reverse_kl":
+            return kl(ls, lt)
+        if kind == "symmetric_kl":
+            return kl(lt, ls) + kl(ls, lt)
+        if kind == "js":
+            lm = mix(lt, ls, beta)
+            return beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
+        if kind == "skew_kl":
+            return kl(lt, mix(lt, ls, alpha))
+        if kind == "skew_reverse_kl":
+            return kl(ls, mix(ls, lt, alpha))
+        if kind == "tv":
+            return 0.5 * jnp.mean(jnp.sum(jnp.abs(jnp.exp(ls) - jnp.exp(lt)), axis=-1))
+        raise ValueError(f"no anchor formula for {kind!r}")
+
+    return loss
+
+
+def _jax_step(variant: str, kind: str) -> Callable[..., Any] | None:
+    import jax
+
+    if variant == "jax":
+        import kldiv
+        from kldiv._kinds import params_of
+
+        params = params_of(kind, BETA, ALPHA)
+
+        def loss(s: Any, t: Any) -> Any:
+            return kldiv.divergence(t, s, cast("Kind", kind), form="logits", **params)
+
+    elif variant == "optax":
+        try:
+            import optax
+        except ImportError:
+            return None
+        if kind not in ("kl", "reverse_kl"):
+            return None
+        f = optax.losses.kl_divergence_with_log_targets  # (log_predictions, log_targets)
+
+        def loss(s: Any, t: Any) -> Any:
+            ls, lt = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
+            return (f(ls, lt) if kind == "kl" else f(lt, ls)).mean()
+
+    else:
+        loss = jax_composition(kind)
+    return jax.jit(jax.value_and_grad(loss))
+
+
+def _measure_jax(variant: str, kind: str, n: int, v: int, dtype: str, iters: int) -> dict:
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return {"unavailable": "JAX is not installed"}
+    step = _jax_step(variant, kind)
+    if step is None:
+        return {"unavailable": f"{variant} is not installed or has no {kind}"}
+    ks, kt = jax.random.split(jax.random.PRNGKey(0))
+    s = (2 * jax.random.normal(ks, (n, v), jnp.float32)).astype(dtype)
+    t = (2 * jax.random.normal(kt, (n, v), jnp.float32)).astype(dtype)
+    jax.block_until_ready((s, t))
+    base = _rss_kib()
+    times, first, value = [], math.nan, math.nan
+    for i in range(2 + iters):
+        t0 = time.perf_counter()
+        out, grad = jax.block_until_ready(step(s, t))
+        dt = time.perf_counter() - t0
+        if i == 0:
+            first, value = dt, float(out)
+        elif i >= 2:
+            times.append(dt)
+        del out, grad
+    import resource
+
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return {"times_s": times, "first_call_s": first, "value": value, "peak_extra_mib": peak}
 
 
 def floor(kind: str) -> Callable[[Any, Any], Any]:
@@ -200,6 +310,8 @@ def measure(
 ) -> dict[str, Any]:
     """One variant in this process: times of ``iters`` steps after two warm-ups, the first
     call, the value, and peak extra memory (MiB)."""
+    if variant in JAX_VARIANTS:
+        return _measure_jax(variant, kind, n, v, dtype, iters)
     import torch
 
     step = step_for(variant, kind)
@@ -287,7 +399,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "kldiv": kldiv.__version__,
     }
-    for name in ("triton", "liger_kernel"):
+    for name in ("triton", "liger_kernel", "jax", "jaxlib", "optax"):
         try:
             from importlib.metadata import version
 
@@ -366,14 +478,17 @@ def run(
                 "peak_extra_mib": statistics.median(x["peak_extra_mib"] for x in ok),
                 "value": ok[0]["value"],
             }
-        # the reference: DistillationLoss, or the core function where there is none
+        # the reference: DistillationLoss, or the core function where there is none; on
+        # JAX the core function on JAX arrays
         ref_name = "kldiv" if "median_s" in summary.get("kldiv", {}) else "core"
         ref = summary.get(ref_name, {}).get("median_s")
+        jax_ref = summary.get("jax", {}).get("median_s")
         floor_s = summary.get("floor", {}).get("median_s")
         for variant in variants:
             m = summary[variant].get("median_s")
-            if ref and m and variant != ref_name:
-                summary[variant]["kldiv_speedup"] = m / ref
+            base, base_name = (jax_ref, "jax") if variant in JAX_VARIANTS else (ref, ref_name)
+            if base and m and variant != base_name:
+                summary[variant]["kldiv_speedup"] = m / base
             if floor_s and m and variant not in ("floor", "eager", "compile", "liger"):
                 summary[variant]["over_floor"] = m / floor_s
         if ref and cuda:
@@ -385,24 +500,25 @@ def run(
 def table(result: dict[str, Any]) -> str:
     """The summary as a fixed-width text table."""
     head = (
-        f"{'kind':<16}{'variant':<9}{'median ms':>11}{'first s':>9}{'peak MiB':>10}"
+        f"{'kind':<16}{'variant':<16}{'median ms':>11}{'first s':>9}{'peak MiB':>10}"
         f"{'kldiv ×':>9}{'÷ floor':>9}"
     )
     lines = [head, "-" * len(head)]
     for kind, entry in result["kinds"].items():
         for variant, s in entry["summary"].items():
             if "unavailable" in s:
-                lines.append(f"{kind:<16}{variant:<9}  {s['unavailable']}")
+                lines.append(f"{kind:<16}{variant:<16}  {s['unavailable']}")
                 continue
             ratio, over = s.get("kldiv_speedup"), s.get("over_floor")
             lines.append(
-                f"{kind:<16}{variant:<9}{s['median_s'] * 1e3:>11.2f}{s['first_call_s']:>9.2f}"
+                f"{kind:<16}{variant:<16}{s['median_s'] * 1e3:>11.2f}{s['first_call_s']:>9.2f}"
                 f"{s['peak_extra_mib']:>10.1f}{'' if ratio is None else f'{ratio:.2f}':>9}"
                 f"{'' if over is None else f'{over:.2f}':>9}"
             )
     lines.append(
         "kldiv ×: the variant's median time over kldiv's (> 1: kldiv is faster; the core "
-        "function's where there is no DistillationLoss kind); ÷ floor: over the floor's"
+        "function's where there is no DistillationLoss kind, and the jax variant's for the "
+        "JAX anchors); ÷ floor: over the floor's"
     )
     if "traffic_floor_s" in result:
         lines.append(

@@ -318,11 +318,7 @@ class DistillationLoss(torch.nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """D(teacher‖student) for a top-k sparse teacher (see :mod:`kldiv.torch.topk`)."""
-        if self.fast_path in ("triton", "chunked"):
-            raise ValueError(
-                f"fast_path={self.fast_path!r} cannot take these inputs: a TopKTeacher goes "
-                "through the top-k path (use fast_path=True or False)."
-            )
+        dispatch.choose_topk(self.fast_path)
         keep = token_keep(
             labels, mask, tuple(student.shape[:-1]), self.ignore_index, student.device
         )

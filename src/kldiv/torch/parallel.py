@@ -16,7 +16,7 @@ How (per row, T the temperature, s and t the tempered logits):
    subtracting keeps a constant offset between teacher and student from costing precision.
 3. Each rank evaluates its slice's share of the divergence (the terms are elementwise) and
    of Σh, h the gradient with respect to the student's log-probabilities, as the row
-   specification defines them (``_rows/spec.py``).
+   specification defines them (``kldiv/_spec.py``).
 4. **Collective 2** sums ``[2, N]`` over the group: the divergence, and Σh.
 5. The gradient with respect to the student's slice is ``(h − q·Σh) / T``, the softmax's
    chain rule with the global Σh. It is computed in the forward pass and only scaled in
@@ -85,7 +85,7 @@ from .._defaults import (
     Reduction,
 )
 from .._kinds import params_of, weight_of
-from ._rows import linear
+from ._rows import dispatch, linear
 from ._rows.dispatch import reduce_rows, reduce_total
 from .distillation import (
     DistillationConfig,
@@ -198,8 +198,9 @@ def _forward(
     inv_t = 1.0 / temperature
     if keep is not None:
         keep = keep.contiguous()
-    whole = student.dtype == teacher.dtype == torch.float32 and linear.uses_kernel(
-        kind, w, student, teacher
+    whole = (
+        student.dtype == teacher.dtype == torch.float32
+        and dispatch.slice_kernel(kind, w, student, teacher) is not None
     )
     # the kernel takes whole float32 tensors (and splits them over threads); other inputs go
     # in row chunks, so that conversions and the specification's temporaries stay a few MiB

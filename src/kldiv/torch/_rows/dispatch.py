@@ -12,9 +12,10 @@ Engines, all with the core's values and zero-support rules (tested against it):
   or meta tensors, jit tracing, and the endpoints where a divergence is identically 0.
 
 Callers: the core functions on torch tensors (:func:`engine_rows`), ``DistillationLoss``
-(:func:`choose`, :func:`rows`), and the chunk loop of ``FusedLinearDistillationLoss`` and
-the fused parallel loss (:func:`choose`, :func:`rows_and_grad`); the vocab-parallel slices
-run the per-slice engine of :mod:`.linear` (the C kernel, or the specification).
+(:func:`choose`, :func:`rows`; :func:`choose_topk` for a top-k teacher), the chunk loop of
+``FusedLinearDistillationLoss`` and the fused parallel loss (:func:`choose`,
+:func:`rows_and_grad`), and the vocab-parallel slices (:func:`slice_kernel`: the C kernel
+with global statistics in, or the row specification, in :mod:`.linear`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from ..._kinds import ENGINE_KINDS, params_of, resolve, weight_of
 
 __all__ = [
     "choose",
+    "choose_topk",
+    "slice_kernel",
     "rows",
     "rows_and_grad",
     "engine_rows",
@@ -94,6 +97,35 @@ def choose(
     if fast_path is True:
         return "core"
     raise ValueError(f"fast_path={fast_path!r} cannot take these inputs: {reasons[0]}.")
+
+
+def slice_kernel(
+    kind: str, w: float, student: torch.Tensor, teacher: torch.Tensor
+) -> tuple[str, float] | None:
+    """The per-slice engine of the vocab-parallel losses and the chunked-linear loop: the C
+    kernel's kind and weight where it takes these slices (CPU, float32 arithmetic, the
+    kernel built, not an endpoint where the divergence is identically 0), else None, and the
+    row specification computes them (any dtype and device)."""
+    resolved = resolve(kind, w)
+    if resolved.zero or torch.float64 in (student.dtype, teacher.dtype):
+        return None
+    from . import native
+
+    if not native.usable(resolved.kind, student.device) or teacher.device != student.device:
+        return None
+    return resolved.kind, resolved.w
+
+
+def choose_topk(fast_path: bool | str) -> str:
+    """The engine of a :class:`~kldiv.torch.TopKTeacher` (a sparse teacher): its own tensor
+    code, ``"topk"``, for ``fast_path`` True or False; the full-row engines cannot take it,
+    and forcing one raises ``ValueError``."""
+    if fast_path in ("triton", "chunked"):
+        raise ValueError(
+            f"fast_path={fast_path!r} cannot take these inputs: a TopKTeacher goes "
+            "through the top-k path (use fast_path=True or False)."
+        )
+    return "topk"
 
 
 def rows(

@@ -21,7 +21,7 @@ run it; what differs is the :class:`Combiner` of the rows' statistics:
 The per-slice engine is also what :mod:`kldiv.torch.parallel` runs on given logits. On CPU
 float32 it is the C kernel (:func:`.native.slice_stats`, :func:`.native.slice_rows`),
 with the rows it flags (+inf or NaN logits, statistics that are not finite, huge logits at
-T ≠ 1) and every other dtype and device through the row specification (:mod:`.spec`).
+T ≠ 1) and every other dtype and device through the row specification (:mod:`kldiv._spec`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from typing import Any, Protocol
 import torch
 from torch.autograd.function import once_differentiable
 
+from ... import _spec as spec
 from ..._kinds import resolve, weight_of
-from . import dispatch, spec
+from . import dispatch
 from . import native as native_engine
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "slice_terms",
     "slice_grad",
     "slice_terms_grad",
-    "uses_kernel",
 ]
 
 # Default chunk: 2^22 logits (16 MiB per float32 [rows, V] buffer), e.g. 131 rows at
@@ -105,22 +105,6 @@ def _compute_dtype(s: torch.Tensor, t: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
 
 
-def _native(kind: str, w: float, s: torch.Tensor, t: torch.Tensor) -> tuple[str, float] | None:
-    """The kernel's kind and weight where the C kernel takes these slices, else None."""
-    resolved = resolve(kind, w)
-    if resolved.zero or _compute_dtype(s, t) != torch.float32:
-        return None
-    if not native_engine.usable(resolved.kind, s.device) or t.device != s.device:
-        return None
-    return resolved.kind, resolved.w
-
-
-def uses_kernel(kind: str, w: float, s: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether the C kernel computes these slices (CPU, float32 arithmetic, the kernel
-    built): callers then hand it whole float32 tensors, which it splits over threads."""
-    return _native(kind, w, s, t) is not None
-
-
 def _f32(x: torch.Tensor) -> torch.Tensor:
     """float32 with unit stride along rows, as the kernel reads it."""
     x = x.to(torch.float32)
@@ -154,7 +138,7 @@ def slice_stats(
     ``s/T``, ``log Σ exp(s/T − max)``, and the same for the teacher; float32 (float64 when an
     input is). Skipped rows' entries are finite and meaningless."""
     dtype = _compute_dtype(s, t)
-    if _native("kl", 0.5, s, t) is not None:
+    if dispatch.slice_kernel("kl", 0.5, s, t) is not None:
         stats, flagged = native_engine.slice_stats(_f32(s), _f32(t), _flag_keep(keep), inv_t)
         for rows in fallback_parts(flagged.nonzero().squeeze(-1), s.shape[-1]):
             sf, tf = tempered(s[rows], dtype, inv_t, None), tempered(t[rows], dtype, inv_t, None)
@@ -239,7 +223,7 @@ def slice_terms(
     global statistics ``norms`` (:func:`combine`); skipped rows 0. ``w``: β for JS, α for the
     skew kinds."""
     dtype = _compute_dtype(s, t)
-    native = _native(kind, w, s, t)
+    native = dispatch.slice_kernel(kind, w, s, t)
     if native is None:
         part, h, _ = _spec_terms(kind, w, s, t, keep, inv_t, norms)
         out = torch.stack([part, h.sum(-1)])
@@ -269,7 +253,7 @@ def slice_terms_grad(
     so on the C kernel one pass gives both. Returns the terms and the rows (an index) whose
     gradient :func:`slice_grad` must still give after the sums, or None where it gave none
     (every other kind and engine, or no ``out``)."""
-    native = _native(kind, w, s, t)
+    native = dispatch.slice_kernel(kind, w, s, t)
     if out is None or native is None or native[0] != "kl":
         return slice_terms(kind, w, s, t, keep, inv_t, norms), None
     r = s.shape[0]
@@ -304,7 +288,7 @@ def slice_grad(
     dtype = _compute_dtype(s, t)
     if out is None:
         out = torch.empty(s.shape, dtype=dtype, device=s.device)
-    native = _native(kind, w, s, t)
+    native = dispatch.slice_kernel(kind, w, s, t)
     if native is not None:
         scale = None if row_scale is None else row_scale.to(torch.float32).contiguous()
         k = _flag_keep(keep)

@@ -400,7 +400,7 @@ void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, in
  *
  * Per element, with a = s/T - M_s, b = t/T - M_t (global shifts), lq = a - lz_s, lp = b - lz_t
  * and q = e^lq, p = e^lp the global probabilities, each kind's summand and h_j = q_j df/dq_j as
- * in the row specification (_rows/spec.py):
+ * in the row specification (kldiv/_spec.py):
  *   KL        p (lp - lq)                 h = -p
  *   KL(S||T)  q (lq - lp)                 h = q (lq - lp + 1), 0 where p = 0 (an infinite term)
  *   JS        w p log(p/m) + (1-w) q log(q/m),  m = w p + (1-w) q;    h = (1-w) q log(q/m)

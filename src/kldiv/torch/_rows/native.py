@@ -482,7 +482,7 @@ def slice_rows(
     rows) and the *global* statistics ``stats`` (``[4, n]`` float32 contiguous: shift and
     log-normaliser of ``s/T``, then of ``t/T``): this slice's share of the divergence and of
     Σ_j h_j (float64 ``[n]`` each, ``h`` the gradient with respect to the student's
-    log-probabilities, as in :mod:`._rows.spec`; skew reverse KL's ``h`` leaves out its term
+    log-probabilities, as in :mod:`kldiv._spec`; skew reverse KL's ``h`` leaves out its term
     ``q``, which sums to 1 over the row and cancels in the gradient), and the flagged rows
     (bool ``[n]``: +inf or NaN, statistics that are not finite, ``|shift|`` above 2^22 at
     T ≠ 1, a weight outside (0, 1); values and gradient rows unspecified there).
