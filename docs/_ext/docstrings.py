@@ -33,6 +33,7 @@ PUBLIC_MODULES = (
     "kldiv.torch",
     "kldiv.torch.parallel",
     "kldiv.keras",
+    "kldiv.jax",
 )
 
 ROLE = re.compile(r":(?:func|meth|class|mod|attr|data|obj|exc):`(~?)([^`<]*?)(?:\s*<([^>`]+)>)?`")

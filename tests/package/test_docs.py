@@ -61,6 +61,7 @@ API_PAGES = {
     "kldiv.torch": "torch.md",
     "kldiv.torch.parallel": "torch_parallel.md",
     "kldiv.keras": "keras.md",
+    "kldiv.jax": "jax.md",
 }
 
 
