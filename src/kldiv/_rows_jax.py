@@ -42,15 +42,18 @@ def _rule() -> Any:
     from jax.custom_derivatives import SymbolicZero
 
     def stats(x: Any, temperature: float) -> tuple[Any, Any]:
-        # jax.nn.log_softmax's shift and log-sum-exp, per row: log-probabilities are then
-        # (x/T − m) − lz, bit for bit the log-softmax's
-        x = x / temperature if temperature != 1.0 else x
+        # the row maximum of the logits and log Σ exp((x − m)/T): the shift comes before the
+        # division, so the top entry is exactly 0 whatever rounding XLA gives x/T (a
+        # multiply by 1/T, contracted with the subtraction into one FMA, would not cancel a
+        # huge maximum exactly)
         m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-        return m, jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+        return m, jnp.log(jnp.sum(jnp.exp(scaled(x, m, temperature)), axis=-1, keepdims=True))
+
+    def scaled(x: Any, m: Any, temperature: float) -> Any:
+        return (x - m) / temperature if temperature != 1.0 else x - m
 
     def log_probs(x: Any, temperature: float, m: Any, lz: Any) -> Any:
-        x = x / temperature if temperature != 1.0 else x
-        return (x - m) - lz
+        return scaled(x, m, temperature) - lz
 
     def spec_rows(
         kind: str, w: float, temperature: float, t: Any, s: Any, st: Any, grads: tuple, exact: bool
@@ -61,28 +64,52 @@ def _rule() -> Any:
         value, h_p, h_q = _spec.rows(kind, lp, lq, w, teacher_grad="p" in grads, exact=exact)
         return lp, lq, value, h_p, h_q
 
-    def first_fast(kind: str, w: float, temperature: float, t: Any, s: Any, grads: tuple) -> Any:
-        # The value and each side's Σh (one pass), from the specification's plain formulas;
-        # where a row of the batch comes out non-finite (zero support, +inf, NaN), the exact
-        # formulas recompute everything under a cond whose operands are the inputs, so a
-        # batch without such a row pays nothing for them.
-        st = (*stats(t, temperature), *stats(s, temperature))
+    def pass_(
+        kind: str, w: float, temperature: float, grads: tuple, exact: bool, t: Any, s: Any, st: Any
+    ) -> tuple[Any, ...]:
+        # the value and each side's Σh, in one pass over the rows
+        _, _, value, h_p, h_q = spec_rows(kind, w, temperature, t, s, st, grads, exact)
+        sums = tuple(
+            jnp.sum(h, axis=-1, keepdims=True)
+            for side, h in (("p", h_p), ("q", h_q))
+            if side in grads
+        )
+        return (value, *sums)
 
-        def pass_(exact: bool) -> tuple[Any, ...]:
-            _, _, value, h_p, h_q = spec_rows(kind, w, temperature, t, s, st, grads, exact)
-            sums = tuple(
-                jnp.sum(h, axis=-1, keepdims=True)
-                for side, h in (("p", h_p), ("q", h_q))
-                if side in grads
-            )
-            return (value, *sums)
-
-        fast = pass_(False)
-        bad = jnp.logical_not(jnp.all(jnp.isfinite(fast[0])))
-        value, *sums = jax.lax.cond(bad, lambda: pass_(True), lambda: fast)
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+    def checked(
+        kind: str, w: float, temperature: float, grads: tuple, t: Any, s: Any, st: Any
+    ) -> Any:
+        # The plain formulas first; where a row of the batch comes out non-finite (zero
+        # support, +inf, NaN), the exact formulas recompute everything under a cond whose
+        # operands are the inputs, so a batch without such a row pays nothing for them. The
+        # flag (1.0 where the exact formulas ran) comes out too, for the tangents.
+        fast = pass_(kind, w, temperature, grads, False, t, s, st)
+        bad = jnp.logical_not(
+            functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in fast])
+        )
+        value, *sums = jax.lax.cond(
+            bad, lambda: pass_(kind, w, temperature, grads, True, t, s, st), lambda: fast
+        )
         # a divergence is ≥ 0; rounding of a row that cancels to about 0 may not be (the
         # other engines clamp the same way; NaN stays NaN)
-        return st, bad, (jnp.where(value < 0, 0.0, value), *sums)
+        return (bad.astype(value.dtype), jnp.where(value < 0, 0.0, value), *sums)
+
+    @checked.defjvp
+    def _checked_jvp(
+        kind: str, w: float, temperature: float, grads: tuple, primals: tuple, tangents: tuple
+    ) -> tuple[Any, Any]:
+        # Only derivatives of the rule's own tangents (second order) come here. They take the
+        # exact formulas: the plain ones have 0·inf partials at zero support, which a zero
+        # cotangent would turn into NaN even where the exact branch was taken.
+        out = checked(kind, w, temperature, grads, *primals)
+        _, tan = jax.jvp(lambda *a: pass_(kind, w, temperature, grads, True, *a), primals, tangents)
+        return out, (jnp.zeros_like(out[0]), *tan)
+
+    def first_fast(kind: str, w: float, temperature: float, t: Any, s: Any, grads: tuple) -> Any:
+        st = (*stats(t, temperature), *stats(s, temperature))
+        bad, *out = checked(kind, w, temperature, grads, t, s, st)
+        return st, bad > 0, out
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
     def rule(t: Any, s: Any, kind: str, w: float, temperature: float) -> Any:

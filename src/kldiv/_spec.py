@@ -67,22 +67,33 @@ def _xlogr(xp: Any, x: Any, lx: Any, ly: Any, exact: bool = True) -> Any:
 
 
 def _log_mix(xp: Any, la: Any, lb: Any, w: float, exact: bool = True) -> Any:
-    """``log(w·e^la + (1−w)·e^lb)``, 0 < w < 1; ``-inf`` where both are ``-inf``."""
-    hi = xp.maximum(la, lb)
+    """``log(w·e^la + (1−w)·e^lb)``, 0 < w < 1; ``-inf`` where both are ``-inf``; exactly
+    ``la`` where ``la == lb``. The weights enter as logarithms, shifted with the components,
+    so a subnormal weight (which flushes to 0 on some hardware) still counts."""
+    a, b = la + math.log(w), lb + math.log1p(-w)
+    hi = xp.maximum(a, b)
     if not exact:
-        return hi + xp.log(w * xp.exp(la - hi) + (1 - w) * xp.exp(lb - hi))
+        return hi + xp.log(xp.exp(a - hi) + xp.exp(b - hi))
     dead = hi == -INF
     safe = xp.where(dead, 0.0, hi)
-    mixed = w * xp.exp(la - safe) + (1 - w) * xp.exp(lb - safe)
-    return xp.where(dead, -INF, safe + xp.log(xp.where(dead, 1.0, mixed)))
+    mixed = xp.exp(a - safe) + xp.exp(b - safe)
+    lm = xp.where(dead, -INF, safe + xp.log(xp.where(dead, 1.0, mixed)))
+    return _tie(xp, la, lb, w, lm)
+
+
+def _tie(xp: Any, la: Any, lb: Any, w: float, lm: Any) -> Any:
+    """``lm``, except exactly ``la`` where ``la == lb``: there ``lb + w·(la − lb)``, which is
+    ``la`` to the bit and has the mixture's derivatives, ``w`` and ``1 − w``."""
+    tie = la == lb
+    return xp.where(tie, lb + w * (xp.where(tie, la, 0.0) - xp.where(tie, lb, 0.0)), lm)
 
 
 def _plain_log_mix(xp: Any, lp: Any, lq: Any, p: Any, q: Any, w: float) -> tuple[Any, Any]:
     """``log m`` and ``m = w·p + (1−w)·q``, from the probabilities: ``q + w·(p − q)`` is
-    exactly ``q`` where ``p == q``, and there ``log m`` is taken as ``lp`` itself, so a
+    exactly ``q`` where ``p == q``, and there ``log m`` is ``lp`` itself (:func:`_tie`), so a
     divergence of a distribution from itself is exactly 0."""
     m = q + w * (p - q)
-    return xp.where(lp == lq, lp, xp.log(m)), m
+    return _tie(xp, lp, lq, w, xp.log(m)), m
 
 
 def _masked_exp(xp: Any, keep: Any, x: Any, exact: bool = True) -> Any:
@@ -153,13 +164,20 @@ def _rows(
         if exact:
             lm = _log_mix(xp, lp, lq, w)
             r = _masked_exp(xp, pos, lp + lq - lm)  # p·q/m
-        else:
+        else:  # m is 0 where both underflow (lm is finite there only if lp == lq)
             lm, m = _plain_log_mix(xp, lp, lq, p, q, w)
-            r = p * q / m
+            live = m > 0
+            m = xp.where(live, m, 1.0)
+            r = xp.where(live, p * q / m, 0.0)
         if need_p:
-            rp = _masked_exp(xp, pos, 2 * lp - lm) if exact else p * p / m  # p·p/m
+            # α·p·p/m ≤ p, formed as p·(α·p/m) with α·p/m ≤ 1: p·p/m alone overflows where
+            # m is tiny, and a subnormal α may flush to 0 (0·inf)
+            if exact:
+                rp = p * _masked_exp(xp, pos, math.log(w) + lp - lm)
+            else:
+                rp = xp.where(live, p * (w * p / m), 0.0)
             d = _masked(xp, pos, lp, exact) - _masked(xp, pos, lm, exact)
-            h_p = _masked(xp, pos, p * (d + 1), exact) - w * rp
+            h_p = _masked(xp, pos, p * (d + 1), exact) - rp
         return xp.sum(_xlogr(xp, p, lp, lm, exact), axis=-1), h_p, -(1 - w) * r
     if kind == "js":
         lm = _log_mix(xp, lp, lq, w) if exact else _plain_log_mix(xp, lp, lq, p, q, w)[0]
