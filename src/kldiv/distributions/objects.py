@@ -535,19 +535,16 @@ def _one_of(obj: Any, a: str, b: str) -> None:
         raise ValueError(f"{type(obj).__name__} takes exactly one of `{a}=` and `{b}=`.")
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class Bernoulli(Distribution):
-    """Bernoulli distribution from ``probs`` (the probability of 1) or ``logits``: give one."""
+class _ProbsOrLogits:
+    """Parameters given as ``probs`` or as ``logits``: exactly one of them (the dataclass
+    that uses this declares both fields)."""
 
-    probs: Array = None
-    logits: Array = None
-    PARAMS = (("probs", "unit"), ("logits", "logit"))
-    SUPPORT = "binary"
-    DISCRETE = True
+    probs: Array
+    logits: Array
 
     def __post_init__(self) -> None:
         _one_of(self, "probs", "logits")
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[misc]  # Distribution's, next in the MRO
 
     def arrays(self) -> tuple[ModuleType, list[Array]]:
         name = "probs" if self.probs is not None else "logits"
@@ -556,6 +553,17 @@ class Bernoulli(Distribution):
     @property
     def form(self) -> BernoulliForm:
         return "probs" if self.probs is not None else "logits"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Bernoulli(_ProbsOrLogits, Distribution):
+    """Bernoulli distribution from ``probs`` (the probability of 1) or ``logits``: give one."""
+
+    probs: Array = None
+    logits: Array = None
+    PARAMS = (("probs", "unit"), ("logits", "logit"))
+    SUPPORT = "binary"
+    DISCRETE = True
 
     def log_prob(self, x: Array) -> Array:
         xp, (t,), x = self.with_value(x)
@@ -569,7 +577,7 @@ class Bernoulli(Distribution):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Categorical(Distribution):
+class Categorical(_ProbsOrLogits, Distribution):
     """Categorical over the last axis, from ``probs`` or ``logits``; samples are indices."""
 
     probs: Array = None
@@ -578,18 +586,6 @@ class Categorical(Distribution):
     SUPPORT = "categories"
     DISCRETE = True
     EVENT_NDIM = 1
-
-    def __post_init__(self) -> None:
-        _one_of(self, "probs", "logits")
-        super().__post_init__()
-
-    def arrays(self) -> tuple[ModuleType, list[Array]]:
-        name = "probs" if self.probs is not None else "logits"
-        return params_of(((name, getattr(self, name), "any"),), False)
-
-    @property
-    def form(self) -> BernoulliForm:
-        return "probs" if self.probs is not None else "logits"
 
     def _log_probs(self) -> tuple[ModuleType, Array]:
         xp, (t,) = self.arrays()
@@ -811,7 +807,7 @@ class Pareto(Distribution):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class ContinuousBernoulli(Distribution):
+class ContinuousBernoulli(_ProbsOrLogits, Distribution):
     """Continuous Bernoulli distribution on [0, 1] (Loaiza-Ganem & Cunningham, 2019), density
     ``C(λ)·λ^x(1 − λ)^{1−x}`` = ``exp(ηx − A(η))``, from ``probs`` λ ∈ (0, 1) or ``logits``
     η = log(λ/(1 − λ)): give one."""
@@ -820,18 +816,6 @@ class ContinuousBernoulli(Distribution):
     logits: Array = None
     PARAMS = (("probs", "unit_open"), ("logits", "real"))
     SUPPORT = "unit"
-
-    def __post_init__(self) -> None:
-        _one_of(self, "probs", "logits")
-        super().__post_init__()
-
-    def arrays(self) -> tuple[ModuleType, list[Array]]:
-        name = "probs" if self.probs is not None else "logits"
-        return params_of(((name, getattr(self, name), "any"),), False)
-
-    @property
-    def form(self) -> BernoulliForm:
-        return "probs" if self.probs is not None else "logits"
 
     def log_prob(self, x: Array) -> Array:
         xp, (t,), x = self.with_value(x)
