@@ -34,6 +34,7 @@ PUBLIC_MODULES = (
     "kldiv.torch.parallel",
     "kldiv.keras",
     "kldiv.jax",
+    "kldiv.llamacpp",
 )
 
 ROLE = re.compile(r":(?:func|meth|class|mod|attr|data|obj|exc):`(~?)([^`<]*?)(?:\s*<([^>`]+)>)?`")

@@ -62,6 +62,7 @@ API_PAGES = {
     "kldiv.torch.parallel": "torch_parallel.md",
     "kldiv.keras": "keras.md",
     "kldiv.jax": "jax.md",
+    "kldiv.llamacpp": "llamacpp.md",
 }
 
 

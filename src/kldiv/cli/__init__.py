@@ -361,6 +361,12 @@ def _check_out(dest: Path) -> None:
 
 def compare(args: argparse.Namespace, out=None) -> int:
     """``kldiv compare REF CAND``: the per-token KL(REF‖CAND) report, streamed."""
+    from . import llamacpp as base_files
+
+    if base_files.is_base_file(args.ref):
+        return base_files.compare_base(args, out)
+    if args.parity:
+        raise UsageError("--parity needs a llama.cpp base file as REF")
     from tqdm.auto import tqdm
 
     from ..metrics import TokenStats
@@ -771,7 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "KL(REF‖CAND): mean ± standard error, percentiles, max, top-1 agreement and, with "
         "--labels, Δp of the correct token and the perplexity ratio. Runs on the base install; "
         '.safetensors input and the histogram figure need pip install "kldiv[cli]", .pt input '
-        'needs "kldiv[torch]".',
+        'needs "kldiv[torch]". REF may be a llama.cpp base file (llama-perplexity '
+        "--kl-divergence-base); CAND then holds the candidate's logits on its windows, "
+        "[n_chunk, n_ctx, V] or [n_chunk, n_ctx − 1 − n_ctx/2, V].",
     )
     p_cmp.add_argument("ref", help="the reference model's outputs (the distributions P)")
     p_cmp.add_argument("cand", help="the candidate model's outputs (the distributions Q)")
@@ -790,6 +798,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_cmp.add_argument("--json", action="store_true", help="print the report as JSON")
     p_cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_cmp.add_argument(
+        "--parity",
+        action="store_true",
+        help="with a llama.cpp base file as REF: also the statistics computed the way "
+        "llama-perplexity --kl-divergence computes them",
+    )
     p_bench = sub.add_parser(
         "bench",
         help="time DistillationLoss against PyTorch eager, torch.compile and Liger Kernel "

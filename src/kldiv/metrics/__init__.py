@@ -41,7 +41,16 @@ log-likelihoods), plus one byte for top-1 agreement: about 8 bytes per token per
 of the chunk passed to :meth:`TokenStats.update`.
 """
 
+from .extended import ExtendedReport, extended_report, token_divergences
 from .report import PERCENTILES, KLReport
 from .tokens import IGNORE_INDEX, TokenStats
 
-__all__ = ["TokenStats", "KLReport", "PERCENTILES", "IGNORE_INDEX"]
+__all__ = [
+    "TokenStats",
+    "KLReport",
+    "PERCENTILES",
+    "IGNORE_INDEX",
+    "ExtendedReport",
+    "extended_report",
+    "token_divergences",
+]
