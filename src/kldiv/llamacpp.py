@@ -141,7 +141,7 @@ def quantize_rows(logits: ArrayLike) -> QuantizedRows:
     if (top == -np.inf).any():
         raise ValueError("Expected every row to have a finite logit (a row is all -inf).")
     bottom = np.maximum(np.min(x, axis=-1), top - np.float32(WINDOW_NATS))
-    with np.errstate(under="ignore"):
+    with np.errstate(under="ignore", over="ignore"):
         # exp of each float32 difference, rounded to float32 (as expf returns it), summed in
         # float64; the logarithm is then rounded to float32.
         e = np.exp((x - top[..., None]).astype(np.float64)).astype(np.float32)
@@ -234,6 +234,11 @@ def _full_window(scale: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Reading
+
+
+# a row (scale, minimum, n_vocab uint16) must stay below 2^31 bytes, as llama.cpp's int sizes
+_MAX_VOCAB = (2**31 - 1 - 8) // 2
+_MAX_SCALE = WINDOW_NATS / 65535 * (1 + 1e-5)
 
 
 def _row_dtype(n_vocab: int) -> np.dtype:
@@ -398,10 +403,14 @@ class LlamaBase:
     def _check_rows(self, c: int, rows: QuantizedRows) -> None:
         scale = np.asarray(rows.scale, dtype=np.float64)
         mlp = np.asarray(rows.min_log_prob, dtype=np.float64)
-        bad = ~(np.isfinite(scale) & (scale >= 0))
+        # llama.cpp writes 0 <= scale <= 16/65535 (the window over its levels) and a minimum
+        # of at least -16 - log V (the window below the top, minus the log-sum-exp); a little
+        # float32 slack on both
+        bad = ~(np.isfinite(scale) & (scale >= 0) & (scale <= _MAX_SCALE))
         what = "scale"
         if not bad.any():
-            bad = ~(np.isfinite(mlp) & (mlp <= 0))
+            floor = -(WINDOW_NATS + math.log(self.n_vocab)) - 1e-3
+            bad = ~(np.isfinite(mlp) & (mlp <= 0) & (mlp >= floor))
             what = "min_log_prob"
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
@@ -464,6 +473,11 @@ def read_base(path: str | os.PathLike[str], *, check_tokens: bool = True) -> Lla
             raise BaseFileError(
                 f"{p}: has an invalid header (n_ctx={n_ctx}, n_vocab={n_vocab}, "
                 f"n_chunk={n_chunk}; expected n_ctx >= 3, n_vocab >= 1, n_chunk >= 1)"
+            )
+        if n_vocab > _MAX_VOCAB:
+            raise BaseFileError(
+                f"{p}: has an invalid header (n_vocab={n_vocab}; a row of the file holds at "
+                f"most {_MAX_VOCAB} entries)"
             )
         n_scored = n_ctx - 1 - n_ctx // 2
         row = _row_dtype(n_vocab).itemsize
@@ -706,7 +720,7 @@ def parity_token_values(
     r = np.arange(n)
     top = np.max(x, axis=-1)
     imax = np.argmax(x, axis=-1)
-    with np.errstate(under="ignore"):
+    with np.errstate(under="ignore", over="ignore"):
         e = np.exp((x - top[:, None]).astype(np.float64)).astype(np.float32)
     lse = np.log(np.sum(e, axis=-1, dtype=np.float64)).astype(np.float32)
     nll = (top + lse) - x[r, lab]
@@ -714,12 +728,12 @@ def parity_token_values(
     nll_base = -base[r, lab]
     shift = top + lse
     keep = base > np.float32(-WINDOW_NATS)
-    with np.errstate(under="ignore", invalid="ignore"):
+    with np.errstate(under="ignore", invalid="ignore", over="ignore"):
         pb = np.exp(base.astype(np.float64)).astype(np.float32)
         terms = pb * ((base - x) + shift[:, None])
     kld = np.asarray(np.sum(np.where(keep, terms, np.float32(0)), axis=-1, dtype=np.float64))
     same = imax == np.argmax(base, axis=-1)
-    with np.errstate(under="ignore"):
+    with np.errstate(under="ignore", over="ignore"):
         p_base = np.exp((-nll_base).astype(np.float64)).astype(np.float32)
         p = np.exp((-nll).astype(np.float64)).astype(np.float32)
     return ParityTokens(kld, p - p_base, nll, nll_base, same)

@@ -421,3 +421,28 @@ def test_quantization_blocks_do_not_change_the_bytes(tmp_path, rng, monkeypatch)
     monkeypatch.setattr(kldiv.llamacpp, "_BLOCK_ELEMENTS", 64)  # 1 row per block
     write_base(tmp_path / "b.kld", tokens, logits)
     assert (tmp_path / "a.kld").read_bytes() == (tmp_path / "b.kld").read_bytes()
+
+
+def test_headers_and_rows_llama_cpp_never_writes_are_refused(tmp_path):
+    """A vocabulary too wide for a row (no allocation, a one-line error), and stored scales
+    or minima outside what llama.cpp writes (0 ≤ scale ≤ 16/65535, min ≥ −16 − log V)."""
+    import struct
+
+    from kldiv.llamacpp import MAGIC, BaseFileError
+
+    huge = tmp_path / "huge.kld"
+    huge.write_bytes(struct.pack("<8siii", MAGIC, 3, 2**31 - 1, 1))
+    with pytest.raises(BaseFileError, match="invalid header") as e:
+        read_base(huge)
+    assert "\n" not in str(e.value)
+    tokens = np.zeros((1, 4), np.int64)
+    logits = np.random.default_rng(0).normal(size=(1, 4, 5)).astype(np.float32)
+    for field, value in (("scale", 1e30), ("min_log_prob", -1e30)):
+        path = tmp_path / f"{field}.kld"
+        write_base(path, tokens, logits)
+        raw = bytearray(path.read_bytes())
+        offset = 20 + 4 * 4 + (0 if field == "scale" else 4)  # header, tokens, first row
+        raw[offset : offset + 4] = struct.pack("<f", value)
+        path.write_bytes(bytes(raw))
+        with read_base(path) as base, pytest.raises(BaseFileError, match=field):
+            base.log_probs(0)

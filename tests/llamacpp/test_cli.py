@@ -117,3 +117,18 @@ def test_kldiv_compare_takes_a_base_file(files):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "kldiv compare: error: --parity needs a llama.cpp base file as REF"
     ], bad.stderr
+
+
+def test_one_form_is_the_candidates(files):
+    """``--form log_probs`` names the candidate's form (the base file's side is fixed); a pair
+    that gives the reference another form is refused."""
+    d, cand = files
+    lp = cand - np.log(np.exp(cand.astype(np.float64)).sum(-1, keepdims=True))
+    np.save(d / "lp.npy", lp.astype(np.float32))
+    with_logits = json.loads(run(args(d / "base.kld", d / "cand.npy", parity=False)))
+    one = json.loads(
+        run(args(d / "base.kld", d / "lp.npy", form=("log_probs", "log_probs"), parity=False))
+    )
+    assert one["kl_mean"] == pytest.approx(with_logits["kl_mean"], rel=1e-5)
+    with pytest.raises(UsageError, match="--form: the base file's side is fixed"):
+        run(args(d / "base.kld", d / "lp.npy", form=("probs", "log_probs"), parity=False))

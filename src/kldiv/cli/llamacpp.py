@@ -144,12 +144,14 @@ def compare_base(args: argparse.Namespace, out: TextIO | None = None) -> int:
             raise UsageError(f"{flag}: {why}")
     if args.axis not in (-1, 2):
         raise UsageError("--axis: the candidate's vocabulary axis must be the last one")
-    if tuple(args.form)[0] != "logits":
+    # one form (--form log_probs) reaches here as the pair (log_probs, log_probs): it is the
+    # candidate's; a pair naming another form for the reference is refused
+    form_r, form_c = tuple(args.form)
+    if form_r not in ("logits", form_c):
         raise UsageError(
             "--form: the base file's side is fixed (stored log-probabilities); give the "
             "candidate's form alone, e.g. --form log_probs"
         )
-    form_c = tuple(args.form)[-1]
     parity = bool(getattr(args, "parity", False))
     if parity and form_c != "logits":
         raise UsageError("--parity needs the candidate's logits (--form logits)")
