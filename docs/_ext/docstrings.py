@@ -114,10 +114,19 @@ def _public_paths(pkg: griffe.Module) -> dict[str, str]:
             shown = f"{name}.{export}"
             paths.setdefault(target.path, shown)
             if target.is_class:
-                for member in target.members:
-                    if not member.startswith("_"):
+                for member, value in target.members.items():
+                    # The reference renders only members with a docstring; the rest (instance
+                    # attributes listed in the class's Attributes section) have no anchor.
+                    if not member.startswith("_") and _has_docstring(value):
                         paths.setdefault(f"{target.path}.{member}", f"{shown}.{member}")
     return paths
+
+
+def _has_docstring(member: griffe.Object | griffe.Alias) -> bool:
+    try:
+        return member.docstring is not None
+    except (griffe.AliasResolutionError, griffe.CyclicAliasError):
+        return False
 
 
 def _resolve(target: str, obj: griffe.Object, pkg: griffe.Module) -> str | None:
