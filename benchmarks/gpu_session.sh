@@ -8,7 +8,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl array-api-compat liger-kernel
+#       -d .whl array-api-compat liger-kernel torchmetrics lightning-utilities
 # and name `.whl` in the call's `carry`.
 set -uo pipefail
 out="$(realpath -m "${OUT:-gpu-out}")"
@@ -26,8 +26,9 @@ export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 } > "$out/device.txt" 2>&1
 # The kernels' tests: with CUDA present, conftest leaves TRITON_INTERPRET unset and the tests
 # use CUDA tensors and compiled kernels.
-python3 -m pytest -q -x -p no:cacheprovider tests/test_triton.py tests/test_distillation.py \
-    tests/test_fused_linear.py 2>&1 | tee "$out/gpu_tests.log"
+python3 -m pytest -q -x -p no:cacheprovider tests/torch/rows/test_triton.py \
+    tests/torch/test_distillation.py tests/torch/test_fused_linear.py \
+    tests/torch/test_torchmetrics.py 2>&1 | tee "$out/gpu_tests.log"
 tests=$?
 (cd benchmarks && python3 bench_distill_gpu.py --out "$out" "$@") 2>&1 | tee "$out/gpu_bench.log"
 exit $((tests || $?))

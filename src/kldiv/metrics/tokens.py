@@ -59,6 +59,47 @@ class TokenStats:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_values(
+        cls,
+        values: dict[str, np.ndarray],
+        *,
+        vocab_size: int | None,
+        num_ignored: int = 0,
+    ) -> TokenStats:
+        """Statistics from per-token values computed elsewhere, e.g. on a device by
+        :class:`kldiv.torch.metrics.TokenStatsMetric`: ``values`` maps ``"kl"`` and ``"top1"``
+        and, for statistics with labels, ``"dp"``, ``"nll_ref"`` and ``"nll_cand"`` to 1-D
+        arrays over the same kept tokens (the names of :meth:`values`); ``num_ignored``
+        counts the tokens whose label was ``ignore_index``; ``vocab_size`` None only when
+        there are no tokens."""
+        names = set(values)
+        has_labels = set(_STATS_LABELS) <= names
+        want = set(_STATS_PLAIN) | (set(_STATS_LABELS) if has_labels else set())
+        if names != want:
+            raise ValueError(
+                f"Expected `values` to hold {sorted(want)}, got {sorted(names)}: every plain "
+                "statistic, and the label statistics all or none."
+            )
+        arrays = {k: np.asarray(v).reshape(-1) for k, v in values.items()}
+        sizes = {a.size for a in arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"Expected `values` of one length, got lengths {sorted(sizes)}.")
+        if num_ignored and not has_labels:
+            raise ValueError("`num_ignored` counts ignored labels: the values have none.")
+        stats = cls()
+        if vocab_size is None:
+            if sizes != {0} or num_ignored:
+                raise ValueError("`vocab_size` is needed for statistics over tokens.")
+            return stats
+        stats._vocab_size = int(vocab_size)
+        stats._has_labels = has_labels
+        stats._num_ignored = int(num_ignored)
+        for k, a in arrays.items():
+            if a.size:
+                stats._chunks[k].append(a.astype(bool if k == "top1" else np.float64))
+        return stats
+
     # ---------------------------------------------------------------------------- properties
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,587 @@
+"""kldiv.torch.metrics.TokenStatsMetric: the torchmetrics metric against TokenStats on the same
+tokens (every form, float32, bfloat16 and float64, -inf logits, ignored labels holding NaN,
+several updates of different batch shapes across step boundaries), reset, compute before any
+update, the validation messages, and 2 Gloo ranks against one process.
+
+    python tests/torch/test_torchmetrics.py RANK WORLD PORT CASES.pt OUT_DIR
+
+runs one rank of the Gloo test (test_two_gloo_ranks_equal_one_process starts them).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kldiv.metrics import KLReport, TokenStats
+
+V = 17
+SHAPES = [(2, 3), (5,), (1, 1, 4)]  # the token shapes of successive updates
+
+# --------------------------------------------------------------------------------------------
+# Data, and the error bound the comparisons use
+
+
+def to_form(logits: np.ndarray, form: str) -> np.ndarray:
+    """Float64 logits as the given form (exact zero probabilities where a logit is -inf)."""
+    if form == "logits":
+        return logits
+    m = np.max(logits, axis=-1, keepdims=True)
+    lp = logits - m - np.log(np.sum(np.exp(logits - m), axis=-1, keepdims=True))
+    return lp if form == "log_probs" else np.exp(lp)
+
+
+def batch(rng: np.random.Generator, tokens: tuple[int, ...], forms, dtype, labels=True):
+    """One update's ``ref``, ``cand`` and ``labels`` (or None): -inf logits shared by both
+    models (terms that count 0), one token where only ``cand`` has a zero (KL = +inf), and
+    with labels about a quarter of the tokens ignored, their rows NaN."""
+    r = rng.normal(scale=3.0, size=(*tokens, V))
+    c = r + rng.normal(scale=1.0, size=r.shape)
+    shared = rng.random(r.shape) < 0.2
+    shared[..., 0] = False  # every row keeps mass on both sides
+    r[shared] = c[shared] = -np.inf
+    flat_r, flat_c = r.reshape(-1, V), c.reshape(-1, V)
+    flat_c[-1, 0] = -np.inf  # p > 0 = q: KL(ref‖cand) = +inf for the last token
+    # labels on categories both models give mass to (finite perplexities)
+    both = np.isfinite(flat_r) & np.isfinite(flat_c)
+    lab = np.array([rng.choice(np.flatnonzero(row)) for row in both])
+    if labels:
+        ignored = rng.random(lab.size) < 0.25
+        ignored[0], ignored[-1] = True, False  # one ignored at least; keep the +inf token
+        lab[ignored] = -100
+        flat_r[ignored] = np.nan  # ignored tokens are not read: they may hold anything
+        flat_c[ignored & (rng.random(lab.size) < 0.5)] = np.nan
+    ref = torch.from_numpy(to_form(r, forms[0])).to(dtype)
+    cand = torch.from_numpy(to_form(c, forms[1])).to(dtype)
+    return ref, cand, (torch.from_numpy(lab.reshape(tokens)) if labels else None)
+
+
+def log_probs(x: torch.Tensor, form: str) -> np.ndarray:
+    """Float64 log-probabilities of what the metric was given (after rounding to its dtype)."""
+    a = x.double().numpy().reshape(-1, V)
+    if form == "probs":
+        with np.errstate(divide="ignore"):
+            return np.log(a)
+    return to_form(a, "log_probs") if form == "logits" else a
+
+
+def bounds(batches, forms, eps: float) -> dict[str, np.ndarray]:
+    """Per kept token, how far the metric's values may be from TokenStats' float64 ones.
+
+    The metric computes in float32 (or float64) with unit roundoff ≤ eps. A log-probability
+    (x − max) − log Σ exp(x − max) is off by at most eps·(2|lp| + log₂V + 3): |x − max| and
+    log Σ are each ≤ |lp| and rounded once, the sum of V exps carries log₂V + 1 roundings.
+    The kernels' KL, Σ p·(lp − lq) or Σ p·(b − a) − log z_t + log z_s with shifted logits
+    |b − a| ≤ |lp − lq| + |lp| + |lq|, then is within c·Σ_v p·(1 + |lp| + |lq|)·(1 + |lp − lq|)
+    with c = 2·(log₂V + 4)·eps, which also covers the error of p = exp(lp) (relative
+    eps·(1 + |δlp|)) times |lp − lq|, the sum's log₂V roundings and the final rounding to the
+    stored dtype. At the label y: nll within c·(1 + |lp_y|), Δp = q_y − p_y within
+    c·(p_y·(1 + |lp_y|) + q_y·(1 + |lq_y|)). Tokens with KL = +inf must be +inf exactly.
+    """
+    c = 2 * (math.log2(V) + 4) * eps
+    out: dict[str, list[np.ndarray]] = {"kl": [], "dp": [], "nll_ref": [], "nll_cand": []}
+    for ref, cand, labels in batches:
+        lp, lq = log_probs(ref, forms[0]), log_probs(cand, forms[1])
+        keep = np.ones(lp.shape[0], bool) if labels is None else labels.numpy().reshape(-1) != -100
+        lp, lq = lp[keep], lq[keep]
+        p = np.exp(lp)
+        with np.errstate(invalid="ignore"):
+            mass = np.where(p > 0, p * (1 + abs(lp) + abs(lq)) * (1 + abs(lp - lq)), 0.0)
+        out["kl"].append(c * mass.sum(-1))
+        if labels is not None:
+            y = labels.numpy().reshape(-1)[keep]
+            ly_p, ly_q = lp[np.arange(y.size), y], lq[np.arange(y.size), y]
+            out["nll_ref"].append(c * (1 + abs(ly_p)))
+            out["nll_cand"].append(c * (1 + abs(ly_q)))
+            out["dp"].append(c * (np.exp(ly_p) * (1 + abs(ly_p)) + np.exp(ly_q) * (1 + abs(ly_q))))
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def assert_values_close(got: TokenStats, want: TokenStats, tol: dict[str, np.ndarray]) -> None:
+    """Per token, in update order: top-1 exactly, the rest within the bound (inf exactly)."""
+    np.testing.assert_array_equal(got.values("top1"), want.values("top1"))
+    for name, t in tol.items():
+        g, w = got.values(name), want.values(name)
+        assert g.shape == w.shape, name
+        inf = np.isinf(w)
+        np.testing.assert_array_equal(g[inf], w[inf], err_msg=name)
+        err = np.abs(g[~inf] - w[~inf])
+        assert (err <= t[~inf]).all(), (name, float(np.max(err / t[~inf])))
+
+
+def assert_report_close(got: KLReport, want: KLReport, tol: dict[str, np.ndarray]) -> None:
+    """The report from values each within t_i of the reference's: counts and top-1 exactly;
+    means, order statistics (1-Lipschitz in the largest change) and standard errors (std is
+    1-Lipschitz in the l2 norm, so se moves by ≤ max t·√(n/(n−1))/√n ≤ max t for n ≥ 2)
+    within max t; a perplexity exp(mean nll) within a relative 2·max t (exp's slope, with room
+    for the factor e^t ≈ 1); the log ratio, a difference of two means, within the sum."""
+    exact = ["num_tokens", "num_ignored", "kl_num_inf", "top1_agreement", "top1_agreement_stderr"]
+    for name in exact:
+        assert getattr(got, name) == getattr(want, name), name
+    assert got.has_labels == want.has_labels
+
+    def close(name, a, b, atol=0.0, rtol=0.0):
+        if b is None or math.isinf(b):
+            assert a == b, name
+        else:
+            assert abs(a - b) <= atol + rtol * abs(b), (name, a, b, atol + rtol * abs(b))
+
+    t_kl = float(tol["kl"].max())
+    for name in ("kl_mean", "kl_stderr", "kl_max"):
+        close(name, getattr(got, name), getattr(want, name), atol=t_kl)
+    for q, v in want.kl_percentiles.items():
+        close(f"kl {q}%", got.kl_percentiles[q], v, atol=t_kl)
+    if not want.has_labels:
+        return
+    t_dp = float(tol["dp"].max())
+    for name in ("dp_mean", "dp_stderr", "dp_rms", "dp_min", "dp_max"):
+        close(name, getattr(got, name), getattr(want, name), atol=t_dp)
+    for q, v in want.dp_percentiles.items():
+        close(f"dp {q}%", got.dp_percentiles[q], v, atol=t_dp)
+    t_r, t_c = float(tol["nll_ref"].max()), float(tol["nll_cand"].max())
+    close("ppl_ref", got.ppl_ref, want.ppl_ref, rtol=2 * t_r)
+    close("ppl_cand", got.ppl_cand, want.ppl_cand, rtol=2 * t_c)
+    close("ln_ppl_ratio", got.ln_ppl_ratio, want.ln_ppl_ratio, atol=t_r + t_c)
+    close("ppl_ratio", got.ppl_ratio, want.ppl_ratio, rtol=2 * (t_r + t_c))
+    close("ln_ppl_ratio_stderr", got.ln_ppl_ratio_stderr, want.ln_ppl_ratio_stderr, atol=t_r + t_c)
+
+
+def reference(batches, forms) -> TokenStats:
+    stats = TokenStats()
+    for ref, cand, labels in batches:
+        stats.update(ref, cand, form=forms, labels=labels)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Against TokenStats
+
+
+@pytest.fixture
+def small_steps(monkeypatch):
+    """Steps of 3 rows: the updates of 6, 5 and 4 tokens cross step boundaries."""
+    from kldiv.torch import metrics
+
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 3 * V)
+
+
+CASES = [
+    # (forms, input dtype, stored dtype): float32 work for all but the float64/float64 case
+    (("logits", "logits"), torch.float32, None),
+    (("logits", "logits"), torch.bfloat16, None),
+    (("logits", "logits"), torch.float64, torch.float64),
+    (("log_probs", "log_probs"), torch.float64, None),
+    (("probs", "probs"), torch.float64, None),
+    (("log_probs", "logits"), torch.float64, torch.float64),
+]
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["labels", "no-labels"])
+@pytest.mark.parametrize(("forms", "dtype", "store"), CASES, ids=lambda x: str(x))
+def test_equals_token_stats_on_the_same_tokens(rng, small_steps, forms, dtype, store, labels):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    batches = [batch(rng, s, forms, dtype, labels) for s in SHAPES]
+    metric = TokenStatsMetric(form=forms if forms[0] != forms[1] else forms[0])
+    if store is not None:
+        metric.set_dtype(store)
+    for ref, cand, lab in batches:
+        metric.update(ref, cand, lab)
+    want = reference(batches, forms)
+    precise = dtype == torch.float64 and store == torch.float64
+    tol = bounds(batches, forms, 2.0**-53 if precise else 2.0**-24)
+    assert_values_close(metric.token_stats(), want, tol)
+    report = metric.compute()
+    assert isinstance(report, KLReport)
+    assert_report_close(report, want.report(), tol)
+    assert report.kl_num_inf == 3 and report.num_ignored == want.num_ignored
+    assert want.num_ignored >= 3 if labels else want.num_ignored == 0  # ≥ 1 per update
+
+
+# CUDA where there is one (benchmarks/gpu_session.sh runs this file on a GPU)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_states_stay_on_the_device_and_equal_token_stats(rng, dtype):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    forms = ("logits", "logits")
+    batches = [batch(rng, s, forms, dtype) for s in SHAPES]
+    metric = TokenStatsMetric().to(DEVICE)
+    for ref, cand, lab in batches:
+        metric.update(ref.to(DEVICE), cand.to(DEVICE), lab.to(DEVICE))
+    assert all(s.device.type == DEVICE for s in metric.kl + metric.dp)
+    want = reference(batches, forms)
+    tol = bounds(batches, forms, 2.0**-24)
+    assert_values_close(metric.token_stats(), want, tol)
+    assert_report_close(metric.compute(), want.report(), tol)
+
+
+def test_per_token_values_do_not_depend_on_the_step_size(rng, monkeypatch):
+    from kldiv.torch import metrics
+
+    ref, cand, lab = batch(rng, (4, 5), ("logits", "logits"), torch.float32)
+    got = []
+    for rows in (1, 3, 20):
+        monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", rows * V)
+        m = metrics.TokenStatsMetric()
+        m.update(ref, cand, lab)
+        got.append(m.token_stats())
+    for name in ("kl", "top1", "dp", "nll_ref", "nll_cand"):
+        for s in got[1:]:
+            np.testing.assert_array_equal(s.values(name), got[0].values(name))
+
+
+def test_forward_returns_the_batch_report_and_accumulates(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    batches = [batch(rng, s, ("logits", "logits"), torch.float32) for s in SHAPES[:2]]
+    metric, alone = TokenStatsMetric(), TokenStatsMetric()
+    first = metric(*batches[0])
+    alone.update(*batches[0])
+    assert first == alone.compute()
+    metric(*batches[1])
+    alone.update(*batches[1])
+    assert metric.compute() == alone.compute()
+
+
+def test_a_label_probability_zero_makes_the_perplexity_infinite_as_in_token_stats():
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    ref = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, -1.0]])
+    cand = torch.tensor([[0.5, -math.inf, 2.0], [1.0, 0.5, -1.0]])
+    labels = torch.tensor([1, 0])  # cand gives the first label probability 0
+    metric = TokenStatsMetric()
+    metric.update(ref, cand, labels)
+    stats = TokenStats()
+    stats.update(ref, cand, labels=labels)
+    got, want = metric.compute(), stats.report()
+    assert got.ppl_cand == want.ppl_cand == math.inf
+    assert got.ln_ppl_ratio == want.ln_ppl_ratio == math.inf
+    assert got.kl_num_inf == want.kl_num_inf == 1
+
+
+def test_identical_inputs_give_exact_zeros(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    x = torch.from_numpy(rng.normal(size=(6, V))).float()
+    metric = TokenStatsMetric()
+    metric.update(x, x.clone(), torch.arange(6))
+    r = metric.compute()
+    assert r.kl_max == 0.0 and r.top1_agreement == 1.0 and r.dp_max == r.dp_min == 0.0
+    assert r.ln_ppl_ratio == 0.0 and r.ppl_ratio == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# State: reset, compute before update, pickling
+
+
+def test_reset_forgets_everything(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    a = batch(rng, (3, 2), ("logits", "logits"), torch.float32)
+    b = batch(rng, (3, 2), ("logits", "logits"), torch.float32, labels=False)
+    metric = TokenStatsMetric()
+    metric.update(*a)
+    metric.compute()
+    metric.reset()
+    with pytest.warns(UserWarning, match="before the ``update``"):  # torchmetrics' warning
+        with pytest.raises(ValueError, match=r"^No tokens to report on: call update\(\) first\.$"):
+            metric.compute()
+    metric.update(b[0][..., :5], b[1][..., :5])  # another V and no labels: a fresh start
+    fresh = TokenStatsMetric()
+    fresh.update(b[0][..., :5], b[1][..., :5])
+    assert metric.compute() == fresh.compute()
+
+
+def test_compute_without_tokens_raises_as_token_stats_does():
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    metric = TokenStatsMetric()
+    with pytest.warns(UserWarning), pytest.raises(ValueError) as got:
+        metric.compute()
+    with pytest.raises(ValueError) as want:
+        TokenStats().report()
+    assert str(got.value) == str(want.value)
+    x = torch.zeros(2, 4, 3)
+    labels = torch.full((2, 4), -7)
+    metric = TokenStatsMetric(ignore_index=-7)
+    metric.update(x, x, labels)
+    stats = TokenStats()
+    stats.update(x, x, labels=labels, ignore_index=-7)
+    with pytest.raises(ValueError) as got:
+        metric.compute()
+    with pytest.raises(ValueError) as want:
+        stats.report()
+    assert (
+        str(got.value)
+        == str(want.value)
+        == ("No tokens to report on: all 8 tokens seen had labels == ignore_index.")
+    )
+
+
+def test_states_are_per_token_vectors_on_the_inputs_device(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    ref, cand, lab = batch(rng, (2, 3), ("logits", "logits"), torch.float32)
+    metric = TokenStatsMetric()
+    metric.update(ref, cand, lab)
+    for name in ("kl", "top1", "keep", "dp", "nll_ref", "nll_cand"):
+        (state,) = getattr(metric, name)
+        assert state.shape == (6,) and state.dtype == torch.float32 and state.device == ref.device
+    assert repr(metric) == "TokenStatsMetric(form='logits', ignore_index=-100, validate_args=True)"
+
+
+def test_pickled_metric_keeps_accumulating(rng):
+    import pickle
+
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    a, b = (batch(rng, (2, 2), ("logits", "logits"), torch.float32) for _ in range(2))
+    metric = TokenStatsMetric()
+    metric.update(*a)
+    copy = pickle.loads(pickle.dumps(metric))
+    for m in (metric, copy):
+        m.update(*b)
+    assert copy.compute() == metric.compute()
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: TokenStats' messages
+
+
+def error_of(fn):
+    with pytest.raises((TypeError, ValueError)) as e:
+        fn()
+    return e.type, str(e.value)
+
+
+def good(n=2, v=4):
+    return torch.zeros(n, v), torch.zeros(n, v)
+
+
+BAD = {
+    "int ref": ((torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, 4)), {}),
+    "0-d": ((torch.tensor(1.0), torch.tensor(1.0)), {}),
+    "shapes": ((torch.zeros(2, 4), torch.zeros(2, 5)), {}),
+    "no categories": ((torch.zeros(2, 0), torch.zeros(2, 0)), {}),
+    "no tokens": ((torch.zeros(0, 4), torch.zeros(0, 4)), {}),
+    "float labels": (good(), {"labels": torch.zeros(2)}),
+    "bool labels": (good(), {"labels": torch.zeros(2, dtype=torch.bool)}),
+    "label shape": (good(), {"labels": torch.zeros(3, dtype=torch.int64)}),
+    "label range": (good(), {"labels": torch.tensor([1, 4])}),
+    "negative label": (good(), {"labels": torch.tensor([-1, -100])}),
+    "nan": ((torch.tensor([[0.0, 1.0], [math.nan, math.nan]]), torch.zeros(2, 2)), {}),
+    "nan with labels": (
+        (torch.zeros(3, 2), torch.tensor([[0.0, 1.0], [math.nan, 0.0], [0.0, math.nan]])),
+        {"labels": torch.tensor([0, 1, 1])},
+    ),
+    "+inf logit": ((torch.zeros(2, 3), torch.tensor([[0.0, 1.0, 2.0], [0.0, math.inf, 0.0]])), {}),
+    "all -inf": ((torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), torch.zeros(2, 2)), {}),
+}
+BAD_FORMS = {
+    "negative probs": ("probs", torch.tensor([[0.5, 0.5], [1.5, -0.5]])),
+    "probs sum": ("probs", torch.tensor([[0.5, 0.5], [0.5, 0.6]])),
+    "log_probs > 0": ("log_probs", torch.tensor([[-0.1, 0.1], [0.0, -math.inf]])),
+    "log_probs sum": ("log_probs", torch.tensor([[math.log(0.5)] * 2, [math.log(0.6)] * 2])),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_invalid_inputs_raise_token_stats_messages(case):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    args, kw = BAD[case]
+    metric = TokenStatsMetric()
+    got = error_of(lambda: metric.update(*args, **kw))
+    want = error_of(lambda: TokenStats().update(*args, **kw))
+    assert got == want
+    assert not metric.kl and not metric.keep  # a failed update adds nothing
+
+
+@pytest.mark.parametrize("case", list(BAD_FORMS))
+def test_invalid_distributions_raise_token_stats_messages(case):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    form, x = BAD_FORMS[case]
+    ok = torch.full_like(x, 0.5) if form == "probs" else torch.full_like(x, math.log(0.5))
+    for args in ((x, ok), (ok, x)):
+        got = error_of(lambda a=args: TokenStatsMetric(form).update(*a))
+        want = error_of(lambda a=args: TokenStats().update(*a, form=form))
+        assert got == want
+
+
+def test_consistency_between_updates_and_other_errors():
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    x = torch.zeros(2, 4)
+    metric = TokenStatsMetric()
+    metric.update(x, x)
+    stats = TokenStats()
+    stats.update(x, x)
+    for args, kw in (((torch.zeros(2, 5),) * 2, {}), ((x, x), {"labels": torch.tensor([0, 1])})):
+        got = error_of(lambda a=args, k=kw: metric.update(*a, **k))
+        kind, message = error_of(lambda a=args, k=kw: stats.update(*a, **k))
+        assert got == (kind, message.replace("a separate TokenStats", "a separate metric"))
+    metric = TokenStatsMetric()
+    metric.update(x, x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^Expected `labels` in this update: earlier updates"):
+        metric.update(x, x)
+    with pytest.raises(TypeError, match=r"^Expected `ref` to be a torch.Tensor, got ndarray"):
+        metric.update(np.zeros((2, 4)), x)
+    with pytest.raises(ValueError, match=r"^Expected `form`"):
+        TokenStatsMetric("logit")
+    with pytest.raises(TypeError, match=r"^Expected `ignore_index` to be an int, got 1.5\.$"):
+        TokenStatsMetric(ignore_index=1.5)
+
+
+def test_without_validation_nothing_is_checked_and_valid_inputs_agree(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    ref, cand, lab = batch(rng, (3, 4), ("logits", "logits"), torch.float32)
+    checked, unchecked = TokenStatsMetric(), TokenStatsMetric(validate_args=False)
+    for m in (checked, unchecked):
+        m.update(ref, cand, lab)
+    assert checked.compute() == unchecked.compute()
+    lab = lab.clone()
+    lab[lab != -100] = V + 3  # out of range: read as 0, no error and no device assert
+    unchecked.update(ref, cand, lab)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    from kldiv.torch import metrics
+
+    result = doctest.testmod(metrics, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 5 and result.failed == 0
+
+
+def test_import_kldiv_torch_does_not_import_torchmetrics():
+    code = "import sys, kldiv, kldiv.torch, kldiv.metrics; assert 'torchmetrics' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Two Gloo ranks
+
+
+def rank_main(rank: int, world: int, port: int, cases_path: str, out: str) -> None:
+    """One rank: for each case, update with this rank's batches, then compute and gather."""
+    import torch.distributed as dist
+
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    results = {}
+    for name, case in torch.load(cases_path, weights_only=False).items():
+        metric = TokenStatsMetric(form=case["form"])
+        for ref, cand, labels in case["ranks"][rank]:
+            metric.update(ref, cand, labels)
+        try:
+            report = metric.compute()
+            stats = metric.token_stats()
+            results[name] = {
+                "report": report.to_dict(),
+                "values": {k: stats.values(k) for k in ("kl", "top1", "dp", "nll_ref", "nll_cand")},
+                "local": len(metric.kl),  # the rank's own states are back after compute
+            }
+        except ValueError as e:
+            results[name] = {"error": str(e)}
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def launch(world: int, tmp: Path, cases: dict, timeout: float = 90) -> list[dict]:
+    import torch.distributed as dist
+
+    torch.save(cases, tmp / "cases.pt")
+    # the OS picks the port; the ranks join this store (as tests/torch/test_parallel.py does)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    argv = [str(store.port), str(tmp / "cases.pt"), str(tmp)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), str(world), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the ranks hung (killed after {timeout} s)")
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{p.stdout.read()[-3000:]}"
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.spawns
+def test_two_gloo_ranks_equal_one_process(rng, tmp_path):
+    """Each rank updates with its share of the tokens (uneven, in different batch shapes; in
+    one case a rank has none); compute() on every rank equals TokenStats over all tokens
+    within the bound above, and a single-process metric over all tokens exactly (per-token
+    values do not depend on the batch, and the report is order-independent)."""
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    forms = ("logits", "logits")
+    labelled = [batch(rng, s, forms, torch.float32) for s in SHAPES]
+    plain = [batch(rng, s, forms, torch.float32, labels=False) for s in SHAPES[:2]]
+    lp = ("log_probs", "log_probs")
+    logp = [batch(rng, s, lp, torch.float64) for s in SHAPES[1:]]
+    cases = {
+        "labels": {"form": "logits", "ranks": [labelled[:2], labelled[2:]]},
+        "no labels": {"form": "logits", "ranks": [plain[1:], plain[:1]]},
+        "log_probs": {"form": "log_probs", "ranks": [logp[:1], logp[1:]]},
+        "idle rank": {"form": "logits", "ranks": [labelled, []]},
+        "labels on one rank": {"form": "logits", "ranks": [labelled[:1], plain[:1]]},
+        "two vocabularies": {
+            "form": "logits",
+            "ranks": [plain[:1], [tuple(x[..., :5] if x is not None else x for x in plain[1])]],
+        },
+    }
+    results = launch(2, tmp_path, cases)
+    for name, case in cases.items():
+        order = case["ranks"][0] + case["ranks"][1]
+        if name in ("labels on one rank", "two vocabularies"):
+            merged = [
+                reference(rank_batches, (case["form"],) * 2) for rank_batches in case["ranks"]
+            ]
+            with pytest.raises(ValueError) as want:
+                merged[0].merge(merged[1])
+            for r in range(2):
+                assert results[r][name] == {"error": str(want.value)}, (name, r)
+            continue
+        fs = (case["form"],) * 2
+        want = reference(order, fs)
+        tol = bounds(order, fs, 2.0**-24)
+        single = TokenStatsMetric(form=case["form"])
+        for b in order:
+            single.update(*b)
+        for r in range(2):
+            got = results[r][name]
+            report = KLReport.from_dict(got["report"])
+            assert report == single.compute(), (name, r)
+            assert_report_close(report, want.report(), tol)
+            for k, v in got["values"].items():  # gathered in rank order: rank 0's tokens first
+                np.testing.assert_array_equal(v, single.token_stats().values(k), err_msg=name)
+            assert got["local"] == len(case["ranks"][r]), (name, r)
+
+
+if __name__ == "__main__":
+    rank_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
