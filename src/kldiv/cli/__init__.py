@@ -1,5 +1,5 @@
-"""The ``kldiv`` command (also ``python -m kldiv``): ``demo``, ``compare``, ``bench`` and
-``info``.
+"""The ``kldiv`` command (also ``python -m kldiv``): ``demo``, ``compare``, ``llama-base``,
+``bench`` and ``info``.
 
 Every error a user can cause (a missing or corrupt file, mismatched shapes, invalid values, an
 output directory that exists, an optional package that is not installed) prints one line,
@@ -9,7 +9,8 @@ status is then 128 + the signal's number.
 
 ``compare`` and ``info`` run on the base install. ``demo`` trains with PyTorch and needs
 ``pip install "kldiv[torch,cli]"`` (``demo --no-train`` runs on the base install); ``bench``
-needs ``pip install "kldiv[torch]"``.
+needs ``pip install "kldiv[torch]"``; ``llama-base`` and ``compare --model`` run Hugging Face
+models and need ``pip install "kldiv[hf]"`` (see :mod:`kldiv.cli.hf`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import platform
 import secrets
 import shutil
 import signal
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -145,6 +147,8 @@ def _require(packages: Sequence[tuple[str, str]], what: str, install: str) -> No
 
 DEMO_EXTRA = '"kldiv[torch,cli]"'
 BENCH_EXTRA = '"kldiv[torch]"'
+HF_EXTRA = '"kldiv[hf]"'
+HF_PACKAGES = (("torch", "PyTorch"), ("transformers", "transformers"))
 
 
 def demo(
@@ -245,7 +249,17 @@ def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                 raise UsageError(
                     f"{lab.path}: has shape {lab.shape}; labels need the token shape {tokens}"
                 )
-            labels = lab.read_all().reshape(-1)
+            labels = lab.read_all()
+            if getattr(args, "shift_labels", False):
+                if not tokens:
+                    raise UsageError(
+                        f"--shift-labels: {ref.path} holds one token, not a sequence to shift"
+                    )
+                try:
+                    labels = shift_labels(labels)
+                except ValueError as e:
+                    raise UsageError(f"{lab.path}: {e}") from None
+            labels = labels.reshape(-1)
         return ref, cand, labels
     except readers.InputError as e:
         for f in files:
@@ -255,6 +269,112 @@ def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         for f in files:
             f.close()
         raise
+
+
+def shift_labels(input_ids: np.ndarray, ignore_index: int = -100) -> np.ndarray:
+    """The labels of causal language modelling from the input ids: the label of position ``i``
+    is the id at ``i + 1`` along the last axis (the sequence); the last position of each
+    sequence has none and gets ``ignore_index``, so it is left out of every statistic.
+    Unsigned ids at or above 2**63 (which int64 cannot hold) raise ``ValueError``."""
+    ids = np.asarray(input_ids)
+    if ids.dtype.kind == "u" and ids.ndim:
+        # compared in the ids' own dtype: a cast to int64 would wrap them to negative numbers
+        big = np.argwhere(ids[..., 1:] > np.iinfo(np.int64).max)
+        if big.size:
+            at = tuple(int(i) for i in big[0])
+            at = at[:-1] + (at[-1] + 1,)
+            raise ValueError(f"Expected input ids below 2**63, got {ids[at]} at index {at}.")
+    ids = ids.astype(np.int64)
+    out = np.full(ids.shape, ignore_index, dtype=np.int64)
+    out[..., :-1] = ids[..., 1:]
+    return out
+
+
+def _sequence_length(shape: tuple[int, ...], axis: int) -> int:
+    """The length of the last token axis (the sequence) of arrays of ``shape`` whose category
+    axis is ``axis``: the flattened tokens run along it."""
+    tokens = [d for i, d in enumerate(shape) if i != axis]
+    return tokens[-1] if tokens else 1
+
+
+# The check of label alignment: the mean log-likelihood gain, in nats, and the significance
+# (in standard errors) that a neighbouring alignment must show over the given one, on at least
+# this many tokens of the first block.
+ALIGN_GAIN, ALIGN_SIGMAS, ALIGN_MIN_TOKENS = 1.0, 5.0, 16
+
+
+def label_alignment(
+    ref: np.ndarray, form: str, labels: np.ndarray, start: int, seq_len: int
+) -> int:
+    """Whether the labels of a block of reference rows look one position off.
+
+    ``ref``: ``[rows, V]`` reference rows of the tokens ``start … start + rows − 1`` of the
+    stream; ``labels``: the labels of the whole stream (flattened; -100 is ignored);
+    ``seq_len``: the length of each sequence in the stream. For each row ``i`` the reference's
+    log-probability of the label of ``i`` is compared with that of the label of ``i + 1`` (and
+    of ``i − 1``) within the same sequence. A language model gives the token that follows far
+    more probability than the current one, so when the label of ``i + 1`` gains more than
+    ``ALIGN_GAIN`` nats on average, by more than ``ALIGN_SIGMAS`` standard errors, the labels
+    are the input ids (unshifted): returns ``+1``. ``-1`` when the label of ``i − 1`` gains
+    (labels shifted twice); ``0`` otherwise, including every case with too few tokens to tell
+    (and a reference with no skill, e.g. random logits, which never crosses the threshold but
+    by chance)."""
+    x = np.asarray(ref, dtype=np.float64)
+    n, vocab = x.shape
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if form == "probs":
+            lp = np.log(x)
+        else:  # logits, or log-probabilities renormalised (a no-op up to rounding)
+            top = np.max(x, axis=-1, keepdims=True)
+            top = np.where(np.isfinite(top), top, 0.0)
+            lp = x - (top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True)))
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    g = start + np.arange(n)
+    pos = g % max(1, seq_len)
+    rows = np.arange(n)
+
+    def logp(idx: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = lab[np.clip(idx, 0, lab.size - 1)]
+        ok = ok & (idx >= 0) & (idx < lab.size) & (ids >= 0) & (ids < vocab)
+        v = lp[rows, np.where(ok, ids, 0)]
+        return v, ok & np.isfinite(v)
+
+    cur, ok_cur = logp(g, np.ones(n, dtype=bool))
+    for step, verdict in ((1, 1), (-1, -1)):
+        inside = (pos + step >= 0) & (pos + step < seq_len)
+        other, ok = logp(g + step, inside)
+        ok &= ok_cur
+        d = (other - cur)[ok]
+        if d.size < ALIGN_MIN_TOKENS:
+            continue
+        gain = float(d.mean())
+        se = float(d.std(ddof=1)) / np.sqrt(d.size)
+        if gain > ALIGN_GAIN and gain > ALIGN_SIGMAS * se:
+            return verdict
+    return 0
+
+
+def _warn_misaligned(args: argparse.Namespace, ref: np.ndarray, labels: Any, seq_len: int) -> None:
+    verdict = label_alignment(ref, args.form[0], labels, 0, seq_len)
+    if verdict == 0:
+        return
+    if verdict > 0:
+        why = (
+            "the reference gives the label of the NEXT position much more probability than "
+            "each position's own label: these look like input ids; labels must be the next "
+            "token of each position (pass --shift-labels to shift input ids)"
+        )
+    else:
+        why = (
+            "the reference gives the label of the PREVIOUS position much more probability "
+            "than each position's own label: the labels look shifted one step too far"
+            + (
+                " (drop --shift-labels: they were already shifted)"
+                if getattr(args, "shift_labels", False)
+                else ""
+            )
+        )
+    print(f"kldiv compare: warning: {args.labels}: {why}", file=sys.stderr)
 
 
 def _histogram(stats: Any, path: Path, title: str) -> None:
@@ -359,14 +479,46 @@ def _check_out(dest: Path) -> None:
         raise UsageError(f"{parent}: the parent of --out is not a writable directory")
 
 
+def _check_ref_file(spec: str) -> None:
+    """Name what is wrong with REF when it is no file to read at all (missing, a directory,
+    unreadable, empty), before saying it is not a base file."""
+    path = Path(spec.partition("::")[0])
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path}: is a directory; --model needs a llama.cpp base file as REF")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{path}: cannot read (permission denied)")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise UsageError(f"{path}: is empty; --model needs a llama.cpp base file as REF")
+
+
 def compare(args: argparse.Namespace, out=None) -> int:
-    """``kldiv compare REF CAND``: the per-token KL(REF‖CAND) report, streamed."""
+    """``kldiv compare REF CAND``: the per-token KL(REF‖CAND) report, streamed; ``kldiv
+    compare BASE.kld --model DIR``: a model scored against a llama.cpp base file."""
     from . import llamacpp as base_files
 
+    model = getattr(args, "model", None)
+    if (args.cand is None) == (model is None):
+        raise UsageError(
+            "expected exactly one candidate: a file CAND, or --model DIR (with a llama.cpp "
+            "base file as REF)"
+        )
     if base_files.is_base_file(args.ref):
+        if model is not None:
+            _require(HF_PACKAGES, "kldiv compare --model", HF_EXTRA)
         return base_files.compare_base(args, out)
+    if model is not None:
+        _check_ref_file(args.ref)
+        raise UsageError("--model needs a llama.cpp base file as REF (its windows are the input)")
     if args.parity:
         raise UsageError("--parity needs a llama.cpp base file as REF")
+    if getattr(args, "shift_labels", False) and not args.labels:
+        raise UsageError("--shift-labels needs --labels (the input ids)")
     from tqdm.auto import tqdm
 
     from ..metrics import TokenStats
@@ -401,6 +553,8 @@ def compare(args: argparse.Namespace, out=None) -> int:
         for r_block, c_block in pairs:
             rows = r_block.shape[0]
             lab = None if labels is None else labels[start : start + rows]
+            if start == 0 and labels is not None:
+                _warn_misaligned(args, r_block, labels, _sequence_length(ref.shape, ax))
             try:
                 stats.update(
                     r_block, c_block, form=tuple(args.form), labels=lab, token_offset=start
@@ -513,6 +667,17 @@ _PARTIAL: list[Path] = []
 
 
 @contextlib.contextmanager
+def removed_on_signal(path: Path) -> Iterator[None]:
+    """Within the block, the directory ``path`` (being written; it may not exist yet) is
+    removed if SIGINT, SIGTERM or SIGHUP ends ``kldiv`` (see :func:`main`)."""
+    _PARTIAL.append(path)
+    try:
+        yield
+    finally:
+        _PARTIAL.remove(path)
+
+
+@contextlib.contextmanager
 def _exit_cleanly_on_signals() -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP remove a partial --out directory and end the process at
     once with status 128 + signal number. Not by raising where the program happens to be:
@@ -552,11 +717,14 @@ OPTIONAL = (
     ("matplotlib", "matplotlib", "figures of kldiv demo and compare", "kldiv[cli]"),
     ("safetensors", "safetensors", "kldiv compare reads .safetensors", "kldiv[cli]"),
     ("sklearn", "scikit-learn", "the digits data of kldiv demo", "kldiv[cli]"),
+    ("transformers", "transformers", "kldiv llama-base, kldiv compare --model", "kldiv[hf]"),
+    ("torchmetrics", "torchmetrics", "kldiv.torch.metrics.TokenStatsMetric", "kldiv[torchmetrics]"),
     ("triton", "triton", "DistillationLoss's GPU kernels", "with PyTorch's CUDA builds"),
 )
 # Importing these would load a framework (Keras loads its backend, Triton its compiler): the
 # version comes from the installed metadata instead, and Keras' backend is reported apart.
-NOT_IMPORTED = ("keras", "triton")
+# transformers takes seconds to import, torchmetrics imports PyTorch and more.
+NOT_IMPORTED = ("keras", "triton", "transformers", "torchmetrics")
 
 
 def _installed(module: str) -> bool:
@@ -751,6 +919,24 @@ def _forms(value: str) -> tuple[str, str]:
     return (parts[0], parts[-1])
 
 
+def _model_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    """--model's companions, for llama-base and compare."""
+    if prefix:  # compare: --model is optional there
+        p.add_argument(
+            "--model",
+            help=prefix + "a local Hugging Face model directory (any quantization "
+            "transformers loads), run on the base file's windows",
+        )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="the model's dtype (default auto: the checkpoint's); logits are scored in float32",
+    )
+    p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:i]")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kldiv", description="The Kullback–Leibler divergence family, exact and explicit."
@@ -778,18 +964,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--labels, Δp of the correct token and the perplexity ratio. Runs on the base install; "
         '.safetensors input and the histogram figure need pip install "kldiv[cli]", .pt input '
         'needs "kldiv[torch]". REF may be a llama.cpp base file (llama-perplexity '
-        "--kl-divergence-base); CAND then holds the candidate's logits on its windows, "
-        "[n_chunk, n_ctx, V] or [n_chunk, n_ctx − 1 − n_ctx/2, V].",
+        "--kl-divergence-base, or kldiv llama-base); CAND then holds the candidate's logits on "
+        "its windows, [n_chunk, n_ctx, V] or [n_chunk, n_ctx − 1 − n_ctx/2, V], or, instead of "
+        "CAND, --model DIR runs a Hugging Face model on the windows (nothing written to disk; "
+        'pip install "kldiv[hf]").',
     )
     p_cmp.add_argument("ref", help="the reference model's outputs (the distributions P)")
-    p_cmp.add_argument("cand", help="the candidate model's outputs (the distributions Q)")
+    p_cmp.add_argument(
+        "cand",
+        nargs="?",
+        help="the candidate model's outputs (the distributions Q); or --model instead",
+    )
     p_cmp.add_argument(
         "--form",
         type=_forms,
         default=("logits", "logits"),
         help="logits (default), log_probs or probs; 'log_probs,logits' gives each file's",
     )
-    p_cmp.add_argument("--labels", help="integer token ids, the token shape (.npy, ...)")
+    p_cmp.add_argument(
+        "--labels",
+        help="integer token ids of the token shape (.npy, ...): the NEXT token of each position "
+        "(the label of position i is token i + 1, as in llama.cpp's base files); -100 leaves "
+        "a position out. transformers' causal-LM labels are the input ids, unshifted: pass "
+        "those with --shift-labels",
+    )
+    p_cmp.add_argument(
+        "--shift-labels",
+        action="store_true",
+        help="--labels holds the input ids of causal language modelling: position i is scored "
+        "against id i + 1 along the last token axis; the last position of each sequence is "
+        "left out",
+    )
     p_cmp.add_argument("--axis", type=int, default=-1, help="the category axis (default -1)")
     p_cmp.add_argument(
         "--out",
@@ -804,6 +1009,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with a llama.cpp base file as REF: also the statistics computed the way "
         "llama-perplexity --kl-divergence computes them",
     )
+    _model_options(p_cmp, "with a llama.cpp base file as REF, instead of CAND: ")
+    p_base = sub.add_parser(
+        "llama-base",
+        help="a llama.cpp KL-divergence base file from a Hugging Face reference model "
+        '(needs pip install "kldiv[hf]")',
+        description="Tokenizes the text as llama-perplexity does (the whole file, less one "
+        "trailing newline, BOS first when the tokenizer adds one, special-token text as plain "
+        "text; at least 2·--ctx tokens), cuts it into consecutive "
+        "windows of --ctx tokens, runs the model on each (its first token replaced by BOS when "
+        "the tokenizer adds one) and writes the float32 next-token log-probabilities of the "
+        "second half of each window, quantized as llama.cpp does, to a new file that "
+        "llama-perplexity --kl-divergence-base FILE --kl-divergence scores a GGUF against. "
+        "Memory stays at one batch of windows. Needs PyTorch and transformers: "
+        'pip install "kldiv[hf]".',
+    )
+    p_base.add_argument("--model", required=True, help="a local Hugging Face model directory")
+    p_base.add_argument("--text", required=True, help="the text file (UTF-8)")
+    p_base.add_argument("--ctx", type=int, required=True, help="tokens per window (llama.cpp's -c)")
+    p_base.add_argument("--out", required=True, help="the base file to write (must not exist)")
+    p_base.add_argument(
+        "--chunks", type=int, help="at most this many windows (llama.cpp's --chunks)"
+    )
+    _model_options(p_base, "")
+    p_base.add_argument("--quiet", action="store_true", help="no progress bar")
     p_bench = sub.add_parser(
         "bench",
         help="time DistillationLoss against PyTorch eager, torch.compile and Liger Kernel "
@@ -847,6 +1076,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return demo(args.out, train=not args.no_train)
             if args.command == "compare":
                 return compare(args)
+            if args.command == "llama-base":
+                _require(HF_PACKAGES, "kldiv llama-base", HF_EXTRA)
+                from . import hf
+
+                return hf.llama_base(args)
             if args.command == "bench":
                 return bench(args)
             return info()
