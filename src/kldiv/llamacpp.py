@@ -573,7 +573,9 @@ def write_base(
         chunks = cast(Iterable[Any], logits)
 
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    # under the 255-byte name limit whatever the target's length: its first 200 bytes, the pid
+    stem = os.fsencode(p.name)[:200].decode(errors="ignore")
+    tmp = p.with_name(f".{stem}.{os.getpid()}.tmp")
     vocab = n_vocab
     try:
         with open(tmp, "wb") as f:

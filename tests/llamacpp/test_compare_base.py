@@ -132,3 +132,15 @@ def test_one_form_is_the_candidates(files):
     assert one["kl_mean"] == pytest.approx(with_logits["kl_mean"], rel=1e-5)
     with pytest.raises(UsageError, match="--form: the base file's side is fixed"):
         run(args(d / "base.kld", d / "lp.npy", form=("probs", "log_probs"), parity=False))
+
+
+def test_write_base_takes_the_longest_legal_file_name(tmp_path):
+    """The temporary file beside the target stays under the 255-byte name limit."""
+    from kldiv.llamacpp import read_base, write_base
+
+    rng = np.random.default_rng(0)
+    target = tmp_path / ("é" * 123 + ".kld")  # 250 bytes in UTF-8
+    write_base(target, rng.integers(0, 20, size=(1, 8)), rng.normal(size=(1, 8, 20)))
+    with read_base(target) as base:
+        assert base.n_chunk == 1 and base.n_vocab == 20
+    assert [f.name for f in tmp_path.iterdir()] == [target.name]
