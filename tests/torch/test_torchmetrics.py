@@ -336,7 +336,9 @@ def test_states_are_per_token_vectors_on_the_inputs_device(rng):
     metric.update(ref, cand, lab)
     for name in ("kl", "top1", "keep", "dp", "nll_ref", "nll_cand"):
         (state,) = getattr(metric, name)
-        assert state.shape == (6,) and state.dtype == torch.float32 and state.device == ref.device
+        dtype = torch.bool if name in ("top1", "keep") else torch.float32
+        assert state.shape == (6,) and state.dtype == dtype and state.device == ref.device
+    assert metric.vocab[0].dtype == torch.int64 and metric.vocab[0].tolist() == [V]
     assert repr(metric) == "TokenStatsMetric(form='logits', ignore_index=-100, validate_args=True)"
 
 
@@ -468,6 +470,254 @@ def test_docstring_example_runs():
 def test_import_kldiv_torch_does_not_import_torchmetrics():
     code = "import sys, kldiv, kldiv.torch, kldiv.metrics; assert 'torchmetrics' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels compared by value, whatever their dtype
+
+
+def assert_same_tokens(got: TokenStats, want: TokenStats) -> None:
+    """The same kept and ignored tokens, with the values within float32 rounding."""
+    assert (got.num_tokens, got.num_ignored) == (want.num_tokens, want.num_ignored)
+    assert got.vocab_size == want.vocab_size
+    np.testing.assert_array_equal(got.values("top1"), want.values("top1"))
+    for name in ("kl", "dp", "nll_ref", "nll_cand"):
+        np.testing.assert_allclose(got.values(name), want.values(name), rtol=1e-5, atol=1e-5)
+
+
+def labelled(rng, v: int, labels: np.ndarray):
+    ref = torch.from_numpy(rng.normal(size=(labels.size, v))).float()
+    return ref, ref + 0.1 * torch.from_numpy(rng.normal(size=ref.shape)).float()
+
+
+NARROW = {
+    # labels, V, ignore_index: a comparison in the labels' own dtype wraps the other operand
+    "uint8 156 is not -100": (np.array([156, 0, 155], np.uint8), 300, -100),
+    "uint8 vs V=300": (np.array([255, 299 - 44, 7], np.uint8), 300, -100),
+    "int16 vs V=40000": (np.array([30000, 4464, 1], np.int16), 40000, -100),
+    "int16 4464 is not 70000": (np.array([4464, 4, 5], np.int16), 5000, 70000),
+    "uint16": (np.array([65535, 3, 2], np.uint16), 70000, -100),
+    "uint64 ignore_index 2**64-1": (np.array([2**64 - 1, 3, 2], np.uint64), 5, 2**64 - 1),
+    "ignore_index beyond int64": (np.array([4, 3, 2]), 5, 2**70),
+}
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validate", "no-validate"])
+@pytest.mark.parametrize("case", list(NARROW))
+def test_narrow_labels_are_compared_by_value_as_token_stats_does(rng, case, validate):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    labels, v, ignore = NARROW[case]
+    ref, cand = labelled(rng, v, labels)
+    lab = torch.from_numpy(labels)
+    metric = TokenStatsMetric(ignore_index=ignore, validate_args=validate)
+    metric.update(ref, cand, lab)
+    want = TokenStats()
+    want.update(ref, cand, labels=lab, ignore_index=ignore)
+    assert_same_tokens(metric.token_stats(), want)
+    assert metric.compute() == metric.token_stats().report()
+
+
+def test_uint64_labels_beyond_int64_are_out_of_range_as_in_token_stats(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    ref, cand = labelled(rng, 4, np.zeros(3))
+    for big in (2**64 - 100, 2**63):  # -100 and -2**63 in int64 bits
+        lab = torch.from_numpy(np.array([1, big, 2], np.uint64))
+        got = error_of(lambda lab=lab: TokenStatsMetric().update(ref, cand, lab))
+        want = error_of(lambda lab=lab: TokenStats().update(ref, cand, labels=lab))
+        assert got == want and f"got {big} at token index (1,)" in got[1]
+        unchecked = TokenStatsMetric(validate_args=False)  # read as label 0, not ignored
+        unchecked.update(ref, cand, lab)
+        assert unchecked.token_stats().num_ignored == 0
+
+
+# --------------------------------------------------------------------------------------------
+# forward, load_state_dict, merge_state and set_dtype keep the accumulated tokens consistent
+
+
+def two_updates(rng, v=30):
+    """A metric after two updates of 20 labelled tokens each, and its report."""
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    metric = TokenStatsMetric()
+    for _ in range(2):
+        ref = torch.from_numpy(rng.normal(size=(4, 5, v))).float()
+        metric.update(ref, ref + 0.1, torch.from_numpy(rng.integers(0, v, (4, 5))))
+    return metric, metric.compute()
+
+
+FAILING_FORWARDS = {
+    # the batch raises in update (checked against the accumulated tokens) or in compute
+    "all ignored": (torch.zeros(2, 3, 30), torch.zeros(2, 3, 30), torch.full((2, 3), -100)),
+    "NaN": (torch.full((2, 30), math.nan), torch.zeros(2, 30), torch.zeros(2, dtype=torch.long)),
+    "another V": (torch.zeros(2, 20), torch.zeros(2, 20), torch.zeros(2, dtype=torch.long)),
+    "no labels": (torch.zeros(2, 30), torch.zeros(2, 30), None),
+    "label range": (torch.zeros(2, 30), torch.zeros(2, 30), torch.tensor([0, 30])),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILING_FORWARDS))
+def test_a_failed_forward_keeps_the_accumulated_tokens(rng, case):
+    metric, before = two_updates(rng)
+    count = metric.update_count
+    with pytest.raises(ValueError) as e:
+        metric(*FAILING_FORWARDS[case])
+    if case == "another V":
+        assert str(e.value).startswith("Expected 30 categories (as in earlier updates), got 20")
+    assert metric.compute() == before and before.num_tokens == 40
+    assert metric.update_count == count
+    assert metric._to_sync == metric.sync_on_compute and not metric._is_synced
+    ok = torch.zeros(3, 30), torch.zeros(3, 30), torch.tensor([1, -100, 2])
+    batch_report = metric(*ok)  # later calls work as before
+    assert batch_report.num_tokens == 2 and batch_report.num_ignored == 1
+    assert metric.compute().num_tokens == 42 and metric.update_count == count + 1
+
+
+def test_a_failed_update_is_not_counted(rng):
+    metric, _ = two_updates(rng)
+    with pytest.raises(ValueError):
+        metric.update(torch.zeros(2, 20), torch.zeros(2, 20), torch.zeros(2, dtype=torch.long))
+    assert metric.update_count == 2
+
+
+def test_forward_with_dist_sync_on_step_and_compute_on_cpu_accumulates(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    batches = [batch(rng, s, ("logits", "logits"), torch.float32) for s in SHAPES]
+    metric = TokenStatsMetric(dist_sync_on_step=True, compute_on_cpu=True)
+    alone = TokenStatsMetric()
+    for b in batches:
+        one = TokenStatsMetric()
+        one.update(*b)
+        assert metric(*b) == one.compute()
+        alone.update(*b)
+    assert metric.compute() == alone.compute()
+
+
+def test_load_state_dict_restores_the_checks(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    metric, before = two_updates(rng)
+    metric.persistent(True)
+    loaded = TokenStatsMetric()
+    loaded.load_state_dict(metric.state_dict())
+    assert loaded.compute() == before
+    x20, x30 = torch.zeros(2, 20), torch.zeros(2, 30)
+    with pytest.raises(ValueError, match=r"^Expected 30 categories \(as in earlier updates\)"):
+        loaded.update(x20, x20, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^Expected `labels` in this update"):
+        loaded.update(x30, x30)
+    with pytest.raises(ValueError, match=r"^Expected 30 categories"):
+        loaded(x20, x20, torch.zeros(2, dtype=torch.long))
+    assert loaded.compute() == before
+    # inconsistent states are refused, and the metric is left as it was
+    bad = metric.state_dict()
+    bad["vocab"] = [torch.tensor([30]), torch.tensor([20])]
+    with pytest.raises(RuntimeError, match="the vocabularies differ"):
+        loaded.load_state_dict(bad)
+    bad = metric.state_dict()
+    bad["keep"] = bad["keep"][:1]
+    with pytest.raises(RuntimeError, match="with labels and statistics without labels"):
+        loaded.load_state_dict(bad)
+    assert loaded.compute() == before
+    empty = TokenStatsMetric()
+    empty.persistent(True)
+    loaded.load_state_dict(empty.state_dict())  # an empty metric: any V and labels again
+    loaded.update(x20, x20)
+    assert loaded.compute().num_tokens == 2
+
+
+def test_merge_state_checks_like_token_stats_merge(rng):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    metric, before = two_updates(rng)
+    for other_args in ((torch.zeros(2, 20), torch.zeros(2, 20)), (torch.zeros(2, 30),) * 2):
+        other = TokenStatsMetric()
+        other.update(*other_args)
+        with pytest.raises(ValueError, match="^Cannot merge statistics"):
+            metric.merge_state(other)
+        assert metric.compute() == before
+    other, _ = two_updates(rng)
+    metric.merge_state(other)
+    assert metric.compute().num_tokens == 80
+
+
+@pytest.mark.parametrize("v", [50257, 151936])
+def test_set_dtype_to_half_keeps_the_vocabulary_size(rng, v):
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    x = torch.from_numpy(rng.normal(size=(2, v))).float()
+    labels = torch.tensor([0, v - 1])
+    metric = TokenStatsMetric()
+    metric.update(x, x + 0.01, labels)
+    metric.set_dtype(torch.float16)  # converts the stored values, not the bookkeeping
+    metric.update(x, x + 0.01, labels)
+    metric.set_dtype(torch.bfloat16)
+    metric.update(x, x + 0.01, labels)
+    assert [t.dtype for t in metric.kl] == [torch.bfloat16] * 3
+    assert [t.dtype for t in metric.vocab] == [torch.int64] * 3
+    assert [t.dtype for t in metric.top1 + metric.keep] == [torch.bool] * 6
+    stats = metric.token_stats()
+    assert stats.vocab_size == v and stats.num_tokens == 6
+    assert metric.compute().top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("store", [None, torch.bfloat16, torch.float16])
+def test_values_at_the_edges_of_their_domains_reach_the_report(store):
+    """bfloat16 probabilities may sum to 1 + 4·2⁻⁷: a label probability 1 + 2⁻⁷ gives a
+    negative NLL and Δp > 1, which TokenStats.from_values accepts in compute()."""
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    ref = torch.tensor([[1 + 2.0**-7, 0.0], [0.0, 1.0]], dtype=torch.bfloat16)
+    cand = torch.tensor([[1.0, 0.0], [1 + 2.0**-7, 0.0]], dtype=torch.bfloat16)
+    metric = TokenStatsMetric("probs")
+    if store is not None:
+        metric.set_dtype(store)
+    metric.update(ref, cand, torch.tensor([0, 0]))
+    stats = TokenStats()
+    stats.update(ref, cand, form="probs", labels=torch.tensor([0, 0]))
+    got, want = metric.compute(), stats.report()
+    assert got.dp_max == want.dp_max == 1 + 2.0**-7 and got.kl_num_inf == 1
+
+
+def test_without_validation_nan_values_fail_in_compute():
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    metric = TokenStatsMetric(validate_args=False)
+    metric.update(torch.tensor([[0.0, math.nan]]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"^Expected `values\['kl'\]` to hold KL divergences"):
+        metric.compute()
+
+
+def test_float64_inputs_resolve_tiny_kl_that_float32_cannot(rng):
+    """The float32 error is absolute (bounds() above): a per-token KL of ~1e-9 has no correct
+    digit from float32 logits; the same numbers as float64 inputs are computed in float64
+    (stored in float32 by default, relative 2⁻²⁴), and set_dtype(torch.float64) alone does
+    not help."""
+    from kldiv.torch.metrics import TokenStatsMetric
+
+    # float32 numbers, so that both kinds of input hold the same distributions
+    ref = torch.from_numpy(3 * rng.normal(size=(64, V))).float().double()
+    cand = (ref + 1e-4 * torch.from_numpy(rng.normal(size=ref.shape))).float().double()
+    want = TokenStats()
+    want.update(ref, cand)
+    w = want.values("kl")
+    assert 1e-10 < np.median(w) < 1e-8
+
+    def kl(r, c, store=None):
+        m = TokenStatsMetric()
+        if store is not None:
+            m.set_dtype(store)
+        m.update(r, c)
+        return m.token_stats().values("kl")
+
+    for store in (None, torch.float64):
+        assert np.max(np.abs(kl(ref, cand, store) - w) / w) < 1e-3
+        err = np.abs(kl(ref.float(), cand.float(), store) - w)
+        assert np.max(err / w) > 1  # not even the first digit for some tokens
+        tol = bounds([(ref.float(), cand.float(), None)], ("logits", "logits"), 2.0**-24)["kl"]
+        assert (err <= tol).all()  # but within the absolute bound
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from typing import Any, get_args
 
 import array_api_compat.numpy as _xp
@@ -62,7 +63,7 @@ class TokenStats:
     @classmethod
     def from_values(
         cls,
-        values: dict[str, np.ndarray],
+        values: Mapping[str, Array],
         *,
         vocab_size: int | None,
         num_ignored: int = 0,
@@ -72,29 +73,43 @@ class TokenStats:
         and, for statistics with labels, ``"dp"``, ``"nll_ref"`` and ``"nll_cand"`` to 1-D
         arrays over the same kept tokens (the names of :meth:`values`); ``num_ignored``
         counts the tokens whose label was ``ignore_index``; ``vocab_size`` None only when
-        there are no tokens."""
+        there are no tokens.
+
+        The values must lie where :meth:`update` can put them: KL ≥ 0 or +inf, top-1 bool
+        (or 0/1), NLL ≥ 0 or +inf and Δp in [-1, 1], the last two up to the normalisation
+        tolerance that ``form="probs"`` inputs are allowed for V = ``vocab_size`` categories
+        (a probability may exceed 1 by that much); NaN nowhere. ``TypeError`` for arguments
+        of the wrong type (non-numeric arrays, a non-int count), ``ValueError`` otherwise.
+        """
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"Expected `values` to be a dict of per-token arrays, got {type(values).__name__}."
+            )
         names = set(values)
         has_labels = set(_STATS_LABELS) <= names
         want = set(_STATS_PLAIN) | (set(_STATS_LABELS) if has_labels else set())
         if names != want:
             raise ValueError(
-                f"Expected `values` to hold {sorted(want)}, got {sorted(names)}: every plain "
-                "statistic, and the label statistics all or none."
+                f"Expected `values` to hold {sorted(want)}, got {sorted(names, key=str)}: every "
+                "plain statistic, and the label statistics all or none."
             )
-        arrays = {k: np.asarray(v).reshape(-1) for k, v in values.items()}
+        vocab = None if vocab_size is None else _check_count("vocab_size", vocab_size, 1)
+        ignored = _check_count("num_ignored", num_ignored, 0)
+        arrays: dict[str, np.ndarray] = {k: _per_token_array(k, values[k]) for k in sorted(want)}
         sizes = {a.size for a in arrays.values()}
         if len(sizes) != 1:
             raise ValueError(f"Expected `values` of one length, got lengths {sorted(sizes)}.")
-        if num_ignored and not has_labels:
+        if ignored and not has_labels:
             raise ValueError("`num_ignored` counts ignored labels: the values have none.")
         stats = cls()
-        if vocab_size is None:
-            if sizes != {0} or num_ignored:
+        if vocab is None:
+            if sizes != {0} or ignored:
                 raise ValueError("`vocab_size` is needed for statistics over tokens.")
             return stats
-        stats._vocab_size = int(vocab_size)
+        _check_domains(arrays, vocab)
+        stats._vocab_size = vocab
         stats._has_labels = has_labels
-        stats._num_ignored = int(num_ignored)
+        stats._num_ignored = ignored
         for k, a in arrays.items():
             if a.size:
                 stats._chunks[k].append(a.astype(bool if k == "top1" else np.float64))
@@ -414,6 +429,60 @@ class TokenStats:
             "ln_ppl_ratio": ln_ratio,
             "ln_ppl_ratio_stderr": ln_stderr,
         }
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    """An int argument of :meth:`TokenStats.from_values` (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"Expected `{name}` to be an int, got {value!r}.")
+    if value < minimum:
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"Expected `{name}` to be a {what} int, got {int(value)}.")
+    return int(value)
+
+
+def _per_token_array(name: str, value: Any) -> np.ndarray:
+    """One array of ``values``: 1-D and real numeric (``"top1"`` may be bool)."""
+    a = blocks.to_numpy(value)
+    kinds = "biuf" if name == "top1" else "iuf"
+    if a.dtype.kind not in kinds:
+        what = "a bool or real numeric" if name == "top1" else "a real numeric"
+        raise TypeError(f"Expected `values[{name!r}]` to be {what} array, got dtype {a.dtype}.")
+    if a.ndim != 1:
+        raise ValueError(
+            f"Expected `values[{name!r}]` to be 1-D (one value per token), got shape {a.shape}."
+        )
+    return a
+
+
+def _check_domains(arrays: dict[str, np.ndarray], vocab: int) -> None:
+    """The per-token values must be ones :meth:`TokenStats.update` can produce (NaN nowhere).
+
+    With ``form="probs"`` a row passes when its sum is within the tolerance τ of 1, so a label
+    probability can be up to 1 + τ: NLL ≥ −log(1 + τ), |Δp| ≤ 1 + τ. τ is the largest
+    tolerance of any input dtype for ``vocab`` categories, doubled for the rounding of a value
+    stored in a narrower dtype (e.g. a metric's bfloat16 states).
+    """
+    tau = 2 * max(blocks.tolerances(d, vocab)[0] for d in ("float16", "bfloat16", "float32"))
+    with np.errstate(invalid="ignore"):
+        for name, a in arrays.items():
+            if name == "kl":
+                bad, what = ~(a >= 0), "KL divergences ≥ 0 or +inf"
+            elif name == "top1":
+                if a.dtype.kind == "b":
+                    continue
+                bad, what = ~((a == 0) | (a == 1)), "top-1 agreements (bool, or 0 and 1)"
+            elif name == "dp":
+                bad, what = ~(np.abs(a) <= 1 + tau), f"Δp in [-1, 1] (±{tau:.1e})"
+            else:
+                bound = -math.log1p(tau)
+                bad, what = ~(a >= bound), f"negative log-likelihoods ≥ 0 ({bound:.1e}) or +inf"
+            if bad.any():
+                i = blocks.first(bad)
+                raise ValueError(
+                    f"Expected `values[{name!r}]` to hold {what}, got {a[i].item()!r} at index {i} "
+                    f"({int(np.count_nonzero(bad))} such values)."
+                )
 
 
 def _check_labels(

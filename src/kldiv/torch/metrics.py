@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat.torch as _xp
 import numpy as np
 import torch
+from torch.nn import Module
 from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from .. import _check
 from .. import _namespace as ns
@@ -32,6 +35,11 @@ from ..metrics.tokens import IGNORE_INDEX, TokenStats
 
 __all__ = ["TokenStatsMetric"]
 
+_MIXED_LABELS = (
+    "Cannot merge statistics with labels and statistics without labels: label statistics "
+    "over a subset of the tokens would be misleading."
+)
+
 # Rows per step of update() are chosen so that one [rows, V] temporary holds about this many
 # elements (64 MiB in float32): large enough that a GPU step is not dominated by launches,
 # small enough that the few temporaries of a step stay far below the logits' own size.
@@ -42,6 +50,10 @@ CHUNK_ELEMENTS = 1 << 24
 # Without labels only "kl", "top1" and "vocab" (one entry per update) receive values.
 _STATES = ("kl", "top1", "vocab", "keep", "dp", "nll_ref", "nll_cand")
 _LABEL_STATES = ("keep", "dp", "nll_ref", "nll_cand")
+# States with a dtype of their own: the vocabulary size of each update and the two flags. The
+# others are held in the metric's dtype (float32 unless set_dtype), which a vocabulary size
+# must not follow: float16 rounds 50257 to 50272 and 151936 to inf.
+_FIXED_DTYPES = {"vocab": torch.int64, "top1": torch.bool, "keep": torch.bool}
 
 
 class _Report:
@@ -89,8 +101,9 @@ class TokenStatsMetric(Metric):
         +inf logits, rows of only -inf logits, probabilities or log-probabilities that are
         negative, positive or not normalised, labels out of ``[0, V)``. This reads one flag per
         update on the host (a device synchronisation). With False nothing is read on the host
-        during ``update``; invalid values then give meaningless statistics and an out-of-range
-        label is read as label 0. Shape and dtype checks always run (they read no data).
+        during ``update``; invalid values then give meaningless statistics (or, where they make
+        a per-token value NaN, a ``ValueError`` from ``compute``) and an out-of-range label is
+        read as label 0. Shape and dtype checks always run (they read no data).
     **kwargs
         Passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``,
         ``compute_on_cpu``, ``dist_sync_fn``, …).
@@ -99,25 +112,30 @@ class TokenStatsMetric(Metric):
     -----
     Precision: each step converts its rows to float32 (float64 for float64 inputs) and
     computes in that dtype, so a float32 per-token KL is within a few float32 roundings of
-    :class:`~kldiv.metrics.TokenStats`' float64 value: about
+    :class:`~kldiv.metrics.TokenStats`' float64 value: at most
     (log₂V + 4)·2⁻²³·Σ_v p_v·(1 + |log p_v| + |log q_v|)·(1 + |log p_v − log q_v|) per
-    token. Top-1 agreement and counts are exact. The per-token values are stored in the
-    metric's dtype (float32 unless ``set_dtype(torch.float64)``); the statistics are computed
-    from them in float64 by the same code as :meth:`TokenStats.report
-    <kldiv.metrics.TokenStats.report>`.
+    token, an absolute bound (about 3·10⁻⁵ for V = 32000 and entropy 6; about 10⁻⁷ is
+    typical), so a per-token KL below about 10⁻⁶ has few correct digits. Float64 inputs
+    (``ref.double()``) are computed in float64; ``set_dtype(torch.float64)`` alone changes
+    only how the values are stored. Top-1 agreement and counts are exact. The per-token
+    values are stored in the metric's dtype (float32 unless :meth:`set_dtype`; float16 turns
+    values above 65504 into +inf), the flags as bool and the vocabulary sizes as int64 in
+    any case; the statistics are computed from them in float64 by the same code as
+    :meth:`TokenStats.report <kldiv.metrics.TokenStats.report>`.
 
-    Memory: six numbers per token with labels (KL, top-1, kept, Δp, two NLLs), two without,
-    on the inputs' device (on the host with ``compute_on_cpu=True``). ``update`` works through
-    the tokens in steps, so its temporaries stay near :data:`CHUNK_ELEMENTS` elements whatever
-    the batch size.
+    Memory: with labels four numbers per token in the metric's dtype (KL, Δp, two NLLs) and
+    two bool flags (top-1, kept); without, KL and the top-1 flag; on the inputs' device (on
+    the host with ``compute_on_cpu=True``). ``update`` works through the tokens in steps, so
+    its temporaries stay near :data:`CHUNK_ELEMENTS` elements whatever the batch size.
 
     Every update passes ``labels`` or none does, and the vocabulary size V stays the same, as
-    for :class:`~kldiv.metrics.TokenStats`; ``compute`` checks the same across ranks. Each
-    rank should feed the same dtype (torchmetrics gathers each state with one collective).
-    ``compute`` with no tokens raises ``ValueError``, as :meth:`TokenStats.report
-    <kldiv.metrics.TokenStats.report>` does; so does ``metric(ref, cand)`` (``forward``) on a
-    batch whose tokens are all ignored: call :meth:`update` in the loop and :meth:`compute`
-    at the end.
+    for :class:`~kldiv.metrics.TokenStats`; ``compute`` checks the same across ranks, and
+    ``merge_state`` and ``load_state_dict`` (after ``persistent(True)``) check the states
+    they bring in. Each rank should use the same metric dtype (torchmetrics gathers each
+    state with one collective). ``compute`` with no tokens raises ``ValueError``, as
+    :meth:`TokenStats.report <kldiv.metrics.TokenStats.report>` does; so does
+    ``metric(ref, cand)`` (``forward``) on a batch whose tokens are all ignored, and then
+    adds nothing: call :meth:`update` in the loop and :meth:`compute` at the end.
 
     Examples
     --------
@@ -305,13 +323,13 @@ class TokenStatsMetric(Metric):
         vocab: int,
         device: torch.device,
     ) -> None:
-        store = self.dtype
         for name in ("kl", "top1", "dp", "nll_ref", "nll_cand"):
             if parts[name]:
-                getattr(self, name).append(torch.cat(parts[name]).to(store))
+                dtype = _FIXED_DTYPES.get(name, self.dtype)
+                getattr(self, name).append(torch.cat(parts[name]).to(dtype))
         if keep is not None:
-            self.keep.append(keep.to(store))
-        self.vocab.append(torch.full((1,), vocab, dtype=store, device=device))
+            self.keep.append(keep)
+        self.vocab.append(torch.full((1,), vocab, dtype=torch.int64, device=device))
         self._vocab_size = vocab
         self._has_labels = keep is not None
 
@@ -345,18 +363,18 @@ class TokenStatsMetric(Metric):
                 f"Expected `labels` to have the token shape {tokens} (the shape of `ref` "
                 f"without axis -1), got {tuple(lab.shape)}."
             )
-        # compared in the labels' own dtype, as TokenStats does
-        flat = lab.detach().reshape(-1).to(device)
-        keep = flat != self.ignore_index
-        bad = keep & ((flat < 0) | (flat >= vocab))
-        safe = torch.where(keep & ~bad, flat, 0).to(torch.int64)
+        keep, wide = _keep_and_widen(lab.detach().reshape(-1).to(device), self.ignore_index)
+        bad = keep & ((wide < 0) | (wide >= vocab))
+        safe = torch.where(keep & ~bad, wide, 0)
         return keep, safe, bad
 
     def _label_error(
         self, labels: Any, bad: torch.Tensor, tokens: tuple[int, ...], vocab: int
     ) -> ValueError:
         i = int(bad.nonzero()[0, 0])
-        value = int(torch.as_tensor(labels).reshape(-1)[i])
+        label = torch.as_tensor(labels).reshape(-1)[i]
+        # a uint64 label ≥ 2**63 has no int64 value (and int() of it overflows): its bits do
+        value = int(label.view(torch.int64)) % 2**64 if label.dtype == torch.uint64 else int(label)
         return ValueError(
             f"Expected `labels` in [0, {vocab}) or equal to ignore_index={self.ignore_index}, "
             f"got {value} at token index {blocks.token_index(i, tokens)} "
@@ -445,24 +463,20 @@ class TokenStatsMetric(Metric):
     def _stats(self) -> TokenStats:
         """A TokenStats holding the (gathered) per-token values; only these reach the host."""
         kl = _host(self.kl)
-        top1 = _host(self.top1) != 0
-        vocabs = _host(self.vocab)  # one entry per update, in rank order once gathered
+        top1 = _host(self.top1, torch.bool)
+        vocabs = _host(self.vocab, torch.int64)  # one entry per update, in rank order once gathered
         other = vocabs[vocabs != vocabs[0]] if vocabs.size else vocabs
         if other.size:
             raise ValueError(
                 f"Cannot merge statistics over {int(vocabs[0])} and {int(other[0])} "
                 "categories: the vocabularies differ."
             )
-        keep = _host(self.keep)
+        kept = _host(self.keep, torch.bool)
         values = {"kl": kl, "top1": top1}
         num_ignored = 0
-        if keep.size > 0:
-            if keep.size != kl.size:
-                raise ValueError(
-                    "Cannot merge statistics with labels and statistics without labels: label "
-                    "statistics over a subset of the tokens would be misleading."
-                )
-            kept = keep != 0
+        if kept.size > 0:
+            if kept.size != kl.size:
+                raise ValueError(_MIXED_LABELS)
             num_ignored = int(kept.size - np.count_nonzero(kept))
             values = {"kl": kl[kept], "top1": top1[kept]}
             values.update({k: _host(getattr(self, k))[kept] for k in _LABEL_STATES[1:]})
@@ -475,6 +489,162 @@ class TokenStatsMetric(Metric):
         super().reset()
         self._vocab_size = None
         self._has_labels = None
+
+    # ----------------------------------------------------------------- torchmetrics lifecycle
+    # torchmetrics' forward resets the metric, updates and computes on the batch alone, then
+    # adds the saved states back: the checks of update() would compare the batch with nothing
+    # (the vocabulary size and labels presence are reset too), and a failure in update or
+    # compute would leave the metric reset, its tokens lost. This forward never resets: the
+    # batch is added by update() against the accumulated tokens, computed alone from the
+    # entries it appended, and a failure puts back the state as it was before the call.
+
+    @torch.jit.unused
+    def forward(self, *args: Any, **kwargs: Any) -> KLReport:
+        """``metric(ref, cand, labels)``: :meth:`update` with the batch, and the batch's own
+        report (gathered across ranks only with ``dist_sync_on_step=True``).
+
+        The checks are those of :meth:`update`, against the tokens accumulated so far. A call
+        that raises, an invalid batch or one whose tokens are all ignored (it has no report),
+        adds nothing.
+        """
+        if self._is_synced:
+            raise TorchMetricsUserError(
+                "The Metric shouldn't be synced when performing ``forward``. HINT: Did you "
+                "forget to call ``unsync`` ?."
+            )
+        before = {name: _as_list(getattr(self, name)) for name in self._defaults}
+        context = (self._update_count, self._vocab_size, self._has_labels)
+        try:
+            self.update(*args, **kwargs)
+            for name, old in before.items():  # the batch's own entries: update appends
+                setattr(self, name, _as_list(getattr(self, name))[len(old) :])
+            self._to_sync = self.dist_sync_on_step
+            value = self.compute()
+        except BaseException:
+            for name, old in before.items():
+                setattr(self, name, old)
+            self._update_count, self._vocab_size, self._has_labels = context
+            self._is_synced, self._cache = False, None  # a compute that failed while synced
+            raise
+        finally:
+            self._to_sync = self.sync_on_compute
+            self._computed = None  # the batch's report is not the accumulated one
+        for name, old in before.items():
+            setattr(self, name, old + _as_list(getattr(self, name)))
+        self._forward_cache = value  # type: ignore[assignment]  # torchmetrics types it None
+        return value
+
+    def _wrap_update(self, update: Callable) -> Callable:
+        # torchmetrics counts an update before it runs: a failed one adds nothing, count included
+        wrapped = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def counted(*args: Any, **kwargs: Any) -> None:
+            count = self._update_count
+            try:
+                wrapped(*args, **kwargs)
+            except BaseException:
+                self._update_count = count
+                raise
+
+        return counted
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> Module:
+        if not self._dtype_convert:  # .to(device), .to(dtype) (floating tensors only), …
+            return super()._apply(fn, exclude_state)
+        # set_dtype converts every tensor state with Tensor.type: the vocabulary sizes and the
+        # flags keep their dtypes (they only follow a change of device)
+        skip = [name for name in _FIXED_DTYPES if name not in exclude_state]
+        this = super()._apply(fn, [*exclude_state, *skip])
+        for name in skip:
+            moved = [t.to(fn(t.new_zeros(0)).device) for t in _as_list(getattr(this, name))]
+            setattr(this, name, moved)
+        return this
+
+    def _sync_dist(
+        self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None
+    ) -> None:
+        # A rank without tokens sends torchmetrics' placeholder for an empty list state, an
+        # empty tensor in the metric's dtype: the vocabulary sizes and flags need theirs in
+        # their own dtypes (each rank receives into buffers like its own). unsync() restores
+        # the states from torchmetrics' copy made before this.
+        for name, dtype in _FIXED_DTYPES.items():
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
+                setattr(self, name, [torch.zeros(0, dtype=dtype, device=self.device)])
+        super()._sync_dist(dist_sync_fn, process_group)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # after persistent(True): the vocabulary size and labels presence that update() checks
+        # against come from the loaded states, which must be consistent
+        before = {name: getattr(self, name) for name in self._defaults}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        try:
+            self._adopt_states()
+        except ValueError as e:
+            for name, old in before.items():
+                setattr(self, name, old)
+            error_msgs.append(f"{type(self).__name__}: {e}")
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """torchmetrics' ``merge_state``, checked as :meth:`TokenStats.merge
+        <kldiv.metrics.TokenStats.merge>` is: ``ValueError`` (and nothing merged) when the
+        vocabulary sizes or the labels presence differ."""
+        before = {name: _as_list(getattr(self, name)) for name in self._defaults}
+        try:
+            super().merge_state(incoming_state)
+            self._adopt_states()
+        except BaseException:
+            for name, old in before.items():
+                setattr(self, name, old)
+            raise
+
+    def _adopt_states(self) -> None:
+        """Take the vocabulary size and labels presence from the local states (loaded or
+        merged ones), as list states in their dtypes, after checking that they hold one value
+        per token in each statistic and one vocabulary size."""
+        states = {name: _as_list(getattr(self, name)) for name in self._defaults}
+        for name, dtype in _FIXED_DTYPES.items():
+            states[name] = [t.to(dtype) for t in states[name]]
+        count = {name: sum(int(t.numel()) for t in ts) for name, ts in states.items()}
+        n = count["kl"]
+        vocab: int | None = None
+        has_labels: bool | None = None
+        if count["vocab"]:
+            sizes = _host(states["vocab"], torch.int64)
+            other = sizes[sizes != sizes[0]]
+            if other.size:
+                raise ValueError(
+                    f"Cannot merge statistics over {int(sizes[0])} and {int(other[0])} "
+                    "categories: the vocabularies differ."
+                )
+            if 0 < count["keep"] != n:
+                raise ValueError(_MIXED_LABELS)
+            vocab, has_labels = int(sizes[0]), count["keep"] > 0
+        want = {"top1": n, **{k: n if has_labels else 0 for k in _LABEL_STATES}}
+        wrong = sorted(k for k, m in want.items() if count[k] != m)
+        if wrong or (vocab is None) != (n == 0) or (vocab is not None and vocab < 1):
+            raise ValueError(
+                f"Expected states with one value per token in each statistic and a vocabulary "
+                f"size ≥ 1 per update, got {count}."
+            )
+        for name, ts in states.items():
+            setattr(self, name, ts)
+        self._vocab_size, self._has_labels = vocab, has_labels
+        # torchmetrics keeps both as they were: a cached report, and a count of 0 after loading
+        # into a fresh metric (compute() would warn that update() was never called)
+        self._computed = None
+        self._update_count = count["vocab"]  # one vocabulary entry per update
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,10 +692,40 @@ def _widest(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _host(state: list[torch.Tensor] | torch.Tensor) -> np.ndarray:
-    """A float64 NumPy vector of a list state (a tensor once torchmetrics has gathered it)."""
+def _host(
+    state: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype = torch.float64
+) -> np.ndarray:
+    """A NumPy vector of a list state (a tensor once torchmetrics has gathered it), by default
+    float64; flags (``torch.bool``) and vocabulary sizes (``torch.int64``) keep their kind."""
     if isinstance(state, list):
         if not state:
-            return np.zeros(0)
+            return torch.zeros(0, dtype=dtype).numpy()
         state = torch.cat([s.reshape(-1) for s in state]) if len(state) > 1 else state[0]
-    return state.detach().reshape(-1).to("cpu", torch.float64).numpy()
+    return state.detach().reshape(-1).to("cpu", dtype).numpy()
+
+
+def _as_list(state: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """A state as a list of tensors (a loaded or merged state may be one tensor)."""
+    return list(state) if isinstance(state, list | tuple) else [state]
+
+
+def _keep_and_widen(flat: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keep mask (label != ignore_index) and the labels as int64, compared by value.
+
+    Not in the labels' own dtype, where torch wraps the other operand: a uint8 label 156
+    would equal -100, an int16 4464 would equal 70000, and a uint8 label could never reach
+    V = 300. int64 holds every label value but a uint64 one ≥ 2**63: those are read through
+    their bits, as negative int64 values (out of range, like TokenStats says), and compared
+    with ignore_index in the same bits.
+    """
+    if flat.dtype == torch.uint64:
+        wide = flat.view(torch.int64)
+        bits = ignore_index - 2**64 if ignore_index >= 2**63 else ignore_index
+        comparable = 0 <= ignore_index < 2**64
+    else:
+        wide = flat.to(torch.int64)
+        bits = ignore_index
+        comparable = -(2**63) <= ignore_index < 2**63
+    if not comparable:  # no label can equal it
+        return torch.ones_like(wide, dtype=torch.bool), wide
+    return wide != bits, wide
