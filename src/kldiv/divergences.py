@@ -174,12 +174,12 @@ def _evaluate(
     if check:
         for name, x, f in (("p", p, forms[0]), ("q", q, forms[1])):
             _check.check_values(xp, name, x, f, ax, keep)
-    if forms == ("logits", "logits") and ax == len(batch) and ns.backend_name(xp) == "torch":
+    if "probs" not in forms and ax == len(batch) and ns.backend_name(xp) == "torch":
         # The row engine (C kernel, Triton, chunked tensor code) where it gives exactly these
         # semantics; it declines (None) whatever only the core decides exactly.
         from .torch._rows.dispatch import engine_rows
 
-        values = engine_rows(kind, p, q, mask, t, params)
+        values = engine_rows(kind, p, q, mask, t, params, forms)
         if values is not None:
             return reduce(
                 xp,

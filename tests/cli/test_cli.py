@@ -471,7 +471,8 @@ def test_bench_through_a_subprocess(tmp_path):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == (
         "kldiv bench: error: --variants: unknown 'numba'; expected some of eager, compile, "
-        "liger, kldiv, tensor, core, floor, jax, jax_composition, optax"
+        "liger, kldiv, tensor, core, floor, core_log_probs, core_teacher_grad, "
+        "eager_teacher_grad, jax, jax_composition, optax"
     )
 
 

@@ -11,6 +11,7 @@ two above the worst case of this analysis); a reduction over n rows within n tim
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -140,21 +141,11 @@ def test_the_core_runs_where_the_engine_cannot_give_its_semantics(rng):
     t, s = logits(rng, (4, 9), neg_inf=False, kind="kl")
     t32, s32 = torch.tensor(t, dtype=torch.float32), torch.tensor(s, dtype=torch.float32)
     s_grad = s32.clone().requires_grad_()
-    t_grad = t32.clone().requires_grad_()
-    # the teacher needs a gradient: only the core gives it, and it is right
-    out = kldiv.kl_div(t_grad, s_grad, form="logits")
-    assert not engine_used(out)
-    gt, gs = torch.autograd.grad(out, (t_grad, s_grad))
-    t64 = torch.tensor(t, requires_grad=True)
-    s64 = torch.tensor(s, requires_grad=True)
-    gt64, gs64 = torch.autograd.grad(kldiv.kl_div(t64, s64, form="logits"), (t64, s64))
-    torch.testing.assert_close(gt.double(), gt64, rtol=0, atol=1e-6)
-    torch.testing.assert_close(gs.double(), gs64, rtol=0, atol=1e-6)
     cases = {
         "broadcast teacher": lambda: kldiv.kl_div(t32[0], s_grad, form="logits"),
         "another axis": lambda: kldiv.kl_div(t32.T, s_grad.T, form="logits", axis=0),
-        "log-probs": lambda: kldiv.kl_div(
-            t32.log_softmax(-1), s_grad.log_softmax(-1), form="log_probs"
+        "probabilities": lambda: kldiv.kl_div(
+            t32.softmax(-1), s_grad.log_softmax(-1), form=("probs", "log_probs")
         ),
         "float64": lambda: kldiv.kl_div(t32.double(), s_grad.double(), form="logits"),
         "endpoint": lambda: kldiv.js_div(t32, s_grad, form="logits", beta=1.0),
@@ -167,6 +158,148 @@ def test_the_core_runs_where_the_engine_cannot_give_its_semantics(rng):
         kldiv.skew_kl_div(t32, s_grad, form="logits", alpha=0.0),
         kldiv.kl_div(t32, s_grad, form="logits"),
     )
+
+
+FORMS = [("logits", "log_probs"), ("log_probs", "log_probs"), ("log_probs", "logits")]
+
+
+def as_form(x: np.ndarray, form: str) -> np.ndarray:
+    if form == "logits":
+        return x
+    with np.errstate(invalid="ignore"):  # rows that are all -inf read NaN, as they should
+        m = np.max(x, axis=-1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("forms", [("logits", "logits"), *FORMS])
+@pytest.mark.parametrize("options", ["plain", "mask", "temperature", "unnormalised"])
+def test_log_probs_and_teacher_gradients_equal_the_float64_core(rng, kind, forms, options):
+    """Log-probabilities on either side, and a teacher that needs a gradient, go through the
+    row specification in row chunks: values and both gradients as the float64 core gives
+    them, zero support and garbage in masked rows included. Log-probabilities are taken as
+    given: unnormalised ones get the core's value (which may then be negative), not a
+    renormalised one. Bound: as above, with R the spread of the inputs as passed."""
+    if options == "temperature" and forms != ("logits", "logits"):
+        return  # a temperature needs logits on both sides (the core raises otherwise)
+    shape = (2, 5, 17)
+    t, s = logits(rng, shape, neg_inf=True, kind=kind)
+    t, s = as_form(t, forms[0]), as_form(s, forms[1])
+    if options == "unnormalised":
+        t, s = (x - 0.25 if f == "log_probs" else x for x, f in zip((t, s), forms, strict=True))
+    kw: dict = dict(form=forms, reduction="none", **PARAMS.get(kind, {}))
+    keep = np.ones(shape[:2], dtype=bool)
+    if options == "mask":
+        keep[:, 1] = keep[1, 3] = False
+        kw["mask"] = torch.tensor(keep)
+        t[~keep], s[~keep] = np.nan, np.inf  # never read
+    if options == "temperature":
+        kw["temperature"] = 0.7
+    t32, s32 = (torch.tensor(x, dtype=torch.float32, requires_grad=True) for x in (t, s))
+    t64, s64 = (torch.tensor(x, requires_grad=True) for x in (t, s))
+    out = kldiv.divergence(t32, s32, kind, **kw)
+    ref = kldiv.divergence(t64, s64, kind, **kw)
+    assert engine_used(out) and out.dtype == torch.float32
+    tol = 16 * (spread(t, s) + 1) * EPS32
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=tol)
+    cot = torch.tensor(rng.normal(size=shape[:2]))
+    grads = torch.autograd.grad(out, (t32, s32), cot.float())
+    grads64 = torch.autograd.grad(ref, (t64, s64), cot)
+    for g, g64 in zip(grads, grads64, strict=True):
+        assert torch.isfinite(g[keep]).all() and (g[~keep] == 0).all()
+        torch.testing.assert_close(
+            g[keep].double(), g64[keep], rtol=0, atol=tol * float(cot.abs().max())
+        )
+
+
+@pytest.mark.parametrize("forms", [("logits", "logits"), ("log_probs", "logits")])
+def test_teacher_gradients_in_half_precision_and_second_derivatives(rng, forms):
+    """A half-precision teacher gets its gradient in its dtype (computed in float32, rounded
+    once); second derivatives (create_graph) of both sides go through the core."""
+    t, s = logits(rng, (4, 12), neg_inf=True, kind="js")
+    t = as_form(t, forms[0])
+    t16 = torch.tensor(t).to(torch.bfloat16).requires_grad_()
+    s16 = torch.tensor(s).to(torch.bfloat16).requires_grad_()
+    out = kldiv.js_div(t16, s16, form=forms, reduction="sum")
+    assert engine_used(out)
+    t64, s64 = (x.detach().double().requires_grad_() for x in (t16, s16))
+    ref = kldiv.js_div(t64, s64, form=forms, reduction="sum")
+    half_ulp = float(torch.finfo(torch.bfloat16).eps) / 2
+    tol = 16 * (spread(t, s) + 1) * EPS32 * 4
+    for g, g64, x in zip(
+        torch.autograd.grad(out, (t16, s16)),
+        torch.autograd.grad(ref, (t64, s64)),
+        (t16, s16),
+        strict=True,
+    ):
+        assert g.dtype == x.dtype
+        torch.testing.assert_close(g.double(), g64, rtol=half_ulp, atol=tol)
+    # Hessian-vector products of both arguments
+    a, b = (torch.tensor(x, dtype=torch.float32, requires_grad=True) for x in (t, s))
+    a64, b64 = (torch.tensor(x, requires_grad=True) for x in (t, s))
+    v = [torch.tensor(rng.normal(size=s.shape)) for _ in range(2)]
+    hv = []
+    for x, y, dt in ((a, b, torch.float32), (a64, b64, torch.float64)):
+        o = kldiv.js_div(x, y, form=forms, reduction="sum")
+        g = torch.autograd.grad(o, (x, y), create_graph=True)
+        hv.append(
+            torch.autograd.grad(
+                sum((gi * vi.to(dt)).sum() for gi, vi in zip(g, v, strict=True)), (x, y)
+            )
+        )
+    for h, h64 in zip(*hv, strict=True):
+        torch.testing.assert_close(h.double(), h64, rtol=0, atol=1e-4)
+
+
+BAD_ROWS = [  # (kind, forms, teacher row, student row)
+    ("tv", "logits", [0.5, -1.0, 2.0], [-math.inf] * 3),
+    ("tv", "logits", [0.5, math.nan, 2.0], [1.0, 0.0, -1.0]),
+    ("kl", "log_probs", [-1.8, -3.3, -0.3], [-0.4, math.nan, -2.4]),
+    ("kl", "logits", [0.5, -1.0, 2.0], [-math.inf] * 3),
+    ("reverse_kl", "logits", [0.5, math.inf, 2.0], [1.0, 0.0, -1.0]),
+    ("skew_kl", "log_probs", [-1.8, -3.3, -0.3], [-0.4, math.inf, -2.4]),
+    ("skew_reverse_kl", ("log_probs", "logits"), [-1.8, math.inf, -0.3], [1.0, 0.0, -1.0]),
+    ("js", ("logits", "log_probs"), [-math.inf] * 3, [-math.inf] * 3),
+]
+
+
+@pytest.mark.parametrize(("kind", "forms", "bad_t", "bad_s"), BAD_ROWS)
+def test_rows_with_nan_inf_or_no_support_get_the_cores_values_and_gradients(
+    rng, kind, forms, bad_t, bad_s
+):
+    """A kept row with a NaN or +inf entry, or all -inf, goes to the core: the same NaN and
+    infinities in its value and both gradients (a NaN gradient where the loss is NaN, so that
+    a gradient scaler skips the step), beside ordinary rows that stay on the engine."""
+    from kldiv.torch._rows.dispatch import core_only
+
+    forms = (forms, forms) if isinstance(forms, str) else forms
+    t, s = logits(rng, (3, 3), neg_inf=False, kind=kind)
+    t, s = as_form(t, forms[0]), as_form(s, forms[1])
+    t[1], s[1] = bad_t, bad_s
+    got = []
+    for engine in (True, False):
+        a, b = (torch.tensor(x, dtype=torch.float32, requires_grad=True) for x in (t, s))
+        with contextlib.nullcontext() if engine else core_only():
+            out = kldiv.divergence(a, b, kind, form=forms, reduction="none")
+        assert engine_used(out) == engine
+        got.append((out.detach(), *torch.autograd.grad(out.sum(), (a, b))))
+    for x, y in zip(*got, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_a_teacher_gradient_through_a_retained_graph(rng):
+    """Both gradients are scaled in place by the first backward; a second one recomputes."""
+    t, s = small(rng)
+    a, b = t.clone().requires_grad_(), s.clone().requires_grad_()
+    out = kldiv.reverse_kl_div(a, b, form="logits")
+    assert engine_used(out)
+    out.backward(retain_graph=True)
+    once = a.grad.clone(), b.grad.clone()
+    (gb,) = torch.autograd.grad(out, b, retain_graph=True)  # the student's alone
+    out.backward()
+    torch.testing.assert_close(a.grad, 2 * once[0])
+    torch.testing.assert_close(b.grad, 2 * once[1])
+    torch.testing.assert_close(gb, once[1])
 
 
 def test_no_gradient_needed_and_torch_func(rng):

@@ -54,6 +54,9 @@ VARIANTS = (
     "tensor",
     "core",
     "floor",
+    "core_log_probs",
+    "core_teacher_grad",
+    "eager_teacher_grad",
     "jax",
     "jax_composition",
     "optax",
@@ -262,6 +265,21 @@ def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
 
         params = params_of(kind, BETA, ALPHA)
         return lambda s, t: kldiv.divergence(t, s, cast("Kind", kind), form="logits", **params)
+    if variant == "core_log_probs":  # the log-softmaxes in the step, as in "eager"
+        import torch
+
+        import kldiv
+        from kldiv._kinds import params_of
+
+        params = params_of(kind, BETA, ALPHA)
+        return lambda s, t: kldiv.divergence(
+            torch.log_softmax(t, -1), torch.log_softmax(s, -1), cast("Kind", kind),
+            form="log_probs", **params,
+        )  # fmt: skip
+    if variant in ("core_teacher_grad", "eager_teacher_grad"):  # both sides get a gradient
+        inner = step_for(variant.split("_")[0], kind)
+        assert inner is not None  # "core" and "eager" exist for every kind
+        return lambda s, t: inner(s, t.detach().requires_grad_())
     if variant == "floor":
         return floor(kind)
     if variant == "compile":

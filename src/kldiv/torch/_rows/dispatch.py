@@ -1,15 +1,19 @@
 """The one dispatcher of the row engine: which engine computes ``D(teacher‖student)`` per row
-of two logit tensors, the call into it, and the reductions its callers share.
+of two tensors of logits (or, for the core functions, log-probabilities), the call into it,
+and the reductions its callers share.
 
 Engines, all with the core's values and zero-support rules (tested against it):
 
 * ``"triton"``: fused Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``),
   torch.library custom ops that ``torch.compile`` traces through;
 * ``"chunked"``: row chunks on CPU, through the compiled C kernel where it is available and
-  tensor code for the rows it leaves (:mod:`.tensor`, :mod:`.native`);
+  tensor code for the rows it leaves (:mod:`.tensor`, :mod:`.native`); for the core
+  functions, also the row specification itself in row chunks (:func:`.tensor.spec_per_row`),
+  which takes log-probabilities and gives a teacher its gradient;
 * ``"core"``: :func:`kldiv.divergence`, the definition, for everything the engines cannot
-  decide exactly: a teacher that needs a gradient, float64, ``torch.func`` transforms, fake
-  or meta tensors, jit tracing, and the endpoints where a divergence is identically 0.
+  decide exactly: float64, ``torch.func`` transforms, fake or meta tensors, jit tracing,
+  the endpoints where a divergence is identically 0 and, in the losses, a teacher that needs
+  a gradient.
 
 Callers: the core functions on torch tensors (:func:`engine_rows`), ``DistillationLoss``
 (:func:`choose`, :func:`rows`; :func:`choose_topk` for a top-k teacher), the chunk loop of
@@ -79,7 +83,8 @@ def choose(
     the engine of the device and falls back to the core; ``"triton"`` or ``"chunked"`` forces
     that engine and raises ``ValueError`` with the first reason it cannot take the inputs;
     ``False`` is the core. ``teacher_grad`` (default: ``teacher.requires_grad``) says whether
-    the teacher needs a gradient, which only the core gives."""
+    the teacher needs a gradient, which these engines do not give (the losses then take the
+    core; the core functions, :func:`engine_rows`, the row specification in chunks)."""
     if fast_path is False:
         return "core"
     path = fast_path
@@ -168,15 +173,18 @@ def core_rows(
     temperature: float,
     beta: float = JS_BETA,
     alpha: float = SKEW_ALPHA,
+    *,
+    forms: tuple[str, str] = ("logits", "logits"),
 ) -> torch.Tensor:
-    """Per-row ``D(teacher‖student)`` through the core (the definition), never an engine."""
+    """Per-row ``D(teacher‖student)`` through the core (the definition), never an engine;
+    ``forms``: the teacher's and the student's."""
     from ...divergences import KINDS
 
     with core_only():
         return KINDS[kind](
             teacher,
             student,
-            form="logits",
+            form=forms,
             temperature=temperature,
             mask=keep,
             reduction="none",
@@ -239,39 +247,63 @@ def engine_rows(
     keep: torch.Tensor | None,
     temperature: float,
     params: dict[str, float],
+    forms: tuple[str, str] = ("logits", "logits"),
 ) -> torch.Tensor | None:
-    """The core functions' fast path on torch tensors: per-distribution ``kind(p, q)`` of
-    logits along the last axis (``p`` the teacher, ``q`` the student, validated by the core;
-    ``keep`` a boolean tensor broadcastable to the batch shape), or None where the engine
-    cannot give exactly the core's semantics and the core must run: shapes that broadcast,
-    ``p`` needing a gradient, float64, an endpoint where the divergence is identically 0, and
-    whatever :func:`choose` refuses. ``"symmetric_kl"`` is the sum of two engine calls.
-    Under ``torch.compile`` the core runs, for the compiler to fuse."""
+    """The core functions' fast path on torch tensors: per-distribution ``kind(p, q)`` along
+    the last axis (``p`` the teacher, ``q`` the student, validated by the core; ``forms``
+    theirs, ``"logits"`` or ``"log_probs"``; ``keep`` a boolean tensor broadcastable to the
+    batch shape), or None where the engine cannot give exactly the core's semantics and the
+    core must run: shapes that broadcast, float64, an endpoint where the divergence is
+    identically 0, and whatever :func:`choose` refuses. Logits with a student-only gradient
+    take the kernels (:func:`choose`); log-probabilities, and a teacher that needs a
+    gradient, take the row specification in row chunks on CPU (:func:`.tensor.spec_per_row`).
+    ``"symmetric_kl"`` is the sum of two engine calls. Under ``torch.compile`` the core runs,
+    for the compiler to fuse."""
     if torch.compiler.is_compiling() or _CORE_ONLY.get():
         return None
     if kind == "symmetric_kl":
         if q.dtype in (torch.float16, torch.bfloat16):
             # both gradients meet in float32 and are rounded once, as in the core
             q = q.float()
-        forward = engine_rows("kl", p, q, keep, temperature, {})
+        if p.dtype in (torch.float16, torch.bfloat16) and p.requires_grad:
+            p = p.float()
+        forward = engine_rows("kl", p, q, keep, temperature, {}, forms)
         if forward is None:
             return None
-        backward = engine_rows("reverse_kl", p, q, keep, temperature, {})
+        backward = engine_rows("reverse_kl", p, q, keep, temperature, {}, forms)
         return None if backward is None else forward + backward
     if kind not in ENGINE_KINDS or p.shape != q.shape or p.ndim == 0 or p.numel() == 0:
-        return None
-    w = weight_of(kind, **params)
-    teacher_grad = p.requires_grad and torch.is_grad_enabled()
-    path = choose(True, kind, w, q, p, teacher_grad=teacher_grad)
-    if path == "core":
         return None
     if keep is not None:
         if keep.device != q.device:
             return None
         keep = keep.expand(q.shape[:-1])
+    w = weight_of(kind, **params)
+    teacher_grad = p.requires_grad and torch.is_grad_enabled()
+    if forms == ("logits", "logits") and not teacher_grad:
+        path = choose(True, kind, w, q, p, teacher_grad=False)
+        if path == "core":
+            return None
+        if not torch.is_grad_enabled():
+            q = q.detach()
+        return rows(path, kind, q, p.detach(), keep, temperature, **params)
+    if _common_obstacles(kind, w, q, p, False) or _chunked_obstacles(q):
+        return None
+    from . import tensor
+
     if not torch.is_grad_enabled():
-        q = q.detach()
-    return rows(path, kind, q, p.detach(), keep, temperature, **params)
+        p, q = p.detach(), q.detach()
+    v = q.shape[-1]
+    out = tensor.spec_per_row(
+        kind,
+        w,
+        q.reshape(-1, v),
+        p.reshape(-1, v),
+        None if keep is None else keep.reshape(-1),
+        temperature,
+        forms,
+    )
+    return out.reshape(q.shape[:-1])
 
 
 def reduce_rows(
@@ -303,8 +335,9 @@ def reduce_total(total: torch.Tensor, count: Any, reduction: str, num_items: Any
 def _common_obstacles(
     kind: str, w: float, student: torch.Tensor, teacher: torch.Tensor, teacher_grad: bool
 ) -> list[str]:
-    """Why no engine applies (empty: one may). The engines give the student alone a gradient,
-    in float32 arithmetic, over a non-empty last axis."""
+    """Why no engine applies (empty: one may). The kernels give the student alone a gradient
+    (``teacher_grad``: a reason); every engine works in float32 arithmetic over a non-empty
+    last axis."""
     reasons = []
     if kind not in ENGINE_KINDS:
         reasons.append(f"the engines do not compute {kind!r}")

@@ -1,5 +1,7 @@
-"""The CPU fast path of DistillationLoss: row chunks that stay in cache, loss and student
-gradient in one pass, no float32 ``[N, V]`` scratch beyond the gradient itself.
+"""The CPU fast path of DistillationLoss and the core functions: row chunks that stay in
+cache, loss and gradient in one pass, no float32 ``[N, V]`` scratch beyond the gradients.
+From logits with a student-only gradient, the kernels below; for log-probabilities and a
+teacher that needs a gradient too, the row specification itself (:func:`spec_forward`).
 
 Three layers, as for the GPU kernels. The kernel: for every divergence on float32, the
 compiled C kernel ``native.c`` (launched by :mod:`.native`); without it, and for
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ... import _spec as spec
 from ..._defaults import JS_BETA, SKEW_ALPHA
 from ..._kinds import KIND_PARAMS, resolve, weight_of
 from . import dispatch
@@ -395,12 +398,137 @@ def _tensor_chunk(
     return val
 
 
+LOGITS = ("logits", "logits")
+
+
+def spec_forward(
+    kind: str,
+    w: float,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    temperature: float,
+    forms: tuple[str, str],
+    need_grad: bool,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row ``D(teacher‖student)`` ``[N]`` (skipped rows 0) of ``[N, V]`` inputs through the
+    row specification (:func:`kldiv._spec.rows`: value, ``h_p = ∂D/∂lp``, ``h_q = ∂D/∂lq``)
+    in cache-sized row chunks, and, if asked, the gradients of their sum with respect to the
+    student and to the teacher (``[N, V]`` float32, skipped rows 0), for what the kernels
+    leave: log-probabilities on either side (``forms``, teacher first; taken as given, so the
+    gradient is ``h`` itself) and a teacher that needs a gradient. A side given as logits is
+    divided by ``temperature`` (both are logits then) and its gradient goes through the
+    softmax, ``(h − s·Σh)/T``. ``w`` is β for ``js`` and α for the skew kinds. Float32
+    arithmetic for float32 and half inputs.
+
+    Rows the specification does not decide as the core does go to the core, row by row with
+    its autograd: a kept row with a NaN or ``+inf`` entry, or with every entry ``−inf``, on
+    either side (the core's NaN and infinity propagation, gradients included)."""
+    n, v = student.shape
+    device = student.device
+    values = torch.empty(n, dtype=torch.float32, device=device)
+    grads = [
+        torch.empty((n, v), dtype=torch.float32, device=device) if need else None
+        for need in (need_grad, teacher_grad)
+    ]
+    rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        k = None if keep is None else keep[start:stop]
+        gs, gt = (None if g is None else g[start:stop] for g in grads)
+        values[start:stop] = _spec_chunk(
+            kind, w, student[start:stop], teacher[start:stop], k, gs, gt, temperature, forms
+        )
+    if forms == LOGITS:
+        # as in chunked_forward: float32 rounding can take a row's sum just below 0
+        # (log-probabilities are taken as given, normalised or not, as the core takes them)
+        values.clamp_min_(0.0)
+    return values, grads[0], grads[1]
+
+
+def _spec_chunk(
+    kind: str,
+    w: float,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    k: torch.Tensor | None,
+    gs: torch.Tensor | None,
+    gt: torch.Tensor | None,
+    temperature: float,
+    forms: tuple[str, str],
+) -> torch.Tensor:
+    """One chunk of :func:`spec_forward`: values ``[r]``, the gradients into ``gs``/``gt``."""
+    s, t = s.float(), t.float()
+    partial = k is not None and not bool(k.all())
+    if partial:
+        assert k is not None  # partial implies a mask
+        # skipped rows may hold anything (NaN included): overwrite before any arithmetic
+        s = torch.where(k[:, None], s, 0.0)
+        t = torch.where(k[:, None], t, 0.0)
+    # a row maximum that is not finite: a NaN or +inf entry, or every entry -inf
+    flagged = ~(torch.isfinite(s.amax(-1)) & torch.isfinite(t.amax(-1)))
+    sides = []
+    for x, form in ((t, forms[0]), (s, forms[1])):
+        if form == "logits":
+            x = torch.log_softmax(x / temperature if temperature != 1.0 else x, -1)
+        sides.append(x)
+    lt, ls = sides
+    value, h_t, h_s = spec.rows(kind, lt, ls, w, teacher_grad=gt is not None)
+    for g, h, lx, form in ((gs, h_s, ls, forms[1]), (gt, h_t, lt, forms[0])):
+        if g is None:
+            continue
+        g.copy_(spec.through_softmax(h, lx, temperature) if form == "logits" else h)
+        if partial:
+            assert k is not None
+            g.masked_fill_(~k[:, None], 0.0)
+    if partial:
+        assert k is not None
+        value = torch.where(k, value, 0.0)
+    if bool(flagged.any()):
+        index = flagged.nonzero().squeeze(-1)
+        value[index] = _core_chunk(kind, w, s[index], t[index], gs, gt, index, temperature, forms)
+    return value
+
+
+def _core_chunk(
+    kind: str,
+    w: float,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    gs: torch.Tensor | None,
+    gt: torch.Tensor | None,
+    index: torch.Tensor,
+    temperature: float,
+    forms: tuple[str, str],
+) -> torch.Tensor:
+    """The core's values of these rows, and its gradients written into ``gs``/``gt``."""
+    beta, alpha = _beta_alpha(kind, w)
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_(g is not None) for x, g in ((s, gs), (t, gt))]
+        values = dispatch.core_rows(kind, xs[0], xs[1], None, temperature, beta, alpha, forms=forms)
+        wrt = [(x, g) for x, g in zip(xs, (gs, gt), strict=True) if g is not None]
+        if wrt:
+            found = torch.autograd.grad(
+                values, [x for x, _ in wrt], torch.ones_like(values), allow_unused=True
+            )
+            for (_, g), d in zip(wrt, found, strict=True):
+                assert g is not None  # in wrt
+                g[index] = 0.0 if d is None else d
+    return values.detach()
+
+
 class ChunkedDivergence(torch.autograd.Function):
     """``(student, teacher, keep) -> per-row values``; backward returns ``grad_out[:, None] ⊙
-    G`` for the student, with G computed in the forward pass (one pass over memory) and
-    scaled in place by the first backward (no second ``[N, V]`` buffer).
+    G`` for the student (and the teacher, on the row-specification path), with G computed in
+    the forward pass (one pass over memory) and scaled in place by the first backward (no
+    second ``[N, V]`` buffer).
 
-    Only recomputations read the inputs again, so only they care whether the logits were
+    ``config`` None: the kernels of :func:`chunked_forward` (logits on both sides, the
+    student alone differentiable). Otherwise ``(w, forms)``: :func:`spec_forward`, which
+    also takes log-probabilities and gives the teacher its gradient.
+
+    Only recomputations read the inputs again, so only they care whether the inputs were
     modified in place after the forward (PyTorch then raises its usual error): a second
     backward through a retained graph (the first consumed G) recomputes G with the same
     engine, and ``create_graph=True`` (Hessian-vector products, natural-gradient and TRPO
@@ -418,50 +546,74 @@ class ChunkedDivergence(torch.autograd.Function):
         temperature: float,
         beta: float,
         alpha: float = SKEW_ALPHA,
+        config: tuple[float, tuple[str, str]] | None = None,
     ) -> torch.Tensor:
-        # autocast would run the chunks' reductions (vecdot) in bfloat16 on CPU
-        with torch.autocast(student.device.type, enabled=False):
-            values, grad = chunked_forward(
-                kind,
-                student.detach(),
-                teacher.detach(),
-                keep,
-                temperature,
-                student.requires_grad,
-                beta,
-                alpha=alpha,
-            )
         ctx.save_for_backward(student, teacher)
-        ctx.grad = grad  # not saved: the first backward takes it and scales it in place
         ctx.keep = keep
-        ctx.student_dtype = student.dtype
-        ctx.config = (kind, temperature, beta, alpha)
+        ctx.dtypes = (student.dtype, teacher.dtype)
+        ctx.config = (kind, temperature, beta, alpha, config)
+        values, *grads = _forward(ctx, student, teacher, *ctx.needs_input_grad[:2])
+        ctx.grads = grads  # not saved: the first backward takes them and scales them in place
         return values
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        rest = (None,) * 6
-        if not ctx.needs_input_grad[0]:
-            return (None, *rest)
+        rest = (None,) * 6  # keep, kind, temperature, beta, alpha, config
+        needs = ctx.needs_input_grad[:2]
+        if not any(needs):
+            return (None, None, *rest)
         if ctx.keep is not None:
             grad_out = torch.where(ctx.keep, grad_out, 0.0)
-        kind, temperature, beta, alpha = ctx.config
+        # the inputs are read (and so checked for in-place edits) only to recompute
         if torch.is_grad_enabled():
             student, teacher = ctx.saved_tensors
-            values = dispatch.core_rows(kind, student, teacher, ctx.keep, temperature, beta, alpha)
-            (out,) = torch.autograd.grad(values, student, grad_out, create_graph=True)
-            return (out, *rest)
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:  # a second backward through a retained graph
-            student, teacher = ctx.saved_tensors
-            with torch.autocast(student.device.type, enabled=False):
-                _, grad = chunked_forward(
-                    kind, student.detach(), teacher.detach(), ctx.keep, temperature, True,
-                    beta, alpha=alpha,
-                )  # fmt: skip
-            assert grad is not None  # asked for
-        out = grad.mul_(grad_out.to(grad.dtype)[:, None])
-        return (out.to(ctx.student_dtype), *rest)
+            ctx.grads = [None, None]  # not used by this or any later backward: free them
+            outs = _core_grads(ctx, student, teacher, grad_out, needs)
+            return (*outs, *rest)
+        grads, ctx.grads = ctx.grads, [None, None]
+        if any(g is None for g, need in zip(grads, needs, strict=True) if need):
+            # a second backward through a retained graph
+            _, *grads = _forward(ctx, *ctx.saved_tensors, *needs)
+        scale = grad_out[:, None]
+        outs = [
+            None if g is None or not need else g.mul_(scale.to(g.dtype)).to(dtype)
+            for g, need, dtype in zip(grads, needs, ctx.dtypes, strict=True)
+        ]
+        return (*outs, *rest)
+
+
+def _forward(
+    ctx: Any, student: torch.Tensor, teacher: torch.Tensor, need_s: bool, need_t: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    kind, temperature, beta, alpha, config = ctx.config
+    # autocast would run the chunks' reductions (vecdot) in bfloat16 on CPU
+    with torch.autocast(student.device.type, enabled=False):
+        s, t = student.detach(), teacher.detach()
+        if config is None:
+            values, grad = chunked_forward(
+                kind, s, t, ctx.keep, temperature, need_s, beta, alpha=alpha
+            )
+            return values, grad, None
+        w, forms = config
+        return spec_forward(kind, w, s, t, ctx.keep, temperature, forms, need_s, need_t)
+
+
+def _core_grads(
+    ctx: Any,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    grad_out: torch.Tensor,
+    needs: tuple[bool, bool],
+) -> list[torch.Tensor | None]:
+    """The gradients recomputed through the core with a graph (``create_graph=True``)."""
+    kind, temperature, beta, alpha, config = ctx.config
+    forms = LOGITS if config is None else config[1]
+    values = dispatch.core_rows(
+        kind, student, teacher, ctx.keep, temperature, beta, alpha, forms=forms
+    )
+    wrt = [x for x, need in zip((student, teacher), needs, strict=True) if need]
+    found = iter(torch.autograd.grad(values, wrt, grad_out, create_graph=True, allow_unused=True))
+    return [(next(found) if need else None) for need in needs]
 
 
 def per_row(
@@ -477,3 +629,26 @@ def per_row(
     """Per-row divergence through the fast path; rows flattened and options validated by the
     caller (DistillationLoss)."""
     return ChunkedDivergence.apply(student, teacher, keep, kind, temperature, beta, alpha)
+
+
+def spec_per_row(
+    kind: str,
+    w: float,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    temperature: float,
+    forms: tuple[str, str],
+) -> torch.Tensor:
+    """Per-row divergence through the row specification in row chunks (:func:`spec_forward`),
+    differentiable with respect to both sides; rows flattened by the caller."""
+    beta, alpha = _beta_alpha(kind, w)
+    return ChunkedDivergence.apply(
+        student, teacher, keep, kind, temperature, beta, alpha, (w, forms)
+    )
+
+
+def _beta_alpha(kind: str, w: float) -> tuple[float, float]:
+    """The core's ``beta`` and ``alpha`` for a kind's weight ``w`` (the other at its default)."""
+    params = dict.fromkeys(KIND_PARAMS.get(kind, {}), w)
+    return params.get("beta", JS_BETA), params.get("alpha", SKEW_ALPHA)
