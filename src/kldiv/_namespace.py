@@ -2,7 +2,8 @@
 
 kldiv is written once against the Array API standard. This module finds the caller's namespace
 without importing any framework (frameworks are detected through ``sys.modules``, as
-array-api-compat does), decides the computation dtype, and supplies the two operations the
+array-api-compat does; TensorFlow, which array-api-compat does not cover, gets
+:mod:`kldiv._namespace_tf`), decides the computation dtype, and supplies the two operations the
 standard does not have: ``stop_gradient`` and a fast native ``log_softmax`` where a framework
 offers a stable one.
 """
@@ -79,32 +80,25 @@ def namespace_of(x: Any) -> ModuleType:
         import array_api_compat.numpy as xp_numpy
 
         return xp_numpy
-    if is_tf_tensor(x):  # Keras on TensorFlow: keras.ops stands in for the Array API
-        import keras
+    if is_tf_tensor(x):  # array-api-compat has no TensorFlow: kldiv's own namespace on it
+        from . import _namespace_tf
 
-        if keras.backend.backend() != "tensorflow":
-            raise TypeError(
-                "TensorFlow tensors are computed through keras.ops, which needs Keras' "
-                f"TensorFlow backend (KERAS_BACKEND=tensorflow); this process runs Keras on "
-                f"{keras.backend.backend()}. Convert the tensors to NumPy or to that backend."
-            )
-        from . import _keras_ops
-
-        return _keras_ops
+        return _namespace_tf
     return array_api_compat.array_namespace(x)
 
 
 def backend_name(xp: ModuleType) -> str:
-    """Short name of the framework behind a namespace: 'torch', 'jax', 'numpy' or the module."""
+    """Short name of the framework behind a namespace: 'torch', 'jax', 'numpy', 'tensorflow'
+    or the module's name."""
     name = xp.__name__
+    if name == "kldiv._namespace_tf":
+        return "tensorflow"
     if "torch" in name:
         return "torch"
     if name.startswith("jax"):
         return "jax"
     if "numpy" in name:
         return "numpy"
-    if name == "kldiv._keras_ops":
-        return "keras"
     return name
 
 
@@ -195,19 +189,18 @@ def stop_gradient(xp: ModuleType, x: Any) -> Any:
         import jax
 
         return jax.lax.stop_gradient(x)
-    if b == "keras":
-        import keras
-
-        return keras.ops.stop_gradient(x)
+    if b == "tensorflow":
+        return sys.modules["tensorflow"].stop_gradient(x)
     return x
 
 
 def native_log_softmax(xp: ModuleType) -> Any | None:
     """The framework's own fused log-softmax, or ``None`` where the generic one must be used.
 
-    PyTorch's and JAX's are numerically stable (max-shifted), map ``-inf`` logits to ``-inf``
-    with zero gradient, and are several times faster than the composition of Array API calls
-    in PyTorch eager mode, where every intermediate is a separate ``[N, V]`` allocation.
+    PyTorch's, JAX's and TensorFlow's are numerically stable (max-shifted), map ``-inf``
+    logits to ``-inf`` with zero gradient, and are several times faster than the composition
+    of Array API calls in PyTorch eager mode, where every intermediate is a separate
+    ``[N, V]`` allocation.
     """
     b = backend_name(xp)
     if b == "torch":
@@ -218,10 +211,10 @@ def native_log_softmax(xp: ModuleType) -> Any | None:
         import jax
 
         return lambda x, axis: jax.nn.log_softmax(x, axis=axis)
-    if b == "keras":
-        import keras
+    if b == "tensorflow":
+        tf = sys.modules["tensorflow"]
 
-        return lambda x, axis: keras.ops.log_softmax(x, axis=axis)
+        return lambda x, axis: tf.nn.log_softmax(x, axis=axis)
     return None
 
 
@@ -242,6 +235,10 @@ def is_traced(x: Any) -> bool:
         return isinstance(x, jax.core.Tracer)
     if is_torch_array(x):
         return _torch_traced(x)
+    if is_tf_tensor(x):  # inside tf.function: a symbolic tensor, no value to read
+        tf = sys.modules["tensorflow"]
+
+        return not tf.executing_eagerly() or bool(tf.is_symbolic_tensor(x))
     return False
 
 
@@ -287,7 +284,7 @@ def device_of(x: Any) -> Any:
     if is_torch_array(x):
         return x.device  # direct: array-api-compat's generic lookup is slow to trace
     if is_tf_tensor(x):
-        return None  # keras.ops places new tensors itself
+        return None  # TensorFlow places new tensors itself
     return array_api_compat.device(x)
 
 
@@ -363,7 +360,7 @@ class _JaxSpecial:
 
 
 class _TensorFlowSpecial:
-    """TensorFlow tensors (they reach the core through :mod:`kldiv._keras_ops`): TensorFlow's
+    """TensorFlow tensors (they reach the core through :mod:`kldiv._namespace_tf`): TensorFlow's
     own functions, whose gradients the tape records (SciPy's would silently drop them)."""
 
     @staticmethod
@@ -447,6 +444,6 @@ def special(xp: ModuleType) -> Any:
         return _TorchSpecial
     if b == "jax":
         return _JaxSpecial
-    if b == "keras":
+    if b == "tensorflow":
         return _TensorFlowSpecial
     return _NumpySpecial

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from .. import _namespace as ns
@@ -108,7 +108,8 @@ def cb_entropy(xp: ModuleType, eta: Array) -> Array:
 
 class _Bessel:
     """Exponentially scaled modified Bessel functions ``i0e(x) = e^{−|x|} I₀(x)`` and ``i1e``,
-    from the backend (``torch.special``, ``jax.scipy.special``, SciPy), differentiable."""
+    from the backend (``torch.special``, ``jax.scipy.special``, ``tf.math.special``, SciPy),
+    differentiable."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
@@ -128,12 +129,17 @@ class _Bessel:
             import jax.scipy.special as jsp
 
             return jsp
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            sp = tf.math.special
+            return SimpleNamespace(i0e=sp.bessel_i0e, i1e=sp.bessel_i1e)
         import scipy.special
 
         return scipy.special
 
 
-_BESSEL = {name: _Bessel(name) for name in ("torch", "jax", "numpy")}
+_BESSEL = {name: _Bessel(name) for name in ("torch", "jax", "numpy", "tensorflow")}
 
 
 def bessel(xp: ModuleType) -> _Bessel:

@@ -1,13 +1,13 @@
 """Distribution objects of other libraries as kldiv's: ``as_kldiv(obj)``, used by ``kl(P, Q)``.
 
-Accepted: ``torch.distributions``, TensorFlow Probability on its NumPy and JAX substrates
-(``tfp.substrates.numpy.distributions``, ``tfp.substrates.jax.distributions``) and distrax.
+Accepted: ``torch.distributions``, TensorFlow Probability on TensorFlow
+(``tfp.distributions``) and on its NumPy and JAX substrates
+(``tfp.substrates.numpy.distributions``, ``tfp.substrates.jax.distributions``), and distrax.
 The parameters are read from the object as they are, never detached or copied, so the KL
 comes out in the object's framework (and dtype, half precision aside), torch autograd reaches
-the object's parameter tensors, and ``jax.grad``/``jax.jit`` trace through them.
-
-TFP on TensorFlow (``tfp.distributions``) is refused with a ``TypeError``: its objects are not
-read yet (use TFP's own ``kl_divergence``, or its NumPy or JAX substrate).
+the object's parameter tensors, ``tf.GradientTape`` its ``tf.Variable``s (TensorFlow tensors
+are computed by TensorFlow's own operations, see :mod:`kldiv._namespace_tf`), and
+``jax.grad``/``jax.jit`` and ``tf.function`` trace through them.
 
 Half-precision parameters give a float32 KL, as everywhere in kldiv; the library's own KL
 keeps their dtype. Domain checks follow the object: an object built with
@@ -371,6 +371,7 @@ _TABLES: dict[str, dict[str, _Convert]] = {
     "torch.distributions": _TORCH,
     "TFP on NumPy": _TFP,
     "TFP on JAX": _TFP,
+    "TFP on TensorFlow": _TFP,
     "distrax": _DISTRAX,
 }
 
@@ -397,7 +398,7 @@ def _unsupported(obj: Any, pkg: str, what: str | None = None) -> TypeError:
 
 def as_kldiv(obj: Any, *, validate: bool | None = None) -> Distribution:
     """The kldiv distribution equal to ``obj``, a distribution object of kldiv,
-    ``torch.distributions``, TFP on NumPy or JAX, or distrax.
+    ``torch.distributions``, TFP (on TensorFlow, NumPy or JAX), or distrax.
 
     The parameters are the object's own arrays (not detached, not copied), so a KL of the
     result is in the object's framework and dtype and differentiates to the object's
@@ -411,8 +412,7 @@ def as_kldiv(obj: Any, *, validate: bool | None = None) -> Distribution:
     ``probs``/``logits`` the object was built from.
 
     Raises ``TypeError`` for a class kldiv does not read (naming it and listing the ones it
-    does), for TFP on TensorFlow (see the module docstring), and for anything that is not a
-    distribution object.
+    does), and for anything that is not a distribution object.
     """
     if isinstance(obj, Distribution):
         return obj
@@ -420,15 +420,9 @@ def as_kldiv(obj: Any, *, validate: bool | None = None) -> Distribution:
     if pkg is None:
         raise TypeError(
             "kl() takes distribution objects of kldiv.distributions (e.g. Normal(0.0, 1.0)), "
-            "torch.distributions, TFP on NumPy or JAX, or distrax; for arrays call the "
-            "functions, e.g. normal_kl(loc_p, scale_p, loc_q, scale_q), or kldiv.kl_div for "
-            f"categorical arrays. Got {type(obj).__name__}."
-        )
-    if pkg == "TFP on TensorFlow":
-        raise TypeError(
-            f"TFP distributions on TensorFlow ({type(obj).__name__}) are not read yet: use "
-            "tfp.distributions.kl_divergence, or TFP's NumPy or JAX substrate "
-            "(tfp.substrates.numpy / tfp.substrates.jax)."
+            "torch.distributions, TFP (on TensorFlow, NumPy or JAX), or distrax; for arrays "
+            "call the functions, e.g. normal_kl(loc_p, scale_p, loc_q, scale_q), or "
+            f"kldiv.kl_div for categorical arrays. Got {type(obj).__name__}."
         )
     if validate is None:
         validate = _validates(obj, pkg)

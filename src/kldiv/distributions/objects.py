@@ -24,7 +24,9 @@ from .multivariate import check_square, check_tril, diag, mT, woodbury
 
 
 class _Rng:
-    """Seeded draws in the caller's framework: NumPy Generator, torch.Generator or a JAX key."""
+    """Seeded draws in the caller's framework: NumPy Generator, torch.Generator, a JAX key, or
+    TensorFlow's stateless samplers (seeds ``[seed, count]``: no state, so ``tf.function``
+    traces them)."""
 
     def __init__(self, xp: ModuleType, like: Array, seed: int | None, key: Any) -> None:
         self.xp, self.dtype, self.device = xp, like.dtype, ns.device_of(like)
@@ -43,6 +45,9 @@ class _Rng:
                 self.gen.seed()
             else:
                 self.gen.manual_seed(int(seed))
+        elif self.backend == "tensorflow":
+            self.count = 0
+            self.seed = int(np.random.default_rng(seed).integers(2**62))
         else:
             self.gen = np.random.default_rng(seed)
 
@@ -52,12 +57,23 @@ class _Rng:
         self.count += 1
         return jax.random.fold_in(self.key, self.count)
 
+    def _tf_seed(self) -> Any:
+        """A fresh seed for TensorFlow's stateless samplers."""
+        import tensorflow as tf
+
+        self.count += 1
+        return tf.constant([self.seed, self.count], dtype=tf.int64)
+
     def uniform(self, shape: tuple[int, ...]) -> Array:
         """U(0, 1) with 0 excluded (replaced by the smallest normal number)."""
-        if self.backend == "jax":
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            u: Array = tf.random.stateless_uniform(shape, self._tf_seed(), dtype=self.dtype)
+        elif self.backend == "jax":
             import jax
 
-            u: Array = jax.random.uniform(self._key(), shape, dtype=self.dtype)
+            u = jax.random.uniform(self._key(), shape, dtype=self.dtype)
         elif self.backend == "torch":
             import torch
 
@@ -77,6 +93,10 @@ class _Rng:
             import torch
 
             return torch.randn(shape, generator=self.gen, dtype=self.dtype, device=self.device)
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            return tf.random.stateless_normal(shape, self._tf_seed(), dtype=self.dtype)
         return self.xp.asarray(self.gen.standard_normal(shape), dtype=self.dtype)
 
     def gamma(self, alpha: Array, shape: tuple[int, ...]) -> Array:
@@ -97,6 +117,11 @@ class _Rng:
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(seed)
                 return torch.distributions.Gamma(alpha, torch.ones_like(alpha)).rsample()
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            # implicitly reparameterised: the tape differentiates the draws in alpha
+            return tf.random.stateless_gamma(shape, self._tf_seed(), alpha, dtype=self.dtype)
         return self.xp.asarray(self.gen.standard_gamma(np.asarray(alpha)), dtype=self.dtype)
 
     def poisson(self, rate: Array, shape: tuple[int, ...]) -> Array:
@@ -109,6 +134,11 @@ class _Rng:
             import torch
 
             return torch.poisson(rate.detach(), generator=self.gen)
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            rate = tf.stop_gradient(rate)
+            return tf.random.stateless_poisson(shape, self._tf_seed(), rate, dtype=self.dtype)
         return self.xp.asarray(self.gen.poisson(np.asarray(rate)), dtype=self.dtype)
 
     def binomial(self, n: Array, p: Array, shape: tuple[int, ...]) -> Array:
@@ -121,6 +151,11 @@ class _Rng:
             import torch
 
             return torch.binomial(n.detach(), p.detach(), generator=self.gen)
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            n, p = tf.stop_gradient(n), tf.stop_gradient(p)
+            return tf.random.stateless_binomial(shape, self._tf_seed(), n, p, self.dtype)
         draws = self.gen.binomial(np.asarray(n).astype(np.int64), np.asarray(p))
         return self.xp.asarray(draws, dtype=self.dtype)
 
@@ -181,7 +216,7 @@ class Distribution:
         """``n`` draws, shape ``(n, *batch_shape, *event_shape)``; reparameterised where the
         family allows it (gradients reach the parameters on PyTorch and JAX).
 
-        ``seed`` seeds NumPy/PyTorch; JAX needs ``key``.
+        ``seed`` seeds NumPy, PyTorch and TensorFlow; JAX needs ``key``.
         """
         xp, params = self.arrays()
         rng = _Rng(xp, params[0], seed, key)
@@ -598,9 +633,7 @@ class Categorical(_ProbsOrLogits, Distribution):
         v = lp.shape[-1]
         idx = xp.asarray(x)[..., None]
         onehot = idx == xp.arange(v, device=ns.device_of(lp))
-        return xp.sum(xp.where(onehot, lp, 0.0), axis=-1) + xp.where(
-            xp.any(onehot, axis=-1), 0.0, -INF
-        )
+        return xp.where(xp.any(onehot, axis=-1), xp.sum(xp.where(onehot, lp, 0.0), axis=-1), -INF)
 
     def sample(self, n: int, *, seed: int | None = None, key: Any = None) -> Array:
         """``n`` category indices per distribution (Gumbel-max), shape ``(n, *batch_shape)``."""
@@ -885,7 +918,7 @@ class Deterministic(Distribution):
 
     def log_prob(self, x: Array) -> Array:
         xp, (m,), x = self.with_value(x)
-        return xp.where(x == m, 0.0, -INF)
+        return xp.where(x == m, xp.zeros_like(m), -INF)
 
     def _draw(self, rng: _Rng, shape: tuple[int, ...], params: list[Array]) -> Array:
         return rng.xp.broadcast_to(params[0], shape)

@@ -408,17 +408,17 @@ def _binomial_counts_differ(p: Binomial, q: Binomial) -> Array:
     fits = d >= 0
     n = xp.where(fits, n_p, 0.0)  # the sum runs where P fits in Q; elsewhere a dummy
     dd = xp.where(fits, d, 0.0)
-    most = int(np.max(host(n))) if n.size else 0
+    most = int(np.max(host(n))) if math.prod(n.shape) else 0
     k = xp.reshape(xp.arange(most + 1, dtype=dtype, device=device), (most + 1,) + (1,) * len(shape))
     inside = k <= n
     kk = xp.where(inside, k, 0.0)
     sp = ns.special(xp)
-    few = int(np.max(host(dd))) <= _FEW_EXTRA if dd.size else True
+    few = int(np.max(host(dd))) <= _FEW_EXTRA if math.prod(dd.shape) else True
 
     def count_term(at: Array) -> Array:
         if few:
             total = xp.zeros_like(at + n)
-            for i in range(1, int(np.max(host(dd))) + 1 if dd.size else 1):
+            for i in range(1, int(np.max(host(dd))) + 1 if math.prod(dd.shape) else 1):
                 step = xp.log1p(-at / (n + i))
                 total = total + xp.where(dd >= i, step, 0.0)
             return total
@@ -494,7 +494,7 @@ def _deterministic(p: Deterministic, q: Distribution) -> Array:
 
 def _deterministic_pair(p: Deterministic, q: Deterministic) -> Array:
     xp, (a, b) = params_of((("p.loc", p.loc, "any"), ("q.loc", q.loc, "any")), False)
-    return xp.where(a == b, 0.0, INF)
+    return xp.where(a == b, xp.zeros_like(a), INF)  # zeros_like: the dtype of loc
 
 
 _pair(Deterministic, Deterministic, _deterministic_pair)
@@ -560,9 +560,10 @@ def kl(
 ) -> Array:
     """KL(p‖q) for two distribution objects, over their broadcast batch shape.
 
-    ``p`` and ``q`` are kldiv's objects or those of ``torch.distributions``, TFP on NumPy or
-    JAX, or distrax, read by :func:`kldiv.distributions.interop.as_kldiv`: the result is in
-    their framework and differentiates to their parameters.
+    ``p`` and ``q`` are kldiv's objects or those of ``torch.distributions``, TFP (on
+    TensorFlow, NumPy or JAX), or distrax, read by
+    :func:`kldiv.distributions.interop.as_kldiv`: the result is in their framework and
+    differentiates to their parameters.
 
     Looks up the closed form registered for ``(type(p), type(q))`` (:func:`registered_pairs`
     lists them). Where P's support can never lie inside Q's (a Normal against a Gamma or a
@@ -583,9 +584,9 @@ def kl(
         if any(not isinstance(d, Distribution) and foreign_package(d) is None for d in (p, q)):
             raise TypeError(
                 "kl() takes two kldiv.distributions objects (e.g. Normal(0.0, 1.0)) or objects "
-                "of torch.distributions, TFP on NumPy or JAX, or distrax; for arrays call the "
-                "functions, e.g. normal_kl(loc_p, scale_p, loc_q, scale_q), or kldiv.kl_div for "
-                f"categorical arrays. Got {type(p).__name__}, {type(q).__name__}."
+                "of torch.distributions, TFP (on TensorFlow, NumPy or JAX), or distrax; for "
+                "arrays call the functions, e.g. normal_kl(loc_p, scale_p, loc_q, scale_q), or "
+                f"kldiv.kl_div for categorical arrays. Got {type(p).__name__}, {type(q).__name__}."
             )
         p, q = as_kldiv(p), as_kldiv(q)  # a foreign object: read as kldiv's (see interop)
     fn = _REGISTRY.get((type(p), type(q)))

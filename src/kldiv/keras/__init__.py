@@ -1,7 +1,8 @@
 """Keras 3 shells over the kldiv core: losses and the KL sparsity regularizer.
 
 They work on every Keras backend: on JAX and PyTorch the core runs on the backend's own
-arrays; on TensorFlow it runs on ``keras.ops`` (array-api-compat does not cover TensorFlow).
+arrays; on TensorFlow it runs on TensorFlow's own operations (kldiv's Array API subset for
+TensorFlow, since array-api-compat does not cover it).
 Importing this module imports keras; ``import kldiv`` alone does not.
 """
 
