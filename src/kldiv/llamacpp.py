@@ -443,7 +443,14 @@ def read_base(path: str | os.PathLike[str], *, check_tokens: bool = True) -> Lla
     """
     p = Path(path)
     try:
-        f = open(p, "rb")
+        # non-blocking, so that a FIFO or a device is refused below instead of waiting for a
+        # writer; on a regular file the flag changes nothing
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
     except FileNotFoundError:
         raise BaseFileError(f"{p}: no such file") from None
     except IsADirectoryError:

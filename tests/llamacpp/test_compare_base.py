@@ -144,3 +144,16 @@ def test_write_base_takes_the_longest_legal_file_name(tmp_path):
     with read_base(target) as base:
         assert base.n_chunk == 1 and base.n_vocab == 20
     assert [f.name for f in tmp_path.iterdir()] == [target.name]
+
+
+def test_read_base_refuses_a_fifo_at_once(tmp_path):
+    """Opening a FIFO for reading waits for a writer; read_base refuses it without waiting."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "base.kld"
+    os.mkfifo(fifo)
+    code = f"from kldiv.llamacpp import read_base\nread_base({str(fifo)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "is not a regular file" in done.stderr.splitlines()[-1]
