@@ -102,6 +102,26 @@ class QuantizedRows(NamedTuple):
     q: np.ndarray
 
 
+def _unwritable(rows: QuantizedRows, n_vocab: int) -> tuple[int, str, float] | None:
+    """The first row whose ``scale`` or ``min_log_prob`` llama.cpp never writes (its index,
+    the field, the value), or None."""
+    scale = np.asarray(rows.scale, dtype=np.float64)
+    mlp = np.asarray(rows.min_log_prob, dtype=np.float64)
+    # llama.cpp writes 0 <= scale <= 16/65535 (the window over its levels) and a minimum of at
+    # least -16 - log V (the window below the top, minus the log-sum-exp); a little float32
+    # slack on both
+    bad = ~(np.isfinite(scale) & (scale >= 0) & (scale <= _MAX_SCALE))
+    what = "scale"
+    if not bad.any():
+        floor = -(WINDOW_NATS + math.log(n_vocab)) - 1e-3
+        bad = ~(np.isfinite(mlp) & (mlp <= 0) & (mlp >= floor))
+        what = "min_log_prob"
+    if not bad.any():
+        return None
+    r = int(np.flatnonzero(bad)[0])
+    return r, what, float(scale[r] if what == "scale" else mlp[r])
+
+
 # --------------------------------------------------------------------------------------------
 # The row quantization and its inverse
 
@@ -239,6 +259,34 @@ def _full_window(scale: np.ndarray) -> np.ndarray:
 # a row (scale, minimum, n_vocab uint16) must stay below 2^31 bytes, as llama.cpp's int sizes
 _MAX_VOCAB = (2**31 - 1 - 8) // 2
 _MAX_SCALE = WINDOW_NATS / 65535 * (1 + 1e-5)
+
+
+def _checked_rows(rows: QuantizedRows, n_scored: int, window: int) -> QuantizedRows:
+    """Stored rows handed to :func:`write_base`, checked as :func:`read_base` checks a file's:
+    ``q`` unsigned 16-bit ``[n_scored, V]``, one ``scale`` and ``min_log_prob`` per row, in the
+    ranges llama.cpp writes."""
+    q = np.asarray(rows.q)
+    scale, mlp = np.asarray(rows.scale), np.asarray(rows.min_log_prob)
+    if q.ndim != 2 or q.shape[0] != n_scored or q.shape[1] < 1:
+        raise ValueError(
+            f"Expected {n_scored} stored rows [{n_scored}, V] for window {window}, got q of "
+            f"shape {q.shape}."
+        )
+    if q.dtype != np.uint16:
+        raise TypeError(f"Expected q of dtype uint16 in window {window}, got {q.dtype}.")
+    for name, x in (("scale", scale), ("min_log_prob", mlp)):
+        if x.shape != (n_scored,) or x.dtype.kind != "f":
+            raise ValueError(
+                f"Expected `{name}` of window {window} to be {n_scored} floats, got "
+                f"{x.dtype} of shape {x.shape}."
+            )
+    found = _unwritable(QuantizedRows(scale, mlp, q), q.shape[1])
+    if found is not None:
+        r, what, value = found
+        raise ValueError(
+            f"Window {window}, row {r}: {what} = {value!r} is outside what llama.cpp writes."
+        )
+    return QuantizedRows(scale, mlp, q)
 
 
 def _row_dtype(n_vocab: int) -> np.dtype:
@@ -401,20 +449,9 @@ class LlamaBase:
             yield self.records(c)
 
     def _check_rows(self, c: int, rows: QuantizedRows) -> None:
-        scale = np.asarray(rows.scale, dtype=np.float64)
-        mlp = np.asarray(rows.min_log_prob, dtype=np.float64)
-        # llama.cpp writes 0 <= scale <= 16/65535 (the window over its levels) and a minimum
-        # of at least -16 - log V (the window below the top, minus the log-sum-exp); a little
-        # float32 slack on both
-        bad = ~(np.isfinite(scale) & (scale >= 0) & (scale <= _MAX_SCALE))
-        what = "scale"
-        if not bad.any():
-            floor = -(WINDOW_NATS + math.log(self.n_vocab)) - 1e-3
-            bad = ~(np.isfinite(mlp) & (mlp <= 0) & (mlp >= floor))
-            what = "min_log_prob"
-        if bad.any():
-            r = int(np.flatnonzero(bad)[0])
-            value = float(rows.scale[r] if what == "scale" else rows.min_log_prob[r])
+        found = _unwritable(rows, self.n_vocab)
+        if found is not None:
+            r, what, value = found
             raise BaseFileError(
                 f"{self.path}: window {c}, position {int(self.positions[r])} stores {what} = "
                 f"{value!r}, which llama.cpp never writes; the file is corrupt or not a base file"
@@ -594,12 +631,7 @@ def write_base(
                 if written == n_chunk:
                     raise ValueError(f"Expected {n_chunk} windows of logits, got more.")
                 if isinstance(chunk, QuantizedRows):
-                    rows = chunk
-                    if np.shape(rows.q)[0] != n_scored:
-                        raise ValueError(
-                            f"Expected {n_scored} stored rows for window {written}, got "
-                            f"{np.shape(rows.q)[0]}."
-                        )
+                    rows = _checked_rows(chunk, n_scored, written)
                 else:
                     x = _to_numpy(chunk)
                     if x.ndim != 2 or x.shape[0] not in (n_ctx, n_scored):

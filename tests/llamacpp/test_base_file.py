@@ -187,6 +187,32 @@ def test_round_trip_is_byte_exact(tmp_path, rng):
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_stored_rows_handed_to_write_base_are_checked(tmp_path, rng):
+    """Rows given as QuantizedRows are checked as read_base checks a file's, and nothing is
+    left behind when they are refused."""
+    tokens, logits = make(rng, 1, 11, 53)
+    a = tmp_path / "a.kld"
+    write_base(a, tokens, logits)
+    with read_base(a) as base:
+        good = base.records(0)
+        rows = QuantizedRows(good.scale.copy(), good.min_log_prob.copy(), good.q.copy())
+    out = tmp_path / "b.kld"
+    bad_scale = rows._replace(scale=np.where(np.arange(rows.scale.size) == 2, -1.0, rows.scale))
+    cases = [
+        (rows._replace(q=rows.q.astype(np.int32)), TypeError, "dtype uint16"),
+        (rows._replace(q=rows.q[:-1]), ValueError, r"5 stored rows .* shape \(4, 53\)"),
+        (rows._replace(scale=rows.scale[:-1]), ValueError, "`scale` of window 0"),
+        (bad_scale, ValueError, r"row 2: scale = -1.0 is outside what llama.cpp writes"),
+        (rows._replace(min_log_prob=rows.min_log_prob + 100), ValueError, "min_log_prob"),
+    ]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            write_base(out, tokens, [bad])
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["a.kld"]
+    write_base(out, tokens, [rows])
+    assert out.read_bytes() == a.read_bytes()
+
+
 def test_every_input_layout_writes_the_same_bytes(tmp_path, rng):
     tokens, logits = make(rng, 2, 9, 21)
     first, stop = 9 // 2, 8
