@@ -157,3 +157,16 @@ def test_read_base_refuses_a_fifo_at_once(tmp_path):
     code = f"from kldiv.llamacpp import read_base\nread_base({str(fifo)!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "is not a regular file" in done.stderr.splitlines()[-1]
+
+
+def test_a_base_file_is_only_ever_a_whole_reference(files, capsys):
+    from kldiv.cli import main
+
+    d, _ = files
+    for argv, message in (
+        ([f"{d}/base.kld::x", f"{d}/cand.npy"], "holds one set of windows; drop '::x'"),
+        ([f"{d}/cand.npy", f"{d}/base.kld"], "can only be the reference (REF, the first file)"),
+    ):
+        assert main(["compare", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err

@@ -509,6 +509,11 @@ def compare(args: argparse.Namespace, out=None) -> int:
             "base file as REF)"
         )
     if base_files.is_base_file(args.ref):
+        path, sep, key = args.ref.partition("::")
+        if sep:
+            raise UsageError(
+                f"{path}: a llama.cpp base file holds one set of windows; drop '::{key}'"
+            )
         if model is not None:
             _require(HF_PACKAGES, "kldiv compare --model", HF_EXTRA)
         return base_files.compare_base(args, out)

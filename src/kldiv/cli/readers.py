@@ -635,6 +635,13 @@ def open_array(spec: str) -> ArrayFile:
             return _safetensors(path, f, key)
         if suffix in (".pt", ".pth"):
             return _torch(path, f, key)
+        from ..llamacpp import MAGIC
+
+        if f.read(len(MAGIC)) == MAGIC:
+            raise InputError(
+                f"{path}: is a llama.cpp base file, which can only be the reference (REF, the "
+                "first file)"
+            )
         raise InputError(
             f"{path}: unknown file type {suffix!r}; expected one of {', '.join(SUFFIXES)}"
         )
