@@ -4,9 +4,11 @@ torch.compile and the floor, on the CPU.
     python benchmarks/bench_core_cpu.py [--n 4096] [--v 32000] [--rounds 3] [--iters 5]
                                         [--kinds kl,js,...] [--variants eager,compile,core,floor]
 
-``--variants eager,core_log_probs,eager_teacher_grad,core_teacher_grad`` measures the two
-other inputs the engine takes on CPU: log-probabilities (the step computes both
-log-softmaxes, as the eager formula does) and a teacher that needs a gradient too.
+``--variants eager,core_log_probs,definition_log_probs,eager_teacher_grad,core_teacher_grad,
+definition_teacher_grad`` measures the two other inputs the engine takes on CPU:
+log-probabilities (the step computes both log-softmaxes, as the eager formula does) and a
+teacher that needs a gradient too, each also through the core's definition alone (what
+they ran before the engine took them).
 
 Forward + backward to the student logits from float32 logits, N × V. Candidate:
 ``kldiv.divergence(t, s, kind, form="logits")`` (teacher t, student s: ``kl_div``,
@@ -64,6 +66,17 @@ def main() -> int:
     # each candidate against its eager anchor: the log-softmaxes are in both steps of
     # "core_log_probs" and "eager"; both sides need a gradient in the "teacher_grad" pair
     pairs = {"core": "eager", "core_log_probs": "eager", "core_teacher_grad": "eager_teacher_grad"}
+    # ... and against the definition (the core without the row engine), which ran them before
+    defs = {
+        "core_log_probs": "definition_log_probs",
+        "core_teacher_grad": "definition_teacher_grad",
+    }
+    for entry in res["kinds"].values():
+        s = entry["summary"]
+        for cand, anchor in defs.items():
+            a, c = s.get(anchor, {}).get("median_s"), s.get(cand, {}).get("median_s")
+            if a and c:
+                s[cand]["definition_over_core"] = a / c
     for entry in res["kinds"].values():
         s = entry["summary"]
         for cand, anchor in pairs.items():
@@ -71,6 +84,13 @@ def main() -> int:
             if a and c:
                 s[cand]["eager_over_core"] = a / c
     print(benchmark.table(res))
+    for cand in defs:
+        done = {k: e["summary"][cand] for k, e in res["kinds"].items() if cand in e["summary"]}
+        if any("definition_over_core" in x for x in done.values()):
+            print(f"{cand} × definition:", ", ".join(
+                f"{k} {x['definition_over_core']:.2f}"
+                for k, x in done.items() if "definition_over_core" in x
+            ))  # fmt: skip
     for cand in pairs:
         done = {k: e["summary"][cand] for k, e in res["kinds"].items() if cand in e["summary"]}
         if any("eager_over_core" in x for x in done.values()):

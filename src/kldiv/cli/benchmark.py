@@ -57,6 +57,8 @@ VARIANTS = (
     "core_log_probs",
     "core_teacher_grad",
     "eager_teacher_grad",
+    "definition_log_probs",
+    "definition_teacher_grad",
     "jax",
     "jax_composition",
     "optax",
@@ -276,6 +278,17 @@ def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
             torch.log_softmax(t, -1), torch.log_softmax(s, -1), cast("Kind", kind),
             form="log_probs", **params,
         )  # fmt: skip
+    if variant.startswith("definition_"):  # the same call through the core's definition
+        from kldiv.torch._rows.dispatch import core_only
+
+        engine = step_for(variant.replace("definition_", "core_"), kind)
+        assert engine is not None
+
+        def definition(s: Any, t: Any) -> Any:
+            with core_only():
+                return engine(s, t)
+
+        return definition
     if variant in ("core_teacher_grad", "eager_teacher_grad"):  # both sides get a gradient
         inner = step_for(variant.split("_")[0], kind)
         assert inner is not None  # "core" and "eager" exist for every kind
