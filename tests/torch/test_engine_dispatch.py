@@ -212,6 +212,42 @@ def test_log_probs_and_teacher_gradients_equal_the_float64_core(rng, kind, forms
         )
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("forms", [("logits", "logits"), *FORMS])
+def test_plain_and_exact_rows_in_one_chunk(rng, kind, forms):
+    """The row-specification path takes the plain formulas first and recomputes with the
+    exact ones only the rows whose value or Σh comes out non-finite. One chunk mixing both:
+    finite rows, rows with zero probabilities, a row whose probabilities underflow float32
+    without a -inf logit (spread 300: exp(-300) is 0 in float32, its log-probability is not
+    -inf) and a row identical on both sides (given in one form). Every row against the float64 core within the
+    bound of the module docstring for its own spread R, values and both gradients."""
+    v = 23
+    t, s = logits(rng, (6, v), neg_inf=False, kind=kind)
+    t[2:4], s[2:4] = logits(rng, (2, v), neg_inf=True, kind=kind)
+    t[4] *= 300 / np.ptp(t[4])
+    s[4] *= 300 / np.ptp(s[4])
+    if forms[0] == forms[1]:  # in two forms, float32 rounding tells them apart (a TV tie)
+        s[5] = t[5]
+    t, s = as_form(t, forms[0]), as_form(s, forms[1])
+    kw: dict = dict(form=forms, reduction="none", **PARAMS.get(kind, {}))
+    t32, s32 = (torch.tensor(x, dtype=torch.float32, requires_grad=True) for x in (t, s))
+    t64, s64 = (torch.tensor(x, requires_grad=True) for x in (t, s))
+    out = kldiv.divergence(t32, s32, kind, **kw)
+    ref = kldiv.divergence(t64, s64, kind, **kw)
+    assert engine_used(out)
+    tol = torch.tensor([16 * (spread(t[i], s[i]) + 1) * EPS32 for i in range(6)])
+    err = (out.double() - ref.detach()).abs()
+    inf = torch.isinf(ref.detach())
+    assert (out[inf] == ref[inf]).all() and (err[~inf] <= tol[~inf]).all(), (err, tol)
+    cot = torch.tensor(rng.normal(size=6))
+    grads = torch.autograd.grad(out, (t32, s32), cot.float())
+    grads64 = torch.autograd.grad(ref, (t64, s64), cot)
+    for g, g64 in zip(grads, grads64, strict=True):
+        assert torch.isfinite(g).all()
+        err = (g.double() - g64).abs().amax(-1)
+        assert (err <= tol * cot.abs()).all(), (err, tol * cot.abs())
+
+
 @pytest.mark.parametrize("forms", [("logits", "logits"), ("log_probs", "logits")])
 def test_teacher_gradients_in_half_precision_and_second_derivatives(rng, forms):
     """A half-precision teacher gets its gradient in its dtype (computed in float32, rounded

@@ -474,11 +474,31 @@ def _spec_chunk(
             x = torch.log_softmax(x / temperature if temperature != 1.0 else x, -1)
         sides.append(x)
     lt, ls = sides
-    value, h_t, h_s = spec.rows(kind, lt, ls, w, teacher_grad=gt is not None)
-    for g, h, lx, form in ((gs, h_s, ls, forms[1]), (gt, h_t, lt, forms[0])):
+    # The plain formulas first (no zero-support masks: about half the elementwise work);
+    # a row whose value or Σh comes out non-finite (a zero probability, a zero against a
+    # positive one, an underflowing mixture) is recomputed with the exact ones, which
+    # agree with the plain ones up to rounding on every other row (see kldiv._spec.rows).
+    value, h_t, h_s = spec.rows(kind, lt, ls, w, teacher_grad=gt is not None, exact=False)
+    sum_s = h_s.sum(-1, keepdim=True)
+    sum_t = None if h_t is None else h_t.sum(-1, keepdim=True)
+    plain_bad = ~torch.isfinite(value) | ~torch.isfinite(sum_s[:, 0])
+    if sum_t is not None:
+        plain_bad |= ~torch.isfinite(sum_t[:, 0])
+    plain_bad &= ~flagged  # those go to the core below
+    if bool(plain_bad.any()):
+        index = plain_bad.nonzero().squeeze(-1)
+        value[index], he_t, he_s = spec.rows(
+            kind, lt[index], ls[index], w, teacher_grad=gt is not None
+        )
+        h_s[index] = he_s
+        sum_s[index] = he_s.sum(-1, keepdim=True)
+        if h_t is not None and sum_t is not None:
+            h_t[index] = he_t
+            sum_t[index] = he_t.sum(-1, keepdim=True)
+    for g, h, total, lx, form in ((gs, h_s, sum_s, ls, forms[1]), (gt, h_t, sum_t, lt, forms[0])):
         if g is None:
             continue
-        g.copy_(spec.through_softmax(h, lx, temperature) if form == "logits" else h)
+        g.copy_(spec.through_softmax(h, lx, temperature, total) if form == "logits" else h)
         if partial:
             assert k is not None
             g.masked_fill_(~k[:, None], 0.0)
