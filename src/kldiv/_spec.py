@@ -52,6 +52,7 @@ from ._kinds import resolve
 __all__ = ["rows", "through_softmax"]
 
 INF = math.inf
+_TINY32 = 2.0**-126  # the smallest normal float32
 
 
 def _xlogr(xp: Any, x: Any, lx: Any, ly: Any, exact: bool = True) -> Any:
@@ -89,10 +90,11 @@ def _tie(xp: Any, la: Any, lb: Any, w: float, lm: Any) -> Any:
 
 
 def _plain_log_mix(xp: Any, lp: Any, lq: Any, p: Any, q: Any, w: float) -> tuple[Any, Any]:
-    """``log m`` and ``m = w·p + (1−w)·q``, from the probabilities: ``q + w·(p − q)`` is
-    exactly ``q`` where ``p == q``, and there ``log m`` is ``lp`` itself (:func:`_tie`), so a
-    divergence of a distribution from itself is exactly 0."""
-    m = q + w * (p - q)
+    """``log m`` and ``m = w·p + (1−w)·q``, from the probabilities. Both weights are rounded
+    once from double (``q + w·(p − q)`` cancels for w near 1 when q is large, as it is for
+    unnormalised log-probabilities); where ``p == q``, ``log m`` is ``lp`` itself
+    (:func:`_tie`), so a divergence of a distribution from itself is exactly 0."""
+    m = w * p + (1 - w) * q
     return _tie(xp, lp, lq, w, xp.log(m)), m
 
 
@@ -128,7 +130,8 @@ def rows(
     the exact ones up to rounding on every row whose value comes out finite (a zero
     probability makes a ``0·inf`` term, NaN; a positive one against a zero, or a mixture
     that underflows, makes the row ``+inf``), for engines that take the plain formulas first
-    and the exact ones for a batch that has such a row."""
+    and the exact ones for a batch that has such a row. A weight below float32's smallest
+    normal number (about 1.2e-38, or as close to 1) always takes the exact formulas."""
     xp = ns.namespace_of(lp)
     value, h_p, h_q = _rows(xp, kind, lp, lq, w, teacher_grad, exact)
     return value, h_p if teacher_grad else None, h_q
@@ -139,6 +142,10 @@ def _rows(
 ) -> tuple[Any, Any, Any]:
     resolved = resolve(kind, w)
     kind, w = resolved.kind, resolved.w
+    if kind in ("js", "skew_kl", "skew_reverse_kl") and min(w, 1 - w) < _TINY32:
+        # a weight below float32's normal range keeps a few bits there (2% at 1e-44): the
+        # plain mixture would be finite and wrong, the exact one takes log(w) in double
+        exact = True
     if resolved.zero:
         zero = xp.zeros_like(lp)
         return xp.sum(zero, axis=-1), zero, zero

@@ -248,6 +248,45 @@ def test_plain_and_exact_rows_in_one_chunk(rng, kind, forms):
         assert (err <= tol * cot.abs()).all(), (err, tol * cot.abs())
 
 
+@pytest.mark.parametrize("kind", ["skew_kl", "skew_reverse_kl", "js"])
+@pytest.mark.parametrize("w", [1e-40, 1e-44, 1 - 1e-6, 0.999])
+@pytest.mark.parametrize("forms", [("logits", "logits"), ("log_probs", "log_probs")])
+def test_extreme_mixture_weights(kind, w, forms):
+    """Weights the plain formulas would get wrong while staying finite, so no row would be
+    recomputed: below float32's normal range a weight keeps a few bits (2% at 1e-44), and
+    near 1 the mixture q + w·(p − q) cancels when q is large (unnormalised log-probabilities
+    summing to e^c, c = 10, here). Zero support on the side the mixture then rests on.
+
+    Bound: as in the module docstring, with the log-ratios up to R + c and every term scaled
+    by the mass of the side it weighs: 16·(R + c + 1)·eps32·S per row, S = β·ΣP + (1 − β)·ΣQ
+    for JS, ΣP for skew KL, ΣQ for skew reverse KL (1 for normalised inputs)."""
+    t = np.array([[2.0, 1.0, 0.5, -1.0], [0.3, -2.0, 1.0, 0.0]])
+    s = np.array([[2.5, 1.0, -np.inf, 0.0], [1.0, 0.5, 0.0, -np.inf]])
+    c = 0.0
+    if forms[0] == "log_probs":
+        c = 10.0
+        t, s = as_form(t, "log_probs"), as_form(s, "log_probs") + c  # s unnormalised
+    if kind == "skew_reverse_kl":
+        t, s = s, t  # the zeros on the side the mixture rests on
+    params = {next(iter(KIND_PARAMS[kind])): w}
+    t32, s32 = (torch.tensor(x, dtype=torch.float32, requires_grad=True) for x in (t, s))
+    t64, s64 = (torch.tensor(x, requires_grad=True) for x in (t, s))
+    out = kldiv.divergence(t32, s32, kind, form=forms, reduction="none", **params)
+    ref = kldiv.divergence(t64, s64, kind, form=forms, reduction="none", **params)
+    assert engine_used(out)
+    mass_p, mass_q = (np.exp(as_form(x, "log_probs") if f == "logits" else x).sum(-1)
+                      for x, f in zip((t, s), forms, strict=True))  # fmt: skip
+    mass = {"js": w * mass_p + (1 - w) * mass_q, "skew_kl": mass_p, "skew_reverse_kl": mass_q}
+    tol = torch.tensor(16 * (spread(t, s) + c + 1) * EPS32 * mass[kind])
+    assert ((out.double() - ref.detach()).abs() <= tol).all(), (out, ref, tol)
+    for g, g64 in zip(
+        torch.autograd.grad(out.sum(), (t32, s32)),
+        torch.autograd.grad(ref.sum(), (t64, s64)),
+        strict=True,
+    ):
+        assert ((g.double() - g64).abs() <= tol[:, None]).all(), (g, g64, tol)
+
+
 @pytest.mark.parametrize("forms", [("logits", "logits"), ("log_probs", "logits")])
 def test_teacher_gradients_in_half_precision_and_second_derivatives(rng, forms):
     """A half-precision teacher gets its gradient in its dtype (computed in float32, rounded
