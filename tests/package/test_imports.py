@@ -44,3 +44,33 @@ def test_public_surface():
         assert ">>>" in own, func.__name__  # has a runnable example
         assert "gradient" in own.lower(), func.__name__  # says what happens to gradients
         assert _SHARED_DOC.strip()[:40] in func.__doc__  # and carries the shared keywords
+
+
+def test_kldiv_torch_leaves_dynamo_unimported_and_compiles_on_a_first_call():
+    """``import kldiv.torch`` and an eager step do not import ``torch._dynamo`` (about 2 s);
+    the functions kept opaque to ``torch.compile`` are made so on their first call, and a
+    first call under ``torch.compile`` gives the eager loss and gradients."""
+    code = (
+        "import sys, torch, kldiv, kldiv.torch\n"
+        "from kldiv.torch import DistillationLoss, FusedLinearDistillationLoss\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "h, w, t = (torch.randn(*s, generator=g) for s in ((9, 8), (50, 8), (9, 50)))\n"
+        "s = torch.randn(9, 50, generator=g, requires_grad=True)\n"
+        "DistillationLoss('js')(s, t).backward()\n"
+        "kldiv.kl_div(t, s, form='logits').backward()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "loss = FusedLinearDistillationLoss('kl', chunk_size=4)\n"
+        "f = torch.compile(lambda h_, w_: loss(h_, w_, t) * 2.0, backend='aot_eager')\n"
+        "h2, w2, h1, w1 = (x.clone().requires_grad_() for x in (h, w, h, w))\n"
+        "out = f(h2, w2)\n"
+        "out.backward()\n"
+        "ref = loss(h1, w1, t)\n"
+        "ref.backward()\n"
+        "torch.testing.assert_close(out, ref * 2.0)\n"
+        "torch.testing.assert_close(h2.grad, h1.grad * 2.0)\n"
+        "torch.testing.assert_close(w2.grad, w1.grad * 2.0)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "ok"], out.stdout

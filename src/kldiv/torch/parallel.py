@@ -274,7 +274,7 @@ def vocab_parallel_rows(
     )
 
 
-@torch.compiler.disable
+@dispatch.opaque_to_compile
 def _eager(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """Runs ``fn`` outside ``torch.compile``'s tracing: its validation reads gathered
     metadata on the host, its chunk loops are Python, and its gradients come from

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ __all__ = [
     "core_only",
     "reduce_rows",
     "reduce_total",
+    "opaque_to_compile",
 ]
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,6 +57,22 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Set while an engine recomputes through the core (its double backward): the core functions
 # must not hand the work back to the engine.
 _CORE_ONLY = contextvars.ContextVar("kldiv_core_only", default=False)
+
+
+def opaque_to_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, made on the first call rather than at import: the
+    decorator imports ``torch._dynamo``, about 2 s that ``import kldiv.torch`` would pay
+    otherwise. Called under ``torch.compile`` first, dynamo runs the decorator eagerly and
+    breaks the graph there, as the decorated function does on every later call."""
+    made: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        if not made:
+            made.append(torch.compiler.disable(fn))
+        return made[0](*args)
+
+    return call
 
 
 @contextlib.contextmanager

@@ -620,7 +620,7 @@ class FusedLinear(torch.autograd.Function):
         return (*out,) + (None,) * 8
 
 
-@torch.compiler.disable
+@dispatch.opaque_to_compile
 def apply(*args: Any) -> torch.Tensor:
     """:class:`FusedLinear`, opaque to ``torch.compile``: its Python loop over row chunks
     (with a host check per chunk) would otherwise be unrolled or broken into many graphs.
