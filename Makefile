@@ -48,7 +48,7 @@ docs-build: $(VENV)/.test-installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir $(VENV)/site
 
 test: lint typecheck docs-build
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=25 tests
 
 soak: $(VENV)/.test-installed
 	$(BIN)/python tests/soak.py --seeds $(SOAK_SEEDS)
