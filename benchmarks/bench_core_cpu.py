@@ -63,40 +63,32 @@ def main() -> int:
     res["benchmark"] = "core functions from logits on torch, forward + backward to the student"
     res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     res["commit"] = commit()
-    # each candidate against its eager anchor: the log-softmaxes are in both steps of
-    # "core_log_probs" and "eager"; both sides need a gradient in the "teacher_grad" pair
-    pairs = {"core": "eager", "core_log_probs": "eager", "core_teacher_grad": "eager_teacher_grad"}
-    # ... and against the definition (the core without the row engine), which ran them before
-    defs = {
-        "core_log_probs": "definition_log_probs",
-        "core_teacher_grad": "definition_teacher_grad",
-    }
-    for entry in res["kinds"].values():
-        s = entry["summary"]
-        for cand, anchor in defs.items():
-            a, c = s.get(anchor, {}).get("median_s"), s.get(cand, {}).get("median_s")
-            if a and c:
-                s[cand]["definition_over_core"] = a / c
-    for entry in res["kinds"].values():
-        s = entry["summary"]
-        for cand, anchor in pairs.items():
-            a, c = s.get(anchor, {}).get("median_s"), s.get(cand, {}).get("median_s")
-            if a and c:
-                s[cand]["eager_over_core"] = a / c
+    # each candidate against its eager anchor (the log-softmaxes are in both steps of
+    # "core_log_probs" and "eager"; both sides need a gradient in the "teacher_grad" pair) and
+    # against the definition (the core without the row engine), which ran it before
+    ratios = {
+        "eager": {"core": "eager", "core_log_probs": "eager",
+                  "core_teacher_grad": "eager_teacher_grad"},
+        "definition": {"core_log_probs": "definition_log_probs",
+                       "core_teacher_grad": "definition_teacher_grad"},
+    }  # fmt: skip
+    for name, pairs in ratios.items():
+        key = f"{name}_over_core"
+        for entry in res["kinds"].values():
+            s = entry["summary"]
+            for cand, anchor in pairs.items():
+                a, c = s.get(anchor, {}).get("median_s"), s.get(cand, {}).get("median_s")
+                if a and c:
+                    s[cand][key] = a / c
     print(benchmark.table(res))
-    for cand in defs:
-        done = {k: e["summary"][cand] for k, e in res["kinds"].items() if cand in e["summary"]}
-        if any("definition_over_core" in x for x in done.values()):
-            print(f"{cand} × definition:", ", ".join(
-                f"{k} {x['definition_over_core']:.2f}"
-                for k, x in done.items() if "definition_over_core" in x
-            ))  # fmt: skip
-    for cand in pairs:
-        done = {k: e["summary"][cand] for k, e in res["kinds"].items() if cand in e["summary"]}
-        if any("eager_over_core" in x for x in done.values()):
-            print(f"{cand} × eager:", ", ".join(
-                f"{k} {x['eager_over_core']:.2f}" for k, x in done.items() if "eager_over_core" in x
-            ))  # fmt: skip
+    for name, pairs in ratios.items():
+        key = f"{name}_over_core"
+        for cand in pairs:
+            done = {k: e["summary"][cand] for k, e in res["kinds"].items() if cand in e["summary"]}
+            if any(key in x for x in done.values()):
+                print(f"{cand} × {name}:", ", ".join(
+                    f"{k} {x[key]:.2f}" for k, x in done.items() if key in x
+                ))  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"core_cpu_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
