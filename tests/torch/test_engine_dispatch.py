@@ -219,13 +219,15 @@ def test_plain_and_exact_rows_in_one_chunk(rng, kind, forms):
     exact ones only the rows whose value or Σh comes out non-finite. One chunk mixing both:
     finite rows, rows with zero probabilities, a row whose probabilities underflow float32
     without a -inf logit (spread 300: exp(-300) is 0 in float32, its log-probability is not
-    -inf) and a row identical on both sides (given in one form). Every row against the float64 core within the
+    -inf) and a row identical on both sides (given in one form). TV is not differentiable
+    where p = q, so no row may hold a near-tie that float32 rounds to a tie (two
+    probabilities near 1 at one index). Every row against the float64 core within the
     bound of the module docstring for its own spread R, values and both gradients."""
     v = 23
     t, s = logits(rng, (6, v), neg_inf=False, kind=kind)
     t[2:4], s[2:4] = logits(rng, (2, v), neg_inf=True, kind=kind)
     t[4] *= 300 / np.ptp(t[4])
-    s[4] *= 300 / np.ptp(s[4])
+    s[4] = -t[4]  # its largest entries where t's are smallest: no near-tie for tv to round
     if forms[0] == forms[1]:  # in two forms, float32 rounding tells them apart (a TV tie)
         s[5] = t[5]
     t, s = as_form(t, forms[0]), as_form(s, forms[1])
