@@ -213,6 +213,20 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def check_pair_shapes(ref_shape: tuple[int, ...], cand_shape: tuple[int, ...]) -> None:
+    """``ValueError`` unless ``ref`` and ``cand`` have one shape with a category axis."""
+    if not ref_shape or not cand_shape:
+        raise ValueError(
+            f"Expected `ref` and `cand` to have at least 1 dimension (the category axis), "
+            f"got shapes {ref_shape} and {cand_shape}."
+        )
+    if ref_shape != cand_shape:
+        raise ValueError(
+            f"Expected `ref` and `cand` to have the same shape (one pair of distributions "
+            f"per token), got {ref_shape} and {cand_shape}."
+        )
+
+
 def dtype_name(x: Any) -> str:
     dtype = getattr(x, "dtype", None)  # not `or`: a NumPy dtype is falsy (it has no fields)
     return str(np.asarray(x).dtype if dtype is None else dtype).rsplit(".", 1)[-1]

@@ -222,16 +222,7 @@ class TokenStats:
         )  # before a torch bfloat16 becomes float32
         ref, cand = blocks.to_numpy(ref), blocks.to_numpy(cand)
         ns.compute_dtype(_xp, ("ref", ref), ("cand", cand))  # TypeError for non-floating
-        if ref.ndim == 0 or cand.ndim == 0:
-            raise ValueError(
-                f"Expected `ref` and `cand` to have at least 1 dimension (the category axis), "
-                f"got shapes {ref.shape} and {cand.shape}."
-            )
-        if ref.shape != cand.shape:
-            raise ValueError(
-                f"Expected `ref` and `cand` to have the same shape (one pair of distributions "
-                f"per token), got {ref.shape} and {cand.shape}."
-            )
+        blocks.check_pair_shapes(ref.shape, cand.shape)
         ax = _check.check_axis(axis, ref.ndim)
         vocab = ref.shape[ax]
         tokens = ref.shape[:ax] + ref.shape[ax + 1 :]

@@ -233,16 +233,7 @@ class TokenStatsMetric(Metric):
                     "(kldiv.metrics.TokenStats takes NumPy and JAX arrays)."
                 )
         dtype = ns.compute_dtype(_xp, ("ref", ref), ("cand", cand))  # TypeError: not floating
-        if ref.ndim == 0 or cand.ndim == 0:
-            raise ValueError(
-                f"Expected `ref` and `cand` to have at least 1 dimension (the category axis), "
-                f"got shapes {tuple(ref.shape)} and {tuple(cand.shape)}."
-            )
-        if ref.shape != cand.shape:
-            raise ValueError(
-                f"Expected `ref` and `cand` to have the same shape (one pair of distributions "
-                f"per token), got {tuple(ref.shape)} and {tuple(cand.shape)}."
-            )
+        blocks.check_pair_shapes(tuple(ref.shape), tuple(cand.shape))
         if ref.device != cand.device:
             raise ValueError(
                 f"Expected `ref` and `cand` on the same device, got {ref.device} and {cand.device}."
