@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import gloo
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -319,47 +318,8 @@ def reference(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def launch(world: int, tmp: Path, cases: list[dict], timeout: float = 120) -> list[dict]:
-    """Every rank's results of every case, from one launch of ``world`` Gloo ranks; fails
-    the test if they do not finish within ``timeout`` seconds (a hang, not a slow run)."""
-    # the ranks read their data from cases.pt: the test's rng alone decides it
-    torch.save(cases, tmp / "cases.pt")
-    # the OS picks the port; the workers join this store, so nothing is hard-coded
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                str(r),
-                str(world),
-                str(store.port),
-                str(tmp / "cases.pt"),
-                str(tmp),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        last = [
-            (
-                [ln for ln in p.stdout.read().splitlines() if ln.startswith("case ")]
-                or ["before the first case"]
-            )[-1]
-            for p in procs
-        ]
-        pytest.fail(f"the ranks hung (killed after {timeout} s); last lines: {last}")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{p.stdout.read()[-3000:]}"
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+    """Every rank's results of every case, from one launch of ``world`` Gloo ranks."""
+    return gloo.launch(WORKER, world, tmp, cases, timeout)
 
 
 def expected_collectives(case: dict) -> int:

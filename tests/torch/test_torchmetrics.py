@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -753,32 +752,10 @@ def rank_main(rank: int, world: int, port: int, cases_path: str, out: str) -> No
 
 
 def launch(world: int, tmp: Path, cases: dict, timeout: float = 90) -> list[dict]:
-    import torch.distributed as dist
+    """Every rank's results (reports and error strings, hence trusted) of every case."""
+    import gloo  # here: this file is also the ranks' script, run without tests/ on the path
 
-    torch.save(cases, tmp / "cases.pt")
-    # the OS picks the port; the ranks join this store (as tests/torch/test_parallel.py does)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    argv = [str(store.port), str(tmp / "cases.pt"), str(tmp)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(r), str(world), *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the ranks hung (killed after {timeout} s)")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{p.stdout.read()[-3000:]}"
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return gloo.launch(__file__, world, tmp, cases, timeout, trusted=True)
 
 
 @pytest.mark.spawns
