@@ -12,6 +12,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import blocked
 import jax
 import numpy as np
 import pytest
@@ -489,33 +490,13 @@ OPTIONAL_DISTS = [
     ("triton", "with PyTorch's CUDA builds"),
 ]
 
-# Runs `kldiv` in a fresh interpreter where the named packages cannot be imported, as on an
-# install without their extra (tests/package/test_wheel.py does the same on real installs): a finder
-# ahead of all others answers ModuleNotFoundError for them, as Python does for a package that
-# is not installed. (A None in sys.modules would not do: array-api-compat reads sys.modules.)
-WITHOUT = """
-import sys
-
-BLOCKED = set(sys.argv[1].split(","))
+# `kldiv ARGV...` where the named packages cannot be imported (tests/blocked.py)
+WITHOUT = blocked.PRELUDE + "raise SystemExit(main(sys.argv[2:]))\n"
 
 
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, NotInstalled())
-from kldiv.cli import main
-
-raise SystemExit(main(sys.argv[2:]))
-"""
-
-
-def kldiv_without(blocked, argv, cwd):
+def kldiv_without(packages, argv, cwd):
     return subprocess.run(
-        [sys.executable, "-c", WITHOUT, ",".join(blocked), *argv],
+        [sys.executable, "-c", WITHOUT, ",".join(packages), *argv],
         cwd=cwd,
         capture_output=True,
         text=True,

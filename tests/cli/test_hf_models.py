@@ -30,6 +30,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import blocked
 import numpy as np
 import pytest
 
@@ -398,29 +399,18 @@ def test_errors_are_one_line(models):
     assert sorted(p.name for p in d.iterdir()) == before  # nothing written, nothing left
 
 
-# Runs kldiv where the named packages cannot be imported (as tests/cli/test_cli.py does), once
-# per command line of the JSON list, each command's stderr ended by a marker line.
-WITHOUT = """
+# kldiv where the named packages cannot be imported (tests/blocked.py), once per command line
+# of the JSON list, each command's stderr ended by a marker line.
+WITHOUT = (
+    blocked.PRELUDE
+    + """
 import json
-import sys
-
-BLOCKED = set(sys.argv[1].split(","))
-
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, NotInstalled())
-from kldiv.cli import main
 
 for argv in json.loads(sys.argv[2]):
     code = main(argv)
     print(f"@@ {code}", file=sys.stderr, flush=True)
 """
+)
 
 
 @pytest.mark.spawns
