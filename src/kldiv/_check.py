@@ -121,6 +121,57 @@ def check_temperature(temperature: Any, forms: tuple[str, str]) -> float:
     return t
 
 
+def _positive(name: str, value: Any, side: str) -> float | None:
+    if value is None:
+        return None
+    if not is_real(value):
+        raise TypeError(f"Expected `{name}`{side} to be None or a positive float, got {value!r}.")
+    v = float(value)
+    if not (0.0 < v < math.inf):
+        raise ValueError(f"Expected `{name}`{side} to be None or finite and > 0, got {value!r}.")
+    return v
+
+
+def _per_side(name: str, value: Any) -> tuple[Any, Any]:
+    """A value for both sides, or a ``(teacher, student)`` pair."""
+    if isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise ValueError(
+                f"Expected `{name}` to be one value for both sides or a (teacher, student) "
+                f"pair, got {value!r}."
+            )
+        return value[0], value[1]
+    return value, value
+
+
+def check_logit_maps(softcap: Any, logit_scale: Any, forms: tuple[str, str]) -> tuple[Any, Any]:
+    """``(teacher, student)`` :class:`kldiv._spec.LogitMap` from ``softcap`` and
+    ``logit_scale`` (each None, a positive float for both sides, or a ``(teacher, student)``
+    pair), refused for a side whose form is not ``"logits"``."""
+    from ._spec import IDENTITY, LogitMap
+
+    caps, scales = _per_side("softcap", softcap), _per_side("logit_scale", logit_scale)
+    paired = any(isinstance(x, tuple | list) for x in (softcap, logit_scale))
+    maps = []
+    for i, side in enumerate(("teacher", "student")):
+        where = f" ({side})" if paired else ""
+        cap = _positive("softcap", caps[i], where)
+        scale = _positive("logit_scale", scales[i], where)
+        m = LogitMap(1.0 if scale is None else scale, cap)
+        if cap is not None and not (2.0**-100 <= m.scale / cap <= 2.0**100):
+            raise ValueError(
+                f"Expected `logit_scale`/`softcap`{where} within 2^±100 (the map computes "
+                f"tanh(logit_scale/softcap · z) in float32), got {m.scale}/{cap}."
+            )
+        if not m.identity and forms[i] != "logits":
+            raise ValueError(
+                f"Expected form='logits' for the {side} with `softcap` or `logit_scale`, got "
+                f"{forms[i]!r}: they transform logits before the softmax."
+            )
+        maps.append(IDENTITY if m.identity else m)
+    return maps[0], maps[1]
+
+
 def check_num_items(num_items: Any, reduction: str) -> Any:
     if num_items is None:
         return None

@@ -25,6 +25,10 @@ The chain rule through the softmax is written once, in :func:`through_softmax`: 
 ``z`` divided by the temperature T, ``∂D/∂z_j = (h_j − s_j·Σ_k h_k)/T`` with ``s`` that side's
 probabilities.
 
+Before the temperature, each side's logits may go through a :class:`LogitMap` (the models'
+``logit_scale`` and soft-capping, ``z ↦ c·tanh(σ·z/c)``): :func:`apply_map` and its
+derivative :func:`map_grad`, which multiplies the gradient above elementwise.
+
 Zero support, as the core defines it: a term whose first argument is 0 is 0 and has zero
 gradient (``p = 0`` for ``kl``, ``q = 0`` for ``reverse_kl``); a positive first argument
 against a zero second one makes the row ``+inf`` (tested on the log-ratio, so that it holds
@@ -44,12 +48,13 @@ NaN at zero support either.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from . import _namespace as ns
 from ._kinds import resolve
 
-__all__ = ["rows", "through_softmax"]
+__all__ = ["rows", "through_softmax", "LogitMap", "IDENTITY", "apply_map", "map_grad"]
 
 INF = math.inf
 _TINY32 = 2.0**-126  # the smallest normal float32
@@ -206,3 +211,37 @@ def through_softmax(h: Any, lx: Any, temperature: float = 1.0, sum_h: Any = None
     s = xp.exp(lx)
     g = h - s * (xp.sum(h, axis=-1, keepdims=True) if sum_h is None else sum_h)
     return g if temperature == 1.0 else g / temperature
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    """What a model's head does to its logits before the softmax: ``z ↦ σ·z`` (``scale`` σ,
+    a ``logit_scale``) and then, if ``cap`` c is set, ``z ↦ c·tanh(z/c)`` (soft-capping, as
+    Gemma-family models do), so ``z ↦ c·tanh(σ·z/c)``. ``±inf`` logits pass through unchanged
+    (a masked token stays masked, with zero gradient); NaN stays NaN."""
+
+    scale: float = 1.0
+    cap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.cap is None
+
+
+IDENTITY = LogitMap()
+
+
+def apply_map(xp: Any, x: Any, m: LogitMap) -> Any:
+    """``m`` applied to logits ``x`` (in their dtype and framework)."""
+    if m.cap is None:
+        return x if m.scale == 1.0 else x * m.scale
+    y = m.cap * xp.tanh(x * (m.scale / m.cap))
+    return xp.where(xp.isinf(x), x, y)
+
+
+def map_grad(xp: Any, x: Any, m: LogitMap) -> Any:
+    """``d m(x)/dx`` elementwise: σ, or ``σ·(1 − tanh²(σx/c))`` with a cap (0 at ``±inf``)."""
+    if m.cap is None:
+        return xp.full_like(x, m.scale)
+    th = xp.tanh(xp.where(xp.isinf(x), 0.0, x) * (m.scale / m.cap))
+    return xp.where(xp.isinf(x), 0.0, m.scale * (1.0 - th * th))

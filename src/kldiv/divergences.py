@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-from . import _check, _math
+from . import _check, _math, _spec
 from . import _namespace as ns
 from ._defaults import (
     AXIS,
@@ -76,6 +76,12 @@ _SHARED_DOC = """
     temperature : float
         Divides logits before the softmax (both forms must be ``"logits"``). Never multiplies
         the result by ``temperature**2``.
+    softcap, logit_scale : float or (teacher, student) pair, optional
+        What a model's head does to its logits, applied before the temperature (the side's
+        form must be ``"logits"``): ``z ↦ logit_scale·z``, then ``z ↦ softcap·tanh(z/softcap)``
+        (Gemma-family soft-capping). One value applies to both sides; a pair to ``p`` and ``q``
+        separately, None for neither. ``±inf`` logits stay ``±inf`` (zero probabilities stay
+        zero, with zero gradient). The gradient is that of the composition.
     check : bool
         Validate the values (non-negative probabilities summing to 1, log-probabilities ≤ 0
         that normalise, no NaN) and raise naming the first bad distribution. Eager only.
@@ -148,12 +154,15 @@ def _evaluate(
     num_items: Any,
     temperature: float,
     check: bool,
+    softcap: Any = None,
+    logit_scale: Any = None,
     **params: float,
 ) -> Array:
     forms = _check.check_forms(form)
     reduction = _check.check_reduction(reduction)
     num_items = _check.check_num_items(num_items, reduction)
     t = _check.check_temperature(temperature, forms)
+    maps = _check.check_logit_maps(softcap, logit_scale, forms)
     check = _check.check_flag("check", check)
     xp, (p, q, mask, weight) = ns.namespace(p, q, mask, weight, names=("p", "q", "mask", "weight"))
     # dtypes before shapes: integer labels passed as `q` should hear that, not about shapes
@@ -174,6 +183,10 @@ def _evaluate(
     if check:
         for name, x, f in (("p", p, forms[0]), ("q", q, forms[1])):
             _check.check_values(xp, name, x, f, ax, keep)
+    if not maps[0].identity:  # masked rows filled first: their NaN must not reach tanh's grad
+        p = _spec.apply_map(xp, _fill(xp, p, dtype, keep, "logits"), maps[0])
+    if not maps[1].identity:
+        q = _spec.apply_map(xp, _fill(xp, q, dtype, keep, "logits"), maps[1])
     if "probs" not in forms and ax == len(batch) and ns.backend_name(xp) == "torch":
         # The row engine (C kernel, Triton, chunked tensor code) where it gives exactly these
         # semantics; it declines (None) whatever only the core decides exactly.
@@ -281,6 +294,8 @@ def kl_div(
     weight: Array | None = None,
     num_items: Any = None,
     temperature: float = TEMPERATURE,
+    softcap: Any = None,
+    logit_scale: Any = None,
     check: bool = False,
 ) -> Array:
     """KL(P‖Q) = Σ p·(log p − log q), the forward (mean-covering) Kullback–Leibler divergence.
@@ -309,6 +324,8 @@ def kl_div(
         weight=weight,
         num_items=num_items,
         temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
         check=check,
     )
 
@@ -325,6 +342,8 @@ def reverse_kl_div(
     weight: Array | None = None,
     num_items: Any = None,
     temperature: float = TEMPERATURE,
+    softcap: Any = None,
+    logit_scale: Any = None,
     check: bool = False,
 ) -> Array:
     """KL(Q‖P) = Σ q·(log q − log p), the reverse (mode-seeking) divergence.
@@ -349,6 +368,8 @@ def reverse_kl_div(
         weight=weight,
         num_items=num_items,
         temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
         check=check,
     )
 
@@ -366,6 +387,8 @@ def js_div(
     weight: Array | None = None,
     num_items: Any = None,
     temperature: float = TEMPERATURE,
+    softcap: Any = None,
+    logit_scale: Any = None,
     check: bool = False,
 ) -> Array:
     """Generalised Jensen–Shannon divergence β·KL(P‖M) + (1−β)·KL(Q‖M), M = β·P + (1−β)·Q.
@@ -392,6 +415,8 @@ def js_div(
         weight=weight,
         num_items=num_items,
         temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
         check=check,
         beta=beta,
     )
@@ -410,6 +435,8 @@ def skew_kl_div(
     weight: Array | None = None,
     num_items: Any = None,
     temperature: float = TEMPERATURE,
+    softcap: Any = None,
+    logit_scale: Any = None,
     check: bool = False,
 ) -> Array:
     """Skew KL: KL(P ‖ α·P + (1−α)·Q).
@@ -436,6 +463,8 @@ def skew_kl_div(
         weight=weight,
         num_items=num_items,
         temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
         check=check,
         alpha=alpha,
     )
@@ -454,6 +483,8 @@ def skew_reverse_kl_div(
     weight: Array | None = None,
     num_items: Any = None,
     temperature: float = TEMPERATURE,
+    softcap: Any = None,
+    logit_scale: Any = None,
     check: bool = False,
 ) -> Array:
     """Skew reverse KL: KL(Q ‖ α·Q + (1−α)·P).
@@ -479,6 +510,8 @@ def skew_reverse_kl_div(
         weight=weight,
         num_items=num_items,
         temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
         check=check,
         alpha=alpha,
     )
@@ -496,6 +529,8 @@ def symmetric_kl_div(
     weight: Array | None = None,
     num_items: Any = None,
     temperature: float = TEMPERATURE,
+    softcap: Any = None,
+    logit_scale: Any = None,
     check: bool = False,
 ) -> Array:
     """Jeffreys divergence KL(P‖Q) + KL(Q‖P): symmetric, +inf unless the supports agree.
@@ -518,6 +553,8 @@ def symmetric_kl_div(
         weight=weight,
         num_items=num_items,
         temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
         check=check,
     )
 
@@ -534,6 +571,8 @@ def tv_distance(
     weight: Array | None = None,
     num_items: Any = None,
     temperature: float = TEMPERATURE,
+    softcap: Any = None,
+    logit_scale: Any = None,
     check: bool = False,
 ) -> Array:
     """Total variation distance ½·Σ|p − q|, in [0, 1]; bounded by √(KL/2) (Pinsker).
@@ -555,6 +594,8 @@ def tv_distance(
         weight=weight,
         num_items=num_items,
         temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
         check=check,
     )
 

@@ -86,6 +86,9 @@ def options(case: dict, tweaks: dict) -> dict:
         "scale_by_temperature_squared": False,
         "vocab_size": case.get("vocab_size"),
         "validate": case.get("validate", True),
+        "shift_labels": case.get("shift_labels", False),
+        "softcap": case.get("softcap"),
+        "logit_scale": case.get("logit_scale"),
     }
     return {k: tweaks.get(k, v) for k, v in opts.items()}
 

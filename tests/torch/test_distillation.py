@@ -148,8 +148,10 @@ def test_second_backward_is_exact_and_errors_are_clear():
     torch.testing.assert_close(s.grad, 2 * once)
     with pytest.raises(ValueError, match="Unknown divergence 'kld'"):
         DistillationLoss("kld")
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"same vocabulary width, got 5 and 6.*`vocab_size=`"):
         DistillationLoss()(torch.randn(2, 5), torch.randn(2, 6))
+    with pytest.raises(ValueError, match="same shape"):
+        DistillationLoss()(torch.randn(2, 5), torch.randn(3, 5))
     with pytest.raises(ValueError, match="token shape"):
         DistillationLoss()(torch.randn(2, 5), torch.randn(2, 5), torch.zeros(3, dtype=torch.long))
     assert repr(DistillationLoss("js", beta=0.3, temperature=2.0)) == (

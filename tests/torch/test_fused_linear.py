@@ -280,8 +280,10 @@ def test_errors_are_clear():
         loss(h, w, t, teacher_hidden=torch.randn(3, 2), teacher_weight=torch.randn(10, 2))
     with pytest.raises(ValueError, match=r"`student_weight` of shape \[V, H\] with H = 4"):
         loss(h, torch.randn(10, 5), t)
-    with pytest.raises(ValueError, match=r"`teacher_logits` of shape \(3, 10\)"):
+    with pytest.raises(ValueError, match=r"`teacher_logits` with V = 10 .*got 11.*`vocab_size=`"):
         loss(h, w, torch.randn(3, 11))
+    with pytest.raises(ValueError, match=r"`teacher_logits` of shape \(3, 10\)"):
+        loss(h, w, torch.randn(4, 10))
     with pytest.raises(ValueError, match=r"`student_bias` of shape \[10\]"):
         loss(h, w, t, student_bias=torch.randn(11))
     with pytest.raises(ValueError, match="token shape"):

@@ -423,7 +423,7 @@ def test_ranks_against_the_unsharded_core(world, tmp_path, rng):
         "bad-rows": "the row counts differ over the vocab group: [10, 9]",
         "bad-dtype": "the settings differ over the vocab group: {'dtypes': "
         "[['torch.float64', 'torch.float64'], ['torch.float32', 'torch.float32']]}",
-        "bad-vocab-size": f"the slices' widths [12, 11] add up to 23, not vocab_size={V + 5}",
+        "bad-vocab-size": f"the slices' widths [12, 11] add up to 23, less than vocab_size={V + 5}",
         "bad-ignore-index": "{'ignore_index': [-100, 0]}",
         "bad-num-items": "rank 1: Expected `num_items` to be finite and > 0, got 0.0",
         "bad-dp-labels": "rank 1: labels are not of the token shape",
@@ -685,7 +685,7 @@ def test_local_problems_raise_before_any_collective():
         loss(s, torch.randn(4, 8))
     with pytest.raises(ValueError, match="the teacher requires a gradient"):
         loss(s, torch.randn(4, 9, requires_grad=True))
-    with pytest.raises(ValueError, match=r"add up to 9, not vocab_size=10"):
+    with pytest.raises(ValueError, match=r"add up to 9, less than vocab_size=10"):
         ParallelDistillationLoss("kl", vocab_size=10)(s, torch.randn(4, 9))
     with pytest.raises(ValueError, match="labels are not of the token shape"):
         loss(s, torch.randn(4, 9), torch.zeros(5, dtype=torch.long))

@@ -19,8 +19,10 @@ from .._defaults import (
     Reduction,
 )
 from .._kinds import ENGINE_KINDS, params_of, weight_of
+from .._spec import LogitMap
+from .._spec import apply_map as _apply_map
 from ..divergences import KINDS
-from ._rows import dispatch
+from ._rows import dispatch, mapped
 from ._rows.dispatch import reduce_rows
 from .topk import TopKTeacher, topk_distillation_rows
 
@@ -41,6 +43,10 @@ class DistillationConfig(Protocol):
     scale_by_temperature_squared: bool
     ignore_index: int
     reduction: Reduction
+    shift_labels: bool
+    vocab_size: int | None
+    softcap: Any
+    logit_scale: Any
 
 
 def configure(
@@ -52,6 +58,11 @@ def configure(
     scale_by_temperature_squared: bool,
     ignore_index: int,
     reduction: Reduction,
+    *,
+    shift_labels: bool = False,
+    vocab_size: int | None = None,
+    softcap: Any = None,
+    logit_scale: Any = None,
 ) -> None:
     """Validate the distillation losses' shared configuration and set it on ``module``."""
     if divergence not in DIVERGENCES:
@@ -69,6 +80,44 @@ def configure(
         raise TypeError(f"Expected `ignore_index` to be an int, got {ignore_index!r}.")
     module.ignore_index = ignore_index
     module.reduction = _check.check_reduction(reduction)
+    module.shift_labels = _check.check_flag("shift_labels", shift_labels)
+    if vocab_size is not None and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+    ):
+        raise ValueError(f"Expected `vocab_size` to be None or a positive int, got {vocab_size!r}.")
+    module.vocab_size = vocab_size
+    _check.check_logit_maps(softcap, logit_scale, ("logits", "logits"))
+    module.softcap, module.logit_scale = softcap, logit_scale
+
+
+def logit_maps(module: DistillationConfig) -> tuple[LogitMap, LogitMap]:
+    """The (teacher, student) :class:`kldiv._spec.LogitMap` of ``softcap`` and
+    ``logit_scale``."""
+    return _check.check_logit_maps(module.softcap, module.logit_scale, ("logits", "logits"))
+
+
+def vocab_slices(
+    module: DistillationConfig, student: torch.Tensor, teacher: torch.Tensor, names: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logits cut to the first ``vocab_size`` columns (views; the columns beyond get a
+    zero gradient through the slicing), or checked for one width when it is None.
+    ``names``: what to call the two in a message."""
+    ws, wt = student.shape[-1], teacher.shape[-1]
+    v = module.vocab_size
+    if v is None:
+        if ws != wt:
+            raise ValueError(
+                f"Expected {names} of the same vocabulary width, got {ws} and {wt}. If one is "
+                "padded (e.g. 32000 and 32064), pass `vocab_size=` (the real vocabulary): the "
+                "columns beyond it are ignored."
+            )
+        return student, teacher
+    if v > min(ws, wt):
+        raise ValueError(
+            f"Expected `vocab_size` ≤ the width of {names}, got vocab_size={v} for widths "
+            f"{ws} and {wt}."
+        )
+    return student[..., :v], teacher[..., :v]
 
 
 def check_float_tensor(name: str, x: Any) -> None:
@@ -89,9 +138,13 @@ def token_keep(
     tokens: tuple[int, ...],
     ignore_index: int,
     device: torch.device,
+    shift: bool = False,
 ) -> torch.Tensor | None:
     """The tokens to keep, a bool tensor of the token shape (None: all of them), shared by
-    the distillation losses: ``labels != ignore_index``, and ``mask`` where given (boolean
+    the distillation losses: ``labels != ignore_index`` (with ``shift``, the causal-LM
+    convention: ``labels`` are the input ids, position i is kept where ``labels[..., i + 1]``
+    is not ``ignore_index``, and the last position of the last axis never is), and ``mask``
+    where given (boolean
     or 0/1 integer, e.g. Hugging Face's ``attention_mask``; made boolean by the core's
     :func:`kldiv._check.as_mask`, value check included). Both must be tensors on ``device``
     (the logits'): a NumPy mask or a CPU mask beside CUDA logits is refused here, by name,
@@ -117,6 +170,13 @@ def token_keep(
                 "dtype torch.bool. Pass a keep-mask as `mask=`."
             )
         keep = labels != ignore_index
+        if shift:
+            if labels.ndim == 0:
+                raise ValueError(
+                    "Expected `labels` with a sequence axis for shift_labels=True, got a 0-d "
+                    "tensor."
+                )
+            keep = torch.cat([keep[..., 1:], torch.zeros_like(keep[..., :1])], dim=-1)
     if mask is not None:
         if tuple(mask.shape) != tokens:
             raise ValueError(
@@ -137,6 +197,10 @@ def config_repr(module: DistillationConfig) -> list[str]:
     parts += [f"temperature={module.temperature}", f"reduction={module.reduction!r}"]
     if module.scale_by_temperature_squared:
         parts.append("scale_by_temperature_squared=True")
+    for name in ("shift_labels", "vocab_size", "softcap", "logit_scale"):
+        value = getattr(module, name)
+        if value not in (None, False):
+            parts.append(f"{name}={value!r}")
     return parts
 
 
@@ -161,6 +225,26 @@ class DistillationLoss(torch.nn.Module):
     mask is set. Pass an ``attention_mask`` as ``mask=``, never as ``labels``: its 0s are not
     ``ignore_index``, so as labels it would skip nothing. ``reduction``: ``"mean"`` over valid
     tokens (0 when there are none), ``"sum"``, or ``"none"`` (per token, skipped tokens 0).
+
+    Labels are per position: the label of position i is the token that position predicts.
+    ``shift_labels=True`` takes the causal-LM batch as it comes instead: ``labels`` are the
+    input ids, position i is kept where ``labels[..., i + 1]`` is not ``ignore_index``, and the
+    last position of the last axis (the sequence) never is. ``mask`` is never shifted: it
+    keeps positions as they are (without ``labels``, ``shift_labels`` changes nothing).
+
+    ``vocab_size``: the real vocabulary, for teacher and student logits of different widths
+    (padded embedding tables, e.g. 32000 and 32064): the first ``vocab_size`` columns are the
+    vocabulary, the columns beyond it are ignored on either side whatever they hold, and
+    their gradient is exactly 0. Without it the widths must be equal.
+
+    ``softcap`` (c) and ``logit_scale`` (σ): what the models' heads do to their logits before
+    the softmax, applied before the temperature: ``z ↦ σ·z``, then ``z ↦ c·tanh(z/c)``
+    (Gemma-family soft-capping). One value applies to both sides, a ``(teacher, student)``
+    pair to each (None: nothing). ``±inf`` logits stay ``±inf``. The gradient is that of the
+    composition, ``σ·(1 − tanh²(σz/c))`` times the divergence's. With a cap, or different
+    scales on the two sides, the maps run in row chunks of at most 2^22 logits in front of the
+    engine below (no ``[N, V]`` float32 copy; one graph break under ``torch.compile``); equal
+    scales without a cap are a temperature of ``T/σ``.
 
     ``teacher_logits`` may instead be a :class:`~kldiv.torch.TopKTeacher` (``indices`` and
     ``log_probs`` ``[..., K]`` as offline pipelines store them, with a required tail policy,
@@ -202,6 +286,10 @@ class DistillationLoss(torch.nn.Module):
     scale_by_temperature_squared: bool
     ignore_index: int
     reduction: Reduction
+    shift_labels: bool
+    vocab_size: int | None
+    softcap: Any
+    logit_scale: Any
 
     def __init__(
         self,
@@ -214,6 +302,10 @@ class DistillationLoss(torch.nn.Module):
         ignore_index: int = -100,
         reduction: Reduction = REDUCTION,
         fast_path: bool | FastPath = True,
+        shift_labels: bool = False,
+        vocab_size: int | None = None,
+        softcap: float | tuple[float | None, float | None] | None = None,
+        logit_scale: float | tuple[float | None, float | None] | None = None,
     ) -> None:
         super().__init__()
         configure(
@@ -225,6 +317,10 @@ class DistillationLoss(torch.nn.Module):
             scale_by_temperature_squared,
             ignore_index,
             reduction,
+            shift_labels=shift_labels,
+            vocab_size=vocab_size,
+            softcap=softcap,
+            logit_scale=logit_scale,
         )
         # by identity: 0 and 1 equal False and True, and would pass a membership test
         if not any(
@@ -261,28 +357,52 @@ class DistillationLoss(torch.nn.Module):
                 f"Expected the teacher's logits on the student's device {student_logits.device}, "
                 f"got {teacher_logits.device}."
             )
-        if student_logits.shape != teacher_logits.shape:
+        if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
             raise ValueError(
                 f"Expected student and teacher logits of the same shape, got "
                 f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}."
             )
+        student_logits, teacher_logits = vocab_slices(
+            self, student_logits, teacher_logits, "the student and teacher logits"
+        )
         keep = token_keep(
-            labels, mask, tuple(student_logits.shape[:-1]), self.ignore_index, student_logits.device
+            labels,
+            mask,
+            tuple(student_logits.shape[:-1]),
+            self.ignore_index,
+            student_logits.device,
+            self.shift_labels,
         )
         num_items = _check.check_num_items(num_items, self.reduction)
         scale = self.temperature**2 if self.scale_by_temperature_squared else 1.0
+        maps = logit_maps(self)
         path = self.path_for(student_logits, teacher_logits)
         if path != "core":
-            rows = dispatch.rows(
-                path,
-                self.divergence,
-                student_logits,
-                teacher_logits,
-                keep,
-                self.temperature,
-                self.beta,
-                self.alpha,
-            )
+            folded, temperature = mapped.fold(maps, self.temperature)
+            if folded[0].identity and folded[1].identity:
+                rows = dispatch.rows(
+                    path,
+                    self.divergence,
+                    student_logits,
+                    teacher_logits,
+                    keep,
+                    temperature,
+                    self.beta,
+                    self.alpha,
+                )
+            else:
+                v = student_logits.shape[-1]
+                rows = mapped.per_row(
+                    path,
+                    self.divergence,
+                    student_logits.reshape(-1, v),
+                    teacher_logits.reshape(-1, v),
+                    None if keep is None else keep.reshape(-1),
+                    temperature,
+                    self.beta,
+                    self.alpha,
+                    folded,
+                ).reshape(student_logits.shape[:-1])
             loss = reduce_rows(rows, keep, self.reduction, num_items)
         else:
             with dispatch.core_only():  # the core, not the engine it may hand work to
@@ -294,6 +414,8 @@ class DistillationLoss(torch.nn.Module):
                     mask=keep,
                     reduction=self.reduction,
                     num_items=num_items,
+                    softcap=self.softcap,
+                    logit_scale=self.logit_scale,
                     **self._params(),
                 )
         return loss * scale if scale != 1.0 else loss
@@ -319,9 +441,31 @@ class DistillationLoss(torch.nn.Module):
     ) -> torch.Tensor:
         """D(teacher‖student) for a top-k sparse teacher (see :mod:`kldiv.torch.topk`)."""
         dispatch.choose_topk(self.fast_path)
+        t_map, s_map = logit_maps(self)
+        if not t_map.identity:
+            raise ValueError(
+                "Expected `softcap` and `logit_scale` for the student only with a TopKTeacher "
+                "(it holds log-probabilities): pass them as (None, value)."
+            )
+        if self.vocab_size is not None:
+            if self.vocab_size > student.shape[-1]:
+                raise ValueError(
+                    f"Expected `vocab_size` ≤ the width of the student logits, got "
+                    f"vocab_size={self.vocab_size} for width {student.shape[-1]}."
+                )
+            student = student[..., : self.vocab_size]
         keep = token_keep(
-            labels, mask, tuple(student.shape[:-1]), self.ignore_index, student.device
+            labels,
+            mask,
+            tuple(student.shape[:-1]),
+            self.ignore_index,
+            student.device,
+            self.shift_labels,
         )
+        if not s_map.identity:
+            if keep is not None:  # skipped rows filled first: NaN there must not reach tanh's grad
+                student = torch.where(keep[..., None], student, 0.0)
+            student = spec_map(student, s_map)
         num_items = _check.check_num_items(num_items, self.reduction)
         rows = topk_distillation_rows(
             self.divergence, student, teacher, keep, self.temperature, self.beta, self.alpha
@@ -329,3 +473,8 @@ class DistillationLoss(torch.nn.Module):
         if self.scale_by_temperature_squared:
             rows = rows * self.temperature**2
         return reduce_rows(rows, keep, self.reduction, num_items)
+
+
+def spec_map(x: torch.Tensor, m: LogitMap) -> torch.Tensor:
+    """``m`` applied to logits in float32 or wider, differentiably (tensor code)."""
+    return _apply_map(torch, x.to(torch.promote_types(x.dtype, torch.float32)), m)

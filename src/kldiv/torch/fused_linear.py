@@ -23,9 +23,15 @@ from .._defaults import (
     DistillationKind,
     Reduction,
 )
-from ._rows import linear
+from ._rows import linear, mapped
 from ._rows.dispatch import reduce_total
-from .distillation import check_float_tensor, config_repr, configure, token_keep
+from .distillation import (
+    check_float_tensor,
+    config_repr,
+    configure,
+    logit_maps,
+    token_keep,
+)
 
 __all__ = ["FusedLinearDistillationLoss"]
 
@@ -48,7 +54,11 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     Hugging Face's ``attention_mask``) is False or 0, are skipped (their hidden states and
     teacher logits are never read, so they may hold anything, NaN included); ``reduction``
     ``"mean"`` over kept tokens (or divided by ``num_items``; 0 when none are kept),
-    ``"sum"``, or ``"none"`` (token shape, skipped tokens 0). Zero support is the core's:
+    ``"sum"``, or ``"none"`` (token shape, skipped tokens 0). ``shift_labels``,
+    ``vocab_size`` (heads or teacher logits wider than it: their extra rows and columns are
+    never read and get a zero gradient), ``softcap`` and ``logit_scale`` (applied to each
+    chunk's logits after the matmul) are :class:`~kldiv.torch.DistillationLoss`'s. Zero
+    support is the core's:
     ``-inf`` logits (e.g. a ``-inf`` bias entry) are zero probabilities, values may be
     ``+inf`` where the core's are, and gradients stay finite.
 
@@ -101,6 +111,10 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     scale_by_temperature_squared: bool
     ignore_index: int
     reduction: Reduction
+    shift_labels: bool
+    vocab_size: int | None
+    softcap: Any
+    logit_scale: Any
 
     def __init__(
         self,
@@ -113,6 +127,10 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         ignore_index: int = -100,
         reduction: Reduction = REDUCTION,
         chunk_size: int | None = None,
+        shift_labels: bool = False,
+        vocab_size: int | None = None,
+        softcap: float | tuple[float | None, float | None] | None = None,
+        logit_scale: float | tuple[float | None, float | None] | None = None,
     ) -> None:
         super().__init__()
         configure(
@@ -124,6 +142,10 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             scale_by_temperature_squared,
             ignore_index,
             reduction,
+            shift_labels=shift_labels,
+            vocab_size=vocab_size,
+            softcap=softcap,
+            logit_scale=logit_scale,
         )
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
@@ -155,9 +177,18 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         teacher = self._check_inputs(
             hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias
         )
+        if self.vocab_size is not None:  # the padded rows of the heads are never read
+            v = self.vocab_size
+            weight = weight[:v]
+            bias = None if bias is None else bias[:v]
+            t_src, t_w, t_b = teacher
+            if t_w is None:
+                teacher = (t_src[..., :v], None, None)
+            else:
+                teacher = (t_src, t_w[:v], None if t_b is None else t_b[:v])
         tokens = tuple(hidden.shape[:-1])
         index = None
-        keep = token_keep(labels, mask, tokens, self.ignore_index, hidden.device)
+        keep = token_keep(labels, mask, tokens, self.ignore_index, hidden.device, self.shift_labels)
         if keep is not None:
             keep = keep.reshape(-1)
             if not bool(keep.all()):
@@ -166,8 +197,9 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         n = math.prod(tokens)
         t_src, t_w, t_b = teacher
         t_src = t_src.reshape(n, t_src.shape[-1])
+        maps, temperature = mapped.fold(logit_maps(self), self.temperature)
         cfg = linear.Config(
-            self.divergence, self.temperature, self.beta, self.alpha, self.chunk_size
+            self.divergence, temperature, self.beta, self.alpha, self.chunk_size, maps=maps
         )
         reduce = self.reduction != "none"
         out = linear.apply(
@@ -194,6 +226,23 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         if self.scale_by_temperature_squared and self.temperature != 1.0:
             loss = loss * self.temperature**2
         return loss
+
+    def _check_widths(self, v: int, v_t: int, name: str) -> None:
+        """The student's vocabulary ``v`` (rows of its head) against the teacher's ``v_t``:
+        equal, or both at least ``vocab_size``."""
+        if self.vocab_size is None:
+            if v_t != v:
+                raise ValueError(
+                    f"Expected {name} with V = {v} (the rows of `student_weight`), got "
+                    f"{v_t}. If one vocabulary is padded (e.g. 32000 and 32064), pass "
+                    "`vocab_size=` (the real vocabulary): the rows and columns beyond it are "
+                    "ignored."
+                )
+        elif self.vocab_size > min(v, v_t):
+            raise ValueError(
+                f"Expected `vocab_size` ≤ the vocabulary of the student ({v}) and of "
+                f"{name} ({v_t}), got vocab_size={self.vocab_size}."
+            )
 
     def _check_inputs(
         self,
@@ -247,12 +296,13 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                     "[..., H_t] with `teacher_weight` [V, H_t] (and optional `teacher_bias`), "
                     "not both and not neither."
                 )
-            if tuple(teacher_logits.shape) != (*tokens, v):
+            if tuple(teacher_logits.shape[:-1]) != tokens or teacher_logits.ndim < 1:
                 raise ValueError(
                     f"Expected `teacher_logits` of shape {(*tokens, v)} (the token shape of "
                     f"`student_hidden` and V of `student_weight`), got "
                     f"{tuple(teacher_logits.shape)}."
                 )
+            self._check_widths(v, teacher_logits.shape[-1], "`teacher_logits`")
             teacher: dict[str, torch.Tensor | None] = {"teacher_logits": teacher_logits}
         else:
             if teacher_hidden is None or teacher_logits is not None:
@@ -260,19 +310,21 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                     "Expected `teacher_hidden` together with `teacher_weight`, and no "
                     "`teacher_logits` (the teacher's logits are computed from them)."
                 )
-            if teacher_weight.ndim != 2 or teacher_weight.shape[0] != v:
+            if teacher_weight.ndim != 2:
                 raise ValueError(
                     f"Expected `teacher_weight` of shape [V, H_t] with V = {v}, got "
                     f"{tuple(teacher_weight.shape)}."
                 )
+            v_t = teacher_weight.shape[0]
+            self._check_widths(v, v_t, "`teacher_weight`")
             if tuple(teacher_hidden.shape) != (*tokens, teacher_weight.shape[1]):
                 raise ValueError(
                     f"Expected `teacher_hidden` of shape {(*tokens, teacher_weight.shape[1])}, "
                     f"got {tuple(teacher_hidden.shape)}."
                 )
-            if teacher_bias is not None and tuple(teacher_bias.shape) != (v,):
+            if teacher_bias is not None and tuple(teacher_bias.shape) != (v_t,):
                 raise ValueError(
-                    f"Expected `teacher_bias` of shape [{v}], got {tuple(teacher_bias.shape)}."
+                    f"Expected `teacher_bias` of shape [{v_t}], got {tuple(teacher_bias.shape)}."
                 )
             teacher = {
                 "teacher_hidden": teacher_hidden,

@@ -67,6 +67,8 @@ class _DivergenceModule(torch.nn.Module):
         axis: int = AXIS,
         reduction: Reduction = REDUCTION,
         temperature: float = TEMPERATURE,
+        softcap: Any = None,
+        logit_scale: Any = None,
         check: bool = False,
         **params: float,
     ) -> None:
@@ -78,6 +80,8 @@ class _DivergenceModule(torch.nn.Module):
         self.axis = axis
         self.reduction = _check.check_reduction(reduction)
         self.temperature = _check.check_temperature(temperature, forms)
+        _check.check_logit_maps(softcap, logit_scale, forms)
+        self.softcap, self.logit_scale = softcap, logit_scale
         self.check = _check.check_flag("check", check)
         for name in self._params:
             setattr(self, name, _check.check_unit_interval(name, params.pop(name)))
@@ -90,6 +94,8 @@ class _DivergenceModule(torch.nn.Module):
             "axis": self.axis,
             "reduction": self.reduction,
             "temperature": self.temperature,
+            "softcap": self.softcap,
+            "logit_scale": self.logit_scale,
             "check": self.check,
             **{name: getattr(self, name) for name in self._params},
         }
@@ -108,7 +114,13 @@ class _DivergenceModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         # Only what differs from the defaults, plus form and reduction, which always matter.
-        defaults = {"axis": AXIS, "temperature": TEMPERATURE, "check": False}
+        defaults = {
+            "axis": AXIS,
+            "temperature": TEMPERATURE,
+            "softcap": None,
+            "logit_scale": None,
+            "check": False,
+        }
         shown = []
         for key, value in self._config().items():
             if key in defaults and value == defaults[key]:
@@ -127,6 +139,8 @@ def _module(kind: Kind, name: str, params: dict[str, float], doc: str) -> type[_
         axis: int = AXIS,
         reduction: Reduction = REDUCTION,
         temperature: float = TEMPERATURE,
+        softcap: Any = None,
+        logit_scale: Any = None,
         check: bool = False,
         **kw: float,
     ) -> None:
@@ -138,6 +152,8 @@ def _module(kind: Kind, name: str, params: dict[str, float], doc: str) -> type[_
             axis=axis,
             reduction=reduction,
             temperature=temperature,
+            softcap=softcap,
+            logit_scale=logit_scale,
             check=check,
             **kw,
         )
@@ -154,7 +170,8 @@ def _module(kind: Kind, name: str, params: dict[str, float], doc: str) -> type[_
             "__qualname__": name,
             "__doc__": (
                 f"{doc}\n\n    ``{name}(form={FORM!r}, axis={AXIS}, reduction={REDUCTION!r}, "
-                f"temperature={TEMPERATURE}, check=False{param_doc})``; "
+                f"temperature={TEMPERATURE}, softcap=None, logit_scale=None, check=False"
+                f"{param_doc})``; "
                 f"``forward(p, q, mask=None, weight=None, num_items=None)`` returns "
                 f"``kldiv.{fn.__name__}(p, q, ...)`` with these settings (see it for the "
                 "formula, forms, shapes and gradients)."

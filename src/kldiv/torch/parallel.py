@@ -76,6 +76,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _check
+from .. import _spec as spec
 from .._defaults import (
     JS_BETA,
     REDUCTION,
@@ -85,12 +86,14 @@ from .._defaults import (
     Reduction,
 )
 from .._kinds import params_of, weight_of
-from ._rows import dispatch, linear
+from .._spec import IDENTITY, LogitMap
+from ._rows import dispatch, linear, mapped
 from ._rows.dispatch import reduce_rows, reduce_total
 from .distillation import (
     DistillationConfig,
     config_repr,
     configure,
+    logit_maps,
     token_keep,
 )
 
@@ -154,10 +157,11 @@ class _Rows(torch.autograd.Function):
         params: dict[str, float],
         group: Any,
         grad_enabled: bool,
+        maps: tuple[LogitMap, LogitMap],
     ) -> torch.Tensor:
         need = grad_enabled and student.requires_grad  # nothing to compute under no_grad
         values, grad = _forward(
-            kind, student.detach(), teacher, keep, temperature, params, group, need
+            kind, student.detach(), teacher, keep, temperature, params, group, need, maps
         )
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.student_dtype = student.dtype
@@ -169,13 +173,13 @@ class _Rows(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
         if not ctx.has_grad:
-            return (None,) * 8
+            return (None,) * 9
         if ctx.keep is not None:  # skipped tokens (G = 0): 0 even under an inf or NaN grad_output
             grad_out = torch.where(ctx.keep, grad_out, 0.0)
         # In place: no second [N, V_r] buffer. A second backward through the same forward
         # would see a scaled gradient; autograd's version counter refuses it instead.
         out = grad.mul_(grad_out.to(grad.dtype)[:, None])
-        return (out.to(ctx.student_dtype),) + (None,) * 7
+        return (out.to(ctx.student_dtype),) + (None,) * 8
 
 
 def _forward(
@@ -187,10 +191,13 @@ def _forward(
     params: dict[str, float],
     group: Any,
     need_grad: bool,
+    maps: tuple[LogitMap, LogitMap] = (IDENTITY, IDENTITY),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The per-row values ``[N]`` and this slice's gradient ``[N, V_r]`` (if ``need_grad``)
     through the per-slice engine of :mod:`._rows.linear` (the C kernel on CPU float32, the
-    row specification elsewhere), with the two collectives between its passes."""
+    row specification elsewhere), with the two collectives between its passes. ``maps``:
+    the (teacher, student) logit maps, applied to each row chunk as it is read (they are
+    elementwise, so per slice) and chained into the gradient at the end."""
     n, v = student.shape
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     device = student.device
@@ -198,8 +205,10 @@ def _forward(
     inv_t = 1.0 / temperature
     if keep is not None:
         keep = keep.contiguous()
+    identity = maps[0].identity and maps[1].identity
     whole = (
-        student.dtype == teacher.dtype == torch.float32
+        identity
+        and student.dtype == teacher.dtype == torch.float32
         and dispatch.slice_kernel(kind, w, student, teacher) is not None
     )
     # the kernel takes whole float32 tensors (and splits them over threads); other inputs go
@@ -210,9 +219,17 @@ def _forward(
     def k(a: int, b: int) -> torch.Tensor | None:
         return None if keep is None else keep[a:b]
 
+    def rows(index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides' rows ``index`` (a slice or an index tensor), through the maps."""
+        s, t = student[index], teacher[index]
+        if identity:
+            return s, t
+        s, t, _ = linear.mapped_chunk(maps, s, t, False)
+        return s, t
+
     stats = torch.empty((4, n), dtype=dtype, device=device)
     for a, b in chunks:
-        stats[:, a:b] = linear.slice_stats(student[a:b], teacher[a:b], k(a, b), inv_t)
+        stats[:, a:b] = linear.slice_stats(*rows(slice(a, b)), k(a, b), inv_t)
     norms = linear.combine(_gather(stats, group))  # collective 1
     sums = torch.empty((2, n), dtype=dtype, device=device)
     grad = torch.empty((n, v), dtype=dtype, device=device) if need_grad else None
@@ -220,7 +237,7 @@ def _forward(
     for a, b in chunks:
         out = None if grad is None else grad[a:b]
         sums[:, a:b], redo = linear.slice_terms_grad(
-            kind, w, student[a:b], teacher[a:b], k(a, b), inv_t, norms[:, a:b], out
+            kind, w, *rows(slice(a, b)), k(a, b), inv_t, norms[:, a:b], out
         )
         pending.append(redo)
     _sum(sums, group)  # collective 2
@@ -233,8 +250,7 @@ def _forward(
                 linear.slice_grad(
                     kind,
                     w,
-                    student[a:b],
-                    teacher[a:b],
+                    *rows(slice(a, b)),
                     k(a, b),
                     inv_t,
                     norms[:, a:b],
@@ -242,11 +258,15 @@ def _forward(
                     out=grad[a:b],
                 )
             else:  # rows the kernel left to the specification, a few MiB at a time
-                for rows in linear.fallback_parts(redo + a, v):
-                    grad[rows] = linear.slice_grad(
-                        kind, w, student[rows], teacher[rows], None, inv_t, norms[:, rows],
-                        sums[1, rows],
-                    )  # fmt: skip
+                for part in linear.fallback_parts(redo + a, v):
+                    grad[part] = linear.slice_grad(
+                        kind, w, *rows(part), None, inv_t, norms[:, part], sums[1, part]
+                    )
+        if not maps[1].identity:  # the chain rule through the student's map
+            for a, b in chunks:
+                d = spec.map_grad(torch, student[a:b].to(dtype), maps[1])
+                kept = k(a, b)  # skipped rows may hold NaN, and their gradient is 0
+                grad[a:b].mul_(d if kept is None else torch.where(kept[:, None], d, 0.0))
     return values, grad
 
 
@@ -260,6 +280,7 @@ def vocab_parallel_rows(
     beta: float = JS_BETA,
     alpha: float = SKEW_ALPHA,
     vocab_group: Any = None,
+    maps: tuple[LogitMap, LogitMap] = (IDENTITY, IDENTITY),
 ) -> torch.Tensor:
     """Per-row D(teacher‖student) ``[N]`` from vocabulary slices ``[N, V_r]`` of both logits
     on every rank of ``vocab_group`` (the same on every rank; skipped rows 0); differentiable
@@ -270,7 +291,15 @@ def vocab_parallel_rows(
     """
     params = params_of(kind, beta, alpha)
     return _Rows.apply(
-        student, teacher, keep, kind, temperature, params, vocab_group, torch.is_grad_enabled()
+        student,
+        teacher,
+        keep,
+        kind,
+        temperature,
+        params,
+        vocab_group,
+        torch.is_grad_enabled(),
+        maps,
     )
 
 
@@ -288,21 +317,42 @@ class _ParallelConfig(DistillationConfig, Protocol):
 
     vocab_group: Any
     data_group: Any
-    vocab_size: int | None
     validate: bool
 
 
 def _configure_groups(
-    module: _ParallelConfig, vocab_group: Any, data_group: Any, vocab_size: Any, validate: Any
+    module: _ParallelConfig, vocab_group: Any, data_group: Any, validate: Any
 ) -> None:
-    if vocab_size is not None and (
-        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
-    ):
-        raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
     module.vocab_group = vocab_group
     module.data_group = data_group
-    module.vocab_size = vocab_size
     module.validate = _check.check_flag("validate", validate)
+
+
+def _vocab_cut(module: _ParallelConfig, width: int, widths: list[int] | None, device: Any) -> int:
+    """How many of this rank's ``width`` columns lie below ``vocab_size`` (all of them when it
+    is None): the rank's first global column is the sum of the widths of the ranks before it
+    in the vocab group (``widths``, from validation, else gathered here)."""
+    if module.vocab_size is None:
+        return width
+    group = module.vocab_group
+    if _world(group) == 1:
+        if width < module.vocab_size:  # (validate=True has raised already)
+            raise ValueError(
+                f"Invalid inputs on this rank: the logits' width {width} is less than "
+                f"vocab_size={module.vocab_size}."
+            )
+        start = 0
+    else:
+        if widths is None:
+            mine = torch.tensor([width], dtype=torch.int64, device=device)
+            widths = [int(x) for x in _gather(mine, group).reshape(-1).tolist()]
+            if sum(widths) < module.vocab_size:
+                raise ValueError(
+                    f"Invalid inputs: the slices' widths {widths} add up to {sum(widths)}, "
+                    f"less than vocab_size={module.vocab_size}."
+                )
+        start = sum(widths[: dist.get_rank(group)])
+    return max(0, min(width, module.vocab_size - start))
 
 
 class ParallelDistillationLoss(torch.nn.Module):
@@ -324,7 +374,14 @@ class ParallelDistillationLoss(torch.nn.Module):
     ``data_group``). The teacher must not require a gradient (the student gets one; detach
     the teacher).
 
-    ``vocab_size``: if given, the slices' widths must add up to it (checked by ``validate``).
+    ``vocab_size``: the real vocabulary, where the slices' widths add up to more (a
+    vocabulary padded to a multiple of the group's size, the padding on the last ranks): the
+    global columns from ``vocab_size`` on are ignored, whatever they hold, with a zero
+    gradient. The widths must add up to at least ``vocab_size`` (checked by ``validate``;
+    the ranks' widths are gathered to place each slice: one more small collective when
+    ``validate=False``). ``shift_labels``, ``softcap`` and ``logit_scale`` are
+    :class:`~kldiv.torch.DistillationLoss`'s (the maps are elementwise, so each rank maps its
+    own slice).
     With ``validate=True`` anything wrong with one rank's inputs, or anything that differs
     between ranks, raises the same ``ValueError`` on every rank (see the module docstring);
     ``validate`` itself and the groups must agree on every rank. ``validate=False`` drops the
@@ -342,9 +399,12 @@ class ParallelDistillationLoss(torch.nn.Module):
     scale_by_temperature_squared: bool
     ignore_index: int
     reduction: Reduction
+    shift_labels: bool
+    vocab_size: int | None
+    softcap: Any
+    logit_scale: Any
     vocab_group: Any
     data_group: Any
-    vocab_size: int | None
     validate: bool
 
     def __init__(
@@ -361,6 +421,9 @@ class ParallelDistillationLoss(torch.nn.Module):
         data_group: Any = None,
         vocab_size: int | None = None,
         validate: bool = True,
+        shift_labels: bool = False,
+        softcap: float | tuple[float | None, float | None] | None = None,
+        logit_scale: float | tuple[float | None, float | None] | None = None,
     ) -> None:
         super().__init__()
         configure(
@@ -372,8 +435,12 @@ class ParallelDistillationLoss(torch.nn.Module):
             scale_by_temperature_squared,
             ignore_index,
             reduction,
+            shift_labels=shift_labels,
+            vocab_size=vocab_size,
+            softcap=softcap,
+            logit_scale=logit_scale,
         )
-        _configure_groups(self, vocab_group, data_group, vocab_size, validate)
+        _configure_groups(self, vocab_group, data_group, validate)
 
     def extra_repr(self) -> str:
         parts = config_repr(self)
@@ -403,7 +470,12 @@ class ParallelDistillationLoss(torch.nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         s, t = student_logits, teacher_logits
-        keep, num_items = _settle(self, self._inspect(s, t, labels, num_items, mask), (s, t))
+        keep, num_items, widths = _settle(
+            self, self._inspect(s, t, labels, num_items, mask), (s, t)
+        )
+        cut = _vocab_cut(self, s.shape[-1], widths, s.device)
+        s, t = s[..., :cut], t[..., :cut]
+        maps, temperature = mapped.fold(logit_maps(self), self.temperature)
         v = s.shape[-1]
         tokens = tuple(s.shape[:-1])
         flat_keep = None if keep is None else keep.reshape(-1)
@@ -413,10 +485,11 @@ class ParallelDistillationLoss(torch.nn.Module):
             s.reshape(n, v),
             t.reshape(n, v),
             flat_keep,
-            temperature=self.temperature,
+            temperature=temperature,
             beta=self.beta,
             alpha=self.alpha,
             vocab_group=self.vocab_group,
+            maps=maps,
         ).reshape(tokens)
         wide = torch.promote_types(s.dtype, t.dtype)
         rows = rows.to(torch.promote_types(wide, torch.float32))
@@ -431,7 +504,16 @@ class ParallelDistillationLoss(torch.nn.Module):
             return _Inspection(problems, num_items=num_items)
         if s.ndim < 1:
             problems.append("the logits have no vocabulary axis")
-        if s.shape != t.shape:
+        # one rank holding the whole vocabulary: padded widths may differ, as in
+        # DistillationLoss; slices of a split vocabulary must match
+        padded = (
+            _world(self.vocab_group) == 1
+            and self.vocab_size is not None
+            and s.ndim >= 1
+            and s.shape[:-1] == t.shape[:-1]
+            and min(s.shape[-1], t.shape[-1]) >= self.vocab_size
+        )
+        if s.shape != t.shape and not padded:
             problems.append(
                 f"student and teacher logits differ in shape: {tuple(s.shape)} and {tuple(t.shape)}"
             )
@@ -497,18 +579,21 @@ class _Inspection:
     num_items: Any = None
 
 
-def _settle(module: _ParallelConfig, seen: _Inspection, inputs: tuple[Any, ...]) -> tuple[Any, Any]:
+def _settle(
+    module: _ParallelConfig, seen: _Inspection, inputs: tuple[Any, ...]
+) -> tuple[Any, Any, list[int] | None]:
     """Raises for the problems ``seen``: with ``validate``, on every rank, after sharing them
     (:func:`_validate`); without, on this rank alone. Else the kept tokens and ``num_items``.
 
     Every local check runs before this point and only collects problems: a rank that raised
     on its own (an AttributeError on a None input, say) would leave the others waiting in
     the exchange, or matching their collectives with its next call."""
+    widths = None
     if module.validate:
-        _validate(module, seen.problems, seen.facts, inputs)
+        widths = _validate(module, seen.problems, seen.facts, inputs)
     elif seen.problems:
         raise ValueError("Invalid inputs on this rank: " + "; ".join(seen.problems) + ".")
-    return seen.keep, seen.num_items
+    return seen.keep, seen.num_items, widths
 
 
 def _not_tensors(named: dict[str, Any], optional: tuple[str, ...] = ()) -> list[str]:
@@ -544,7 +629,8 @@ def _token_keep(
         problems.append(f"labels are not of the token shape {tokens}: got {tuple(labels.shape)}")
         labels = None  # still check the mask
     try:
-        return token_keep(labels, mask, tokens, module.ignore_index, device), problems
+        keep = token_keep(labels, mask, tokens, module.ignore_index, device, module.shift_labels)
+        return keep, problems
     except (TypeError, ValueError, RuntimeError) as e:
         return None, [*problems, str(e).rstrip(".")]
 
@@ -565,7 +651,7 @@ def _validate(
     local: list[str],
     facts: dict[str, Any],
     inputs: tuple[Any, ...],
-) -> None:
+) -> list[int] | None:
     """Share every rank's facts and problems over the vocab group, then the data group, then
     (when there are both) the vocab group again, so that every rank of a full mesh ends
     with the same list and raises the same ``ValueError``, or none does. Each round is one
@@ -585,6 +671,9 @@ def _validate(
         "ignore_index": module.ignore_index,
         "T^2": module.scale_by_temperature_squared,
         "vocab_size": module.vocab_size,
+        "shift_labels": module.shift_labels,
+        "softcap": module.softcap,
+        "logit_scale": module.logit_scale,
         **facts["config"],
     }
     mine = {
@@ -601,9 +690,9 @@ def _validate(
         every = _gather_json(mine, vocab, inputs)
         problems = _union(every) or _compare(every, "vocab")
         widths = [m["width"] for m in every]
-    if not problems and module.vocab_size is not None and sum(widths) != module.vocab_size:
+    if not problems and module.vocab_size is not None and sum(widths) < module.vocab_size:
         problems = [
-            f"the slices' widths {widths} add up to {sum(widths)}, not "
+            f"the slices' widths {widths} add up to {sum(widths)}, less than "
             f"vocab_size={module.vocab_size}"
         ]
     if _world(data) > 1:
@@ -613,6 +702,7 @@ def _validate(
             problems = _union(_gather_json({"problems": problems}, vocab, inputs))
     if problems:
         raise ValueError("Inconsistent parallel inputs: " + "; ".join(problems) + ".")
+    return widths
 
 
 _JSON_BYTES = 4096
@@ -742,9 +832,12 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
     scale_by_temperature_squared: bool
     ignore_index: int
     reduction: Reduction
+    shift_labels: bool
+    vocab_size: int | None
+    softcap: Any
+    logit_scale: Any
     vocab_group: Any
     data_group: Any
-    vocab_size: int | None
     validate: bool
 
     def __init__(
@@ -762,6 +855,9 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         vocab_size: int | None = None,
         validate: bool = True,
         chunk_size: int | None = None,
+        shift_labels: bool = False,
+        softcap: float | tuple[float | None, float | None] | None = None,
+        logit_scale: float | tuple[float | None, float | None] | None = None,
     ) -> None:
         super().__init__()
         configure(
@@ -773,8 +869,12 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
             scale_by_temperature_squared,
             ignore_index,
             reduction,
+            shift_labels=shift_labels,
+            vocab_size=vocab_size,
+            softcap=softcap,
+            logit_scale=logit_scale,
         )
-        _configure_groups(self, vocab_group, data_group, vocab_size, validate)
+        _configure_groups(self, vocab_group, data_group, validate)
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -831,20 +931,29 @@ class ParallelFusedLinearDistillationLoss(torch.nn.Module):
         else:
             teacher, stray = (teacher_logits, None, None), teacher_bias
         seen = self._inspect(hidden, weight, bias, teacher, by_head, stray, labels, num_items, mask)
-        keep, num_items = _settle(self, seen, (hidden, weight, *teacher))
+        keep, num_items, widths = _settle(self, seen, (hidden, weight, *teacher))
         t_src, t_w, t_b = teacher
         assert t_src is not None  # settled: the teacher is given
+        cut = _vocab_cut(self, weight.shape[0], widths, hidden.device)
+        if cut < weight.shape[0]:  # the padded rows of the heads are never read
+            weight, bias = weight[:cut], None if bias is None else bias[:cut]
+            if t_w is None:
+                t_src = t_src[..., :cut]
+            else:
+                t_w, t_b = t_w[:cut], None if t_b is None else t_b[:cut]
+        maps, temperature = mapped.fold(logit_maps(self), self.temperature)
         tokens = tuple(hidden.shape[:-1])
         n, v = math.prod(tokens), weight.shape[0]
         keep = None if keep is None else keep.reshape(-1)
         t_src = t_src.reshape(n, v if t_w is None else t_w.shape[1])
         cfg = linear.Config(
             self.divergence,
-            self.temperature,
+            temperature,
             self.beta,
             self.alpha,
             self.chunk_size,
             _VocabGroup(self.vocab_group),
+            maps,
         )
         reduce = self.reduction != "none"
         out = linear.apply(

@@ -193,11 +193,19 @@ def core_rows(
     alpha: float = SKEW_ALPHA,
     *,
     forms: tuple[str, str] = ("logits", "logits"),
+    maps: tuple[Any, Any] | None = None,
 ) -> torch.Tensor:
     """Per-row ``D(teacher‖student)`` through the core (the definition), never an engine;
-    ``forms``: the teacher's and the student's."""
+    ``forms``: the teacher's and the student's; ``maps``: their
+    :class:`kldiv._spec.LogitMap` (None: neither)."""
     from ...divergences import KINDS
 
+    extra = {}
+    if maps is not None:
+        extra = {
+            "softcap": tuple(m.cap for m in maps),
+            "logit_scale": tuple(m.scale for m in maps),
+        }
     with core_only():
         return KINDS[kind](
             teacher,
@@ -207,6 +215,7 @@ def core_rows(
             mask=keep,
             reduction="none",
             **params_of(kind, beta, alpha),
+            **extra,
         )
 
 

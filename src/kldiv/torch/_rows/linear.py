@@ -377,6 +377,8 @@ class Config:
     alpha: float
     chunk_rows: int | None
     combiner: Combiner = ONE_DEVICE
+    # the (teacher, student) logit maps (logit_scale, soft-capping), applied per chunk
+    maps: tuple[spec.LogitMap, spec.LogitMap] = (spec.IDENTITY, spec.IDENTITY)
 
     @property
     def w(self) -> float:
@@ -443,6 +445,24 @@ def logit_chunk(
     )
 
 
+def mapped_chunk(
+    maps: tuple[spec.LogitMap, spec.LogitMap], s: torch.Tensor, t: torch.Tensor, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk's logits through the (teacher, student) maps, and the student map's
+    derivative (None where the map is the identity or no gradient is needed), in the compute
+    dtype; unmapped logits are returned as they are."""
+    t_map, s_map = maps
+    dtype = _compute_dtype(s, t)
+    ds = None
+    if not s_map.identity:
+        x = s.to(dtype)
+        ds = spec.map_grad(torch, x, s_map) if need_grad else None
+        s = spec.apply_map(torch, x, s_map)
+    if not t_map.identity:
+        t = spec.apply_map(torch, t.to(dtype), t_map)
+    return s, t, ds
+
+
 def fused_pass(
     cfg: Config,
     hidden: torch.Tensor,
@@ -505,8 +525,11 @@ def fused_pass(
         out = torch.zeros(n if per_row else (), dtype=val_dtype, device=device)
         for a, b in chunks:
             h, s, t = ops.chunk(a, b)
+            s, t, ds = mapped_chunk(cfg.maps, s, t, need_grad)
             vals, g = logit_chunk(cfg, s, t, need_grad)
             del s, t  # before the gradient matmuls: one [rows, V] buffer fewer at the peak
+            if g is not None and ds is not None:
+                g = g.to(ds.dtype).mul_(ds)
             if per_row:
                 if index is None:
                     out[a:b] = vals
@@ -528,11 +551,13 @@ def fused_pass(
         stats = torch.empty((4, m), dtype=val_dtype, device=device)
         for a, b in chunks:
             _, s, t = ops.chunk(a, b)
+            s, t, _ = mapped_chunk(cfg.maps, s, t, False)
             stats[:, a:b] = slice_stats(s, t, k_of(a, b), inv_t)
         norms = combine(cfg.combiner.gather(stats))  # collective 1
         sums = torch.zeros((2, m), dtype=val_dtype, device=device)
         for a, b in chunks:
             _, s, t = ops.chunk(a, b)
+            s, t, _ = mapped_chunk(cfg.maps, s, t, False)
             sums[:, a:b] = slice_terms(cfg.kind, cfg.w, s, t, k_of(a, b), inv_t, norms[:, a:b])
         cfg.combiner.sum(sums)  # collective 2
         values = sums[0] if keep is None else torch.where(keep, sums[0], 0.0)
@@ -541,11 +566,14 @@ def fused_pass(
         norms, sum_h = state["norms"], state["sum_h"]
         for a, b in chunks:
             h, s, t = ops.chunk(a, b)
+            s, t, ds = mapped_chunk(cfg.maps, s, t, True)
             scale = None if row_scale is None else row_scale[a:b]
             g = slice_grad(
                 cfg.kind, cfg.w, s, t, k_of(a, b), inv_t, norms[:, a:b], sum_h[a:b], scale
             )
             del s, t
+            if ds is not None:
+                g = g.to(ds.dtype).mul_(ds)
             accumulate(a, b, h, g)
         if gh is not None:
             cfg.combiner.sum(gh)  # every vocab slice's share of dL/dhidden
