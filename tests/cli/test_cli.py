@@ -473,8 +473,8 @@ def test_bench_through_a_subprocess(tmp_path):
     assert bad.stderr.strip() == (
         "kldiv bench: error: --variants: unknown 'numba'; expected some of eager, compile, "
         "liger, kldiv, tensor, core, floor, core_log_probs, core_teacher_grad, "
-        "eager_teacher_grad, definition_log_probs, definition_teacher_grad, jax, jax_composition, "
-        "optax"
+        "eager_teacher_grad, definition_log_probs, definition_teacher_grad, kldiv_softcap, "
+        "eager_softcap, compile_softcap, jax, jax_composition, optax"
     )
 
 

@@ -59,6 +59,9 @@ VARIANTS = (
     "eager_teacher_grad",
     "definition_log_probs",
     "definition_teacher_grad",
+    "kldiv_softcap",
+    "eager_softcap",
+    "compile_softcap",
     "jax",
     "jax_composition",
     "optax",
@@ -69,6 +72,8 @@ KINDS = ("kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "tv", "symmetri
 # the parameters every variant uses: DistillationLoss's and the core's defaults
 BETA = 0.5
 ALPHA = 0.1
+# the "*_softcap" variants: Gemma-family soft-capping of both logits, c·tanh(z/c)
+SOFTCAP = 30.0
 # exps per element of the floor: a third where the divergence needs a log of a mixture
 FLOOR_EXPS = {"js": 3, "skew_kl": 3, "skew_reverse_kl": 3}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -253,6 +258,8 @@ def liger(kind: str, beta: float = 0.5) -> Callable[[Any, Any], Any] | None:
 
 
 def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
+    if variant.endswith("_softcap"):
+        return _softcapped(variant.removesuffix("_softcap"), kind)
     if variant in ("kldiv", "tensor"):
         from kldiv.torch import DistillationLoss
 
@@ -302,6 +309,26 @@ def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
     if variant == "liger":
         return liger(kind)
     return composition(kind)
+
+
+def _softcapped(base: str, kind: str) -> Callable[[Any, Any], Any] | None:
+    """``base`` ("kldiv", "eager" or "compile") on soft-capped logits: kldiv's loss maps them
+    in row chunks itself; the anchors cap both ``[N, V]`` logits first, as trainers do."""
+    import torch
+
+    if base == "kldiv":
+        from kldiv.torch import DistillationLoss
+
+        if kind == "symmetric_kl":
+            return None
+        kind_ = cast("DistillationKind", kind)
+        return DistillationLoss(kind_, beta=BETA, alpha=ALPHA, softcap=SOFTCAP)
+    inner = composition(kind)
+
+    def capped(s: Any, t: Any) -> Any:
+        return inner(SOFTCAP * torch.tanh(s / SOFTCAP), SOFTCAP * torch.tanh(t / SOFTCAP))
+
+    return torch.compile(capped) if base == "compile" else capped
 
 
 def _without_native(loss: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -518,6 +545,9 @@ def run(
         for variant in variants:
             m = summary[variant].get("median_s")
             base, base_name = (jax_ref, "jax") if variant in JAX_VARIANTS else (ref, ref_name)
+            if variant.endswith("_softcap"):  # against kldiv on the same soft-capped logits
+                base_name = "kldiv_softcap"
+                base = summary.get(base_name, {}).get("median_s")
             if base and m and variant != base_name:
                 summary[variant]["kldiv_speedup"] = m / base
             if floor_s and m and variant not in ("floor", "eager", "compile", "liger"):
