@@ -35,13 +35,15 @@ PUBLIC_MODULES = (
     "kldiv.keras",
     "kldiv.jax",
     "kldiv.llamacpp",
+    "kldiv.topk",
+    "kldiv.integrations.trl",
 )
 
 ROLE = re.compile(r":(?:func|meth|class|mod|attr|data|obj|exc):`(~?)([^`<]*?)(?:\s*<([^>`]+)>)?`")
 SECTION = re.compile(r"^Examples\n-{3,}\s*$", re.M)
 TABLE_BORDER = re.compile(r"^\s*=+(\s+=+)+\s*$")
 # Modules that import a framework (or the command line's dependencies): not imported here.
-NOT_IMPORTED = ("kldiv.torch", "kldiv.keras", "kldiv.jax", "kldiv.cli")
+NOT_IMPORTED = ("kldiv.torch", "kldiv.keras", "kldiv.jax", "kldiv.cli", "kldiv.integrations")
 
 
 class KldivDocstrings(griffe.Extension):
