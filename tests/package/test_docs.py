@@ -63,6 +63,7 @@ API_PAGES = {
     "kldiv.keras": "keras.md",
     "kldiv.jax": "jax.md",
     "kldiv.llamacpp": "llamacpp.md",
+    "kldiv.topk": "topk.md",
 }
 
 

@@ -1,5 +1,5 @@
 """The ``kldiv`` command (also ``python -m kldiv``): ``demo``, ``compare``, ``llama-base``,
-``bench`` and ``info``.
+``teacher-topk``, ``bench`` and ``info``.
 
 Every error a user can cause (a missing or corrupt file, mismatched shapes, invalid values, an
 output directory that exists, an optional package that is not installed) prints one line,
@@ -10,7 +10,9 @@ status is then 128 + the signal's number.
 ``compare`` and ``info`` run on the base install. ``demo`` trains with PyTorch and needs
 ``pip install "kldiv[torch,cli]"`` (``demo --no-train`` runs on the base install); ``bench``
 needs ``pip install "kldiv[torch]"``; ``llama-base`` and ``compare --model`` run Hugging Face
-models and need ``pip install "kldiv[hf]"`` (see :mod:`kldiv.cli.hf`).
+models and need ``pip install "kldiv[hf]"`` (see :mod:`kldiv.cli.hf`); ``teacher-topk`` stores
+a teacher's top-k log-probabilities for offline distillation (:mod:`kldiv.cli.topk`), from a
+Hugging Face model (``kldiv[hf]``) or a logits file (``kldiv[torch,cli]``).
 """
 
 from __future__ import annotations
@@ -720,7 +722,7 @@ OPTIONAL = (
     ("keras", "keras", "kldiv.keras losses and regularizer", "kldiv[keras]"),
     ("scipy", "scipy", "kldiv.distributions on NumPy arrays", "kldiv[numpy]"),
     ("matplotlib", "matplotlib", "figures of kldiv demo and compare", "kldiv[cli]"),
-    ("safetensors", "safetensors", "kldiv compare reads .safetensors", "kldiv[cli]"),
+    ("safetensors", "safetensors", "compare reads .safetensors; kldiv.topk", "kldiv[cli]"),
     ("sklearn", "scikit-learn", "the digits data of kldiv demo", "kldiv[cli]"),
     ("transformers", "transformers", "kldiv llama-base, kldiv compare --model", "kldiv[hf]"),
     ("torchmetrics", "torchmetrics", "kldiv.torch.metrics.TokenStatsMetric", "kldiv[torchmetrics]"),
@@ -1038,6 +1040,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _model_options(p_base, "")
     p_base.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_topk = sub.add_parser(
+        "teacher-topk",
+        help="store a teacher's top-k log-probabilities for offline distillation (needs "
+        'pip install "kldiv[hf]" with --model, "kldiv[torch,cli]" with --logits)',
+        description="Writes a new directory of safetensors shards and a manifest.json (the "
+        "format of kldiv.topk, read back with kldiv.topk.load as a TopKTeacher): per token the "
+        "ids of the K most probable next tokens, their log-probabilities under the teacher's "
+        "full softmax of logits / T, and the exact log-mass of all other ids. From a Hugging "
+        "Face model (--model DIR --text FILE --ctx N: the text tokenized as kldiv llama-base "
+        "does, cut into consecutive windows of N tokens, every position stored with its input "
+        "id) or from a file of logits (--logits FILE: .npy, .npz, .safetensors, .pt; "
+        "FILE::NAME picks an array). Memory stays at one batch of logits and one shard; "
+        "nothing is left behind by a failed run.",
+    )
+    src = p_topk.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a local Hugging Face causal LM directory (the teacher)")
+    src.add_argument("--logits", help="a file of the teacher's logits [..., V]")
+    p_topk.add_argument("--k", type=int, required=True, help="ids stored per token")
+    p_topk.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    p_topk.add_argument("--text", help="with --model: the text file (UTF-8)")
+    p_topk.add_argument("--ctx", type=int, help="with --model: tokens per window")
+    p_topk.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float16", "bfloat16", "float32"),
+        help="dtype of the stored log-probs (default float32; the tail mass is always float32)",
+    )
+    p_topk.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="store softmax(logits / T) (default 1)",
+    )
+    p_topk.add_argument(
+        "--shard-tokens", type=int, help="tokens per shard file (default: about 256 MiB each)"
+    )
+    p_topk.add_argument(
+        "--batch-size", type=int, default=1, help="with --model: windows per forward pass"
+    )
+    p_topk.add_argument(
+        "--model-dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="with --model: the model's dtype (default auto: the checkpoint's)",
+    )
+    p_topk.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda[:i]")
+    p_topk.add_argument(
+        "--axis", type=int, default=-1, help="with --logits: the category axis (default -1)"
+    )
+    p_topk.add_argument("--quiet", action="store_true", help="no progress bar")
     p_bench = sub.add_parser(
         "bench",
         help="time DistillationLoss against PyTorch eager, torch.compile and Liger Kernel "
@@ -1086,6 +1138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from . import hf
 
                 return hf.llama_base(args)
+            if args.command == "teacher-topk":
+                from . import topk as teacher_topk
+
+                return teacher_topk.teacher_topk(args)
             if args.command == "bench":
                 return bench(args)
             return info()

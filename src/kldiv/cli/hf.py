@@ -61,6 +61,7 @@ __all__ = [
     "bos_token_id",
     "tokenize_text",
     "window_logits",
+    "read_text",
     "logits_width",
     "max_positions",
     "check_positions",
@@ -278,20 +279,22 @@ def window_logits(
     batch: int,
     on_window: Callable[[], None] | None = None,
     name: str = "the model",
+    all_positions: bool = False,
 ) -> Iterator[np.ndarray]:
     """Yield, for each window in order, the model's float32 logits at the scored positions
-    ``n_ctx/2 … n_ctx − 2``, ``[n_scored, V]``. ``batch`` windows run per forward pass (equal
-    lengths: no padding, no attention mask); only one batch of logits exists at a time. A
-    failing forward pass raises the command's one-line ``UsageError`` naming ``name`` (the
-    model directory) and the windows."""
+    ``n_ctx/2 … n_ctx − 2``, ``[n_scored, V]`` (with ``all_positions``: at every position,
+    ``[n_ctx, V]``). ``batch`` windows run per forward pass (equal lengths: no padding, no
+    attention mask); only one batch of logits exists at a time. A failing forward pass raises
+    the command's one-line ``UsageError`` naming ``name`` (the model directory) and the
+    windows."""
     import torch
 
     from . import UsageError
 
     n_chunk, n_ctx = windows.shape
-    first, stop = n_ctx // 2, n_ctx - 1
+    first, stop = (0, n_ctx) if all_positions else (n_ctx // 2, n_ctx - 1)
     keep = n_ctx - first  # positions first .. n_ctx - 1
-    extra = _keep_kwargs(model, keep)
+    extra = {} if all_positions else _keep_kwargs(model, keep)
     for i in range(0, n_chunk, batch):
         j = min(i + batch, n_chunk) - 1
         try:
@@ -317,7 +320,9 @@ def window_logits(
                 on_window()
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The text of ``path`` as ``llama-perplexity -f`` reads it: UTF-8, less one trailing
+    newline. Problems raise the command's one-line ``UsageError``."""
     from . import UsageError
 
     try:
@@ -383,7 +388,7 @@ def llama_base(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise UsageError("--out: expected a file name, got an empty string")
     dest = Path(args.out)
     _check_new_file(dest)  # before any work: a bad --out must not cost a long run
-    text = _read_text(Path(args.text))
+    text = read_text(Path(args.text))
     tokenizer, model, device = load(args.model, args.dtype, args.device, args.quiet)
     n_ctx = args.ctx
     check_positions(args.model, model, n_ctx, f"--ctx {n_ctx}")

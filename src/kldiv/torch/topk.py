@@ -30,6 +30,18 @@ finite distributions, chosen by the required ``tail=`` policy:
     teacher's tail mass outside the K ids, but not told where. Temperature ≠ 1 raises: a
     stored tail mass cannot be re-tempered (its tempered value Σ_tail p^(1/T) depends on how
     the mass was spread over the tail ids).
+
+    **A stored tail.** When the teacher carries ``tail_log_prob`` (per token, ``log(1 − Σ_k
+    p_k)`` computed from its full logits, e.g. ``logsumexp(z_rest) − logsumexp(z)`` as
+    :mod:`kldiv.topk` stores it), that is its bucket instead of ``1 − Σp`` of the stored
+    values: the teacher's (K+1)-point distribution is ``(p_1, …, p_K, p_tail)`` normalised to
+    sum to 1, i.e. ``a = [log_probs, tail_log_prob] − logsumexp([log_probs, tail_log_prob])``.
+    The normalisation only removes the rounding of the stored values (its size is the
+    tolerance below), and the tail keeps its relative accuracy however small it is: a tail of
+    1e-12 stays 1e-12, where ``1 − Σp`` of float16 log-probs reads as 0 or as rounding noise
+    of ~1e-3, so the reverse-direction kinds stay finite and accurate. ``-inf`` is an empty
+    tail (the ids hold all the mass). The rounding rule below is then not needed and not
+    applied: the teacher's bucket is exactly what is stored.
 ``tail="renormalize"``
     The teacher is taken as exactly sparse on its K ids: ``p = softmax(log_probs / T)`` over
     them, which is exact for the tempered teacher ``softmax(teacher_logits / T)`` conditioned
@@ -59,6 +71,9 @@ by a host branch.
 The teacher's tail is only known as ``1 − Σp``: to an absolute accuracy of the stored
 rounding (~1e-7 for float32 log-probs, ~1e-16 for float64), so a tail far below that is noise,
 and the kinds that weigh ``log p_tail`` by the student's tail mass (reverse KL) inherit it.
+With a stored ``tail_log_prob`` (``"tail_bucket"``), also: no NaN tail and a tail ≤ 0, and
+the total ``Σ exp(log_probs) + exp(tail_log_prob)`` equal to 1 within ``tolerance`` in log
+space; a finite tail where the ids cover the vocabulary breaks the rules.
 Student rules: ``"renormalize"`` also needs, per kept row, one stored entry with probability
 > 0 and one student logit > -inf among the ids (else the conditional distribution is
 undefined); ``"tail_bucket"`` needs a student logit > -inf somewhere in the row.
@@ -148,6 +163,12 @@ class TopKTeacher:
     data when the teacher is used, eagerly, with a ``ValueError`` naming the first offending
     token (host syncs; refused under ``torch.compile``). Without it nothing value-dependent
     runs and a kept token that breaks a data rule gives NaN; see :mod:`kldiv.torch.topk`.
+    ``tail_log_prob`` (optional, default None): the token shape ``[...]``, floating, the
+    teacher's log-probability of everything outside the K ids, ``log(1 − Σ_k p_k)``, computed
+    from its full logits (``logsumexp`` of the logits outside the ids minus ``logsumexp`` of
+    all of them), as :func:`kldiv.topk.load` returns it. With ``tail="tail_bucket"`` it
+    replaces ``1 − Σ exp(log_probs)`` as the teacher's bucket (accurate however small the tail
+    and whatever the rounding of ``log_probs``); ``"renormalize"`` does not read it.
 
     Immutable; shapes, dtypes, the policy and ``requires_grad`` are checked here, always; the
     values only with ``check=True``, when it is used.
@@ -158,6 +179,7 @@ class TopKTeacher:
     tail: TailPolicy = dataclasses.field(kw_only=True)
     tolerance: float | None = dataclasses.field(default=None, kw_only=True)
     check: bool = dataclasses.field(default=False, kw_only=True)
+    tail_log_prob: torch.Tensor | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         idx, lp = self.indices, self.log_probs
@@ -201,6 +223,33 @@ class TopKTeacher:
                 "Expected at least one stored id (K ≥ 1) with tail='renormalize': conditioned "
                 "on no ids there is no distribution."
             )
+        tail = self.tail_log_prob
+        if tail is not None:
+            if not isinstance(tail, torch.Tensor):
+                raise TypeError(
+                    f"Expected `tail_log_prob` to be a torch tensor or None, got "
+                    f"{type(tail).__name__}."
+                )
+            if tail.dtype not in TOLERANCE:
+                raise TypeError(
+                    f"Expected floating `tail_log_prob` (float16, bfloat16, float32 or "
+                    f"float64), got dtype {_dtype_name(tail.dtype)}."
+                )
+            if tuple(tail.shape) != tuple(idx.shape[:-1]):
+                raise ValueError(
+                    f"Expected `tail_log_prob` of the token shape {tuple(idx.shape[:-1])} (one "
+                    f"value per token), got {tuple(tail.shape)}."
+                )
+            if tail.device != idx.device:
+                raise ValueError(
+                    f"Expected `tail_log_prob` on the device of `indices` {idx.device}, got "
+                    f"{tail.device}."
+                )
+            if tail.requires_grad:
+                raise ValueError(
+                    "Expected `tail_log_prob` that does not require grad: a top-k teacher is "
+                    "data (pass `tail_log_prob.detach()`)."
+                )
         tol = self.tolerance
         if tol is None:
             tol = TOLERANCE[lp.dtype]
@@ -222,8 +271,12 @@ class TopKTeacher:
     def flatten(self) -> TopKTeacher:
         """The same teacher with its token axes flattened: ``[N, K]``."""
         shape = (math.prod(self.token_shape), self.k)
+        tail = self.tail_log_prob
         return dataclasses.replace(
-            self, indices=self.indices.reshape(shape), log_probs=self.log_probs.reshape(shape)
+            self,
+            indices=self.indices.reshape(shape),
+            log_probs=self.log_probs.reshape(shape),
+            tail_log_prob=None if tail is None else tail.reshape(shape[0]),
         )
 
     @classmethod
@@ -249,7 +302,8 @@ class TopKTeacher:
         return (
             f"TopKTeacher(shape={tuple(self.indices.shape)}, tail={self.tail!r}, "
             f"tolerance={self.tolerance:g}, check={self.check}, "
-            f"log_probs dtype={_dtype_name(self.log_probs.dtype)})"
+            f"log_probs dtype={_dtype_name(self.log_probs.dtype)}"
+            f"{', stored tail' if self.tail_log_prob is not None else ''})"
         )
 
 
@@ -299,12 +353,12 @@ def topk_distillation_rows(
     ``temperature`` divides the student logits and the teacher log-probs (``"renormalize"``
     only; ``"tail_bucket"`` needs 1).
 
-    Returns the token shape, float32 (float64 when the student logits or the teacher log-probs
-    are float64), differentiable with respect to ``student_logits``. No reduction and no T²
-    factor: the caller reduces. Static facts are checked eagerly; the data only when
-    ``teacher.check`` is True (host syncs, eager only). Otherwise nothing here reads a value on
-    the host or branches on one, so it runs under ``torch.compile(fullgraph=True)``, and a kept
-    token that breaks a data rule gives NaN (value and gradient).
+    Returns the token shape, float32 (float64 when the student logits, the teacher log-probs
+    or its stored tail are float64), differentiable with respect to ``student_logits``. No
+    reduction and no T² factor: the caller reduces. Static facts are checked eagerly; the data
+    only when ``teacher.check`` is True (host syncs, eager only). Otherwise nothing here reads a
+    value on the host or branches on one, so it runs under ``torch.compile(fullgraph=True)``,
+    and a kept token that breaks a data rule gives NaN (value and gradient).
     """
     if kind not in KINDS:
         raise ValueError(
@@ -365,8 +419,12 @@ def topk_distillation_rows(
     cdtype = torch.promote_types(
         torch.promote_types(z.dtype, teacher.log_probs.dtype), torch.float32
     )
+    stored = teacher.tail_log_prob if teacher.tail == "tail_bucket" else None
+    if stored is not None:
+        cdtype = torch.promote_types(cdtype, stored.dtype)
     idx = teacher.indices.reshape(n, k).long()  # int32 ids are common in stored datasets
     lp = teacher.log_probs.reshape(n, k).to(cdtype)
+    tail = None if stored is None else stored.reshape(n).to(cdtype)
     listed = idx >= 0  # stored entries (not padding) of kept rows
     if flat_keep is not None:
         listed = listed & flat_keep[:, None]
@@ -375,12 +433,15 @@ def topk_distillation_rows(
     live = listed & (idx < v)
     x = torch.where(live, lp, -INF)  # padding and masked rows: probability 0, garbage dropped
     a_sum = torch.logsumexp(x, dim=-1) if k else x.new_full((n,), -INF)
-    faults = _teacher_faults(teacher, idx, lp, listed, live, x, a_sum, v, flat_keep)
+    faults = _teacher_faults(teacher, idx, lp, listed, live, x, a_sum, v, flat_keep, tail)
     if teacher.check:
-        _raise_teacher_fault(teacher, faults, idx, lp, a_sum, v, tokens)
+        _raise_teacher_fault(teacher, faults, idx, lp, a_sum, v, tokens, tail)
     if teacher.tail == "tail_bucket":
         b, empty, student_fault = _student_tail_bucket(z, idx, live, flat_keep, cdtype)
-        a = _teacher_tail_bucket(x, a_sum, empty, cast(float, teacher.tolerance))
+        if tail is None:
+            a = _teacher_tail_bucket(x, a_sum, empty, cast(float, teacher.tolerance))
+        else:
+            a = _teacher_stored_tail(x, tail, flat_keep)
     else:
         a, live_r = _teacher_renormalized(x, live, flat_keep, t)
         b, student_fault = _student_renormalized(z, idx, live_r, flat_keep, t, cdtype)
@@ -415,9 +476,11 @@ def _teacher_faults(
     a_sum: torch.Tensor,
     v: int,
     keep: torch.Tensor | None,
+    tail: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The teacher's data rules, as masks over kept rows ([N, ·] or [N]; True = broken), in
-    the order the errors are reported. Tensor ops only ([N, K] work and one [N, K] sort)."""
+    the order the errors are reported. Tensor ops only ([N, K] work and one [N, K] sort).
+    ``tail``: the stored tail ``[N]`` (tail_bucket only), or None."""
     tol = cast(float, teacher.tolerance)  # None only before __post_init__ sets the default
     covers = live.sum(-1) == v  # with distinct ids: "the ids are the whole vocabulary"
     faults = {
@@ -430,6 +493,13 @@ def _teacher_faults(
     faults["entry"] = listed & (lp > tol)
     faults["sum"] = a_sum > tol
     faults["short"] = covers & (a_sum < -tol)
+    if tail is not None:
+        kept = torch.ones_like(covers) if keep is None else keep
+        total = torch.logsumexp(torch.cat([x, tail[:, None]], dim=-1), dim=-1)
+        faults["tail"] = kept & (torch.isnan(tail) | (tail > tol))
+        # written so that a NaN total (NaN entries, reported above) also counts as broken
+        faults["total"] = kept & ~(total.abs() <= tol)
+        faults["open"] = covers & (tail > -INF)
     if teacher.tail == "renormalize":
         empty = ~(x > -INF).any(-1)
         faults["empty"] = empty if keep is None else keep & empty
@@ -444,6 +514,7 @@ def _raise_teacher_fault(
     a_sum: torch.Tensor,
     v: int,
     tokens: tuple[int, ...],
+    tail: torch.Tensor | None = None,
 ) -> None:
     """``check=True``: raise for the first broken rule, naming the token (one host sync when
     the data is valid)."""
@@ -486,6 +557,30 @@ def _raise_teacher_fault(
                 f"{where}; log_probs must come from a softmax over the full "
                 "vocabulary."
             )
+        elif name in ("tail", "total", "open") and tail is not None:
+            t_row = float(tail[pos[0]])
+            if name == "tail":
+                msg = (
+                    f"Expected `teacher.tail_log_prob` ≤ 0 and not NaN (tolerance {tol:g}), got "
+                    f"{t_row:g} in {where}."
+                )
+            elif name == "total":
+                total = torch.logsumexp(
+                    torch.cat(
+                        [torch.where(idx[pos[0]] >= 0, lp[pos[0]], -INF), tail[pos[0], None]]
+                    ),
+                    dim=0,
+                )
+                msg = (
+                    f"Expected the stored teacher probabilities and the stored tail to sum to 1 "
+                    f"(log-space tolerance {tol:g} for {dt}), got {math.exp(float(total)):.6g} "
+                    f"in {where}; `tail_log_prob` must be log(1 − Σp) of the same softmax."
+                )
+            else:
+                msg = (
+                    f"Expected `teacher.tail_log_prob` = -inf where the ids cover all {v} "
+                    f"vocabulary entries, got {t_row:g} in {where}."
+                )
         elif name == "short":
             msg = (
                 f"Expected the stored teacher probabilities to sum to 1 where the ids cover "
@@ -544,6 +639,23 @@ def _teacher_tail_bucket(
     a_k = torch.where(closed[:, None], x - shift[:, None], x)
     a_tail = torch.where(closed, -INF, _log1mexp(torch.where(closed, -1.0, a_sum)))
     return torch.cat([a_k, a_tail[:, None]], dim=-1)
+
+
+def _teacher_stored_tail(
+    x: torch.Tensor, tail: torch.Tensor, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """Teacher log-probabilities of the K ids and of the stored tail bucket, normalised to sum
+    to 1: ``[x, tail] − logsumexp([x, tail])``. The normalisation removes only the rounding of
+    the stored values; nothing is clamped. Masked rows get a point mass on the bucket (their
+    stored tail may be anything, NaN included)."""
+    if keep is not None:
+        tail = torch.where(keep, tail, 0.0)
+    a = torch.cat([x, tail[:, None]], dim=-1)
+    total = torch.logsumexp(a, dim=-1)
+    # a kept row with no mass at all breaks the rules (NaN below); -inf - -inf must not be NaN
+    # in rows that are valid
+    total = torch.where(total == -INF, 0.0, total)
+    return a - total[:, None]
 
 
 def _student_tail_bucket(
