@@ -185,12 +185,14 @@ class KLDivGKDTrainer(GKDTrainer):
     by ``num_items_in_batch`` when the Trainer passes it).
 
     ``fused_linear``: ``None`` (default) uses :class:`~kldiv.torch.FusedLinearDistillationLoss`
-    when the student's LM head is a plain ``nn.Linear`` with no logit scale or softcap and
+    when the student's LM head is an ``nn.Linear`` (the logit scale and softcap its config
+    declares are applied inside the fused loss, and checked once against its forward) and
     its ``forward`` takes ``logits_to_keep`` (Hugging Face causal LMs do): the student runs
     with ``logits_to_keep=1, output_hidden_states=True`` through its (possibly distributed)
     wrapper, so only ``[B, 1, V]`` logits are made, and the loss reads the last hidden states
     and the head's weight. The teacher is read the same way when its head qualifies too (its
-    logits are then not materialised either), else through its logits. ``False`` always uses
+    logits are then not materialised either), else, or when its head and declared
+    post-processing do not reproduce its forward's logits, through its logits. ``False`` always uses
     :class:`~kldiv.torch.DistillationLoss` on the full logits; ``True`` raises where the fused
     loss cannot be used. When ``compute_loss`` is asked for the model's outputs (evaluation),
     the logits are computed, as the caller needs them. ``chunk_size``: tokens per chunk of the
@@ -370,7 +372,8 @@ class KLDivDistillationTrainer(DistillationTrainer):
 
     ``fused_linear``: ``None`` (default) uses :class:`~kldiv.torch.FusedLinearDistillationLoss`
     from both models' last hidden states and LM heads when both heads are plain
-    ``nn.Linear`` with no logit scale or softcap (no ``[B, L, V]`` logits for either model);
+    ``nn.Linear`` (the logit scale and softcap their configs declare applied inside the fused
+    loss, as TRL applies them; no ``[B, L, V]`` logits for either model);
     otherwise the logits of the completion tokens are made from the hidden states (``[N, V]``
     for N such tokens) and :class:`~kldiv.torch.DistillationLoss` computes the divergence.
     ``False`` always does the latter; ``True`` raises where the fused loss cannot be used.
