@@ -55,6 +55,7 @@ for kind, cls in classes.items():
         kw = dict(params.get(kind, {}), form=form)
         if form == "logits":
             kw["temperature"] = 2.0
+            kw["softcap"] = [1.5, 2.5]  # (teacher, student); the reference is the core's
         ref = np.asarray(
             kldiv.divergence(
                 a.astype(np.float64), logits_q.astype(np.float64), kind, reduction="none", **kw
@@ -74,6 +75,23 @@ for kind, cls in classes.items():
         check(again.get_config() == cfg, f"{kind} config round trip")
         by_name = kk.Divergence(kind, **kw)
         check(abs(as_np(by_name(a, logits_q)) - got) <= 1e-6, f"{kind} by name")
+
+# the soft-capped reference above is the core's: check the core's own map here, by hand
+capped = np.asarray(
+    kldiv.kl_div(
+        logits_p.astype(np.float64), logits_q.astype(np.float64), form="logits",
+        softcap=(1.5, 2.5), reduction="none",
+    )
+)  # fmt: skip
+by_hand = np.asarray(
+    kldiv.kl_div(
+        1.5 * np.tanh(logits_p.astype(np.float64) / 1.5),
+        2.5 * np.tanh(logits_q.astype(np.float64) / 2.5),
+        form="logits",
+        reduction="none",
+    )
+)
+check(np.allclose(capped, by_hand, rtol=1e-6), "softcap is the composition")
 
 # zero support stays exact: +inf where the candidate has no mass (Keras' own loss clips)
 p0 = np.array([[0.5, 0.5, 0.0]], dtype="float32")

@@ -4,8 +4,8 @@
 kldiv. Each sample's divergence comes from the core (``reduction="none"``); Keras then applies
 ``sample_weight`` and its own ``reduction`` (default ``"sum_over_batch_size"``: the mean over
 samples, the core's ``"mean"``). Configuration (``form``, ``axis``, ``temperature``,
-``beta``/``alpha``) is validated at construction and round-trips through
-``get_config``/``from_config``, so models compiled with these losses save and load.
+``softcap``/``logit_scale``, ``beta``/``alpha``) is validated at construction and round-trips
+through ``get_config``/``from_config``, so models compiled with these losses save and load.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class Divergence(keras.losses.Loss):
         form: FormSpec = FORM,
         axis: int = AXIS,
         temperature: float = TEMPERATURE,
+        softcap: Any = None,
+        logit_scale: Any = None,
         reduction: KerasReduction | None = "sum_over_batch_size",
         name: str | None = None,
         dtype: Any = None,
@@ -61,6 +63,12 @@ class Divergence(keras.losses.Loss):
             raise TypeError(f"Expected `axis` to be an int, got {axis!r}.")
         self.axis = axis
         self.temperature = _check.check_temperature(temperature, forms)
+        _check.check_logit_maps(softcap, logit_scale, forms)
+        # lists, not tuples: the config must survive a JSON round trip unchanged
+        self.softcap = list(softcap) if isinstance(softcap, tuple | list) else softcap
+        self.logit_scale = (
+            list(logit_scale) if isinstance(logit_scale, tuple | list) else logit_scale
+        )
         allowed = KIND_PARAMS.get(kind, {})
         unknown = set(params) - set(allowed)
         if unknown:
@@ -78,6 +86,8 @@ class Divergence(keras.losses.Loss):
             form=form,
             axis=self.axis,
             temperature=self.temperature,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
             reduction="none",
             **self.params,
         )
@@ -85,6 +95,7 @@ class Divergence(keras.losses.Loss):
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(kind=self.kind, form=self.form, axis=self.axis, temperature=self.temperature)
+        config.update(softcap=self.softcap, logit_scale=self.logit_scale)
         config.update(self.params)
         return config
 
