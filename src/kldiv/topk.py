@@ -2,8 +2,10 @@
 directory of safetensors shards and read back, a token range at a time, as a
 :class:`kldiv.torch.TopKTeacher` for offline distillation.
 
-Per token ``t`` with teacher logits ``z_t`` ``[V]`` and temperature ``T``, with ``x = z_t / T``
-computed in float32 (float64 for float64 logits) and ``S`` the ``K`` ids of largest ``x``:
+Per token ``t`` with teacher logits ``z_t`` ``[V]`` and temperature ``T``, with
+``x = (z_t − max z_t) / T`` computed in float32 (float64 for float64 logits; the maximum is
+subtracted first, so the rounding errors scale with the log-probabilities, not with the
+logits' offset, and no temperature overflows) and ``S`` the ``K`` ids of largest ``x``:
 
 - ``indices``: int32 ``[tokens, K]``, the ids ``S`` in decreasing order of probability;
 - ``log_probs``: ``[tokens, K]`` in the chosen dtype (float16, bfloat16 or float32), the
@@ -30,8 +32,10 @@ object saying where the logits came from: model path or name, revision when know
 ``vocab_size``, ``k``, ``temperature``, ``dtype`` (of ``log_probs``), ``num_tokens``,
 ``token_shape`` (the shape the tokens had, e.g. ``[windows, ctx]``; the shards hold them
 flattened in C order), ``input_ids`` (whether the shards hold them), ``shards`` (a list of
-``{"file", "start", "stop"}``, contiguous token ranges covering ``[0, num_tokens)``) and
-``kldiv_version``.
+``{"file", "start", "stop"}``, contiguous token ranges covering ``[0, num_tokens)``, each file
+listed once) and ``kldiv_version``. Each shard's safetensors metadata repeats ``format``,
+``start`` and ``stop`` (as strings): :func:`load` refuses a shard whose range is not the one
+the manifest gives it (shards swapped or copied from another store).
 
 Writing is streamed (:class:`TopKWriter`): memory stays at one shard's buffer and one block of
 logits, whatever the number of tokens; :func:`save` writes in-memory logits through it. The
@@ -46,10 +50,12 @@ function runs, so ``import kldiv.topk`` imports no framework.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import numbers
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Mapping
@@ -134,9 +140,24 @@ def _check_temperature(value: Any) -> float:
     return float(value)
 
 
+def _write_error(e: Exception, file: Path) -> OSError:
+    """An ``OSError`` for ``file`` from safetensors' error ``e``, whose text carries the I/O
+    error (``Error while serializing: I/O error: File too large (os error 27)``)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    found = re.search(r"os error (\d+)|code: (\d+)", text)
+    if found:
+        code = int(found[1] or found[2])
+        return OSError(code, os.strerror(code), str(file))
+    return OSError(errno.EIO, text, str(file))
+
+
 def _check_new_dir(path: Path) -> None:
     """``path`` must not exist, or be an empty directory; its parent must exist."""
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
+    if path.is_symlink():
+        raise ValueError(
+            f"Expected `path` to be a new or empty directory, got the symbolic link {path}."
+        )
+    if path.exists() and not path.is_dir():
         raise ValueError(f"Expected `path` to be a new or empty directory, got the file {path}.")
     if path.is_dir() and any(path.iterdir()):
         raise ValueError(
@@ -168,8 +189,9 @@ class TopKWriter:
     have (e.g. ``(windows, ctx)``), recorded in the manifest; its product must equal the number
     of tokens written (default: ``[num_tokens]``).
 
-    Logits may be NumPy arrays or torch tensors (float16, bfloat16, float32 or float64, on any
-    device); they are computed in float32 (float64 stays float64). A NaN or ``+inf`` logit, or
+    Logits may be NumPy arrays (any byte order; longdouble is read as float64) or torch
+    tensors (float16, bfloat16, float32 or float64, on any device); they are computed in
+    float32 (float64 stays float64). A NaN or ``+inf`` logit, or
     a token whose logits are all ``-inf``, raises ``ValueError`` naming the token. Any error in
     :meth:`add` or :meth:`close` discards the whole write (the hidden directory is removed and
     the writer can no longer be used): a store is written completely or not at all.
@@ -269,6 +291,10 @@ class TopKWriter:
         if isinstance(logits, np.ndarray):
             if logits.dtype.kind != "f" or logits.dtype.itemsize < 2:
                 raise TypeError(f"Expected floating `logits`, got dtype {logits.dtype}.")
+            if logits.dtype.itemsize > 8:  # longdouble: no torch dtype; float64 is its precision
+                logits = logits.astype(np.float64)
+            elif not logits.dtype.isnative:  # e.g. a big-endian .npy: torch takes native only
+                logits = logits.astype(logits.dtype.newbyteorder("="))
             logits = torch.from_numpy(np.ascontiguousarray(logits))
         elif not isinstance(logits, torch.Tensor):
             raise TypeError(
@@ -328,8 +354,6 @@ class TopKWriter:
         """The stored tensors of one block of rows ``z`` ``[n, V]`` (on the CPU)."""
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         x = z.to(cdtype)
-        if self.temperature != 1.0:
-            x = x / self.temperature
         bad = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
@@ -345,6 +369,20 @@ class TopKWriter:
                 f"per token, got {what} logit{'s' if what == 'only -inf' else ''} in token "
                 f"{offset + row}."
             )
+        # x − max(x) first (exact for the ids near the top, rounded relative to the
+        # difference otherwise), then / T: the errors scale with the log-probs, not with the
+        # logits' offset, and no temperature can overflow to +inf (the largest is 0; a
+        # difference beyond the dtype's range becomes -inf, which it rounds to)
+        x = x - x.amax(-1, keepdim=True)
+        if self.temperature != 1.0:
+            t = torch.tensor(self.temperature, dtype=cdtype)
+            if not 0.0 < float(t) < math.inf:
+                raise ValueError(
+                    f"Expected `temperature` within {str(cdtype).rsplit('.', 1)[-1]}'s range "
+                    f"(the logits are computed in it), got {self.temperature!r}, which rounds "
+                    f"to {float(t)!r} there."
+                )
+            x = x / t.to(x.device)
         lse = torch.logsumexp(x, dim=-1)
         values, ids = x.topk(self.k, dim=-1)
         # the rest of the vocabulary summed directly: 1 − Σp of the top k would cancel
@@ -382,11 +420,16 @@ class TopKWriter:
         if not self.staging.exists():
             os.mkdir(self.staging)
         name = _shard_name(len(self._shards))
-        st.save_file(
-            tensors,
-            str(self.staging / name),
-            metadata={"format": FORMAT, "start": str(start), "stop": str(stop)},
-        )
+        try:
+            st.save_file(
+                tensors,
+                str(self.staging / name),
+                metadata={"format": FORMAT, "start": str(start), "stop": str(stop)},
+            )
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' own SafetensorError, e.g. a full disk
+            raise _write_error(e, self.staging / name) from None
         # safetensors creates its files 0600; the mode the umask gives (that of the directory,
         # made by mkdir, less the execute bits), as for any file the user writes
         os.chmod(self.staging / name, os.stat(self.staging).st_mode & 0o666)
@@ -403,7 +446,7 @@ class TopKWriter:
                     "Expected at least one block of logits, or `vocab_size`, before close: the "
                     "manifest needs the vocabulary size."
                 )
-            shape = self._token_shape or (self._num_tokens,)
+            shape = (self._num_tokens,) if self._token_shape is None else self._token_shape
             if math.prod(shape) != self._num_tokens:
                 raise ValueError(
                     f"Expected `token_shape` {shape} to hold the {self._num_tokens} tokens written."
@@ -518,7 +561,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     checks = {
         "vocab_size": is_int(m.get("vocab_size"), 1),
-        "k": is_int(m.get("k"), 1) and m["k"] <= m.get("vocab_size", 0),
+        "k": is_int(m.get("k"), 1)
+        and (not is_int(m.get("vocab_size"), 1) or m["k"] <= m["vocab_size"]),
         "temperature": type(m.get("temperature")) in (int, float)
         and 0 < m["temperature"] < math.inf,
         "dtype": m.get("dtype") in DTYPES,
@@ -534,17 +578,22 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not ok:
             raise _manifest_error(root, f"its field {field!r} is missing or invalid")
     at = 0
+    files: set[str] = set()
     for i, s in enumerate(m["shards"]):
         if not (
             isinstance(s, dict)
             and isinstance(s.get("file"), str)
             and Path(s["file"]).name == s["file"]
+            and s["file"] not in ("", ".", "..")
             and is_int(s.get("start"))
             and is_int(s.get("stop"))
             and s["start"] == at
             and s["stop"] > at
         ):
             raise _manifest_error(root, f"shard {i} of {MANIFEST} is malformed or out of order")
+        if s["file"] in files:
+            raise _manifest_error(root, f"shard {i} of {MANIFEST} repeats the file {s['file']}")
+        files.add(s["file"])
         at = s["stop"]
     if at != m["num_tokens"]:
         raise _manifest_error(
@@ -595,6 +644,20 @@ def _read_rows(
         a, b = max(lo, s["start"]) - s["start"], min(hi, s["stop"]) - s["start"]
         try:
             with safe_open(str(file), framework="pt") as f:
+                # the writer records each shard's range: a shard swapped with another, or
+                # copied from another store, is refused rather than read as these tokens
+                meta = f.metadata() or {}
+                said = (meta.get("format"), meta.get("start"), meta.get("stop"))
+                if said != (FORMAT, str(s["start"]), str(s["stop"])):
+                    what = (
+                        f"holds tokens [{said[1]}, {said[2]})"
+                        if said[0] == FORMAT
+                        else f"is not a {FORMAT} shard (its metadata says format {said[0]!r})"
+                    )
+                    raise _manifest_error(
+                        root,
+                        f"{s['file']} {what}, the manifest says tokens [{s['start']}, {s['stop']})",
+                    )
                 for name in names:
                     sl = f.get_slice(name)
                     dt, tail_shape = want[name]
@@ -648,11 +711,23 @@ def load(
     outcome; the stored ``tail_log_prob`` is its teacher probability, accurate however small)
     or ``"renormalize"``; see :mod:`kldiv.torch.topk`. ``temperature``: when given, must equal
     the temperature the teacher was stored at (a guard against distilling at another one;
-    the stored values cannot be re-tempered for ``"tail_bucket"``). ``device``: where the
+    the stored values cannot be re-tempered for ``"tail_bucket"``; compared to a relative
+    1e-6). ``device``: where the
     tensors go (default CPU). ``check``: passed to the teacher (validate the data when it is
     used). Only the shards that overlap the range are opened, each memory-mapped, and only the
     range's rows are read. A missing or corrupt manifest or shard, or a range outside
     ``[0, num_tokens]``, raises ``ValueError``.
+
+    Temperature: the returned ``log_probs`` and ``tail_log_prob`` are those of
+    ``softmax(logits / T_s)``, ``T_s`` the temperature the store was written at (the
+    manifest's ``temperature``), whatever ``temperature`` is passed here: loading never
+    re-tempers. :class:`~kldiv.torch.DistillationLoss`'s own ``temperature=T`` then applies on
+    top of that: with ``"renormalize"`` it divides the loaded log-probs by ``T`` again (the
+    teacher becomes ``softmax(logits / (T_s·T))`` over its ids, the student
+    ``softmax(student_logits / T)``), and with ``"tail_bucket"`` any ``T ≠ 1`` raises. So
+    temper once: store at ``T_s = 1`` and pass ``T`` to the loss (``"renormalize"`` only), or
+    store at ``T_s = T``, keep the loss at ``temperature=1`` and divide the student logits by
+    ``T`` yourself. (The teacher does not carry ``T_s``, so the loss cannot check this.)
     """
     from .torch.topk import TopKTeacher
 
@@ -660,10 +735,11 @@ def load(
     m = read_manifest(root)
     if temperature is not None:
         t = _check_temperature(temperature)
-        if t != m["temperature"]:
+        if not math.isclose(t, m["temperature"], rel_tol=1e-6):
             raise ValueError(
-                f"Expected `temperature` to match the stored teacher's {m['temperature']:g}, "
-                f"got {t:g}: its log-probs are those of softmax(logits / {m['temperature']:g})."
+                f"Expected `temperature` to match the stored teacher's {m['temperature']!r}, "
+                f"got {t!r}: its log-probs are those of softmax(logits / "
+                f"{m['temperature']!r})."
             )
     lo, hi = _token_range(m, start, stop)
     rows = _read_rows(root, m, lo, hi, ("indices", "log_probs", "tail_log_prob"))

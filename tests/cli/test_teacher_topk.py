@@ -318,6 +318,75 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, rng):
     )
 
 
+def test_empty_big_endian_and_longdouble_files_and_a_tiny_temperature(tmp_path, rng):
+    z = rng.standard_normal((6, 9))
+    files = {
+        "empty": np.zeros((0, 40), np.float32),
+        "empty2": np.zeros((2, 0, 40), np.float32),
+        "big": z.astype(">f4"),
+        "ld": z.astype(np.longdouble),
+        "f64": z,
+    }
+    for name, a in files.items():
+        np.save(tmp_path / f"{name}.npy", a)
+        code, stdout, err = run(
+            ["teacher-topk", "--logits", str(tmp_path / f"{name}.npy"), "--k", "3", "--quiet",
+             "--out", str(tmp_path / f"o-{name}")]
+        )  # fmt: skip
+        assert code == 0 and stdout.startswith("wrote ") and err == "", (name, err)
+    for name, shape in (("empty", [0]), ("empty2", [2, 0])):
+        m = kt.read_manifest(tmp_path / f"o-{name}")
+        assert (m["num_tokens"], m["token_shape"], m["vocab_size"]) == (0, shape, 40)
+    want = kt.load(kt.save(tmp_path / "mem", z.astype(np.float32), 3), tail="tail_bucket")
+    got = kt.load(tmp_path / "o-big", tail="tail_bucket")
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.log_probs, want.log_probs)
+    want = kt.load(tmp_path / "o-f64", tail="tail_bucket")
+    got = kt.load(tmp_path / "o-ld", tail="tail_bucket")
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.log_probs, want.log_probs)
+    # logits / 1e-45 would overflow: (z − max z) / T does not, the teacher is one-hot
+    argv = ["--logits", str(tmp_path / "big.npy"), "--k", "2", "--quiet"]
+    code, _, err = run(
+        ["teacher-topk", *argv, "--temperature", "1e-45", "--out", str(tmp_path / "c")]
+    )
+    assert code == 0 and err == ""
+    assert (kt.load(tmp_path / "c", tail="tail_bucket").log_probs[:, 0] == 0).all()
+
+
+def test_a_failed_shard_write_is_one_line_and_leaves_nothing(tmp_path, rng, monkeypatch):
+    import safetensors.torch
+
+    def fail(tensors, filename, metadata=None):
+        raise safetensors.SafetensorError(
+            "Error while serializing: I/O error: File too large (os error 27)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    np.save(tmp_path / "z.npy", rng.standard_normal((20, 7)).astype(np.float32))
+    for shard in ("8", "100"):  # a full shard while streaming, the last one at close
+        argv = ["--logits", str(tmp_path / "z.npy"), "--k", "2", "--shard-tokens", shard]
+        code, stdout, err = run(["teacher-topk", *argv, "--quiet", "--out", str(tmp_path / "o")])
+        assert code == 2 and stdout == "" and err.count("\n") == 1, err
+        assert err.startswith("kldiv teacher-topk: error: ") and "File too large" in err
+        assert f"{tmp_path / 'o'}: cannot write the shards (File too large)" in err
+        assert sorted(os.listdir(tmp_path)) == ["z.npy"]
+
+
+@pytest.mark.spawns
+def test_a_file_size_limit_is_one_line_and_leaves_nothing(tmp_path, rng):
+    import resource
+
+    np.save(tmp_path / "z.npy", rng.standard_normal((2000, 50)).astype(np.float32))
+    argv = ["teacher-topk", "--logits", "z.npy", "--k", "20", "--out", "o", "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kldiv", *argv, "--shard-tokens", "1000"],
+        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 10, 100 << 10)),
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1
+    assert "o: cannot write the shards (File too large)" in proc.stderr, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["z.npy"]
+
+
 @pytest.mark.spawns
 def test_without_safetensors_the_command_names_the_extra(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((2, 4), np.float32))

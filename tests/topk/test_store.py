@@ -6,7 +6,10 @@ shard boundaries, staging (a failed write leaves nothing), and the validation me
 Bounds used below, for float32 logits ``x`` with ``|x| ≤ X`` and ``L = logsumexp(x)``:
 
 - computed in float32, ``log_probs = x_S − L`` and ``tail = logsumexp(x_rest) − L`` each carry
-  a few roundings of magnitudes ≤ ``X + |L|``: ``|error| ≤ 2⁻²⁰·(1 + X + |L|)`` (8 half-ulps);
+  a few roundings of magnitudes ≤ ``X + |L|``: ``|error| ≤ 2⁻²⁰·(1 + X + |L|)`` (8 half-ulps;
+  the writer subtracts the row maximum first, so ``X`` is in fact the row's spread
+  ``max x − min x`` and ``|L| ≤ log V``, whatever the logits' offset: see
+  test_the_accuracy_does_not_depend_on_the_logits_offset);
 - stored in a dtype with ``m`` mantissa bits, a log-prob gains ``≤ 2^−(m+1)·|lp|``: 2⁻¹¹ for
   float16, 2⁻⁸ for bfloat16, 2⁻²⁴ for float32;
 - so each stored log-probability is off by at most ``ε`` (per token, the largest of the two
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -211,6 +215,96 @@ def test_import_kldiv_topk_imports_no_framework():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_accuracy_does_not_depend_on_the_logits_offset(tmp_path, rng):
+    """The row maximum is subtracted before anything else: a stored log-prob's error scales
+    with the log-probs, not with |logits| (at an offset of 1e4, ~3e-4 when it was not)."""
+    z = (3.0 * rng.standard_normal((16, 100)) + 1e4).astype(np.float32)
+    for temperature in (1.0, 0.7):
+        t = kt.load(
+            kt.save(tmp_path / str(temperature), z, 5, temperature=temperature), tail="tail_bucket"
+        )
+        _, top, tail = reference_topk(z, 5, temperature=temperature)
+        x = z.astype(np.float64) / temperature
+        eps = 2.0**-20 * (1 + x.max(-1) - x.min(-1) + np.log(100))
+        assert (np.abs(t.log_probs.double().numpy() - top) <= eps[:, None]).all()
+        assert (np.abs(t.tail_log_prob.double().numpy() - tail) <= eps).all()
+
+
+def test_extreme_temperatures_do_not_overflow(tmp_path):
+    z = np.array([[1.0, 3.0, 2.0, -np.inf]], np.float32)
+    # (z − max z) / T: the largest is 0, the rest -inf (what float32 rounds them to)
+    t = kt.load(kt.save(tmp_path / "cold", z, 2, temperature=1e-45), tail="tail_bucket", check=True)
+    assert t.indices[0, 0] == 1 and t.log_probs.tolist() == [[0.0, -math.inf]]  # a tie at -inf
+    assert t.tail_log_prob.tolist() == [-math.inf]
+    hot = kt.load(kt.save(tmp_path / "hot", z, 2, temperature=1e30), tail="tail_bucket")
+    np.testing.assert_allclose(hot.log_probs.numpy(), np.full((1, 2), -math.log(3)), rtol=1e-6)
+    for temperature, to in ((1e-46, r"0\.0"), (1e300, "inf")):
+        with pytest.raises(
+            ValueError,
+            match=rf"within float32's range .* got {re.escape(repr(temperature))}, which rounds to {to} there",
+        ):
+            kt.save(tmp_path / "x", z, 2, temperature=temperature)
+    assert (
+        kt.load(
+            kt.save(tmp_path / "f64", z.astype(np.float64), 2, temperature=1e300),
+            tail="renormalize",
+        ).k
+        == 2
+    )
+
+
+def test_a_float32_temperature_matches_the_stored_one(tmp_path, rng):
+    path = kt.save(
+        tmp_path / "t", rng.standard_normal((3, 5)).astype(np.float32), 2, temperature=0.7
+    )
+    assert kt.load(path, tail="renormalize", temperature=np.float32(0.7)).k == 2
+    with pytest.raises(
+        ValueError, match=r"stored teacher's 0\.7, got 0\.71: .*softmax\(logits / 0\.7\)"
+    ):
+        kt.load(path, tail="renormalize", temperature=0.71)
+
+
+def test_empty_foreign_byte_order_and_longdouble_logits(tmp_path, rng):
+    for i, shape in enumerate([(0, 40), (2, 0, 40)]):
+        path = kt.save(tmp_path / f"empty{i}", np.zeros(shape, np.float32), 3)
+        m = kt.read_manifest(path)
+        assert (m["num_tokens"], m["token_shape"], m["shards"], m["vocab_size"]) == (
+            0,
+            list(shape[:-1]),
+            [],
+            40,
+        )
+        assert kt.load(path, tail="tail_bucket").indices.shape == (0, 3)
+    w = kt.TopKWriter(tmp_path / "none", 3, vocab_size=40)
+    assert kt.read_manifest(w.close())["num_tokens"] == 0
+    z = rng.standard_normal((4, 9))
+    want = kt.load(kt.save(tmp_path / "native", z.astype(np.float32), 3), tail="tail_bucket")
+    got = kt.load(kt.save(tmp_path / "big", z.astype(">f4"), 3), tail="tail_bucket")
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.log_probs, want.log_probs)
+    want = kt.load(kt.save(tmp_path / "f64", z, 3), tail="tail_bucket")
+    got = kt.load(kt.save(tmp_path / "ld", z.astype(np.longdouble), 3), tail="tail_bucket")
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.log_probs, want.log_probs)
+    # one token of shape (): token_shape [] (an empty tuple is not "unset")
+    assert kt.read_manifest(kt.save(tmp_path / "one", z[0], 3))["token_shape"] == []
+
+
+def test_a_failed_shard_write_is_an_oserror_naming_the_file(tmp_path, rng, monkeypatch):
+    import safetensors
+    import safetensors.torch
+
+    def fail(tensors, filename, metadata=None):
+        raise safetensors.SafetensorError(
+            "Error while serializing: I/O error: File too large (os error 27)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    w = kt.TopKWriter(tmp_path / "out", 2, shard_tokens=2)
+    with pytest.raises(OSError, match="File too large") as e:
+        w.add(rng.standard_normal((3, 5)).astype(np.float32))
+    assert e.value.errno == 27 and e.value.filename == str(w.staging / "shard-00000.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
 # --- validation -------------------------------------------------------------------------------
 
 
@@ -249,6 +343,10 @@ def test_writer_and_save_refuse_bad_arguments(tmp_path, rng):
         kt.TopKWriter(tmp_path / "full", 2)
     with pytest.raises(ValueError, match="new or empty directory, got the file"):
         kt.TopKWriter(tmp_path / "full" / "x", 2)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    with pytest.raises(ValueError, match="new or empty directory, got the symbolic link .*link"):
+        kt.TopKWriter(tmp_path / "link", 2)
+    os.remove(tmp_path / "link")
     w = kt.TopKWriter(d, 2, token_shape=(3, 2))
     w.add(z[:2])
     with pytest.raises(ValueError, match="V = 8 entries on the last axis, got shape"):
@@ -264,6 +362,9 @@ def test_writer_and_save_refuse_bad_arguments(tmp_path, rng):
     with pytest.raises(ValueError, match="at least one block of logits, or `vocab_size`"):
         kt.TopKWriter(d, 2).close()
     assert sorted(os.listdir(tmp_path)) == ["full"]
+
+
+SHARD0 = {"format": "kldiv.topk", "start": "0", "stop": "4"}  # the metadata of shard 0 below
 
 
 def corrupt(tmp_path, rng, edit):
@@ -295,6 +396,57 @@ def corrupt(tmp_path, rng, edit):
             lambda p, m: (p / "manifest.json").write_text(json.dumps({**m, "num_tokens": 11})),
             "its field 'token_shape' is missing or invalid",
         ),
+        # vocab_size is checked before k is compared with it (no TypeError)
+        (
+            lambda p, m: (p / "manifest.json").write_text(json.dumps({**m, "vocab_size": None})),
+            "its field 'vocab_size' is missing or invalid",
+        ),
+        (
+            lambda p, m: (p / "manifest.json").write_text(json.dumps({**m, "vocab_size": "8"})),
+            "its field 'vocab_size' is missing or invalid",
+        ),
+        # shards of the same size swapped, one listed twice, one from elsewhere
+        (
+            lambda p, m: (p / "manifest.json").write_text(
+                json.dumps(
+                    {
+                        **m,
+                        "shards": [
+                            {**m["shards"][0], "file": m["shards"][1]["file"]},
+                            {**m["shards"][1], "file": m["shards"][0]["file"]},
+                            m["shards"][2],
+                        ],
+                    }
+                )
+            ),  # fmt: skip
+            r"shard-00001.safetensors holds tokens \[4, 8\), the manifest says tokens \[0, 4\)",
+        ),
+        (
+            lambda p, m: (p / "manifest.json").write_text(
+                json.dumps(
+                    {
+                        **m,
+                        "shards": [
+                            m["shards"][0],
+                            {**m["shards"][1], "file": m["shards"][0]["file"]},
+                            m["shards"][2],
+                        ],
+                    }
+                )
+            ),  # fmt: skip
+            "shard 1 of manifest.json repeats the file shard-00000.safetensors",
+        ),
+        (
+            lambda p, m: save_file(
+                {
+                    "indices": torch.zeros(4, 3, dtype=torch.int32),
+                    "log_probs": torch.full((4, 3), -2.0),
+                    "tail_log_prob": torch.full((4,), -1.0),
+                },
+                str(p / "shard-00000.safetensors"),
+            ),
+            r"shard-00000.safetensors is not a kldiv.topk shard \(its metadata says format None\)",
+        ),
         (
             lambda p, m: (p / "manifest.json").write_text(
                 json.dumps({**m, "shards": m["shards"][:1] + m["shards"][2:]})
@@ -319,6 +471,7 @@ def corrupt(tmp_path, rng, edit):
                     "tail_log_prob": torch.zeros(4),
                 },
                 str(p / "shard-00000.safetensors"),
+                metadata=SHARD0,
             ),
             r"holds indices of shape \(4, 2\), the manifest says \(4, 3\)",
         ),
@@ -330,6 +483,7 @@ def corrupt(tmp_path, rng, edit):
                     "tail_log_prob": torch.zeros(4),
                 },
                 str(p / "shard-00000.safetensors"),
+                metadata=SHARD0,
             ),
             "holds indices as torch.int64, expected torch.int32",
         ),
@@ -341,6 +495,7 @@ def corrupt(tmp_path, rng, edit):
                     "tail_log_prob": torch.zeros(4),
                 },
                 str(p / "shard-00000.safetensors"),
+                metadata=SHARD0,
             ),
             r"ids in \[0, 8\] for tokens \[0, 10\), outside the vocabulary \[0, 8\)",
         ),

@@ -16,7 +16,8 @@ Two sources:
     A file of logits (or log-probabilities: the log-softmax makes them the same) in any format
     ``kldiv compare`` reads (``.npy``, ``.npz``, ``.safetensors``, ``.pt``; ``FILE::NAME``
     picks an array), the category axis ``--axis`` (default last), streamed in blocks. The
-    manifest's ``token_shape`` is the file's shape without that axis.
+    manifest's ``token_shape`` is the file's shape without that axis (a file of 0 tokens
+    gives an empty store).
 
 Memory stays bounded whatever the number of tokens: one batch of windows' logits (or one
 block of the file, a few MiB), and one shard's buffer (``--shard-tokens``), written as soon as
@@ -100,12 +101,19 @@ def _manifest(dest: Path) -> dict[str, Any]:
     return read_manifest(dest)
 
 
-def _writer(args: argparse.Namespace, dest: Path, teacher: dict, token_shape: tuple) -> Any:
+def _writer(
+    args: argparse.Namespace,
+    dest: Path,
+    teacher: dict,
+    token_shape: tuple,
+    vocab_size: int | None = None,
+) -> Any:
     from ..topk import TopKWriter
 
     return TopKWriter(
         dest,
         args.k,
+        vocab_size=vocab_size,
         temperature=args.temperature,
         dtype=args.dtype,
         shard_tokens=args.shard_tokens,
@@ -137,19 +145,27 @@ def _write(writer: Any, blocks: Any, bar: Any, source: str) -> None:
         try:
             for logits, ids in blocks:
                 try:
-                    writer.add(logits, ids)
+                    writer.add(logits, ids)  # writes a shard whenever one is full
                 except ValueError as e:  # NaN or +inf logits, a vocabulary smaller than --k
                     raise UsageError(f"{source}: {e}") from None
+                except OSError as e:  # a full disk, a file size limit, ...
+                    raise _write_error(writer, e) from None
                 bar.update(int(np.prod(logits.shape[:-1])))
             try:
                 writer.close()
             except OSError as e:
-                raise UsageError(f"{writer.path}: cannot write the shards ({e.strerror})") from None
+                raise _write_error(writer, e) from None
         except BaseException:
             writer.abort()
             raise
         finally:
             bar.close()
+
+
+def _write_error(writer: Any, e: OSError) -> Exception:
+    from . import UsageError
+
+    return UsageError(f"{writer.path}: cannot write the shards ({e.strerror or e})")
 
 
 def _from_model(args: argparse.Namespace, dest: Path) -> tuple[Any, str]:
@@ -220,7 +236,8 @@ def _from_logits(args: argparse.Namespace, dest: Path) -> tuple[Any, str]:
         token_shape = tuple(d for i, d in enumerate(f.shape) if i != ax)
         _, _, key = args.logits.partition("::")
         teacher = {"source": "logits", "logits": str(f.path.resolve()), "array": key or None}
-        writer = _writer(args, dest, teacher, token_shape)
+        # the vocabulary size is known without a block: a file of 0 tokens is an empty store
+        writer = _writer(args, dest, teacher, token_shape, vocab)
         chunk = max(1, CHUNK_BYTES // (vocab * f.dtype.itemsize))
         bar = _bar(args, math.prod(token_shape), "top-k")
         blocks = ((block, None) for block in f.rows(ax, chunk))
