@@ -241,10 +241,10 @@ class DistillationLoss(torch.nn.Module):
     the softmax, applied before the temperature: ``z ↦ σ·z``, then ``z ↦ c·tanh(z/c)``
     (Gemma-family soft-capping). One value applies to both sides, a ``(teacher, student)``
     pair to each (None: nothing). ``±inf`` logits stay ``±inf``. The gradient is that of the
-    composition, ``σ·(1 − tanh²(σz/c))`` times the divergence's. With a cap, or different
-    scales on the two sides, the maps run in row chunks of at most 2^22 logits in front of the
-    engine below (no ``[N, V]`` float32 copy; one graph break under ``torch.compile``); equal
-    scales without a cap are a temperature of ``T/σ``.
+    composition, ``σ·(1 − tanh²(σz/c))`` times the divergence's. On CPU the C kernel applies
+    them as it reads the logits; in front of the Triton kernels they run in row chunks of at
+    most 2^22 logits (no ``[N, V]`` float32 copy; one graph break under ``torch.compile``);
+    equal scales without a cap are a temperature of ``T/σ``.
 
     ``teacher_logits`` may instead be a :class:`~kldiv.torch.TopKTeacher` (``indices`` and
     ``log_probs`` ``[..., K]`` as offline pipelines store them, with a required tail policy,
@@ -379,30 +379,17 @@ class DistillationLoss(torch.nn.Module):
         path = self.path_for(student_logits, teacher_logits)
         if path != "core":
             folded, temperature = mapped.fold(maps, self.temperature)
-            if folded[0].identity and folded[1].identity:
-                rows = dispatch.rows(
-                    path,
-                    self.divergence,
-                    student_logits,
-                    teacher_logits,
-                    keep,
-                    temperature,
-                    self.beta,
-                    self.alpha,
-                )
-            else:
-                v = student_logits.shape[-1]
-                rows = mapped.per_row(
-                    path,
-                    self.divergence,
-                    student_logits.reshape(-1, v),
-                    teacher_logits.reshape(-1, v),
-                    None if keep is None else keep.reshape(-1),
-                    temperature,
-                    self.beta,
-                    self.alpha,
-                    folded,
-                ).reshape(student_logits.shape[:-1])
+            rows = dispatch.rows(
+                path,
+                self.divergence,
+                student_logits,
+                teacher_logits,
+                keep,
+                temperature,
+                self.beta,
+                self.alpha,
+                maps=folded,
+            )
             loss = reduce_rows(rows, keep, self.reduction, num_items)
         else:
             with dispatch.core_only():  # the core, not the engine it may hand work to

@@ -50,9 +50,9 @@ def launched(monkeypatch):
     seen = []
     real = native_engine.rows
 
-    def counted(kind, s, t, keep, inv_t, grad, w=None):
+    def counted(kind, s, t, keep, inv_t, grad, w=None, maps=None):
         seen.append((kind, w))
-        return real(kind, s, t, keep, inv_t, grad, w)
+        return real(kind, s, t, keep, inv_t, grad, w, maps)
 
     monkeypatch.setattr(native_engine, "rows", counted)
     return seen

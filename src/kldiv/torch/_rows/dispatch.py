@@ -160,23 +160,33 @@ def rows(
     temperature: float,
     beta: float = JS_BETA,
     alpha: float = SKEW_ALPHA,
+    *,
+    maps: tuple[Any, Any] | None = None,
 ) -> torch.Tensor:
     """Per-token ``D(teacher‖student)`` of ``[..., V]`` logits through the engine ``path``
     (``"triton"`` or ``"chunked"``, from :func:`choose`): the token shape, skipped tokens
     (``keep`` False) 0, float32 (float64 when an input is), differentiable with respect to
-    ``student``."""
+    ``student``. ``maps``: the (teacher, student) :class:`kldiv._spec.LogitMap`, applied before
+    the temperature: inside the C kernel on the chunked path, in row chunks of tensor code in
+    front of the Triton kernels (:mod:`.mapped`)."""
     v = student.shape[-1]
     tokens = tuple(student.shape[:-1])
     flat_keep = None if keep is None else keep.reshape(-1)
     s2, t2 = student.reshape(-1, v), teacher.reshape(-1, v)
-    if path == "triton":
+    if maps is not None and all(m.identity for m in maps):
+        maps = None
+    if maps is not None and path == "triton":
+        from . import mapped
+
+        out = mapped.per_row(path, kind, s2, t2, flat_keep, temperature, beta, alpha, maps)
+    elif path == "triton":
         from .triton import ops as triton_ops
 
         out = triton_ops.per_row(kind, s2, t2, flat_keep, temperature, weight_of(kind, beta, alpha))
     elif path == "chunked":
         from . import tensor
 
-        out = tensor.per_row(kind, s2, t2, flat_keep, temperature, beta, alpha=alpha)
+        out = tensor.per_row(kind, s2, t2, flat_keep, temperature, beta, alpha=alpha, maps=maps)
     else:
         raise ValueError(f"Unknown engine {path!r}.")
     out_dtype = torch.promote_types(student.dtype, torch.float32)
@@ -228,6 +238,7 @@ def rows_and_grad(
     need_grad: bool,
     beta: float = JS_BETA,
     alpha: float = SKEW_ALPHA,
+    maps: tuple[Any, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row ``D(teacher‖student)`` ``[rows]`` of ``[rows, V]`` logits through the engine
     ``path`` (from :func:`choose`, ``"core"`` included) and, if ``need_grad``, the gradient of
@@ -235,7 +246,16 @@ def rows_and_grad(
     autograd Function around many such chunks (the fused-linear losses). Triton gives the
     gradient in the logits' dtype (its one-pass backward with ``grad_output = 1``), the other
     engines in float32 (float64 for float64 logits); an engine that is identically 0 gives a
-    zero gradient."""
+    zero gradient. ``maps`` as in :func:`rows` (the C kernel applies them itself; for the
+    other engines tensor code maps the chunk first and chains the gradient)."""
+    if maps is not None and all(m.identity for m in maps):
+        maps = None
+    if maps is not None and path != "chunked":
+        from . import mapped
+
+        return mapped.chunk_rows_and_grad(
+            path, kind, student, teacher, temperature, need_grad, beta, alpha, maps
+        )
     if path == "triton":
         from .triton import launch
 
@@ -254,7 +274,7 @@ def rows_and_grad(
         from . import tensor
 
         return tensor.chunked_forward(
-            kind, student, teacher, None, temperature, need_grad, beta, alpha=alpha
+            kind, student, teacher, None, temperature, need_grad, beta, alpha=alpha, maps=maps
         )
     if path != "core":
         raise ValueError(f"Unknown engine {path!r}.")
@@ -313,7 +333,8 @@ def engine_rows(
             return None
         if not torch.is_grad_enabled():
             q = q.detach()
-        return rows(path, kind, q, p.detach(), keep, temperature, **params)
+        beta, alpha = params.get("beta", JS_BETA), params.get("alpha", SKEW_ALPHA)
+        return rows(path, kind, q, p.detach(), keep, temperature, beta, alpha)
     if _common_obstacles(kind, w, q, p, False) or _chunked_obstacles(q):
         return None
     from . import tensor

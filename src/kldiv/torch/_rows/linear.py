@@ -441,7 +441,7 @@ def logit_chunk(
     path, or the core (float64, the endpoints where a divergence is identically 0)."""
     path = dispatch.choose(FAST_PATH, cfg.kind, cfg.w, s, t, teacher_grad=False)
     return dispatch.rows_and_grad(
-        path, cfg.kind, s, t, cfg.temperature, need_grad, cfg.beta, cfg.alpha
+        path, cfg.kind, s, t, cfg.temperature, need_grad, cfg.beta, cfg.alpha, cfg.maps
     )
 
 
@@ -525,11 +525,8 @@ def fused_pass(
         out = torch.zeros(n if per_row else (), dtype=val_dtype, device=device)
         for a, b in chunks:
             h, s, t = ops.chunk(a, b)
-            s, t, ds = mapped_chunk(cfg.maps, s, t, need_grad)
             vals, g = logit_chunk(cfg, s, t, need_grad)
             del s, t  # before the gradient matmuls: one [rows, V] buffer fewer at the peak
-            if g is not None and ds is not None:
-                g = g.to(ds.dtype).mul_(ds)
             if per_row:
                 if index is None:
                     out[a:b] = vals

@@ -1,10 +1,12 @@
-"""Logit maps (``logit_scale``, soft-capping) in front of the engines, in row chunks.
+"""Logit maps (``logit_scale``, soft-capping) in front of the engines that do not apply them
+themselves, in row chunks.
 
-A distillation loss with a :class:`kldiv._spec.LogitMap` on a side computes, per chunk of
-rows, the mapped logits ``m(z)`` (tensor code, float32: a chunk of at most 2^22 logits, so
+The C kernel applies a :class:`kldiv._spec.LogitMap` inside (the chunked CPU path); in front of
+the Triton kernels and the core, a distillation loss with a map on a side computes, per chunk
+of rows, the mapped logits ``m(z)`` (tensor code, float32: a chunk of at most 2^22 logits, so
 nothing of size ``[N, V]`` but the gradient is allocated), the engine's values and gradient
-``G`` with respect to them (:func:`.dispatch.rows_and_grad`, the engine the dispatcher chose:
-the C kernel, Triton or tensor code), and the chain rule ``G ⊙ m'(z)``. As in the engines, the
+``G`` with respect to them (:func:`.dispatch.rows_and_grad`), and the chain rule
+``G ⊙ m'(z)``. As in the engines, the
 gradient is computed in the forward pass and scaled by ``grad_output`` in backward; a second
 backward through a retained graph computes it again, and ``create_graph=True`` recomputes
 it through the core (whose ``softcap``/``logit_scale`` are the same maps).

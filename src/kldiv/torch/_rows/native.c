@@ -21,6 +21,11 @@
  * Two exps per element, and one log for the kinds with a mixture; the [N, V] inputs are read
  * from memory once.
  *
+ * Each side's logits may first go through its logit map (the heads' logit_scale and
+ * soft-capping, x -> c tanh(s x / c); `lmap` below), wherever a pass reads them, and the
+ * gradient row is then multiplied by the student map's derivative: one tanh more per
+ * element read, and nothing stored.
+ *
  * With d = a - b, c = log z_s - log z_t, and for the gradient through the softmax
  * h_j = q_j * df/dq_j of the summand f (then d/ds_j = (h_j - q_j * sum_k h_k) / T):
  *   0 KL(T||S) = sum_j p_j (b_j - a_j) - log z_t + log z_s,     d/ds_j = (q_j - p_j) / T
@@ -164,6 +169,47 @@ static inline vf vlog(vf x) {
 
 static inline vf vmin(vf x, vf c) { return select(x < c, x, c); } /* NaN gives c */
 
+/* tanh y within a few ulp: Cephes' odd minimax polynomial below |y| = 0.625 (where
+ * 1 - e^(-2|y|) would cancel), (1 - e)/(1 + e) with e = e^(-2|y|) above, the sign restored. */
+static inline vf vtanh(vf y) {
+    const vf ay = (vf)((vi)y & 0x7fffffff), z = y * y;
+    const vf p = ((((-5.70498872745E-3f * z + 2.06390887954E-2f) * z - 5.37397155531E-2f) * z +
+                   1.33314422036E-1f) * z - 3.33332819422E-1f) * z * y + y;
+    const vf e = vexp(-2.0f * ay);
+    const vf big = (vf)(((vi)((1.0f - e) / (1.0f + e))) | ((vi)y & INT32_MIN)); /* sign of y */
+    return select(ay < 0.625f, p, big);
+}
+
+/* A side's logit map (the heads' logit_scale and soft-capping; kldiv/_spec.py LogitMap):
+ * x -> cap * tanh(mul * x) with cap > 0 (mul = scale / cap), else mul * x. +-inf stay +-inf
+ * (a ruled-out token stays ruled out); the temperature applies after. */
+typedef struct {
+    float mul, cap;
+} lmap;
+
+static inline vf map_of(lmap m, vf x) {
+    if (m.cap > 0) {
+        const vi inf = (x == INFINITY) | (x == -INFINITY);
+        return select(inf, x, m.cap * vtanh(x * m.mul));
+    }
+    return m.mul == 1.0f ? x : x * m.mul;
+}
+
+/* d map / dx: cap * mul * (1 - tanh^2(mul * x)), 0 at +-inf; mul without a cap. */
+static inline vf map_grad(lmap m, vf x) {
+    if (m.cap > 0) {
+        const vi inf = (x == INFINITY) | (x == -INFINITY);
+        const vf th = vtanh(select(inf, splat(0), x) * m.mul);
+        return select(inf, splat(0), (m.cap * m.mul) * (1.0f - th * th));
+    }
+    return splat(m.mul);
+}
+
+static inline float map1(lmap m, float x) {
+    if (m.cap > 0) return isinf(x) ? x : m.cap * tanhf(x * m.mul);
+    return x * m.mul;
+}
+
 /* Sums are kept per vector lane over blocks of this many elements and then added in double:
  * float32 lanes alone would lose about log2(V/W) bits. */
 #define BLOCK 512
@@ -179,7 +225,7 @@ typedef struct {
 
 static terms js_terms(const float *si, const float *ti, const float *es_row, float *hq,
                       int64_t v, float inv_t, float m_s, float m_t, double w, double zs,
-                      double zt) {
+                      double zt, lmap ms_, lmap mt_) {
     const float NEG = -INFINITY;
     const vf beta = splat((float)w), c = splat((float)((1 - w) * zt / zs));
     const vf dl = splat((float)(log(zt) - log(zs)));
@@ -189,8 +235,8 @@ static terms js_terms(const float *si, const float *ti, const float *es_row, flo
         const int64_t j1 = j0 + BLOCK < v ? j0 + BLOCK : v;
         vf vp = splat(0), vq = splat(0);
         for (int64_t j = j0; j < j1; j += W) {
-            const vf a = load(si, j, v, NEG) * inv_t - m_s;
-            const vf b = load(ti, j, v, NEG) * inv_t - m_t;
+            const vf a = map_of(ms_, load(si, j, v, NEG)) * inv_t - m_s;
+            const vf b = map_of(mt_, load(ti, j, v, NEG)) * inv_t - m_t;
             const vf es = load(es_row, j, v, 0), et = load(hq, j, v, 0);
             const vf lm = vlog(beta * et + c * es); /* log(z_t m) */
             /* a p = 0 term is 0, where b = -inf makes lp -inf (or NaN with lm = -inf) */
@@ -259,11 +305,17 @@ static terms tv_terms(const float *es_row, float *hq, int64_t v, double zs, doub
  * JS and the skew kinds (unused by the others). grad (row stride gs) may be NULL for
  * evaluation only. row_scale (NULL: `scale` for every row) multiplies the gradient. scratch:
  * 2 * (v + W) floats. values[i] and flags[i] are written for every row; flags[i] = 1 means
- * the caller must compute row i (its value and gradient row here are unspecified). */
+ * the caller must compute row i (its value and gradient row here are unspecified). maps: the
+ * student's and the teacher's logit maps, applied to every logit before inv_t (the gradient
+ * is with respect to the unmapped student logits), or NULL. */
 void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, int64_t ss,
                     const float *t, int64_t ts, const uint8_t *keep, float inv_t, float *grad,
                     int64_t gs, const float *row_scale, float scale, float *scratch,
-                    double *values, uint8_t *flags) {
+                    double *values, uint8_t *flags, const float *maps) {
+    /* maps (NULL: none): {mul, cap} of the student's and then the teacher's logit map */
+    const lmap ms_ = maps ? (lmap){maps[0], maps[1]} : (lmap){1.0f, 0.0f};
+    const lmap mt_ = maps ? (lmap){maps[2], maps[3]} : (lmap){1.0f, 0.0f};
+    const int sgrad = ms_.cap > 0 || ms_.mul != 1.0f; /* the gradient needs map_grad */
     const float NEG = -INFINITY;
     float *second = scratch;      /* e_t (KL, mixtures, TV) or d = a - b (reverse KL) */
     float *own = scratch + v + W; /* e_s when there is no gradient row */
@@ -291,7 +343,8 @@ void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, in
             ms = select(a > ms, a, ms);
             mt = select(b > mt, b, mt);
         }
-        const float m_s = hmax(ms) * inv_t, m_t = hmax(mt) * inv_t;
+        /* the maps are increasing: the maximum of the mapped row is the mapped maximum */
+        const float m_s = map1(ms_, hmax(ms)) * inv_t, m_t = map1(mt_, hmax(mt)) * inv_t;
         /* With fused multiply-adds, a = s*inv_t - m_s is exact before its one rounding, so
          * at the row maximum it is the rounding error of m_s, up to |m_s|*2^-24, not 0. That
          * is harmless (and more accurate) while it stays small; beyond |s/T| = 2^22 it could
@@ -315,8 +368,8 @@ void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, in
                     __builtin_prefetch(si + ss + j, 0, 2);
                     __builtin_prefetch(ti + ts + j, 0, 2);
                 }
-                const vf a = load(si, j, v, NEG) * inv_t - m_s;
-                const vf b = load(ti, j, v, NEG) * inv_t - m_t;
+                const vf a = map_of(ms_, load(si, j, v, NEG)) * inv_t - m_s;
+                const vf b = map_of(mt_, load(ti, j, v, NEG)) * inv_t - m_t;
                 const vf es = vexp(a), et = vexp(b);
                 vzs += es;
                 vzt += et;
@@ -349,8 +402,11 @@ void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, in
             values[i] = any(inf_terms) ? INFINITY : acc / zt - lzt + lzs;
             if (!grad) continue;
             const vf cq = splat((float)(sc / zs)), cp = splat((float)(sc / zt));
-            for (int64_t j = 0; j < v; j += W)
-                store(gi, j, v, load(gi, j, v, 0) * cq - load(second, j, v, 0) * cp);
+            for (int64_t j = 0; j < v; j += W) {
+                vf g = load(gi, j, v, 0) * cq - load(second, j, v, 0) * cp;
+                if (sgrad) g *= map_grad(ms_, load(si, j, v, 0));
+                store(gi, j, v, g);
+            }
             continue;
         }
         if (kind == REVERSE_KL) {
@@ -365,14 +421,16 @@ void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, in
             for (int64_t j = 0; j < v; j += W) {
                 const vf es = load(gi, j, v, 0);
                 /* q = 0 terms: d may be -inf or NaN there, and their gradient is 0 */
-                store(gi, j, v, select(es > 0, es * cq * (load(second, j, v, 0) - c), splat(0)));
+                vf g = select(es > 0, es * cq * (load(second, j, v, 0) - c), splat(0));
+                if (sgrad) g *= map_grad(ms_, load(si, j, v, 0));
+                store(gi, j, v, g);
             }
             continue;
         }
         terms r;
         double hscale = 1; /* h_j / q_j is hscale times what pass 3 stored */
         if (kind == JS) {
-            r = js_terms(si, ti, gi, second, v, inv_t, m_s, m_t, w, zs, zt);
+            r = js_terms(si, ti, gi, second, v, inv_t, m_s, m_t, w, zs, zt, ms_, mt_);
             hscale = 1 - w;
         } else if (skew) {
             r = skew_terms(kind == SKEW_REVERSE_KL, gi, second, v, w, zs, zt);
@@ -384,8 +442,11 @@ void kldiv_cpu_rows(int kind, double w, int64_t n, int64_t v, const float *s, in
         if (!grad) continue;
         /* h_j - q_j sum_k h_k = hscale q_j (x_j - sum_k q_k x_k), x_j the stored stream */
         const vf cq = splat((float)(hscale * sc / zs)), mean = splat((float)r.h);
-        for (int64_t j = 0; j < v; j += W)
-            store(gi, j, v, load(gi, j, v, 0) * cq * (load(second, j, v, 0) - mean));
+        for (int64_t j = 0; j < v; j += W) {
+            vf g = load(gi, j, v, 0) * cq * (load(second, j, v, 0) - mean);
+            if (sgrad) g *= map_grad(ms_, load(si, j, v, 0));
+            store(gi, j, v, g);
+        }
     }
 }
 

@@ -220,7 +220,10 @@ class _Library:
         p, i64, f32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
         c_int = ctypes.c_int
         self.rows = getattr(lib, SYMBOL)
-        self.rows.argtypes = [c_int, f64, i64, i64, p, i64, p, i64, p, f32, p, i64, p, f32, p, p, p]
+        self.rows.argtypes = [
+            *(c_int, f64, i64, i64, p, i64, p, i64, p, f32, p, i64, p, f32, p, p, p),
+            p,  # the logit maps: {mul, cap} of the student's and the teacher's, or NULL
+        ]
         self.slice_stats = getattr(lib, SLICE_SYMBOLS[0])
         self.slice_stats.argtypes = [i64, i64, p, i64, p, i64, p, f32, p, i64, p]
         self.slice_rows = getattr(lib, SLICE_SYMBOLS[1])
@@ -359,12 +362,17 @@ def rows(
     inv_t: float,
     grad: torch.Tensor | None,
     w: float | None = None,
+    maps: tuple[Any, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``kind`` of tempered float32 logits ``[n, v]`` (CPU, unit stride along rows;
     any row stride, 0 included) and, when ``grad`` is given, the gradient of their sum with
     respect to ``student`` written into it (``[n, v]`` float32, unit stride along rows).
     ``w`` is the weight of the kinds in :data:`WEIGHTED` (JS's ``beta``, the skew kinds'
     ``alpha``), 0 < w < 1; the other kinds ignore it.
+
+    ``maps``: the (teacher, student) :class:`kldiv._spec.LogitMap`, applied to the logits
+    before the temperature inside the kernel (the gradient is with respect to the unmapped
+    student logits); None: neither.
 
     Returns ``(values, flagged)``: float64 ``[n]`` and bool ``[n]``. Flagged rows are left
     to the caller, with their value and gradient row unspecified: rows holding +inf or NaN,
@@ -383,6 +391,11 @@ def rows(
     scratch = torch.empty((parts, 2 * (v + 16)), dtype=torch.float32)
     bounds = [n * k // parts for k in range(parts + 1)]
     code = KINDS[kind]
+    packed = None
+    if maps is not None and not all(m.identity for m in maps):
+        # {mul, cap} per side, student first: x -> cap·tanh(mul·x), or mul·x without a cap
+        sides = [(m.scale / m.cap, m.cap) if m.cap else (m.scale, 0.0) for m in maps[::-1]]
+        packed = torch.tensor([x for side in sides for x in side], dtype=torch.float32)
 
     def call(k: int) -> None:
         a, b = bounds[k], bounds[k + 1]
@@ -406,6 +419,7 @@ def rows(
             scratch[k].data_ptr(),
             values[a:].data_ptr(),
             flags[a:].data_ptr(),
+            None if packed is None else packed.data_ptr(),
         )
 
     if parts == 1:

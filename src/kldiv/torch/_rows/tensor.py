@@ -39,6 +39,8 @@ from . import native as native_engine
 _CHUNK_ELEMENTS = 1 << 18
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# the (teacher, student) logit maps, kldiv._spec.LogitMap
+Maps = tuple[spec.LogitMap, spec.LogitMap]
 
 
 def _chunk_kl(lt: torch.Tensor, ls: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -277,9 +279,12 @@ def chunked_forward(
     beta: float = JS_BETA,
     *,
     alpha: float = SKEW_ALPHA,
+    maps: Maps | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row divergences ``[N]`` (masked rows 0) and, if asked, the gradient of their sum
     with respect to ``student`` (``[N, V]``; masked rows 0), on ``student``'s device.
+    ``maps``: the (teacher, student) logit maps (:class:`kldiv._spec.LogitMap`), applied before
+    the temperature, inside the compiled kernel and in the tensor code alike.
 
     Computed in float32, or float64 when either input is float64; ``student`` and
     ``teacher`` are ``[N, V]`` logits (divided by ``temperature`` here). Every divergence on
@@ -313,9 +318,9 @@ def chunked_forward(
         k = None if keep is None else keep[start:stop]
         g = None if grad is None else grad[start:stop]
         if native is not None:
-            val = _native_chunk(native, fn, s, t, k, g, temperature, rows, work, w)
+            val = _native_chunk(native, fn, s, t, k, g, temperature, rows, work, w, maps)
         else:
-            val = _tensor_chunk(fn, s, t, k, g, temperature, work)
+            val = _tensor_chunk(fn, s, t, k, g, temperature, work, maps)
         values[start:stop] = val
     # Every kind is >= 0, but float32 terms can round a row's sum below it (identical rows
     # read about -1e-8 where the core's exact mixture gives 0): the bound is closer to the
@@ -334,6 +339,7 @@ def _native_chunk(
     rows: int,
     work: list[torch.Tensor],
     w: float | None = None,
+    maps: Maps | None = None,
 ) -> torch.Tensor:
     """One chunk through the compiled kernel (``w``: the weight of JS and the skew kinds);
     the rows it flags (+inf or NaN logits, all −inf on a side, infinite reverse KL; see
@@ -342,12 +348,12 @@ def _native_chunk(
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
     k = None if k is None else k.contiguous()
-    val, flagged = native_engine.rows(native, s, t, k, 1.0 / temperature, g, w)
+    val, flagged = native_engine.rows(native, s, t, k, 1.0 / temperature, g, w, maps)
     if bool(flagged.any()):
         index = flagged.nonzero().squeeze(-1)
         for part in index.split(rows):
             gp = None if g is None else torch.empty((part.numel(), s.shape[1]), dtype=g.dtype)
-            val[part] = _tensor_chunk(fn, s[part], t[part], None, gp, temperature, work).to(
+            val[part] = _tensor_chunk(fn, s[part], t[part], None, gp, temperature, work, maps).to(
                 val.dtype
             )
             if g is not None:
@@ -364,19 +370,29 @@ def _tensor_chunk(
     g: torch.Tensor | None,
     temperature: float,
     work: list[torch.Tensor],
+    maps: Maps | None = None,
 ) -> torch.Tensor:
     """One chunk of rows in tensor code: values ``[r]``, and the gradient into ``g``.
-    ``work`` holds the from-logits kernels' three buffers between chunks."""
+    ``work`` holds the from-logits kernels' three buffers between chunks; ``maps`` as in
+    :func:`chunked_forward`."""
     inv_t = 1.0 / temperature
-    if temperature != 1.0:
-        s = s * inv_t
-        t = t * inv_t
     partial = k is not None and not bool(k.all())
     if partial:
         assert k is not None  # partial implies a mask
         # masked rows may hold anything (NaN included): overwrite before any arithmetic
         s = torch.where(k[:, None], s, 0.0)
         t = torch.where(k[:, None], t, 0.0)
+    ds = None
+    if maps is not None:
+        t_map, s_map = maps
+        if not s_map.identity:
+            ds = None if g is None else spec.map_grad(torch, s, s_map)
+            s = spec.apply_map(torch, s, s_map)
+        if not t_map.identity:
+            t = spec.apply_map(torch, t, t_map)
+    if temperature != 1.0:
+        s = s * inv_t
+        t = t * inv_t
     val = None
     from_logits = _FROM_LOGITS.get(fn)  # type: ignore[arg-type]
     if from_logits is not None:
@@ -389,6 +405,8 @@ def _tensor_chunk(
     if g is not None:
         if temperature != 1.0:
             g.mul_(inv_t)
+        if ds is not None:
+            g.mul_(ds)
         if partial:
             assert k is not None
             g.masked_fill_(~k[:, None], 0.0)
@@ -567,18 +585,20 @@ class ChunkedDivergence(torch.autograd.Function):
         beta: float,
         alpha: float = SKEW_ALPHA,
         config: tuple[float, tuple[str, str]] | None = None,
+        maps: Maps | None = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(student, teacher)
         ctx.keep = keep
         ctx.dtypes = (student.dtype, teacher.dtype)
         ctx.config = (kind, temperature, beta, alpha, config)
+        ctx.maps = maps
         values, *grads = _forward(ctx, student, teacher, *ctx.needs_input_grad[:2])
         ctx.grads = grads  # not saved: the first backward takes them and scales them in place
         return values
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        rest = (None,) * 6  # keep, kind, temperature, beta, alpha, config
+        rest = (None,) * 7  # keep, kind, temperature, beta, alpha, config, maps
         needs = ctx.needs_input_grad[:2]
         if not any(needs):
             return (None, None, *rest)
@@ -611,7 +631,7 @@ def _forward(
         s, t = student.detach(), teacher.detach()
         if config is None:
             values, grad = chunked_forward(
-                kind, s, t, ctx.keep, temperature, need_s, beta, alpha=alpha
+                kind, s, t, ctx.keep, temperature, need_s, beta, alpha=alpha, maps=ctx.maps
             )
             return values, grad, None
         w, forms = config
@@ -629,7 +649,7 @@ def _core_grads(
     kind, temperature, beta, alpha, config = ctx.config
     forms = LOGITS if config is None else config[1]
     values = dispatch.core_rows(
-        kind, student, teacher, ctx.keep, temperature, beta, alpha, forms=forms
+        kind, student, teacher, ctx.keep, temperature, beta, alpha, forms=forms, maps=ctx.maps
     )
     wrt = [x for x, need in zip((student, teacher), needs, strict=True) if need]
     found = iter(torch.autograd.grad(values, wrt, grad_out, create_graph=True, allow_unused=True))
@@ -645,10 +665,13 @@ def per_row(
     beta: float = JS_BETA,
     *,
     alpha: float = SKEW_ALPHA,
+    maps: Maps | None = None,
 ) -> torch.Tensor:
     """Per-row divergence through the fast path; rows flattened and options validated by the
-    caller (DistillationLoss)."""
-    return ChunkedDivergence.apply(student, teacher, keep, kind, temperature, beta, alpha)
+    caller (DistillationLoss); ``maps`` as in :func:`chunked_forward`."""
+    return ChunkedDivergence.apply(
+        student, teacher, keep, kind, temperature, beta, alpha, None, maps
+    )
 
 
 def spec_per_row(
