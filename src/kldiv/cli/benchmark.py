@@ -313,7 +313,8 @@ def step_for(variant: str, kind: str) -> Callable[[Any, Any], Any] | None:
 
 def _softcapped(base: str, kind: str) -> Callable[[Any, Any], Any] | None:
     """``base`` ("kldiv", "eager" or "compile") on soft-capped logits: kldiv's loss maps them
-    in row chunks itself; the anchors cap both ``[N, V]`` logits first, as trainers do."""
+    itself (inside the C kernel on CPU); the anchors cap both ``[N, V]`` logits first, as
+    trainers do."""
     import torch
 
     if base == "kldiv":
