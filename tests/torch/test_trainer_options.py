@@ -458,3 +458,20 @@ def test_vocab_parallel_options_without_groups(rng):
     for validate in (True, False):
         with pytest.raises(ValueError, match="vocab_size=50"):
             ParallelDistillationLoss(vocab_size=50, validate=validate)(st, t[..., :41])
+
+
+def test_triton_maps_trace_under_torch_compile(rng):
+    """The maps are arguments of the Triton custom ops: torch.compile(fullgraph=True) traces
+    through them, with the eager values and gradients."""
+    s, t, ids = batch(rng, pad_s=0, pad_t=0)
+    s = no_nan(s)
+    loss = DistillationLoss("js", softcap=(None, 2.0), logit_scale=1.3, fast_path="triton")
+    s1 = s.clone().requires_grad_(True)
+    eager = loss(s1, t)
+    eager.backward()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    s2 = s.clone().requires_grad_(True)
+    out = compiled(s2, t)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(s2.grad, s1.grad)

@@ -241,9 +241,8 @@ class DistillationLoss(torch.nn.Module):
     the softmax, applied before the temperature: ``z ↦ σ·z``, then ``z ↦ c·tanh(z/c)``
     (Gemma-family soft-capping). One value applies to both sides, a ``(teacher, student)``
     pair to each (None: nothing). ``±inf`` logits stay ``±inf``. The gradient is that of the
-    composition, ``σ·(1 − tanh²(σz/c))`` times the divergence's. On CPU the C kernel applies
-    them as it reads the logits; in front of the Triton kernels they run in row chunks of at
-    most 2^22 logits (no ``[N, V]`` float32 copy; one graph break under ``torch.compile``);
+    composition, ``σ·(1 − tanh²(σz/c))`` times the divergence's. The C and Triton kernels
+    apply them as they read the logits (no ``[N, V]`` copy; one tanh more per logit read);
     equal scales without a cap are a temperature of ``T/σ``.
 
     ``teacher_logits`` may instead be a :class:`~kldiv.torch.TopKTeacher` (``indices`` and

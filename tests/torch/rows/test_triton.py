@@ -268,8 +268,9 @@ def test_dispatch_and_errors():
 def test_custom_ops_pass_opcheck(rng):
     st, tt, keep = make(rng, 5, 40, torch.float32)
     st = torch.where(keep[:, None], st, 0.0).requires_grad_(True)
-    for kind in ("kl", "js"):
-        args = (st, tt, keep, kind, 0.5, 0.5, 16)
+    # the packed logit maps: none, and a soft-capped student (cap 2, mul 0.5)
+    for kind, maps in (("kl", [1.0, 0.0, 1.0, 0.0]), ("js", [0.5, 2.0, 1.0, 0.0])):
+        args = (st, tt, keep, kind, 0.5, 0.5, 16, maps)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             torch.library.opcheck(O.distill_rows, args)

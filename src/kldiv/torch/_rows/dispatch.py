@@ -167,22 +167,18 @@ def rows(
     (``"triton"`` or ``"chunked"``, from :func:`choose`): the token shape, skipped tokens
     (``keep`` False) 0, float32 (float64 when an input is), differentiable with respect to
     ``student``. ``maps``: the (teacher, student) :class:`kldiv._spec.LogitMap`, applied before
-    the temperature: inside the C kernel on the chunked path, in row chunks of tensor code in
-    front of the Triton kernels (:mod:`.mapped`)."""
+    the temperature inside the engines' kernels (C and Triton) as they read the logits."""
     v = student.shape[-1]
     tokens = tuple(student.shape[:-1])
     flat_keep = None if keep is None else keep.reshape(-1)
     s2, t2 = student.reshape(-1, v), teacher.reshape(-1, v)
     if maps is not None and all(m.identity for m in maps):
         maps = None
-    if maps is not None and path == "triton":
-        from . import mapped
-
-        out = mapped.per_row(path, kind, s2, t2, flat_keep, temperature, beta, alpha, maps)
-    elif path == "triton":
+    if path == "triton":
         from .triton import ops as triton_ops
 
-        out = triton_ops.per_row(kind, s2, t2, flat_keep, temperature, weight_of(kind, beta, alpha))
+        w = weight_of(kind, beta, alpha)
+        out = triton_ops.per_row(kind, s2, t2, flat_keep, temperature, w, maps=maps)
     elif path == "chunked":
         from . import tensor
 
@@ -246,28 +242,30 @@ def rows_and_grad(
     autograd Function around many such chunks (the fused-linear losses). Triton gives the
     gradient in the logits' dtype (its one-pass backward with ``grad_output = 1``), the other
     engines in float32 (float64 for float64 logits); an engine that is identically 0 gives a
-    zero gradient. ``maps`` as in :func:`rows` (the C kernel applies them itself; for the
-    other engines tensor code maps the chunk first and chains the gradient)."""
+    zero gradient. ``maps`` as in :func:`rows` (the kernels apply them; for the core, tensor
+    code maps the chunk first and chains the gradient)."""
     if maps is not None and all(m.identity for m in maps):
         maps = None
-    if maps is not None and path != "chunked":
+    if maps is not None and path == "core":
         from . import mapped
 
         return mapped.chunk_rows_and_grad(
             path, kind, student, teacher, temperature, need_grad, beta, alpha, maps
         )
     if path == "triton":
+        from ... import _spec as spec
         from .triton import launch
 
         w = weight_of(kind, beta, alpha)
         code_kind, inv_t = resolve(kind, w).kind, 1.0 / temperature
-        stats = launch.forward(student, teacher, None, code_kind, inv_t, w)
+        packed = launch.NO_MAPS if maps is None else spec.pack_maps(maps)
+        stats = launch.forward(student, teacher, None, code_kind, inv_t, w, maps=packed)
         grad = None
         if need_grad:
             ones = torch.ones((), dtype=torch.float32, device=student.device)
             grad = launch.backward(
                 ones.expand(student.shape[0]), student, teacher, None, stats[1:], code_kind,
-                inv_t, w,
+                inv_t, w, maps=packed,
             )  # fmt: skip
         return stats[0], grad
     if path == "chunked":

@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from ... import _spec as spec
 from ..._kinds import KIND_CODES, KIND_PARAMS
 
 # The kernel's codes are the registry's. The kinds with a parameter (JS's beta, the skew
@@ -393,9 +394,7 @@ def rows(
     code = KINDS[kind]
     packed = None
     if maps is not None and not all(m.identity for m in maps):
-        # {mul, cap} per side, student first: x -> cap·tanh(mul·x), or mul·x without a cap
-        sides = [(m.scale / m.cap, m.cap) if m.cap else (m.scale, 0.0) for m in maps[::-1]]
-        packed = torch.tensor([x for side in sides for x in side], dtype=torch.float32)
+        packed = torch.tensor(spec.pack_maps(maps), dtype=torch.float32)
 
     def call(k: int) -> None:
         a, b = bounds[k], bounds[k + 1]

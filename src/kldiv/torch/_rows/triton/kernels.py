@@ -18,6 +18,11 @@ divergences and TV need the normalisers first, so they read the rows twice. Log-
 are always formed as ``(x' − m) − log z``, never ``x' − lse``. Nothing of size ``[N, V]`` is
 allocated besides the gradient, in the student's dtype.
 
+Each side's logits may first go through its logit map (the heads' ``logit_scale`` and
+soft-capping, :class:`kldiv._spec.LogitMap`; ``S_MAP``/``T_MAP``: 0 none, 1 ``mul·x``, 2
+``cap·tanh(mul·x)`` with ``±inf`` kept), applied wherever a kernel reads them, before
+``inv_t``; the backward multiplies the gradient by the student map's derivative.
+
 Zero support as in the core (``kldiv._math``): a ``-inf`` logit is a zero probability; terms
 with ``p = 0`` (``f`` of KL) are 0 and carry no gradient; ``p > 0 = q`` gives ``+inf`` even when
 ``p`` underflows. Masked rows (``keep = 0``) are never read: loss 0, gradient 0.
@@ -94,6 +99,48 @@ def _terms(lp, lq, w, KIND: tl.constexpr):
 
 
 @triton.jit
+def _tanh(y):
+    """tanh in float32: an odd polynomial below |y| = 0.625 (where 1 − e^(−2|y|) cancels), else
+    (1 − e)/(1 + e) with e = e^(−2|y|), the sign restored (the C kernel's formula)."""
+    ay = tl.abs(y)
+    z = y * y
+    r = -5.70498872745e-3 * z + 2.06390887954e-2
+    r = r * z - 5.37397155531e-2
+    r = r * z + 1.33314422036e-1
+    r = r * z - 3.33332819422e-1
+    small = r * z * y + y
+    e = tl.exp(-2.0 * ay)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(y < 0.0, -big, big)
+    return tl.where(ay < 0.625, small, big)
+
+
+@triton.jit
+def _map(x, mul, cap, MAP: tl.constexpr):
+    """A side's logit map (see the module doc); ``±inf`` stay."""
+    y = x
+    if MAP == 1:
+        y = x * mul
+    elif MAP == 2:
+        inf = (x == POS_INF) | (x == NEG_INF)
+        y = tl.where(inf, x, cap * _tanh(tl.where(inf, 0.0, x) * mul))
+    return y
+
+
+@triton.jit
+def _map_grad(x, mul, cap, MAP: tl.constexpr):
+    """The map's derivative: ``mul``, or ``cap·mul·(1 − tanh²(mul·x))`` (0 at ``±inf``)."""
+    d = tl.full(x.shape, 1.0, tl.float32)
+    if MAP == 1:
+        d = d * mul
+    elif MAP == 2:
+        inf = (x == POS_INF) | (x == NEG_INF)
+        th = _tanh(tl.where(inf, 0.0, x) * mul)
+        d = tl.where(inf, 0.0, (cap * mul) * (1.0 - th * th))
+    return d
+
+
+@triton.jit
 def _online_update(m, z, x):
     """Running max ``m`` and ``z = Σ e^(x − m)`` after one block ``x`` (``-inf`` padded); also
     returns the factor that rescales anything accumulated against the old max."""
@@ -130,8 +177,9 @@ def _with_inf(finite, inf_hit, z_s, z_t):
 def distill_forward_kernel(
     s_ptr, t_ptr, keep_ptr,
     loss_ptr, m_s_ptr, lz_s_ptr, m_t_ptr, lz_t_ptr, c_ptr,
-    stride_s, stride_t, V, inv_t, w,
+    stride_s, stride_t, V, inv_t, w, s_mul, s_cap, t_mul, t_cap,
     HAS_KEEP: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
+    S_MAP: tl.constexpr, T_MAP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     n_cols = V
@@ -158,8 +206,24 @@ def distill_forward_kernel(
     for off in range(0, n_cols, BLOCK):
         cols = off + cols0
         inside = cols < V
-        s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
-        t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+        s = (
+            _map(
+                tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
+                s_mul,
+                s_cap,
+                S_MAP,
+            )
+            * inv_t
+        )  # noqa: E501
+        t = (
+            _map(
+                tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
+                t_mul,
+                t_cap,
+                T_MAP,
+            )
+            * inv_t
+        )  # noqa: E501
         m_s_old = m_s
         m_t_old = m_t
         m_s, z_s, scale_s, e_s = _online_update(m_s, z_s, s)
@@ -206,8 +270,24 @@ def distill_forward_kernel(
         for off in range(0, n_cols, BLOCK):
             cols = off + cols0
             inside = cols < V
-            s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
-            t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+            s = (
+                _map(
+                    tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
+                    s_mul,
+                    s_cap,
+                    S_MAP,
+                )
+                * inv_t
+            )  # noqa: E501
+            t = (
+                _map(
+                    tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
+                    t_mul,
+                    t_cap,
+                    T_MAP,
+                )
+                * inv_t
+            )  # noqa: E501
             f, h = _terms((t - m_t) - lz_t, (s - m_s) - lz_s, w, KIND)
             loss += tl.sum(tl.where(inside, f, 0.0), 0)
             c += tl.sum(tl.where(inside, h, 0.0), 0)
@@ -231,8 +311,9 @@ def distill_forward_kernel(
 @triton.jit
 def distill_backward_kernel(
     s_ptr, t_ptr, keep_ptr, go_ptr, m_s_ptr, lz_s_ptr, m_t_ptr, lz_t_ptr, c_ptr, grad_ptr,
-    stride_s, stride_t, stride_g, stride_go, V, inv_t, w,
+    stride_s, stride_t, stride_g, stride_go, V, inv_t, w, s_mul, s_cap, t_mul, t_cap,
     HAS_KEEP: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
+    S_MAP: tl.constexpr, T_MAP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -252,8 +333,17 @@ def distill_backward_kernel(
         for off in range(0, V, BLOCK):
             cols = off + cols0
             inside = cols < V
-            s = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
-            t = tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32) * inv_t
+            s_raw = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32)
+            s = _map(s_raw, s_mul, s_cap, S_MAP) * inv_t
+            t = (
+                _map(
+                    tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
+                    t_mul,
+                    t_cap,
+                    T_MAP,
+                )
+                * inv_t
+            )  # noqa: E501
             lq = (s - m_s) - lz_s
             lp = (t - m_t) - lz_t
             q = tl.exp(lq)
@@ -266,6 +356,8 @@ def distill_backward_kernel(
             else:
                 f, h = _terms(lp, lq, w, KIND)
                 g = h - q * c
+            if S_MAP != 0:
+                g = g * _map_grad(s_raw, s_mul, s_cap, S_MAP)
             tl.store(g_row + cols, (g * go).to(grad_ptr.dtype.element_ty), mask=inside)
     else:
         zero = tl.zeros((BLOCK,), grad_ptr.dtype.element_ty)

@@ -8,6 +8,7 @@ imported); that is how the tests exercise them on machines without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeAlias, cast
 
 import torch
@@ -37,6 +38,21 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# the identity maps, packed as kldiv._spec.pack_maps packs them
+NO_MAPS = (1.0, 0.0, 1.0, 0.0)
+
+
+def _map_args(maps: Sequence[float]) -> tuple[list[float], dict[str, int]]:
+    """The kernels' map arguments: ``[s_mul, s_cap, t_mul, t_cap]`` and the constexprs
+    ``S_MAP``/``T_MAP`` (0 none, 1 a scale, 2 a cap)."""
+    s_mul, s_cap, t_mul, t_cap = (float(x) for x in maps)
+
+    def code(mul: float, cap: float) -> int:
+        return 2 if cap > 0 else (1 if mul != 1.0 else 0)
+
+    return [s_mul, s_cap, t_mul, t_cap], {"S_MAP": code(s_mul, s_cap), "T_MAP": code(t_mul, t_cap)}
+
+
 def forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -45,9 +61,11 @@ def forward(
     inv_t: float,
     w: float,
     block: int | None = None,
+    maps: Sequence[float] = NO_MAPS,
 ) -> RowStats:
     """``(loss, m_s, lz_s, m_t, lz_t, c)``, each ``[N]`` float32, for ``[N, V]`` logits:
-    the per-row divergences and the statistics the backward needs."""
+    the per-row divergences and the statistics the backward needs. ``maps``: the logit maps,
+    packed (:func:`kldiv._spec.pack_maps`)."""
     n, v = student.shape
     student, teacher = _rows(student), _rows(teacher)
     # four separate buffers: a custom op's outputs may not alias one another
@@ -59,6 +77,7 @@ def forward(
         return out
     b, warps = _block(v, block)
     keep_arg = keep if keep is not None else out[0]  # unused when HAS_KEEP is False
+    map_args, map_codes = _map_args(maps)
     K.distill_forward_kernel[(n,)](
         student,
         teacher,
@@ -69,10 +88,12 @@ def forward(
         v,
         inv_t,
         w,
+        *map_args,
         HAS_KEEP=keep is not None,
         KIND=KIND_CODES[kind],
         BLOCK=b,
         num_warps=warps,
+        **map_codes,
     )
     return out
 
@@ -87,6 +108,7 @@ def backward(
     inv_t: float,
     w: float,
     block: int | None = None,
+    maps: Sequence[float] = NO_MAPS,
 ) -> torch.Tensor:
     """``grad_out[:, None] ⊙ ∂loss/∂student`` in the student's dtype (the only ``[N, V]``
     allocation); ``stats`` is ``(m_s, lz_s, m_t, lz_t, c)`` from :func:`forward`."""
@@ -98,6 +120,7 @@ def backward(
     b, warps = _block(v, block)
     go = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
     keep_arg = keep if keep is not None else stats[0]
+    map_args, map_codes = _map_args(maps)
     K.distill_backward_kernel[(n,)](
         student,
         teacher,
@@ -112,9 +135,11 @@ def backward(
         v,
         inv_t,
         w,
+        *map_args,
         HAS_KEEP=keep is not None,
         KIND=KIND_CODES[kind],
         BLOCK=b,
         num_warps=warps,
+        **map_codes,
     )
     return grad

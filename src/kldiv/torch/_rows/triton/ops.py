@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .... import _spec as spec
 from ...._kinds import resolve
 from .. import dispatch
 from . import launch as L
@@ -33,8 +34,9 @@ def distill_rows(
     inv_t: float,
     w: float,
     block: int,
+    maps: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = L.forward(student, teacher, keep, kind, inv_t, w, block or None)
+    out = L.forward(student, teacher, keep, kind, inv_t, w, block or None, maps)
     # Every kind is >= 0, but float32 terms can round a row's sum just below it (identical
     # rows); the bound is closer to the truth, as on the other engines. NaN rows stay NaN.
     # The backward reads only the statistics, so the gradient is unchanged.
@@ -43,7 +45,7 @@ def distill_rows(
 
 
 @distill_rows.register_fake
-def _(student, teacher, keep, kind, inv_t, w, block):
+def _(student, teacher, keep, kind, inv_t, w, block, maps):
     n = student.shape[0]
     return tuple(student.new_empty(n, dtype=torch.float32) for _ in range(6))
 
@@ -59,19 +61,22 @@ def distill_rows_backward(
     inv_t: float,
     w: float,
     block: int,
+    maps: list[float],
 ) -> torch.Tensor:
-    return L.backward(grad_out, student, teacher, keep, tuple(stats), kind, inv_t, w, block or None)
+    return L.backward(
+        grad_out, student, teacher, keep, tuple(stats), kind, inv_t, w, block or None, maps
+    )
 
 
 @distill_rows_backward.register_fake
-def _(grad_out, student, teacher, keep, stats, kind, inv_t, w, block):
+def _(grad_out, student, teacher, keep, stats, kind, inv_t, w, block, maps):
     return torch.empty_like(student)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-    student, teacher, keep, kind, inv_t, w, block = inputs
+    student, teacher, keep, kind, inv_t, w, block, maps = inputs
     ctx.save_for_backward(student, teacher, keep, *output[1:])
-    ctx.args = (kind, inv_t, w, block)
+    ctx.args = (kind, inv_t, w, block, maps)
 
 
 def _backward(ctx: Any, g_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
@@ -81,12 +86,14 @@ def _backward(ctx: Any, g_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
         # create_graph=True: the kernel's gradient has no graph of its own, so the gradient is
         # recomputed through the core, whose gradient is differentiable (Hessian-vector
         # products), instead of failing or dropping the second derivative
-        kind, inv_t, w, _block = ctx.args
-        values = dispatch.core_rows(kind, student, teacher, keep, 1.0 / inv_t, w, w)
+        kind, inv_t, w, _block, maps = ctx.args
+        values = dispatch.core_rows(
+            kind, student, teacher, keep, 1.0 / inv_t, w, w, maps=spec.unpack_maps(maps)
+        )
         (grad,) = torch.autograd.grad(values, student, g_loss, create_graph=True)
     elif ctx.needs_input_grad[0]:
         grad = distill_rows_backward(g_loss, student, teacher, keep, stats, *ctx.args)
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 distill_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -100,9 +107,11 @@ def per_row(
     temperature: float,
     w: float,
     block: int | None = None,
+    maps: tuple[Any, Any] | None = None,
 ) -> torch.Tensor:
     """Per-row D(teacher‖student) ``[N]`` (float32; masked rows 0) of ``[N, V]`` logits in
-    float32, bfloat16 or float16, differentiable with respect to ``student``."""
+    float32, bfloat16 or float16, differentiable with respect to ``student``; ``maps``: the
+    (teacher, student) :class:`kldiv._spec.LogitMap`, applied inside the kernels."""
     resolved = resolve(kind, w)
     kind = resolved.kind
     if resolved.zero:
@@ -114,4 +123,5 @@ def per_row(
         )
     if keep is not None:
         keep = keep.contiguous()
-    return distill_rows(student, teacher, keep, kind, 1.0 / temperature, w, block or 0)[0]
+    packed = list(L.NO_MAPS) if maps is None else spec.pack_maps(maps)
+    return distill_rows(student, teacher, keep, kind, 1.0 / temperature, w, block or 0, packed)[0]
