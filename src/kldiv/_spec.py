@@ -54,7 +54,16 @@ from typing import Any
 from . import _namespace as ns
 from ._kinds import resolve
 
-__all__ = ["rows", "through_softmax", "LogitMap", "IDENTITY", "apply_map", "map_grad"]
+__all__ = [
+    "rows",
+    "through_softmax",
+    "LogitMap",
+    "IDENTITY",
+    "apply_map",
+    "map_grad",
+    "pack_maps",
+    "unpack_maps",
+]
 
 INF = math.inf
 _TINY32 = 2.0**-126  # the smallest normal float32
@@ -245,3 +254,22 @@ def map_grad(xp: Any, x: Any, m: LogitMap) -> Any:
         return xp.full_like(x, m.scale)
     th = xp.tanh(xp.where(xp.isinf(x), 0.0, x) * (m.scale / m.cap))
     return xp.where(xp.isinf(x), 0.0, m.scale * (1.0 - th * th))
+
+
+def pack_maps(maps: tuple[LogitMap, LogitMap]) -> list[float]:
+    """The (teacher, student) maps as the kernels take them: ``[mul, cap]`` of the student's,
+    then of the teacher's, where a side computes ``cap·tanh(mul·x)`` (``mul = scale/cap``) or,
+    with ``cap = 0``, ``mul·x``."""
+    out: list[float] = []
+    for m in (maps[1], maps[0]):
+        out += [m.scale / m.cap, m.cap] if m.cap else [m.scale, 0.0]
+    return out
+
+
+def unpack_maps(packed: list[float]) -> tuple[LogitMap, LogitMap]:
+    """:func:`pack_maps` undone: the (teacher, student) maps."""
+
+    def side(mul: float, cap: float) -> LogitMap:
+        return LogitMap(mul * cap, cap) if cap else LogitMap(mul, None)
+
+    return side(packed[2], packed[3]), side(packed[0], packed[1])
