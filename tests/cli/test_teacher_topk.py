@@ -373,14 +373,18 @@ def test_a_failed_shard_write_is_one_line_and_leaves_nothing(tmp_path, rng, monk
 
 @pytest.mark.spawns
 def test_a_file_size_limit_is_one_line_and_leaves_nothing(tmp_path, rng):
-    import resource
-
     np.save(tmp_path / "z.npy", rng.standard_normal((2000, 50)).astype(np.float32))
     argv = ["teacher-topk", "--logits", "z.npy", "--k", "20", "--out", "o", "--quiet"]
+    # the limit is set by a small Python that then becomes the command (exec), not by a
+    # preexec_fn: forking this process, which has JAX's threads, is what JAX warns against
+    limited = (
+        "import os, resource, sys; "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 10, 100 << 10)); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'kldiv', *sys.argv[1:]])"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "kldiv", *argv, "--shard-tokens", "1000"],
+        [sys.executable, "-c", limited, *argv, "--shard-tokens", "1000"],
         cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=120,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 10, 100 << 10)),
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1
     assert "o: cannot write the shards (File too large)" in proc.stderr, proc.stderr
