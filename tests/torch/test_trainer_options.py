@@ -475,3 +475,21 @@ def test_triton_maps_trace_under_torch_compile(rng):
     out.backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(s2.grad, s1.grad)
+
+
+@pytest.mark.parametrize("engine", ["native", "tensor", "triton"])
+def test_a_huge_cap_at_unit_temperature(rng, engine, monkeypatch):
+    """cap = σ = 3e9 at T = 1: the row maximum must be mapped by the same code as its
+    elements, or an ulp of difference times the cap underflows every exp of the row."""
+    fast_path = engine_setup(engine, monkeypatch)
+    s = torch.tensor(rng.standard_normal((8, 40)), dtype=torch.float32)
+    t = torch.tensor(rng.standard_normal((8, 40)), dtype=torch.float32)
+    st = s.clone().requires_grad_(True)
+    cap = 3e9
+    opts = {"softcap": (None, cap), "logit_scale": (None, cap), "reduction": "none"}
+    for kind in ("kl", "js"):
+        got = DistillationLoss(kind, fast_path=fast_path, **opts)(st, t)
+        want = kldiv.divergence(
+            t.double(), cap * torch.tanh(s.double()), kind, form="logits", reduction="none"
+        )
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
