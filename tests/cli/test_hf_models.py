@@ -22,17 +22,15 @@ log-probabilities ``ℓ`` (float64 log-softmax of its float32 logits):
 from __future__ import annotations
 
 import copy
-import io
 import json
-import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import blocked
 import numpy as np
 import pytest
+from cli_runs import kldiv_cmd, run
 
 # at collection, as every import that may draw from the global generators
 transformers = pytest.importorskip("transformers")
@@ -47,20 +45,6 @@ from kldiv.metrics import TokenStats  # noqa: E402
 CTX = 32
 VOCAB = 320
 EPS = 2.0**-16
-
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def kldiv_cmd(*argv):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "kldiv", *argv], capture_output=True, text=True, env=env, timeout=300
-    )
 
 
 def make_text(rng, words=420):

@@ -19,11 +19,12 @@ import os
 import re
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr
 
 import blocked
 import numpy as np
 import pytest
+from cli_runs import ENV, kldiv_cmd, run
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -34,21 +35,6 @@ from topk_reference import bound, eps_of, logsumexp64, reference_topk  # noqa: E
 import kldiv.topk as kt  # noqa: E402
 from kldiv import cli  # noqa: E402
 from kldiv.torch import DistillationLoss, TopKTeacher  # noqa: E402
-
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TRANSFORMERS_OFFLINE="1")
-
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def kldiv_cmd(*argv):
-    return subprocess.run(
-        [sys.executable, "-m", "kldiv", *argv], capture_output=True, text=True, env=ENV, timeout=300
-    )
 
 
 def rows_and_grad(kind, s, teacher):

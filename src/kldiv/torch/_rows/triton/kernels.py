@@ -128,6 +128,14 @@ def _map(x, mul, cap, MAP: tl.constexpr):
 
 
 @triton.jit
+def _load_mapped(row, cols, inside, mul, cap, inv_t, MAP: tl.constexpr):
+    """A block of one side's logits in float32 (``-inf`` past the row), mapped and divided by
+    the temperature."""
+    x = tl.load(row + cols, mask=inside, other=NEG_INF).to(tl.float32)
+    return _map(x, mul, cap, MAP) * inv_t
+
+
+@triton.jit
 def _map_grad(x, mul, cap, MAP: tl.constexpr):
     """The map's derivative: ``mul``, or ``cap·mul·(1 − tanh²(mul·x))`` (0 at ``±inf``)."""
     d = tl.full(x.shape, 1.0, tl.float32)
@@ -206,24 +214,8 @@ def distill_forward_kernel(
     for off in range(0, n_cols, BLOCK):
         cols = off + cols0
         inside = cols < V
-        s = (
-            _map(
-                tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
-                s_mul,
-                s_cap,
-                S_MAP,
-            )
-            * inv_t
-        )  # noqa: E501
-        t = (
-            _map(
-                tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
-                t_mul,
-                t_cap,
-                T_MAP,
-            )
-            * inv_t
-        )  # noqa: E501
+        s = _load_mapped(s_row, cols, inside, s_mul, s_cap, inv_t, S_MAP)
+        t = _load_mapped(t_row, cols, inside, t_mul, t_cap, inv_t, T_MAP)
         m_s_old = m_s
         m_t_old = m_t
         m_s, z_s, scale_s, e_s = _online_update(m_s, z_s, s)
@@ -270,24 +262,8 @@ def distill_forward_kernel(
         for off in range(0, n_cols, BLOCK):
             cols = off + cols0
             inside = cols < V
-            s = (
-                _map(
-                    tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
-                    s_mul,
-                    s_cap,
-                    S_MAP,
-                )
-                * inv_t
-            )  # noqa: E501
-            t = (
-                _map(
-                    tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
-                    t_mul,
-                    t_cap,
-                    T_MAP,
-                )
-                * inv_t
-            )  # noqa: E501
+            s = _load_mapped(s_row, cols, inside, s_mul, s_cap, inv_t, S_MAP)
+            t = _load_mapped(t_row, cols, inside, t_mul, t_cap, inv_t, T_MAP)
             f, h = _terms((t - m_t) - lz_t, (s - m_s) - lz_s, w, KIND)
             loss += tl.sum(tl.where(inside, f, 0.0), 0)
             c += tl.sum(tl.where(inside, h, 0.0), 0)
@@ -335,15 +311,7 @@ def distill_backward_kernel(
             inside = cols < V
             s_raw = tl.load(s_row + cols, mask=inside, other=NEG_INF).to(tl.float32)
             s = _map(s_raw, s_mul, s_cap, S_MAP) * inv_t
-            t = (
-                _map(
-                    tl.load(t_row + cols, mask=inside, other=NEG_INF).to(tl.float32),
-                    t_mul,
-                    t_cap,
-                    T_MAP,
-                )
-                * inv_t
-            )  # noqa: E501
+            t = _load_mapped(t_row, cols, inside, t_mul, t_cap, inv_t, T_MAP)
             lq = (s - m_s) - lz_s
             lp = (t - m_t) - lz_t
             q = tl.exp(lq)
